@@ -1,0 +1,89 @@
+-- Documentation of every object, readable with \d+ and \df+ in psql.
+
+COMMENT ON SCHEMA postback IS 'pg_postback: conversion postbacks and signed webhooks delivered by a background worker.';
+
+COMMENT ON TABLE postback.endpoints IS 'Where conversions are announced: one row per affiliate network postback URL or webhook receiver. Kept by pg_dump.';
+COMMENT ON COLUMN postback.endpoints.id IS 'Endpoint id.';
+COMMENT ON COLUMN postback.endpoints.name IS 'Unique name operators use to refer to the endpoint.';
+COMMENT ON COLUMN postback.endpoints.kind IS 'postback = GET to a URL template; webhook = signed JSON POST.';
+COMMENT ON COLUMN postback.endpoints.url_template IS 'URL with {macro} placeholders filled from the conversion at enqueue time.';
+COMMENT ON COLUMN postback.endpoints.method IS 'HTTP method; defaults to GET for postbacks and POST for webhooks.';
+COMMENT ON COLUMN postback.endpoints.headers IS 'Extra request headers as a JSON object of name to value.';
+COMMENT ON COLUMN postback.endpoints.events IS 'Conversion events this endpoint receives; NULL means all events.';
+COMMENT ON COLUMN postback.endpoints.statuses IS 'Conversion statuses this endpoint receives; NULL means all statuses.';
+COMMENT ON COLUMN postback.endpoints.active IS 'Inactive endpoints get no new deliveries and their pending ones wait.';
+COMMENT ON COLUMN postback.endpoints.retry_schedule IS 'Delay before each retry (±20% jitter); the last step repeats while attempts remain.';
+COMMENT ON COLUMN postback.endpoints.max_attempts IS 'Attempts before a delivery is dead; defaults to the schedule length + 1.';
+COMMENT ON COLUMN postback.endpoints.max_age IS 'A delivery older than this is dead instead of retried.';
+COMMENT ON COLUMN postback.endpoints.timeout IS 'Connect and total timeout of one HTTP attempt.';
+COMMENT ON COLUMN postback.endpoints.signing_scheme IS 'none, hmac-sha256-hex, hmac-sha256-base64, github, stripe or standard-webhooks.';
+COMMENT ON COLUMN postback.endpoints.status_map IS 'Maps conversion statuses to the network''s codes before {status} is filled, e.g. {"approved":"1"}.';
+COMMENT ON COLUMN postback.endpoints.success_body_pattern IS 'Regular expression a 2xx response body must match to count as success; NULL = the status code decides.';
+COMMENT ON COLUMN postback.endpoints.created_at IS 'When the endpoint was created.';
+COMMENT ON COLUMN postback.endpoints.updated_at IS 'When the endpoint was last changed.';
+
+COMMENT ON TABLE postback.endpoint_secrets IS 'Signing secrets per endpoint; several unexpired secrets are all used while a key rotates. Readable only by the extension owner and those it grants. Kept by pg_dump.';
+COMMENT ON COLUMN postback.endpoint_secrets.id IS 'Secret id.';
+COMMENT ON COLUMN postback.endpoint_secrets.endpoint_id IS 'Endpoint the secret signs for.';
+COMMENT ON COLUMN postback.endpoint_secrets.secret IS 'The secret (for standard-webhooks, whsec_ followed by base64).';
+COMMENT ON COLUMN postback.endpoint_secrets.created_at IS 'When the secret was added.';
+COMMENT ON COLUMN postback.endpoint_secrets.expires_at IS 'After this time the secret is no longer used; NULL = never expires.';
+
+COMMENT ON TABLE postback.conversions IS 'Conversions inserted by operators; each insert or status change enqueues deliveries in the same transaction.';
+COMMENT ON COLUMN postback.conversions.id IS 'Conversion id.';
+COMMENT ON COLUMN postback.conversions.click_id IS 'The network''s click id the conversion is attributed to.';
+COMMENT ON COLUMN postback.conversions.transaction_id IS 'The operator''s unique id for this conversion (deduplication key).';
+COMMENT ON COLUMN postback.conversions.event IS 'Event type: lead, sale, ftd, deposit, renewal, …';
+COMMENT ON COLUMN postback.conversions.status IS 'pending, approved, rejected, reversed, refunded or chargeback; changing it announces the new status.';
+COMMENT ON COLUMN postback.conversions.amount IS 'Payout or revenue amount.';
+COMMENT ON COLUMN postback.conversions.currency IS 'ISO 4217 currency code, upper case.';
+COMMENT ON COLUMN postback.conversions.attributes IS 'Sub-ids and any other values, usable in templates as {attributes.KEY}.';
+COMMENT ON COLUMN postback.conversions.occurred_at IS 'When the conversion happened.';
+COMMENT ON COLUMN postback.conversions.created_at IS 'When the row was inserted.';
+COMMENT ON COLUMN postback.conversions.updated_at IS 'When the row was last changed.';
+
+COMMENT ON TABLE postback.deliveries IS 'One request to one endpoint announcing one conversion status, rendered once at enqueue and retried unchanged.';
+COMMENT ON COLUMN postback.deliveries.id IS 'Delivery id.';
+COMMENT ON COLUMN postback.deliveries.endpoint_id IS 'Endpoint (postback.endpoints.id) the request goes to.';
+COMMENT ON COLUMN postback.deliveries.conversion_id IS 'Conversion (postback.conversions.id) it announces.';
+COMMENT ON COLUMN postback.deliveries.event IS 'The conversion''s event.';
+COMMENT ON COLUMN postback.deliveries.status IS 'The conversion status this delivery announces.';
+COMMENT ON COLUMN postback.deliveries.idempotency_key IS 'Deterministic key of (conversion, endpoint, event, status); sent as Idempotency-Key; a repeated enqueue is a no-op.';
+COMMENT ON COLUMN postback.deliveries.predecessor_id IS 'Earlier delivery of the same endpoint and conversion that must finish first (ordering of lifecycle postbacks).';
+COMMENT ON COLUMN postback.deliveries.method IS 'HTTP method.';
+COMMENT ON COLUMN postback.deliveries.url IS 'Rendered request URL.';
+COMMENT ON COLUMN postback.deliveries.headers IS 'Rendered request headers (signature headers are added at send time); NULL = none.';
+COMMENT ON COLUMN postback.deliveries.body IS 'Rendered request body; NULL for GET postbacks.';
+COMMENT ON COLUMN postback.deliveries.state IS 'pending (waiting for next_attempt_at), in_flight (leased by the worker), succeeded, or dead (gave up).';
+COMMENT ON COLUMN postback.deliveries.attempts IS 'Attempts made so far.';
+COMMENT ON COLUMN postback.deliveries.next_attempt_at IS 'Earliest time of the next attempt while pending.';
+COMMENT ON COLUMN postback.deliveries.lease_expires_at IS 'While in_flight: when the worker''s claim lapses and the delivery is retried (crash recovery).';
+COMMENT ON COLUMN postback.deliveries.created_at IS 'When the delivery was enqueued.';
+COMMENT ON COLUMN postback.deliveries.completed_at IS 'When it succeeded or died.';
+COMMENT ON COLUMN postback.deliveries.last_error IS 'Why the last attempt failed, or why the delivery is dead.';
+
+COMMENT ON TABLE postback.attempts IS 'Every HTTP attempt of every delivery, recorded in the same transaction as the delivery''s new state.';
+COMMENT ON COLUMN postback.attempts.id IS 'Attempt id.';
+COMMENT ON COLUMN postback.attempts.delivery_id IS 'Delivery (postback.deliveries.id) attempted.';
+COMMENT ON COLUMN postback.attempts.attempt_no IS '1 for the first attempt, 2 for the first retry, …';
+COMMENT ON COLUMN postback.attempts.started_at IS 'When the request started.';
+COMMENT ON COLUMN postback.attempts.duration_ms IS 'Time from start to the end of the response (or the failure), in milliseconds.';
+COMMENT ON COLUMN postback.attempts.status_code IS 'HTTP status code; NULL when no response arrived.';
+COMMENT ON COLUMN postback.attempts.response_body IS 'Response body, truncated to postback.max_response_bytes.';
+COMMENT ON COLUMN postback.attempts.error IS 'Transport or policy error, or why the response did not count as success.';
+COMMENT ON COLUMN postback.attempts.outcome IS 'succeeded, retry (another attempt is scheduled) or dead (no more attempts).';
+
+COMMENT ON FUNCTION postback.endpoints_fill_defaults() IS 'Trigger: fills method from kind and max_attempts from the retry schedule.';
+COMMENT ON FUNCTION postback.refuse_delete_with_deliveries() IS 'Trigger: refuses deleting endpoints or conversions that deliveries still refer to.';
+COMMENT ON FUNCTION postback.delete_attempts_of_deleted_deliveries() IS 'Trigger: removes the attempts of deleted deliveries.';
+COMMENT ON FUNCTION postback.worker_status() IS 'Whether the delivery worker runs, its pid and database, and a hint when it does not.';
+
+COMMENT ON VIEW postback.delivery_summary IS 'Deliveries per endpoint and state, with the age of the oldest unfinished one.';
+COMMENT ON COLUMN postback.delivery_summary.endpoint_id IS 'Endpoint id.';
+COMMENT ON COLUMN postback.delivery_summary.endpoint IS 'Endpoint name.';
+COMMENT ON COLUMN postback.delivery_summary.active IS 'Whether the endpoint is active.';
+COMMENT ON COLUMN postback.delivery_summary.pending IS 'Deliveries waiting to be sent or retried.';
+COMMENT ON COLUMN postback.delivery_summary.in_flight IS 'Deliveries being sent now.';
+COMMENT ON COLUMN postback.delivery_summary.succeeded IS 'Deliveries that succeeded.';
+COMMENT ON COLUMN postback.delivery_summary.dead IS 'Deliveries given up on.';
+COMMENT ON COLUMN postback.delivery_summary.oldest_unfinished_at IS 'Creation time of the oldest pending or in-flight delivery.';

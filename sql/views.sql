@@ -1,0 +1,43 @@
+-- Views and functions for operators and analysts.
+
+CREATE FUNCTION postback.worker_status(
+    OUT running    boolean,
+    OUT pid        integer,
+    OUT started_at timestamptz,
+    OUT database   name,
+    OUT state      text,
+    OUT hint       text)
+RETURNS record
+LANGUAGE sql STABLE
+AS $$
+    SELECT a.pid IS NOT NULL,
+           a.pid,
+           a.backend_start,
+           a.datname,
+           a.state,
+           CASE
+               WHEN a.pid IS NOT NULL THEN NULL
+               WHEN current_setting('shared_preload_libraries') !~ '(^|[\s,])pg_postback($|[\s,])'
+               THEN 'pg_postback is not in shared_preload_libraries: add it and restart PostgreSQL. '
+                    'Deliveries are queued and wait until the worker runs.'
+               ELSE 'the worker is not running; the postmaster restarts it within seconds after a '
+                    'crash. Check the server log and postback.database_name = '
+                    || quote_literal(current_setting('postback.database_name', true)) || '.'
+           END
+      FROM (SELECT 1) AS one
+      LEFT JOIN pg_catalog.pg_stat_activity a ON a.backend_type = 'pg_postback worker'
+     LIMIT 1
+$$;
+
+CREATE VIEW postback.delivery_summary AS
+SELECT e.id                                                    AS endpoint_id,
+       e.name                                                  AS endpoint,
+       e.active,
+       count(d.id) FILTER (WHERE d.state = 'pending')          AS pending,
+       count(d.id) FILTER (WHERE d.state = 'in_flight')        AS in_flight,
+       count(d.id) FILTER (WHERE d.state = 'succeeded')        AS succeeded,
+       count(d.id) FILTER (WHERE d.state = 'dead')             AS dead,
+       min(d.created_at) FILTER (WHERE d.state IN ('pending', 'in_flight')) AS oldest_unfinished_at
+  FROM postback.endpoints e
+  LEFT JOIN postback.deliveries d ON d.endpoint_id = e.id
+ GROUP BY e.id, e.name, e.active;

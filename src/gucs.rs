@@ -1,0 +1,122 @@
+//! Run-time settings (GUCs). Their names are part of the public contract.
+
+use std::ffi::{CStr, CString};
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+use pgrx::pg_guard;
+
+use crate::target_policy;
+
+pub static DATABASE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
+pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
+pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static ALLOWED_TARGETS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+
+pub fn init() {
+    GucRegistry::define_string_guc(
+        c"postback.database_name",
+        c"Database the pg_postback background worker connects to.",
+        c"The worker delivers the queue of the pg_postback extension installed in this database. \
+          Changing it (and reloading) makes the worker restart and reconnect.",
+        &DATABASE_NAME,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"postback.poll_interval",
+        c"Longest time the worker sleeps before looking for due deliveries.",
+        c"Commits that enqueue deliveries wake the worker at once; this interval is only the \
+          fallback, and the worker also wakes for the earliest scheduled retry.",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"postback.batch_size",
+        c"Deliveries the worker claims per batch.",
+        c"Each batch is claimed in one transaction, sent concurrently, and recorded in one transaction.",
+        &BATCH_SIZE,
+        1,
+        10_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"postback.concurrency",
+        c"HTTP requests the worker keeps in flight at once.",
+        c"Size of the worker's pool of sending threads, each with its own keep-alive connections.",
+        &CONCURRENCY,
+        1,
+        256,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"postback.max_response_bytes",
+        c"Most bytes of a response body read and stored per attempt.",
+        c"Longer bodies are truncated in postback.attempts.response_body; the rest is not read.",
+        &MAX_RESPONSE_BYTES,
+        0,
+        1_048_576,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    // SAFETY: the check hook is #[pg_guard]ed and only reads its argument.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"postback.allowed_targets",
+            c"Comma-separated CIDR blocks the worker may call despite the private-address block.",
+            c"Loopback, private, link-local, CGNAT, unique-local, multicast and unspecified \
+              addresses are refused unless listed here, e.g. '127.0.0.1/32, 10.20.0.0/16'.",
+            &ALLOWED_TARGETS,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_allowed_targets),
+            None,
+            None,
+        );
+    }
+}
+
+/// Refuses a malformed allowlist when it is set, not when the worker reads it.
+#[pg_guard]
+unsafe extern "C-unwind" fn check_allowed_targets(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = unsafe {
+        if newval.is_null() || (*newval).is_null() {
+            return true;
+        }
+        CStr::from_ptr(*newval).to_string_lossy().into_owned()
+    };
+    match target_policy::parse_allowlist(&value) {
+        Ok(_) => true,
+        Err(message) => {
+            let detail = CString::new(message).unwrap_or_default();
+            unsafe {
+                pg_sys::GUC_check_errdetail_string = pg_sys::pstrdup(detail.as_ptr());
+            }
+            false
+        }
+    }
+}
+
+pub fn database_name() -> String {
+    DATABASE_NAME
+        .get()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "postgres".to_string())
+}
+
+pub fn allowed_targets() -> Vec<target_policy::Cidr> {
+    let text = ALLOWED_TARGETS.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    // The check hook has already refused anything that does not parse.
+    target_policy::parse_allowlist(&text).unwrap_or_default()
+}

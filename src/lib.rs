@@ -1,0 +1,39 @@
+//! pg_postback: conversion postbacks and signed webhooks delivered from inside PostgreSQL.
+//!
+//! The pure modules (`target_policy`, …) hold the logic and have plain unit
+//! tests; `api` and `worker` are the thin layer that talks to Postgres.
+
+use pgrx::prelude::*;
+
+pub mod target_policy;
+
+mod gucs;
+mod worker;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+pgrx::extension_sql_file!("../sql/views.sql", name = "views", requires = ["schema"]);
+pgrx::extension_sql_file!("../sql/comments.sql", name = "comments", finalize);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::init();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        worker::register();
+    }
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod sql_tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,227 @@
+//! Which network addresses the worker may call (the SSRF guard).
+//!
+//! Public addresses are always allowed. Addresses that reach inside the
+//! operator's network (loopback, RFC 1918, link-local including the cloud
+//! metadata address, CGNAT, unique-local, multicast, unspecified, …) are
+//! refused unless they fall in one of the CIDRs of `postback.allowed_targets`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// One CIDR block, e.g. `127.0.0.1/32` or `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        match (self.network, canonical(addr)) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                prefix_match(u32::from(net) as u128, u32::from(a) as u128, self.prefix, 32)
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                prefix_match(u128::from(net), u128::from(a), self.prefix, 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+fn prefix_match(net: u128, addr: u128, prefix: u8, bits: u8) -> bool {
+    if prefix == 0 {
+        return true;
+    }
+    let shift = bits - prefix;
+    (net >> shift) == (addr >> shift)
+}
+
+/// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) is judged as the IPv4
+/// address it carries, so the mapping cannot be used to slip past the rules.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Parses `a.b.c.d/n`, `x::y/n`, or a bare address (a /32 or /128).
+pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
+    let text = text.trim();
+    let (addr, prefix) = match text.split_once('/') {
+        Some((a, p)) => (a, Some(p)),
+        None => (text, None),
+    };
+    let network: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not an IP address or CIDR block"))?;
+    let max = if network.is_ipv4() { 32 } else { 128 };
+    let prefix = match prefix {
+        None => max,
+        Some(p) => p
+            .parse::<u8>()
+            .ok()
+            .filter(|p| *p <= max)
+            .ok_or_else(|| format!("\"{text}\" has an invalid prefix length (0 to {max})"))?,
+    };
+    Ok(Cidr { network: canonical(network), prefix })
+}
+
+/// Parses the comma-separated `postback.allowed_targets` value.
+pub fn parse_allowlist(text: &str) -> Result<Vec<Cidr>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(parse_cidr)
+        .collect()
+}
+
+/// Why an address is not public, or `None` for an ordinary public address.
+pub fn non_public_reason(addr: IpAddr) -> Option<&'static str> {
+    match canonical(addr) {
+        IpAddr::V4(a) => v4_reason(a),
+        IpAddr::V6(a) => v6_reason(a),
+    }
+}
+
+fn v4_reason(a: Ipv4Addr) -> Option<&'static str> {
+    let o = a.octets();
+    if a.is_unspecified() || o[0] == 0 {
+        Some("unspecified / this-network address")
+    } else if a.is_loopback() {
+        Some("loopback address")
+    } else if a.is_private() {
+        Some("private (RFC 1918) address")
+    } else if a.is_link_local() {
+        Some("link-local address (includes the cloud metadata service)")
+    } else if o[0] == 100 && (o[1] & 0xC0) == 64 {
+        Some("carrier-grade NAT (RFC 6598) address")
+    } else if o[0] == 192 && o[1] == 0 && o[2] == 0 {
+        Some("IETF protocol assignment address")
+    } else if o[0] == 198 && (o[1] & 0xFE) == 18 {
+        Some("benchmarking (RFC 2544) address")
+    } else if a.is_multicast() {
+        Some("multicast address")
+    } else if a.is_broadcast() || o[0] >= 240 {
+        Some("reserved address")
+    } else if a.is_documentation() {
+        Some("documentation address")
+    } else {
+        None
+    }
+}
+
+fn v6_reason(a: Ipv6Addr) -> Option<&'static str> {
+    let seg = a.segments();
+    if a.is_unspecified() {
+        Some("unspecified address")
+    } else if a.is_loopback() {
+        Some("loopback address")
+    } else if (seg[0] & 0xFE00) == 0xFC00 {
+        Some("unique-local address")
+    } else if (seg[0] & 0xFFC0) == 0xFE80 {
+        Some("link-local address")
+    } else if a.is_multicast() {
+        Some("multicast address")
+    } else if seg[0] == 0x2001 && seg[1] == 0x0db8 {
+        Some("documentation address")
+    } else if seg[0] == 0x0064 && seg[1] == 0xff9b {
+        Some("NAT64 address")
+    } else if seg[0] == 0x2002 {
+        Some("6to4 address")
+    } else {
+        None
+    }
+}
+
+/// The verdict for one resolved address: `Ok` to connect, `Err` with a
+/// message suitable for `last_error`.
+pub fn check_address(addr: IpAddr, allowlist: &[Cidr]) -> Result<(), String> {
+    match non_public_reason(addr) {
+        None => Ok(()),
+        Some(_) if allowlist.iter().any(|c| c.contains(addr)) => Ok(()),
+        Some(reason) => Err(format!(
+            "refused to connect to {addr}: {reason}; add it to postback.allowed_targets to allow it"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn public_addresses_pass() {
+        for a in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "100.128.0.1", "172.32.0.1"] {
+            assert_eq!(check_address(ip(a), &[]), Ok(()), "{a}");
+        }
+    }
+
+    #[test]
+    fn internal_addresses_are_refused() {
+        for a in [
+            "127.0.0.1", "127.0.0.2", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
+            "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::", "fd00::1",
+            "fe80::1", "ff02::1", "::ffff:10.0.0.1", "::ffff:127.0.0.1",
+        ] {
+            let err = check_address(ip(a), &[]).unwrap_err();
+            assert!(err.contains("refused to connect"), "{a}: {err}");
+        }
+    }
+
+    #[test]
+    fn metadata_address_is_named_in_the_error() {
+        let err = check_address(ip("169.254.169.254"), &[]).unwrap_err();
+        assert!(err.contains("metadata"), "{err}");
+    }
+
+    #[test]
+    fn allowlist_opens_exactly_its_block() {
+        let allow = parse_allowlist("127.0.0.1/32, 10.0.0.0/8").unwrap();
+        assert_eq!(check_address(ip("127.0.0.1"), &allow), Ok(()));
+        assert!(check_address(ip("127.0.0.2"), &allow).is_err());
+        assert_eq!(check_address(ip("10.200.1.1"), &allow), Ok(()));
+        assert!(check_address(ip("192.168.0.1"), &allow).is_err());
+        // a mapped address is judged as its IPv4 self
+        assert_eq!(check_address(ip("::ffff:127.0.0.1"), &allow), Ok(()));
+    }
+
+    #[test]
+    fn ipv6_allowlist() {
+        let allow = parse_allowlist("::1").unwrap();
+        assert_eq!(check_address(ip("::1"), &allow), Ok(()));
+        assert!(check_address(ip("fd00::1"), &allow).is_err());
+    }
+
+    #[test]
+    fn parse_errors_are_clear() {
+        assert!(parse_allowlist("").unwrap().is_empty());
+        assert!(parse_allowlist(" , ").unwrap().is_empty());
+        let e = parse_allowlist("127.0.0.1/33").unwrap_err();
+        assert!(e.contains("invalid prefix length"), "{e}");
+        let e = parse_allowlist("localhost").unwrap_err();
+        assert!(e.contains("not an IP address"), "{e}");
+        assert_eq!(parse_cidr("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
+    }
+
+    #[test]
+    fn zero_prefix_matches_everything_of_its_family() {
+        let all4 = parse_cidr("0.0.0.0/0").unwrap();
+        assert!(all4.contains(ip("10.0.0.1")));
+        assert!(!all4.contains(ip("fd00::1")));
+    }
+}
