@@ -232,3 +232,6 @@ CREATE TRIGGER deliveries_delete_attempts
 -- ---------------------------------------------------------------------------
 SELECT pg_catalog.pg_extension_config_dump('postback.endpoints', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.endpoint_secrets', '');
+-- ... and so do their id sequences, or the next endpoint would collide after a restore.
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('postback.endpoints', 'id'), '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('postback.endpoint_secrets', 'id'), '');

@@ -1,0 +1,38 @@
+# pg_postback: the README's two commands are `make demo` and `make test`.
+PG_CONFIG   ?= /usr/lib/postgresql/15/bin/pg_config
+PGRX_PGDATA ?= /tmp/pg_postback_pgrx_tests
+DEMO_DIR    ?= /tmp/pg_postback_demo
+DEMO_PORT   ?= 54329
+PYTEST_ARGS ?=
+
+.PHONY: deps unit pgtest install install-release e2e test demo demo-stop bench
+
+deps:
+	scripts/install-deps.sh
+
+# Pure Rust modules (no Postgres needed); the #[pg_test]s run under `pgtest`.
+unit: deps
+	cargo test --lib -- --skip sql_tests::
+
+# SQL-level tests inside a pgrx-managed throwaway cluster, as the postgres OS user.
+pgtest: deps
+	rm -rf $(PGRX_PGDATA)
+	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_PGDATA)
+
+install: deps
+	cargo pgrx install --pg-config $(PG_CONFIG)
+
+install-release: deps
+	cargo pgrx install --release --pg-config $(PG_CONFIG)
+
+# End-to-end: real preloaded clusters on free ports, real loopback receivers.
+e2e: install
+	cd tests/e2e && python3 -m pytest -q $(PYTEST_ARGS)
+
+test: unit pgtest e2e
+
+demo: install-release
+	DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) scripts/demo.sh
+
+demo-stop:
+	python3 tests/e2e/cluster.py stop $(DEMO_DIR)
