@@ -5,7 +5,7 @@ DEMO_DIR    ?= /tmp/pg_postback_demo
 DEMO_PORT   ?= 54329
 PYTEST_ARGS ?=
 
-.PHONY: deps unit pgtest install install-release e2e test demo demo-stop bench
+.PHONY: deps unit pgtest install install-release install-upgrades e2e test demo demo-stop bench
 
 deps:
 	scripts/install-deps.sh
@@ -21,9 +21,16 @@ pgtest: deps
 
 install: deps
 	cargo pgrx install --pg-config $(PG_CONFIG)
+	$(MAKE) install-upgrades
 
 install-release: deps
 	cargo pgrx install --release --pg-config $(PG_CONFIG)
+	$(MAKE) install-upgrades
+
+install-upgrades:
+	for f in sql/upgrade/pg_postback--*--*.sql; do \
+	  [ -e "$$f" ] && install -m 644 "$$f" "$$($(PG_CONFIG) --sharedir)/extension/" || true; \
+	done
 
 # End-to-end: real preloaded clusters on free ports, real loopback receivers.
 e2e: install
