@@ -6,6 +6,8 @@
 use pgrx::prelude::*;
 
 pub mod target_policy;
+pub mod signing;
+pub mod template;
 
 mod gucs;
 mod worker;

@@ -1,0 +1,556 @@
+//! URL and body templates: parse, validate, render.
+//!
+//! Syntax: `{name}` inserts a variable; names hold letters, digits, `_` and `.`.
+//! Filters follow a `|`: `{name|raw}` inserts the value unencoded (for a value that
+//! is already URL-encoded), `{name|default:TEXT}` uses TEXT when the value is
+//! missing or null. `{{` and `}}` stand for literal braces.
+//!
+//! In a URL every inserted value is percent-encoded for where it stands: in the
+//! path, the query and the fragment only RFC 3986 unreserved characters
+//! (`A-Z a-z 0-9 - . _ ~`) stay as they are, so `/`, `&`, `=`, `+`, `#`, `%`,
+//! spaces and non-ASCII are encoded and decode back to exactly the input.
+
+use serde_json::{Map, Value};
+use std::fmt;
+
+pub const MAX_TEMPLATE_BYTES: usize = 8192;
+
+/// The variables a conversion provides (besides `attributes.KEY`).
+pub const CONVERSION_VARIABLES: &[&str] = &[
+    "click_id",
+    "transaction_id",
+    "event",
+    "status",
+    "amount",
+    "currency",
+    "occurred_at",
+    "occurred_at_unix",
+    "conversion_id",
+    "endpoint",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateError {
+    /// 1-based character position, when the problem has one.
+    pub position: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some(p) => write!(f, "{} at position {}", self.message, p),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for TemplateError {}
+
+fn err(position: Option<usize>, message: impl Into<String>) -> TemplateError {
+    TemplateError { position, message: message.into() }
+}
+
+/// Where in a URL a piece of the template stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// scheme and host: no macros allowed in endpoint URLs
+    Authority,
+    Path,
+    Query,
+    Fragment,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Macro {
+    pub name: String,
+    pub raw: bool,
+    pub default: Option<String>,
+    /// 1-based character position of the opening brace
+    pub position: usize,
+    pub part: Part,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    Literal(String),
+    Macro(Macro),
+}
+
+/// A parsed template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub tokens: Vec<Token>,
+}
+
+fn valid_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_' || c == '.'
+}
+
+impl Template {
+    /// Parses a template, tracking which part of a URL each macro stands in.
+    pub fn parse(text: &str) -> Result<Template, TemplateError> {
+        if text.len() > MAX_TEMPLATE_BYTES {
+            return Err(err(
+                None,
+                format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", text.len()),
+            ));
+        }
+        let chars: Vec<char> = text.chars().collect();
+        if let Some(i) = chars.iter().position(|c| c.is_control()) {
+            return Err(err(Some(i + 1), format!("control character U+{:04X}", chars[i] as u32)));
+        }
+        let mut part = if text.contains("://") { Part::Authority } else { Part::Path };
+        let mut slashes_after_scheme = 0;
+        let mut tokens = Vec::new();
+        let mut literal = String::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            match c {
+                '{' if chars.get(i + 1) == Some(&'{') => {
+                    literal.push('{');
+                    i += 2;
+                }
+                '}' if chars.get(i + 1) == Some(&'}') => {
+                    literal.push('}');
+                    i += 2;
+                }
+                '}' => return Err(err(Some(i + 1), "unmatched '}' (write '}}' for a literal brace)")),
+                '{' => {
+                    let close = chars[i + 1..]
+                        .iter()
+                        .position(|&c| c == '}' || c == '{')
+                        .map(|off| i + 1 + off)
+                        .filter(|&j| chars[j] == '}')
+                        .ok_or_else(|| err(Some(i + 1), "unclosed '{' (write '{{' for a literal brace)"))?;
+                    let inner: String = chars[i + 1..close].iter().collect();
+                    let m = parse_macro(&inner, i + 1, part)?;
+                    if !literal.is_empty() {
+                        tokens.push(Token::Literal(std::mem::take(&mut literal)));
+                    }
+                    tokens.push(Token::Macro(m));
+                    i = close + 1;
+                }
+                _ => {
+                    part = match (part, c) {
+                        (Part::Authority, '/') => {
+                            slashes_after_scheme += 1;
+                            if slashes_after_scheme > 2 { Part::Path } else { Part::Authority }
+                        }
+                        (Part::Authority | Part::Path, '?') => Part::Query,
+                        (Part::Authority | Part::Path | Part::Query, '#') => Part::Fragment,
+                        (p, _) => p,
+                    };
+                    literal.push(c);
+                    i += 1;
+                }
+            }
+        }
+        if !literal.is_empty() {
+            tokens.push(Token::Literal(literal));
+        }
+        Ok(Template { tokens })
+    }
+
+    pub fn macros(&self) -> impl Iterator<Item = &Macro> {
+        self.tokens.iter().filter_map(|t| match t {
+            Token::Macro(m) => Some(m),
+            Token::Literal(_) => None,
+        })
+    }
+}
+
+fn parse_macro(inner: &str, position: usize, part: Part) -> Result<Macro, TemplateError> {
+    let mut pieces = inner.split('|');
+    let name = pieces.next().unwrap_or("").trim().to_string();
+    if name.is_empty() {
+        return Err(err(Some(position), "empty variable name"));
+    }
+    if let Some(bad) = name.chars().find(|c| !valid_name_char(*c)) {
+        return Err(err(
+            Some(position),
+            format!("variable name \"{name}\" has '{bad}'; names hold letters, digits, '_' and '.'"),
+        ));
+    }
+    let mut m = Macro { name, raw: false, default: None, position, part };
+    for filter in pieces {
+        if filter.trim() == "raw" {
+            m.raw = true;
+        } else if let Some(d) = filter.strip_prefix("default:") {
+            m.default = Some(d.to_string());
+        } else {
+            return Err(err(
+                Some(position),
+                format!("unknown filter \"{}\" (known: raw, default:TEXT)", filter.trim()),
+            ));
+        }
+    }
+    Ok(m)
+}
+
+/// Looks a variable up: the flat key first, then a dotted path (`attributes.sub1`
+/// finds `{"attributes": {"sub1": …}}`).
+pub fn lookup<'a>(vars: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    if let Some(v) = vars.get(name) {
+        return Some(v);
+    }
+    let (head, rest) = name.split_once('.')?;
+    match vars.get(head)? {
+        Value::Object(inner) => lookup(inner, rest),
+        _ => None,
+    }
+}
+
+/// The text a JSON value renders as: strings as themselves, null as nothing,
+/// numbers, booleans, arrays and objects as their JSON text.
+pub fn value_text(value: Option<&Value>) -> Option<String> {
+    match value {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+    }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn encode_component(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RenderOptions {
+    /// Drop a `key=value` query parameter whose macros all came out missing.
+    pub drop_empty_params: bool,
+}
+
+/// One `key=value` piece of the query while rendering.
+#[derive(Default)]
+struct Param {
+    text: String,
+    has_missing: bool,
+    has_present: bool,
+}
+
+/// Renders a URL template: values are encoded for the part they stand in.
+pub fn render_url(template: &Template, vars: &Map<String, Value>, options: RenderOptions) -> String {
+    let mut head = String::new();
+    let mut query: Option<Vec<Param>> = None;
+    let mut fragment: Option<String> = None;
+    for token in &template.tokens {
+        match token {
+            Token::Literal(text) => {
+                for c in text.chars() {
+                    match (&mut query, &mut fragment) {
+                        (_, Some(frag)) => frag.push(c),
+                        (_, None) if c == '#' => fragment = Some(String::new()),
+                        (None, None) if c == '?' => query = Some(vec![Param::default()]),
+                        (None, None) => head.push(c),
+                        (Some(params), None) if c == '&' => params.push(Param::default()),
+                        (Some(params), None) => params.last_mut().expect("one param").text.push(c),
+                    }
+                }
+            }
+            Token::Macro(m) => {
+                let value = value_text(lookup(vars, &m.name)).or_else(|| m.default.clone());
+                let present = value.is_some();
+                let value = value.unwrap_or_default();
+                let text = if m.raw { value } else { encode_component(&value) };
+                match (&mut query, &mut fragment) {
+                    (_, Some(frag)) => frag.push_str(&text),
+                    (Some(params), None) => {
+                        let param = params.last_mut().expect("one param");
+                        param.text.push_str(&text);
+                        param.has_present |= present;
+                        param.has_missing |= !present;
+                    }
+                    (None, None) => head.push_str(&text),
+                }
+            }
+        }
+    }
+    let mut out = head;
+    if let Some(params) = query {
+        let kept: Vec<&str> = params
+            .iter()
+            .filter(|p| !(options.drop_empty_params && p.has_missing && !p.has_present))
+            .map(|p| p.text.as_str())
+            .collect();
+        if !kept.is_empty() {
+            out.push('?');
+            out.push_str(&kept.join("&"));
+        }
+    }
+    if let Some(frag) = fragment {
+        out.push('#');
+        out.push_str(&frag);
+    }
+    out
+}
+
+/// Renders a template as plain text (no URL encoding), e.g. a string inside a
+/// JSON body template.
+pub fn render_text(template: &Template, vars: &Map<String, Value>) -> String {
+    let mut out = String::new();
+    for token in &template.tokens {
+        match token {
+            Token::Literal(text) => out.push_str(text),
+            Token::Macro(m) => {
+                let value = value_text(lookup(vars, &m.name)).or_else(|| m.default.clone());
+                out.push_str(&value.unwrap_or_default());
+            }
+        }
+    }
+    out
+}
+
+/// Renders a JSON body template: every string may hold macros; a string that
+/// is exactly one macro keeps the variable's JSON type (`"{amount}"` → `12.5`).
+pub fn render_json(body: &Value, vars: &Map<String, Value>) -> Result<Value, TemplateError> {
+    Ok(match body {
+        Value::String(s) => {
+            let t = Template::parse(s)?;
+            match t.tokens.as_slice() {
+                [Token::Macro(m)] if !m.raw => match lookup(vars, &m.name) {
+                    Some(v) if !v.is_null() => v.clone(),
+                    _ => m.default.clone().map(Value::String).unwrap_or(Value::Null),
+                },
+                _ => Value::String(render_text(&t, vars)),
+            }
+        }
+        Value::Array(items) => Value::Array(items.iter().map(|v| render_json(v, vars)).collect::<Result<_, _>>()?),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), render_json(v, vars)?)))
+                .collect::<Result<_, TemplateError>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+/// Checks a variable name against what a conversion provides.
+pub fn check_variable(m: &Macro) -> Result<(), TemplateError> {
+    let known = CONVERSION_VARIABLES.contains(&m.name.as_str())
+        || m.name.strip_prefix("attributes.").is_some_and(|k| !k.is_empty());
+    if known {
+        Ok(())
+    } else {
+        Err(err(
+            Some(m.position),
+            format!(
+                "unknown variable \"{}\" (known: {}, attributes.KEY)",
+                m.name,
+                CONVERSION_VARIABLES.join(", ")
+            ),
+        ))
+    }
+}
+
+/// Sample values used to check that a template renders to a valid URL.
+pub fn sample_vars() -> Map<String, Value> {
+    let mut vars = Map::new();
+    for name in CONVERSION_VARIABLES {
+        vars.insert((*name).to_string(), Value::String(format!("sample_{name}")));
+    }
+    vars.insert("attributes".into(), Value::Object(Map::new()));
+    vars
+}
+
+/// Validates an endpoint URL template: syntax, known variables, no macros in
+/// the scheme or host, http(s) only, and a URL that parses once rendered.
+pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
+    let template = Template::parse(text)?;
+    for m in template.macros() {
+        check_variable(m)?;
+        if m.part == Part::Authority {
+            return Err(err(
+                Some(m.position),
+                format!("variable \"{}\" in the scheme or host; only the path, query and fragment may hold variables", m.name),
+            ));
+        }
+    }
+    let mut vars = sample_vars();
+    // attributes used by the template get a sample value too
+    if let Some(Value::Object(attrs)) = vars.get_mut("attributes") {
+        for m in template.macros() {
+            if let Some(key) = m.name.strip_prefix("attributes.") {
+                attrs.insert(key.to_string(), Value::String("sample".into()));
+            }
+        }
+    }
+    let rendered = render_url(&template, &vars, RenderOptions::default());
+    check_url(&rendered)?;
+    Ok(template)
+}
+
+/// Checks a rendered URL: it parses, its scheme is http or https, it has a host.
+pub fn check_url(rendered: &str) -> Result<url::Url, TemplateError> {
+    let parsed = url::Url::parse(rendered)
+        .map_err(|e| err(None, format!("URL \"{rendered}\" does not parse: {e}")))?;
+    if parsed.scheme() != "http" && parsed.scheme() != "https" {
+        return Err(err(None, format!("scheme \"{}\" is not allowed; use http or https", parsed.scheme())));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(err(None, format!("URL \"{rendered}\" has no host")));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(err(None, "credentials in the URL are not allowed; use the endpoint's headers"));
+    }
+    Ok(parsed)
+}
+
+/// Validates a JSON body template: every string's macros must be known.
+pub fn validate_body_template(body: &Value) -> Result<(), TemplateError> {
+    match body {
+        Value::String(s) => {
+            let t = Template::parse(s).map_err(|e| err(None, format!("in body string \"{s}\": {e}")))?;
+            for m in t.macros() {
+                check_variable(m).map_err(|e| err(None, format!("in body string \"{s}\": {e}")))?;
+            }
+            Ok(())
+        }
+        Value::Array(items) => items.iter().try_for_each(validate_body_template),
+        Value::Object(map) => map.values().try_for_each(validate_body_template),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn vars(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn url(t: &str, v: Value) -> String {
+        render_url(&Template::parse(t).unwrap(), &vars(v), RenderOptions::default())
+    }
+
+    fn decode(s: &str) -> String {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().unwrap().1.into_owned()
+    }
+
+    #[test]
+    fn every_reserved_character_is_encoded_in_a_query_value() {
+        let nasty = "a&b=c+d#e/f?g%h i:j@k!l$m'n(o)p*q,r;s[t]u\"v<w>x\\y^z`{|}";
+        let out = url("https://n.test/pb?v={x}", json!({"x": nasty}));
+        let value = out.strip_prefix("https://n.test/pb?v=").unwrap();
+        assert!(value.chars().all(|c| c.is_ascii_alphanumeric() || "%-._~".contains(c)), "{value}");
+        assert_eq!(decode(value), nasty);
+    }
+
+    #[test]
+    fn unicode_is_utf8_percent_encoded_and_round_trips() {
+        let out = url("https://n.test/pb?v={x}", json!({"x": "Zoë 😀 日本"}));
+        assert_eq!(out, "https://n.test/pb?v=Zo%C3%AB%20%F0%9F%98%80%20%E6%97%A5%E6%9C%AC");
+        assert_eq!(decode(out.split('=').nth(1).unwrap()), "Zoë 😀 日本");
+    }
+
+    #[test]
+    fn unreserved_characters_stay() {
+        assert_eq!(url("https://n.test/?v={x}", json!({"x": "AZaz09-._~"})), "https://n.test/?v=AZaz09-._~");
+    }
+
+    #[test]
+    fn slash_is_encoded_in_a_path_segment() {
+        let out = url("https://n.test/c/{x}/done", json!({"x": "a/b c"}));
+        assert_eq!(out, "https://n.test/c/a%2Fb%20c/done");
+    }
+
+    #[test]
+    fn literal_text_is_copied_unchanged() {
+        let out = url("https://n.test/p?a=1&b=%20x&c={x}", json!({"x": "y"}));
+        assert_eq!(out, "https://n.test/p?a=1&b=%20x&c=y");
+    }
+
+    #[test]
+    fn missing_and_null_render_empty_and_scalars_as_json_text() {
+        let v = json!({"n": null, "num": 12.5, "int": 7, "t": true, "f": false});
+        assert_eq!(url("https://n.test/?a={missing}&b={n}", v.clone()), "https://n.test/?a=&b=");
+        assert_eq!(url("https://n.test/?a={num}&b={int}&c={t}&d={f}", v), "https://n.test/?a=12.5&b=7&c=true&d=false");
+    }
+
+    #[test]
+    fn raw_inserts_unencoded_and_default_fills_missing() {
+        let v = json!({"blob": "a%20b&c=d", "x": "has space"});
+        assert_eq!(url("https://n.test/?{blob|raw}", v.clone()), "https://n.test/?a%20b&c=d");
+        assert_eq!(url("https://n.test/?a={nope|default:0}&b={x|default:z}", v.clone()), "https://n.test/?a=0&b=has%20space");
+        assert_eq!(url("https://n.test/?a={nope|default:a b}", v), "https://n.test/?a=a%20b");
+    }
+
+    #[test]
+    fn drop_empty_params_removes_only_missing_ones() {
+        let t = Template::parse("https://n.test/pb?cid={click_id}&amount={amount}&cur={currency}&x=1#frag").unwrap();
+        let opts = RenderOptions { drop_empty_params: true };
+        let v = vars(json!({"click_id": "c1", "currency": "EUR"}));
+        assert_eq!(render_url(&t, &v, opts), "https://n.test/pb?cid=c1&cur=EUR&x=1#frag");
+        let v = vars(json!({"amount": "5"}));
+        assert_eq!(render_url(&t, &v, opts), "https://n.test/pb?amount=5&x=1#frag");
+        let t = Template::parse("https://n.test/pb?amount={amount}").unwrap();
+        assert_eq!(render_url(&t, &Map::new(), opts), "https://n.test/pb");
+        let t = Template::parse("https://n.test/pb?a={amount}&b={currency}").unwrap();
+        assert_eq!(render_url(&t, &vars(json!({"currency": "X"})), opts), "https://n.test/pb?b=X");
+    }
+
+    #[test]
+    fn attributes_resolve_nested_or_flat() {
+        let v = json!({"attributes": {"sub1": "s/1"}, "attributes.flat": "f"});
+        assert_eq!(url("https://n.test/?s={attributes.sub1}&f={attributes.flat}", v), "https://n.test/?s=s%2F1&f=f");
+    }
+
+    #[test]
+    fn braces_and_syntax_errors_name_their_position() {
+        assert_eq!(Template::parse("https://n.test/?a={x").unwrap_err().position, Some(19));
+        let e = Template::parse("https://n.test/?a=x}").unwrap_err();
+        assert_eq!(e.position, Some(20));
+        assert!(e.message.contains("unmatched '}'"));
+        let e = Template::parse("https://n.test/?a={x{y}}").unwrap_err();
+        assert!(e.message.contains("unclosed"));
+        assert!(Template::parse("a={}").unwrap_err().message.contains("empty variable name"));
+        assert!(Template::parse("a={a-b}").unwrap_err().message.contains("has '-'"));
+        assert!(Template::parse("a={a|upper}").unwrap_err().message.contains("unknown filter"));
+        assert_eq!(url("https://n.test/?j={{\"a\"}}", json!({})), "https://n.test/?j={\"a\"}");
+    }
+
+    #[test]
+    fn validation_refuses_bad_templates() {
+        let e = validate_url_template("https://n.test/?a={clickid}").unwrap_err();
+        assert!(e.message.contains("unknown variable \"clickid\""), "{e}");
+        assert_eq!(e.position, Some(19));
+        assert!(validate_url_template("https://n.test/?s={sub1}").is_err());
+        assert!(validate_url_template("https://n.test/?s={attributes.sub1}").is_ok());
+        assert!(validate_url_template("https://n.test/?s={attributes.}").is_err());
+        let e = validate_url_template("ftp://n.test/{click_id}").unwrap_err();
+        assert!(e.message.contains("scheme \"ftp\""), "{e}");
+        let e = validate_url_template("https://{click_id}.n.test/").unwrap_err();
+        assert!(e.message.contains("scheme or host"), "{e}");
+        let e = validate_url_template("https://n.test/a\u{7}b").unwrap_err();
+        assert!(e.message.contains("control character"), "{e}");
+        assert_eq!(e.position, Some(17));
+        let e = validate_url_template(&format!("https://n.test/?a={}", "x".repeat(9000))).unwrap_err();
+        assert!(e.message.contains("limit is 8192"), "{e}");
+        assert!(validate_url_template("https://").is_err());
+        assert!(validate_url_template("not a url {click_id}").is_err());
+        assert!(validate_url_template("https://user:pw@n.test/").is_err());
+        assert!(validate_url_template("https://n.test:8080/p/{click_id}?t={transaction_id}&a={amount|default:0}").is_ok());
+    }
+
+    #[test]
+    fn json_body_keeps_types_of_whole_macros() {
+        let body = json!({"cid": "{click_id}", "amt": "{amount}", "msg": "sale {transaction_id}!", "n": 1, "miss": "{nope}", "d": "{nope|default:x}"});
+        let v = vars(json!({"click_id": "c&1", "amount": 12.5, "transaction_id": "t1"}));
+        let out = render_json(&body, &v).unwrap();
+        assert_eq!(out, json!({"cid": "c&1", "amt": 12.5, "msg": "sale t1!", "n": 1, "miss": null, "d": "x"}));
+        assert!(validate_body_template(&json!({"a": ["{click_id}", {"b": "{bogus}"}]})).is_err());
+        assert!(validate_body_template(&json!({"a": ["{click_id}", {"b": "{attributes.x}"}]})).is_ok());
+    }
+}
