@@ -40,7 +40,6 @@ COMMENT ON COLUMN postback.conversions.currency IS 'ISO 4217 currency code, uppe
 COMMENT ON COLUMN postback.conversions.attributes IS 'Sub-ids and any other values, usable in templates as {attributes.KEY}.';
 COMMENT ON COLUMN postback.conversions.occurred_at IS 'When the conversion happened.';
 COMMENT ON COLUMN postback.conversions.created_at IS 'When the row was inserted.';
-COMMENT ON COLUMN postback.conversions.updated_at IS 'When the row was last changed.';
 
 COMMENT ON TABLE postback.deliveries IS 'One request to one endpoint announcing one conversion status, rendered once at enqueue and retried unchanged.';
 COMMENT ON COLUMN postback.deliveries.id IS 'Delivery id.';

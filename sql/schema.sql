@@ -22,7 +22,8 @@ CREATE TABLE postback.endpoints (
             CHECK (method IN ('GET', 'POST', 'PUT', 'PATCH')),
     headers              jsonb       NOT NULL DEFAULT '{}'
         CONSTRAINT endpoint_headers_must_be_a_json_object_of_strings
-            CHECK (jsonb_typeof(headers) = 'object'),
+            CHECK (jsonb_typeof(headers) = 'object'
+                   AND NOT jsonb_path_exists(headers, '$.* ? (@.type() != "string")')),
     events               text[],
     statuses             text[]
         CONSTRAINT endpoint_statuses_must_be_known_conversion_statuses
@@ -49,15 +50,40 @@ CREATE TABLE postback.endpoints (
         CONSTRAINT endpoint_status_map_must_be_a_json_object
             CHECK (jsonb_typeof(status_map) = 'object'),
     success_body_pattern text,
+    body_template        jsonb,
+    drop_empty_params    boolean     NOT NULL DEFAULT false,
+    signature_header     text
+        CONSTRAINT endpoint_signature_header_must_be_a_header_name
+            CHECK (signature_header ~ '^[A-Za-z0-9!#$%&''*+.^_`|~-]{1,100}$'),
+    timestamp_param      text        NOT NULL DEFAULT 'ts'
+        CONSTRAINT endpoint_timestamp_param_must_be_a_plain_name
+            CHECK (timestamp_param ~ '^[A-Za-z0-9_.~-]{1,50}$'),
+    signature_param      text        NOT NULL DEFAULT 'sig'
+        CONSTRAINT endpoint_signature_param_must_be_a_plain_name
+            CHECK (signature_param ~ '^[A-Za-z0-9_.~-]{1,50}$'),
     created_at           timestamptz NOT NULL DEFAULT now(),
-    updated_at           timestamptz NOT NULL DEFAULT now()
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT endpoint_postback_signs_only_with_hmac_sha256_hex_or_base64
+        CHECK (kind = 'webhook' OR signing_scheme IN ('none', 'hmac-sha256-hex', 'hmac-sha256-base64')),
+    CONSTRAINT endpoint_body_template_only_for_webhooks
+        CHECK (body_template IS NULL OR kind = 'webhook'),
+    CONSTRAINT endpoint_success_body_pattern_must_be_a_valid_regex
+        CHECK (success_body_pattern IS NULL OR ('' ~ success_body_pattern) IS NOT NULL)
 );
 
 -- Defaults that depend on other columns (method from kind, max_attempts from
--- the schedule) are filled here so that a plain INSERT gets them.
+-- the schedule) are filled here so that a plain INSERT gets them, and templates
+-- are checked here so that a bad one is refused when it is given.
 CREATE FUNCTION postback.endpoints_fill_defaults() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF TG_OP = 'INSERT' OR NEW.url_template IS DISTINCT FROM OLD.url_template THEN
+        PERFORM postback.validate_template(NEW.url_template);
+    END IF;
+    IF NEW.body_template IS NOT NULL
+       AND (TG_OP = 'INSERT' OR NEW.body_template IS DISTINCT FROM OLD.body_template) THEN
+        PERFORM postback.validate_body_template(NEW.body_template);
+    END IF;
     NEW.method := upper(coalesce(NEW.method,
                                  CASE NEW.kind WHEN 'webhook' THEN 'POST' ELSE 'GET' END));
     NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(cardinality(NEW.retry_schedule), 0) + 1);
@@ -115,8 +141,7 @@ CREATE TABLE postback.conversions (
         CONSTRAINT attributes_must_be_a_json_object
             CHECK (jsonb_typeof(attributes) = 'object'),
     occurred_at    timestamptz NOT NULL DEFAULT now(),
-    created_at     timestamptz NOT NULL DEFAULT now(),
-    updated_at     timestamptz NOT NULL DEFAULT now()
+    created_at     timestamptz NOT NULL DEFAULT now()
 );
 
 -- ---------------------------------------------------------------------------

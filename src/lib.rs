@@ -6,22 +6,33 @@
 use pgrx::prelude::*;
 
 pub mod target_policy;
+pub mod conversion_rules;
+pub mod outgoing;
+pub mod request;
+pub mod retry;
 pub mod signing;
 pub mod template;
 
+mod api;
 mod gucs;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-pgrx::extension_sql_file!("../sql/views.sql", name = "views", requires = ["schema"]);
+pgrx::extension_sql_file!("../sql/views.sql", name = "views", requires = ["schema", worker_stats]);
+pgrx::extension_sql_file!(
+    "../sql/enqueue.sql",
+    name = "enqueue",
+    requires = ["schema", render_request, finalize_request, conversions_validate, take_proposed_conversions, wake_worker]
+);
 pgrx::extension_sql_file!("../sql/comments.sql", name = "comments", finalize);
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        worker::shared::init();
         worker::register();
     }
 }

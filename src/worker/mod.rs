@@ -7,6 +7,8 @@ use pgrx::prelude::*;
 
 use crate::gucs;
 
+pub mod shared;
+
 pub const WORKER_TYPE: &str = "pg_postback worker";
 
 pub fn register() {

@@ -1,0 +1,273 @@
+//! SQL functions: thin conversions between Postgres types and the pure modules.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::datetime::{Interval, TimestampWithTimeZone};
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{Map, Value};
+
+use crate::outgoing;
+use crate::request::{self, Conversion, Endpoint, PG_EPOCH_OFFSET_MICROS};
+use crate::signing::{self, Scheme};
+use crate::template::{self, RenderOptions, Template};
+
+fn invalid(message: impl Into<String>) -> ! {
+    ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message.into());
+}
+
+fn object_of(value: JsonB, what: &str) -> Map<String, Value> {
+    match value.0 {
+        Value::Object(m) => m,
+        _ => invalid(format!("{what} must be a JSON object")),
+    }
+}
+
+pub fn now_unix_micros() -> i64 {
+    // the transaction's start: one timestamp for every row of a statement
+    let pg: i64 = unsafe { pg_sys::GetCurrentTransactionStartTimestamp() };
+    pg + PG_EPOCH_OFFSET_MICROS
+}
+
+fn unix_micros(ts: TimestampWithTimeZone) -> i64 {
+    let pg: pg_sys::TimestampTz = ts.into();
+    pg + PG_EPOCH_OFFSET_MICROS
+}
+
+/// Fills a template from `vars`; each value is percent-encoded for where it stands.
+#[pg_extern(immutable, parallel_safe)]
+fn render(template: &str, vars: JsonB) -> String {
+    let parsed = Template::parse(template).unwrap_or_else(|e| invalid(format!("invalid template: {e}")));
+    template::render_url(&parsed, &object_of(vars, "vars"), RenderOptions::default())
+}
+
+/// Checks an endpoint URL template; raises an error naming the problem and its position.
+#[pg_extern(immutable, parallel_safe)]
+fn validate_template(template: &str) -> bool {
+    template::validate_url_template(template).unwrap_or_else(|e| invalid(format!("invalid url_template: {e}")));
+    true
+}
+
+/// Checks a webhook JSON body template; raises an error naming the problem.
+#[pg_extern(immutable, parallel_safe)]
+fn validate_body_template(body: JsonB) -> bool {
+    template::validate_body_template(&body.0).unwrap_or_else(|e| invalid(format!("invalid body_template: {e}")));
+    true
+}
+
+fn scheme(name: &str) -> Scheme {
+    Scheme::parse(name).unwrap_or_else(|e| invalid(e.0))
+}
+
+/// Signs `payload` and returns the signature in the exact header format of `scheme`.
+#[pg_extern(stable, parallel_safe)]
+fn sign(
+    payload: &str,
+    secret: &str,
+    scheme: &str,
+    msg_id: default!(Option<&str>, "NULL"),
+    ts: default!(Option<i64>, "NULL"),
+) -> String {
+    let ts = ts.unwrap_or_else(|| now_unix_micros().div_euclid(1_000_000));
+    signing::sign(payload, secret, self::scheme(scheme), msg_id, ts).unwrap_or_else(|e| invalid(e.0))
+}
+
+/// Verifies a signature header in constant time, accepting any of several
+/// space-separated signatures and refusing stale timestamps.
+#[pg_extern(stable, parallel_safe)]
+#[allow(clippy::too_many_arguments)]
+fn verify(
+    payload: &str,
+    secret: &str,
+    scheme: &str,
+    signature: &str,
+    msg_id: default!(Option<&str>, "NULL"),
+    ts: default!(Option<i64>, "NULL"),
+    tolerance: default!(Interval, "'5 minutes'"),
+) -> bool {
+    let tolerance_secs = (tolerance.as_micros() / 1_000_000) as i64;
+    let now = now_unix_micros().div_euclid(1_000_000);
+    signing::verify(payload, secret, self::scheme(scheme), signature, msg_id, ts, tolerance_secs, now)
+        .unwrap_or_else(|e| invalid(e.0))
+}
+
+thread_local! {
+    /// Parsed URL templates by text: a 100k-row insert parses each endpoint's once.
+    static TEMPLATES: RefCell<HashMap<String, Rc<Template>>> = RefCell::new(HashMap::new());
+}
+
+fn cached_template(text: &str) -> Result<Rc<Template>, String> {
+    TEMPLATES.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(t) = cache.get(text) {
+            return Ok(t.clone());
+        }
+        let t = Rc::new(Template::parse(text).map_err(|e| format!("invalid url_template: {e}"))?);
+        if cache.len() > 1000 {
+            cache.clear();
+        }
+        cache.insert(text.to_string(), t.clone());
+        Ok(t)
+    })
+}
+
+/// Renders the request of one (conversion, endpoint) pair for the enqueue
+/// triggers. Never raises for data problems: they come back in `error` so the
+/// operator's INSERT succeeds and the delivery is recorded as dead.
+#[pg_extern(stable, parallel_safe)]
+#[allow(clippy::too_many_arguments)]
+fn render_request(
+    endpoint_id: i64,
+    endpoint_name: &str,
+    kind: &str,
+    url_template: &str,
+    body_template: Option<JsonB>,
+    status_map: Option<JsonB>,
+    drop_empty_params: bool,
+    conversion_id: i64,
+    click_id: &str,
+    transaction_id: &str,
+    event: &str,
+    status: &str,
+    amount: Option<&str>,
+    currency: Option<&str>,
+    attributes: JsonB,
+    occurred_at: TimestampWithTimeZone,
+) -> TableIterator<
+    'static,
+    (name!(idempotency_key, String), name!(url, Option<String>), name!(body, Option<String>), name!(error, Option<String>)),
+> {
+    let key = request::idempotency_key(conversion_id, endpoint_id, event, status);
+    let rendered = cached_template(url_template).and_then(|url_template| {
+        let endpoint = Endpoint {
+            name: endpoint_name.to_string(),
+            kind: kind.to_string(),
+            url_template: (*url_template).clone(),
+            body_template: body_template.map(|b| b.0),
+            status_map: status_map.and_then(|m| m.0.as_object().cloned()),
+            drop_empty_params,
+        };
+        let conversion = Conversion {
+            id: conversion_id,
+            click_id: click_id.to_string(),
+            transaction_id: transaction_id.to_string(),
+            event: event.to_string(),
+            status: status.to_string(),
+            amount: amount.map(str::to_string),
+            currency: currency.map(str::to_string),
+            attributes: attributes.0.as_object().cloned().unwrap_or_default(),
+            occurred_at_unix_micros: unix_micros(occurred_at),
+        };
+        request::render(&conversion, &endpoint, &key, now_unix_micros())
+    });
+    let row = match rendered {
+        Ok(r) => (key, Some(r.url), r.body, None),
+        Err(e) => (key, None, None, Some(e)),
+    };
+    TableIterator::once(row)
+}
+
+/// Live secrets of an endpoint, newest first.
+pub fn live_secrets(endpoint_id: i64) -> Vec<String> {
+    Spi::connect(|client| {
+        client
+            .select(
+                "SELECT secret FROM postback.endpoint_secrets
+                  WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now())
+                  ORDER BY created_at DESC, id DESC",
+                None,
+                &[endpoint_id.into()],
+            )?
+            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap_or_else(|e| invalid(format!("reading secrets: {e}")))
+}
+
+/// The URL and complete headers a delivery would be sent with now
+/// (signature headers included). Used by `postback.preview`.
+#[pg_extern(volatile)]
+#[allow(clippy::too_many_arguments)]
+fn finalize_request(
+    endpoint_id: i64,
+    kind: &str,
+    signing_scheme: &str,
+    signature_header: Option<&str>,
+    timestamp_param: &str,
+    signature_param: &str,
+    url: &str,
+    headers: Option<JsonB>,
+    body: Option<&str>,
+    idempotency_key: &str,
+) -> TableIterator<'static, (name!(url, String), name!(headers, JsonB))> {
+    let signing = outgoing::Signing {
+        scheme: signing_scheme.to_string(),
+        secrets: if signing_scheme == "none" { Vec::new() } else { live_secrets(endpoint_id) },
+        header: signature_header.map(str::to_string),
+        ts_param: timestamp_param.to_string(),
+        sig_param: signature_param.to_string(),
+    };
+    let stored = header_pairs(headers.map(|h| h.0));
+    let now = now_unix_micros().div_euclid(1_000_000);
+    let out = outgoing::finalize(kind, url, &stored, body, idempotency_key, &signing, now).unwrap_or_else(|e| invalid(e));
+    let headers: Map<String, Value> = out.headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+    TableIterator::once((out.url, JsonB(Value::Object(headers))))
+}
+
+/// A stored headers object as (name, value) pairs.
+pub fn header_pairs(headers: Option<Value>) -> Vec<(String, String)> {
+    match headers {
+        Some(Value::Object(map)) => map
+            .into_iter()
+            .map(|(k, v)| {
+                let v = template::value_text(Some(&v)).unwrap_or_default();
+                (k, v)
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+thread_local! {
+    /// Rows proposed to INSERT on postback.conversions in this backend since the
+    /// last statement-level trigger took the count; rows skipped by ON CONFLICT
+    /// DO NOTHING are counted here but never reach the transition table.
+    static PROPOSED_CONVERSIONS: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+}
+
+/// BEFORE INSERT OR UPDATE row trigger on postback.conversions: refuses a bad
+/// row with a message naming the column and the transaction_id.
+#[pg_trigger]
+fn conversions_validate<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::datum::TryFromDatumError> {
+    let row = trigger.new().expect("row-level INSERT/UPDATE trigger has a new row");
+    let click_id: Option<&str> = row.get_by_name("click_id")?;
+    let transaction_id: Option<&str> = row.get_by_name("transaction_id")?;
+    let event: Option<&str> = row.get_by_name("event")?;
+    let status: Option<&str> = row.get_by_name("status")?;
+    let currency: Option<&str> = row.get_by_name("currency")?;
+    let fields = crate::conversion_rules::Fields { click_id, transaction_id, event, status, currency };
+    if let Err((_column, message)) = crate::conversion_rules::check(&fields) {
+        ereport!(ERROR, PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, message);
+    }
+    if matches!(trigger.op(), Ok(pgrx::PgTriggerOperation::Insert)) {
+        PROPOSED_CONVERSIONS.with(|c| c.set(c.get() + 1));
+    }
+    Ok(Some(row))
+}
+
+/// Returns and resets the count of proposed conversion rows (see above).
+#[pg_extern(volatile, parallel_unsafe)]
+fn take_proposed_conversions() -> i64 {
+    PROPOSED_CONVERSIONS.with(|c| c.replace(0))
+}
+
+/// Wakes the delivery worker when the current transaction commits. Called by
+/// the enqueue triggers; harmless when the worker is not preloaded.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wake_worker() {
+    crate::worker::shared::wake_at_commit();
+}

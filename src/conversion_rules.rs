@@ -1,0 +1,98 @@
+//! Validation of conversion rows, with messages that name the column and the
+//! row's transaction_id (pure; the CHECK constraints stay as a backstop).
+
+pub const STATUSES: &[&str] = &["pending", "approved", "rejected", "reversed", "refunded", "chargeback"];
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Fields<'a> {
+    pub click_id: Option<&'a str>,
+    pub transaction_id: Option<&'a str>,
+    pub event: Option<&'a str>,
+    pub status: Option<&'a str>,
+    pub currency: Option<&'a str>,
+}
+
+fn event_ok(e: &str) -> bool {
+    let b = e.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// `Err` holds (column, message).
+pub fn check(f: &Fields) -> Result<(), (&'static str, String)> {
+    let row = match f.transaction_id {
+        Some(t) => format!("conversion with transaction_id \"{}\"", shorten(t)),
+        None => "conversion without transaction_id".to_string(),
+    };
+    let bad = |column: &'static str, what: String| Err((column, format!("{row}: column {column} {what}")));
+    match f.transaction_id {
+        None => return bad("transaction_id", "must not be null".into()),
+        Some(t) if t.is_empty() || t.chars().count() > 256 => {
+            return bad("transaction_id", format!("must be 1 to 256 characters (got {})", t.chars().count()))
+        }
+        _ => {}
+    }
+    match f.click_id {
+        None => return bad("click_id", "must not be null".into()),
+        Some(c) if c.is_empty() || c.chars().count() > 512 => {
+            return bad("click_id", format!("must be 1 to 512 characters (got {})", c.chars().count()))
+        }
+        _ => {}
+    }
+    if let Some(e) = f.event {
+        if !event_ok(e) {
+            return bad("event", format!("\"{}\" must be 1 to 64 characters of a-z, 0-9, '_', '.', '-'", shorten(e)));
+        }
+    }
+    if let Some(s) = f.status {
+        if !STATUSES.contains(&s) {
+            return bad("status", format!("\"{}\" must be one of {}", shorten(s), STATUSES.join(", ")));
+        }
+    }
+    if let Some(c) = f.currency {
+        if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
+            return bad("currency", format!("\"{}\" must be an upper-case ISO 4217 code such as EUR", shorten(c)));
+        }
+    }
+    Ok(())
+}
+
+fn shorten(s: &str) -> String {
+    if s.chars().count() <= 80 {
+        s.to_string()
+    } else {
+        format!("{}…", s.chars().take(80).collect::<String>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Fields<'static> {
+        Fields { click_id: Some("c"), transaction_id: Some("t-1"), event: Some("sale"), status: Some("approved"), currency: Some("EUR") }
+    }
+
+    #[test]
+    fn valid_row_passes() {
+        assert_eq!(check(&ok()), Ok(()));
+        assert_eq!(check(&Fields { currency: None, ..ok() }), Ok(()));
+    }
+
+    #[test]
+    fn errors_name_column_and_transaction_id() {
+        let (col, msg) = check(&Fields { status: Some("paid"), ..ok() }).unwrap_err();
+        assert_eq!(col, "status");
+        assert!(msg.contains("transaction_id \"t-1\"") && msg.contains("column status") && msg.contains("\"paid\""), "{msg}");
+        assert_eq!(check(&Fields { currency: Some("eur"), ..ok() }).unwrap_err().0, "currency");
+        assert_eq!(check(&Fields { click_id: Some(""), ..ok() }).unwrap_err().0, "click_id");
+        assert_eq!(check(&Fields { transaction_id: Some(""), ..ok() }).unwrap_err().0, "transaction_id");
+        assert_eq!(check(&Fields { event: Some("Big Sale"), ..ok() }).unwrap_err().0, "event");
+        let long = "x".repeat(513);
+        let (col, msg) = check(&Fields { click_id: Some(&long), ..ok() }).unwrap_err();
+        assert_eq!(col, "click_id");
+        assert!(msg.contains("got 513"), "{msg}");
+    }
+}

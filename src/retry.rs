@@ -1,0 +1,202 @@
+//! What an attempt's result means and when to try again (pure).
+
+use std::time::Duration;
+
+use regex::Regex;
+
+/// Longest wait a receiver's Retry-After can impose.
+pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
+
+/// How an attempt ended, as seen by the HTTP layer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttemptResult {
+    Response { status: u16, body: String, retry_after: Option<String>, location: Option<String> },
+    /// a transport failure worth retrying (timeout, refused, reset, DNS)
+    Transient(String),
+    /// a failure retrying cannot fix (refused by the address policy, bad URL)
+    Permanent(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Succeeded,
+    Retry { error: String, retry_after: Option<Duration> },
+    Dead { error: String },
+}
+
+/// Decides success, retry or dead for one attempt, before limits are applied.
+pub fn classify(result: &AttemptResult, success_body: Option<&Regex>) -> Verdict {
+    match result {
+        AttemptResult::Transient(e) => Verdict::Retry { error: e.clone(), retry_after: None },
+        AttemptResult::Permanent(e) => Verdict::Dead { error: e.clone() },
+        AttemptResult::Response { status, body, retry_after, location } => match status {
+            200..=299 => match success_body {
+                Some(re) if !re.is_match(body) => Verdict::Retry {
+                    error: format!("HTTP {status} but the body does not match success_body_pattern /{}/", re.as_str()),
+                    retry_after: None,
+                },
+                _ => Verdict::Succeeded,
+            },
+            300..=399 => Verdict::Dead {
+                error: format!(
+                    "HTTP {status} redirect not followed (Location: {})",
+                    location.as_deref().unwrap_or("none")
+                ),
+            },
+            408 | 425 | 429 | 500..=599 => Verdict::Retry {
+                error: format!("HTTP {status}"),
+                retry_after: retry_after.as_deref().and_then(parse_retry_after),
+            },
+            _ => Verdict::Dead { error: format!("HTTP {status}") },
+        },
+    }
+}
+
+/// `Retry-After` as delay-seconds (the HTTP-date form is not honoured: it
+/// depends on clocks agreeing; the schedule applies instead).
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    value.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s).min(RETRY_AFTER_CAP))
+}
+
+/// The schedule step for the retry after attempt `attempt_no` (1-based): the
+/// first retry uses step 0; the last step repeats.
+pub fn scheduled_delay(schedule: &[Duration], attempt_no: i32) -> Duration {
+    if schedule.is_empty() {
+        return Duration::from_secs(60);
+    }
+    let idx = (attempt_no.max(1) as usize - 1).min(schedule.len() - 1);
+    schedule[idx]
+}
+
+/// ±20% jitter; `unit` is a uniform random number in [0, 1).
+pub fn jitter(delay: Duration, unit: f64) -> Duration {
+    delay.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0))
+}
+
+/// The final decision after the endpoint's limits: `Ok(Some(delay))` = retry
+/// after `delay`, `Ok(None)` = succeeded, `Err(error)` = dead.
+pub struct Limits<'a> {
+    pub schedule: &'a [Duration],
+    pub max_attempts: i32,
+    /// how long the delivery may still be retried (until created_at + max_age)
+    pub remaining_age: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Succeeded,
+    RetryIn(Duration, String),
+    Dead(String),
+}
+
+pub fn decide(verdict: Verdict, attempt_no: i32, limits: &Limits, unit: f64) -> Decision {
+    match verdict {
+        Verdict::Succeeded => Decision::Succeeded,
+        Verdict::Dead { error } => Decision::Dead(error),
+        Verdict::Retry { error, retry_after } => {
+            if attempt_no >= limits.max_attempts {
+                return Decision::Dead(format!("{error}; gave up after {attempt_no} attempts (max_attempts)"));
+            }
+            let delay = jitter(scheduled_delay(limits.schedule, attempt_no), unit);
+            let delay = retry_after.map_or(delay, |ra| delay.max(ra));
+            if delay > limits.remaining_age {
+                return Decision::Dead(format!("{error}; the next attempt would come after max_age"));
+            }
+            Decision::RetryIn(delay, error)
+        }
+    }
+}
+
+/// A small xorshift generator for jitter: no need for cryptographic quality.
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn new(seed: u64) -> Jitter {
+        Jitter(seed | 1)
+    }
+
+    pub fn next_unit(&mut self) -> f64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        (x >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: u16, body: &str) -> AttemptResult {
+        AttemptResult::Response { status, body: body.into(), retry_after: None, location: None }
+    }
+
+    #[test]
+    fn status_codes() {
+        assert_eq!(classify(&resp(200, ""), None), Verdict::Succeeded);
+        assert_eq!(classify(&resp(204, ""), None), Verdict::Succeeded);
+        for s in [408, 425, 429, 500, 502, 503, 599] {
+            assert!(matches!(classify(&resp(s, ""), None), Verdict::Retry { .. }), "{s}");
+        }
+        for s in [400, 401, 403, 404, 410, 422] {
+            assert!(matches!(classify(&resp(s, ""), None), Verdict::Dead { .. }), "{s}");
+        }
+    }
+
+    #[test]
+    fn body_pattern_decides_among_2xx() {
+        let re = Regex::new("success=true").unwrap();
+        assert_eq!(classify(&resp(200, "success=true;"), Some(&re)), Verdict::Succeeded);
+        let v = classify(&resp(200, "success=false;"), Some(&re));
+        assert!(matches!(v, Verdict::Retry { ref error, .. } if error.contains("success_body_pattern")), "{v:?}");
+        assert!(matches!(classify(&resp(500, "success=true"), Some(&re)), Verdict::Retry { .. }));
+    }
+
+    #[test]
+    fn redirects_are_dead_with_location() {
+        let r = AttemptResult::Response { status: 302, body: String::new(), retry_after: None, location: Some("https://x.test/".into()) };
+        assert_eq!(classify(&r, None), Verdict::Dead { error: "HTTP 302 redirect not followed (Location: https://x.test/)".into() });
+    }
+
+    #[test]
+    fn transport_failures() {
+        assert!(matches!(classify(&AttemptResult::Transient("timed out".into()), None), Verdict::Retry { .. }));
+        assert!(matches!(classify(&AttemptResult::Permanent("refused".into()), None), Verdict::Dead { .. }));
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_capped() {
+        let r = AttemptResult::Response { status: 429, body: String::new(), retry_after: Some("2".into()), location: None };
+        assert_eq!(classify(&r, None), Verdict::Retry { error: "HTTP 429".into(), retry_after: Some(Duration::from_secs(2)) });
+        assert_eq!(parse_retry_after("999999"), Some(RETRY_AFTER_CAP));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        let limits = Limits { schedule: &[Duration::from_millis(200)], max_attempts: 5, remaining_age: Duration::from_secs(3600) };
+        let d = decide(Verdict::Retry { error: "x".into(), retry_after: Some(Duration::from_secs(2)) }, 1, &limits, 0.5);
+        assert_eq!(d, Decision::RetryIn(Duration::from_secs(2), "x".into()));
+    }
+
+    #[test]
+    fn schedule_steps_repeat_the_last_and_limits_kill() {
+        let s = [Duration::from_secs(60), Duration::from_secs(300)];
+        assert_eq!(scheduled_delay(&s, 1), Duration::from_secs(60));
+        assert_eq!(scheduled_delay(&s, 2), Duration::from_secs(300));
+        assert_eq!(scheduled_delay(&s, 7), Duration::from_secs(300));
+        let limits = Limits { schedule: &s, max_attempts: 3, remaining_age: Duration::from_secs(86400) };
+        let retry = || Verdict::Retry { error: "HTTP 500".into(), retry_after: None };
+        assert!(matches!(decide(retry(), 2, &limits, 0.5), Decision::RetryIn(d, _) if d == Duration::from_secs(300)));
+        assert!(matches!(decide(retry(), 3, &limits, 0.5), Decision::Dead(e) if e.contains("max_attempts")));
+        let old = Limits { remaining_age: Duration::from_secs(10), ..limits };
+        assert!(matches!(decide(retry(), 1, &old, 0.5), Decision::Dead(e) if e.contains("max_age")));
+    }
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        let mut j = Jitter::new(42);
+        for _ in 0..1000 {
+            let d = jitter(Duration::from_secs(100), j.next_unit());
+            assert!(d >= Duration::from_secs(80) && d <= Duration::from_secs(120), "{d:?}");
+        }
+    }
+}
