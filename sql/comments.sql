@@ -75,7 +75,7 @@ COMMENT ON COLUMN postback.attempts.outcome IS 'succeeded, retry (another attemp
 COMMENT ON FUNCTION postback.endpoints_fill_defaults() IS 'Trigger: fills method from kind and max_attempts from the retry schedule.';
 COMMENT ON FUNCTION postback.refuse_delete_with_deliveries() IS 'Trigger: refuses deleting endpoints or conversions that deliveries still refer to.';
 COMMENT ON FUNCTION postback.delete_attempts_of_deleted_deliveries() IS 'Trigger: removes the attempts of deleted deliveries.';
-COMMENT ON FUNCTION postback.worker_status() IS 'Whether the delivery worker runs, its pid and database, and a hint when it does not.';
+COMMENT ON FUNCTION postback.worker_status() IS 'Whether the delivery worker runs, its pid, database, counters and last error, and a hint when it does not run.';
 
 COMMENT ON VIEW postback.delivery_summary IS 'Deliveries per endpoint and state, with the age of the oldest unfinished one.';
 COMMENT ON COLUMN postback.delivery_summary.endpoint_id IS 'Endpoint id.';
@@ -86,3 +86,30 @@ COMMENT ON COLUMN postback.delivery_summary.in_flight IS 'Deliveries being sent 
 COMMENT ON COLUMN postback.delivery_summary.succeeded IS 'Deliveries that succeeded.';
 COMMENT ON COLUMN postback.delivery_summary.dead IS 'Deliveries given up on.';
 COMMENT ON COLUMN postback.delivery_summary.oldest_unfinished_at IS 'Creation time of the oldest pending or in-flight delivery.';
+
+COMMENT ON COLUMN postback.endpoints.body_template IS 'Webhook body as JSON whose strings may hold {macros}; a string that is exactly one macro keeps the value''s JSON type. NULL = the standard envelope.';
+COMMENT ON COLUMN postback.endpoints.drop_empty_params IS 'Drop a query parameter whose macros all render empty (for networks that reject amount=).';
+COMMENT ON COLUMN postback.endpoints.signature_header IS 'Header carrying a webhook signature; NULL = the scheme''s usual one (webhook-signature, Stripe-Signature, X-Hub-Signature-256, X-Signature).';
+COMMENT ON COLUMN postback.endpoints.timestamp_param IS 'Query parameter holding the unix timestamp of a signed postback URL.';
+COMMENT ON COLUMN postback.endpoints.signature_param IS 'Query parameter holding the signature of a signed postback URL (HMAC-SHA256 over the URL before it).';
+
+COMMENT ON TABLE postback.conversion_duplicates IS 'Conversions skipped as duplicates by INSERT … ON CONFLICT (transaction_id) DO NOTHING: one row per statement that skipped any.';
+COMMENT ON COLUMN postback.conversion_duplicates.id IS 'Row id.';
+COMMENT ON COLUMN postback.conversion_duplicates.seen_at IS 'When the statement ran.';
+COMMENT ON COLUMN postback.conversion_duplicates.duplicates IS 'How many proposed rows were skipped as duplicates.';
+
+COMMENT ON FUNCTION postback.render(text, jsonb) IS 'Fills {macros} of a template from a JSON object, percent-encoding each value for where it stands ({x|raw} unencoded, {x|default:v} fallback).';
+COMMENT ON FUNCTION postback.validate_template(text) IS 'Raises an error naming the problem and its position if the text is not a valid endpoint URL template; true otherwise.';
+COMMENT ON FUNCTION postback.validate_body_template(jsonb) IS 'Raises an error if a webhook body template uses unknown variables or bad syntax; true otherwise.';
+COMMENT ON FUNCTION postback.sign(text, text, text, text, bigint) IS 'Signature of a payload in the exact header format of a scheme (hmac-sha256-hex, hmac-sha256-base64, github, stripe, standard-webhooks).';
+COMMENT ON FUNCTION postback.verify(text, text, text, text, text, bigint, interval) IS 'Constant-time check of a signature header; accepts any of several signatures; refuses timestamps outside the tolerance.';
+COMMENT ON FUNCTION postback.render_request(bigint, text, text, text, jsonb, jsonb, boolean, bigint, text, text, text, text, text, text, jsonb, timestamptz) IS 'Internal: renders the request of one conversion for one endpoint; problems come back in error instead of raising.';
+COMMENT ON FUNCTION postback.finalize_request(bigint, text, text, text, text, text, text, jsonb, text, text) IS 'Internal: the URL and full headers (signatures included) a request would be sent with now.';
+COMMENT ON FUNCTION postback.preview(text, bigint) IS 'The method, URL, headers and body an endpoint would be sent for a conversion, without sending.';
+COMMENT ON FUNCTION postback.conversions_validate() IS 'Trigger: per row, refuses a bad conversion with a message naming the column and transaction_id and counts proposed rows; per statement, resets that count.';
+COMMENT ON FUNCTION postback.take_proposed_conversions() IS 'Internal: rows proposed to the current INSERT on conversions (to count duplicates skipped by ON CONFLICT).';
+COMMENT ON FUNCTION postback.enqueue_inserted_conversions() IS 'Trigger: one set-based insert of deliveries for the conversions a statement inserted.';
+COMMENT ON FUNCTION postback.enqueue_status_changes() IS 'Trigger: announces changed statuses to the endpoints subscribed to them, ordered behind earlier deliveries.';
+COMMENT ON FUNCTION postback.wake_worker() IS 'Wakes the delivery worker when the current transaction commits.';
+COMMENT ON FUNCTION postback.worker_stats() IS 'The worker''s figures from shared memory: pid, start, last wake, requests sent, in flight, last error.';
+COMMENT ON FUNCTION postback.validate_success_pattern(text) IS 'Raises an error if a success_body_pattern is not a valid regular expression (Rust regex syntax, as the worker uses); true otherwise.';

@@ -3,6 +3,9 @@
 CREATE TRIGGER conversions_validate
     BEFORE INSERT OR UPDATE OF click_id, transaction_id, event, status, currency ON postback.conversions
     FOR EACH ROW EXECUTE FUNCTION postback.conversions_validate();
+CREATE TRIGGER conversions_count_proposed
+    BEFORE INSERT ON postback.conversions
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.conversions_validate();
 
 -- Rows skipped by INSERT … ON CONFLICT (transaction_id) DO NOTHING, one row per
 -- statement that skipped any: append-only so concurrent importers never wait

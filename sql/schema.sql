@@ -66,9 +66,7 @@ CREATE TABLE postback.endpoints (
     CONSTRAINT endpoint_postback_signs_only_with_hmac_sha256_hex_or_base64
         CHECK (kind = 'webhook' OR signing_scheme IN ('none', 'hmac-sha256-hex', 'hmac-sha256-base64')),
     CONSTRAINT endpoint_body_template_only_for_webhooks
-        CHECK (body_template IS NULL OR kind = 'webhook'),
-    CONSTRAINT endpoint_success_body_pattern_must_be_a_valid_regex
-        CHECK (success_body_pattern IS NULL OR ('' ~ success_body_pattern) IS NOT NULL)
+        CHECK (body_template IS NULL OR kind = 'webhook')
 );
 
 -- Defaults that depend on other columns (method from kind, max_attempts from
@@ -83,6 +81,9 @@ BEGIN
     IF NEW.body_template IS NOT NULL
        AND (TG_OP = 'INSERT' OR NEW.body_template IS DISTINCT FROM OLD.body_template) THEN
         PERFORM postback.validate_body_template(NEW.body_template);
+    END IF;
+    IF NEW.success_body_pattern IS NOT NULL THEN
+        PERFORM postback.validate_success_pattern(NEW.success_body_pattern);
     END IF;
     NEW.method := upper(coalesce(NEW.method,
                                  CASE NEW.kind WHEN 'webhook' THEN 'POST' ELSE 'GET' END));

@@ -1,20 +1,27 @@
 -- Views and functions for operators and analysts.
 
 CREATE FUNCTION postback.worker_status(
-    OUT running    boolean,
-    OUT pid        integer,
-    OUT started_at timestamptz,
-    OUT database   name,
-    OUT state      text,
-    OUT hint       text)
+    OUT running       boolean,
+    OUT pid           integer,
+    OUT started_at    timestamptz,
+    OUT database      name,
+    OUT last_wake     timestamptz,
+    OUT sent          bigint,
+    OUT succeeded     bigint,
+    OUT failed        bigint,
+    OUT in_flight     integer,
+    OUT last_error    text,
+    OUT last_error_at timestamptz,
+    OUT hint          text)
 RETURNS record
-LANGUAGE sql STABLE
+LANGUAGE sql VOLATILE
 AS $$
     SELECT a.pid IS NOT NULL,
            a.pid,
-           a.backend_start,
+           coalesce(s.started_at, a.backend_start),
            a.datname,
-           a.state,
+           s.last_wake, coalesce(s.sent, 0), coalesce(s.succeeded, 0), coalesce(s.failed, 0),
+           coalesce(s.in_flight, 0), s.last_error, s.last_error_at,
            CASE
                WHEN a.pid IS NOT NULL THEN NULL
                WHEN current_setting('shared_preload_libraries') !~ '(^|[\s,])pg_postback($|[\s,])'
@@ -26,6 +33,7 @@ AS $$
            END
       FROM (SELECT 1) AS one
       LEFT JOIN pg_catalog.pg_stat_activity a ON a.backend_type = 'pg_postback worker'
+      LEFT JOIN postback.worker_stats() s ON true
      LIMIT 1
 $$;
 

@@ -57,6 +57,14 @@ fn validate_body_template(body: JsonB) -> bool {
     true
 }
 
+/// Checks a success_body_pattern (the worker's regular expression syntax).
+#[pg_extern(immutable, parallel_safe)]
+fn validate_success_pattern(pattern: &str) -> bool {
+    regex::Regex::new(pattern)
+        .unwrap_or_else(|e| invalid(format!("invalid regular expression in success_body_pattern: {e}")));
+    true
+}
+
 fn scheme(name: &str) -> Scheme {
     Scheme::parse(name).unwrap_or_else(|e| invalid(e.0))
 }
@@ -231,19 +239,23 @@ pub fn header_pairs(headers: Option<Value>) -> Vec<(String, String)> {
 }
 
 thread_local! {
-    /// Rows proposed to INSERT on postback.conversions in this backend since the
-    /// last statement-level trigger took the count; rows skipped by ON CONFLICT
-    /// DO NOTHING are counted here but never reach the transition table.
+    /// Rows proposed to INSERT on postback.conversions by the current statement
+    /// (reset by the BEFORE STATEMENT trigger); rows skipped by ON CONFLICT DO
+    /// NOTHING are counted here but never reach the transition table.
     static PROPOSED_CONVERSIONS: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
 }
 
-/// BEFORE INSERT OR UPDATE row trigger on postback.conversions: refuses a bad
-/// row with a message naming the column and the transaction_id.
+/// BEFORE INSERT OR UPDATE trigger on postback.conversions. Per row: refuses
+/// a bad row with a message naming the column and the transaction_id, and
+/// counts proposed rows. Per statement: resets that count.
 #[pg_trigger]
 fn conversions_validate<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::datum::TryFromDatumError> {
-    let row = trigger.new().expect("row-level INSERT/UPDATE trigger has a new row");
+    let Some(row) = trigger.new() else {
+        PROPOSED_CONVERSIONS.with(|c| c.set(0));
+        return Ok(None);
+    };
     let click_id: Option<&str> = row.get_by_name("click_id")?;
     let transaction_id: Option<&str> = row.get_by_name("transaction_id")?;
     let event: Option<&str> = row.get_by_name("event")?;
@@ -270,4 +282,44 @@ fn take_proposed_conversions() -> i64 {
 #[pg_extern(volatile, parallel_unsafe)]
 fn wake_worker() {
     crate::worker::shared::wake_at_commit();
+}
+
+fn timestamp(unix_micros: i64) -> Option<TimestampWithTimeZone> {
+    (unix_micros != 0)
+        .then(|| TimestampWithTimeZone::try_from(unix_micros - PG_EPOCH_OFFSET_MICROS).ok())
+        .flatten()
+}
+
+/// The worker's own figures from shared memory (empty when not preloaded).
+#[pg_extern(volatile)]
+#[allow(clippy::type_complexity)]
+fn worker_stats() -> TableIterator<
+    'static,
+    (
+        name!(pid, Option<i32>),
+        name!(started_at, Option<TimestampWithTimeZone>),
+        name!(last_wake, Option<TimestampWithTimeZone>),
+        name!(sent, i64),
+        name!(succeeded, i64),
+        name!(failed, i64),
+        name!(in_flight, i32),
+        name!(last_error, Option<String>),
+        name!(last_error_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    if !crate::worker::shared::available() {
+        return TableIterator::new(std::iter::empty());
+    }
+    let s = *crate::worker::shared::SHARED.share();
+    TableIterator::once((
+        (s.pid != 0).then_some(s.pid),
+        timestamp(s.started_at),
+        timestamp(s.last_wake),
+        s.sent,
+        s.succeeded,
+        s.failed,
+        s.in_flight,
+        s.last_error(),
+        timestamp(s.last_error_at),
+    ))
 }

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 pub mod target_policy;
 pub mod conversion_rules;
+pub mod http;
 pub mod outgoing;
 pub mod request;
 pub mod retry;

@@ -33,15 +33,39 @@ mod tests {
     }
 
     #[pg_test]
-    fn conversion_constraints_refuse_bad_rows() {
+    fn conversion_errors_name_the_column_and_transaction_id() {
         let ok = "INSERT INTO postback.conversions (click_id, transaction_id, status, currency)";
         assert_eq!(error_of(&format!("{ok} VALUES ('c1', 't1', 'approved', 'EUR')")), None);
+        for (values, expected) in [
+            ("('c', 't2', 'paid', 'EUR')", "conversion with transaction_id \"t2\": column status \"paid\" must be one of"),
+            ("('c', 't3', 'approved', 'eur')", "transaction_id \"t3\": column currency \"eur\""),
+            ("('', 't5', 'approved', 'EUR')", "transaction_id \"t5\": column click_id must be 1 to 512 characters"),
+            ("('c', '', 'approved', 'EUR')", "column transaction_id must be 1 to 256 characters"),
+            ("(repeat('x', 600), 't6', 'approved', 'EUR')", "transaction_id \"t6\": column click_id must be 1 to 512 characters (got 600)"),
+        ] {
+            assert_refused(&format!("{ok} VALUES {values}"), expected);
+        }
+        assert_refused(
+            "INSERT INTO postback.conversions (click_id, transaction_id, event) VALUES ('c', 't7', 'Big Sale')",
+            "transaction_id \"t7\": column event",
+        );
+        assert_refused(&format!("{ok} VALUES ('c', 't1', 'approved', 'EUR')"), "transaction_id_is_unique");
+        assert_refused(
+            "UPDATE postback.conversions SET status = 'paid' WHERE transaction_id = 't1'",
+            "transaction_id \"t1\": column status",
+        );
+    }
+
+    /// The CHECK constraints stay as a backstop when triggers are bypassed.
+    #[pg_test]
+    fn conversion_constraints_refuse_bad_rows() {
+        Spi::run("ALTER TABLE postback.conversions DISABLE TRIGGER conversions_validate").unwrap();
+        let ok = "INSERT INTO postback.conversions (click_id, transaction_id, status, currency)";
         assert_refused(&format!("{ok} VALUES ('c', 't2', 'paid', 'EUR')"), "status_must_be_a_known_conversion_status");
         assert_refused(&format!("{ok} VALUES ('c', 't3', 'approved', 'eur')"), "currency_must_be_an_iso_4217_uppercase_code");
         assert_refused(&format!("{ok} VALUES ('c', 't4', 'approved', 'EURO')"), "currency_must_be_an_iso_4217_uppercase_code");
         assert_refused(&format!("{ok} VALUES ('', 't5', 'approved', 'EUR')"), "click_id_must_be_1_to_512_characters");
         assert_refused(&format!("{ok} VALUES ('c', '', 'approved', 'EUR')"), "transaction_id_must_be_1_to_256_characters");
-        assert_refused(&format!("{ok} VALUES ('c', 't1', 'approved', 'EUR')"), "transaction_id_is_unique");
         assert_refused(
             "INSERT INTO postback.conversions (click_id, transaction_id, event) VALUES ('c', 't6', 'Big Sale')",
             "event_must_be_a_lowercase_word_of_1_to_64_characters",
@@ -158,5 +182,210 @@ mod tests {
             Spi::get_two::<bool, String>("SELECT running, hint FROM postback.worker_status()").unwrap();
         assert_eq!(running, Some(false));
         assert!(hint.unwrap().contains("shared_preload_libraries"));
+    }
+
+    fn count(sql: &str) -> i64 {
+        Spi::get_one::<i64>(sql).unwrap().unwrap_or(0)
+    }
+
+    #[pg_test]
+    fn render_encodes_values_for_where_they_stand() {
+        let url = Spi::get_one::<String>(
+            r#"SELECT postback.render('https://n.test/c/{p}?v={v}&d={missing|default:0}&r={r|raw}',
+                                      '{"p": "a/b", "v": "x&y=z #%", "r": "a%20b"}')"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(url, "https://n.test/c/a%2Fb?v=x%26y%3Dz%20%23%25&d=0&r=a%20b");
+        assert_refused("SELECT postback.render('https://n.test/?a={x', '{}')", "unclosed '{' (write '{{' for a literal brace) at position 19");
+    }
+
+    #[pg_test]
+    fn bad_templates_are_refused_when_the_endpoint_is_created_or_changed() {
+        let ins = "INSERT INTO postback.endpoints (name, url_template) VALUES";
+        assert_refused(&format!("{ins} ('a', 'https://n.test/?c={{clickid}}')"), "unknown variable \"clickid\"");
+        assert_refused(&format!("{ins} ('a', 'https://n.test/?c={{click_id')"), "unclosed '{'");
+        assert_refused(&format!("{ins} ('a', 'ftp://n.test/{{click_id}}')"), "scheme \"ftp\" is not allowed");
+        assert_refused(&format!("{ins} ('a', 'https://{{click_id}}.n.test/')"), "scheme or host");
+        assert_refused(&format!("{ins} ('a', 'https://n.test/' || repeat('a', 9000))"), "limit is 8192");
+        assert_refused(&format!("{ins} ('a', E'https://n.test/\\n')"), "control character");
+        insert_endpoint("ok");
+        assert_refused(
+            "UPDATE postback.endpoints SET url_template = 'https://n.test/?x={nope}' WHERE name = 'ok'",
+            "unknown variable \"nope\"",
+        );
+        assert_refused(
+            "INSERT INTO postback.endpoints (name, kind, url_template, body_template) VALUES ('w', 'webhook', 'https://n.test/', '{\"a\": \"{bogus}\"}')",
+            "invalid body_template",
+        );
+        assert_refused(
+            "INSERT INTO postback.endpoints (name, url_template, signing_scheme) VALUES ('p', 'https://n.test/', 'stripe')",
+            "endpoint_postback_signs_only_with_hmac_sha256_hex_or_base64",
+        );
+        assert_refused(
+            "INSERT INTO postback.endpoints (name, url_template, success_body_pattern) VALUES ('q', 'https://n.test/', '(')",
+            "invalid regular expression",
+        );
+        assert_eq!(error_of("SELECT postback.validate_template('https://n.test/p?a={attributes.sub1}&b={amount|default:0}')"), None);
+    }
+
+    #[pg_test]
+    fn sign_and_verify_in_sql() {
+        let sig = Spi::get_one::<String>(
+            "SELECT postback.sign('{\"test\": 2432232314}', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'standard-webhooks', 'msg_p5jXN8AQM9LWM0D4loKWxJek', 1614265330)",
+        )
+        .unwrap();
+        assert_eq!(sig.as_deref(), Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="));
+        let fresh = Spi::get_one::<bool>(
+            "SELECT postback.verify('p', 'k', 'stripe', postback.sign('p', 'k', 'stripe'))",
+        )
+        .unwrap();
+        assert_eq!(fresh, Some(true));
+        let stale = Spi::get_one::<bool>(
+            "SELECT postback.verify('p', 'k', 'stripe', postback.sign('p', 'k', 'stripe', ts => 1000), tolerance => '1 minute')",
+        )
+        .unwrap();
+        assert_eq!(stale, Some(false));
+        assert_refused("SELECT postback.sign('p', 'k', 'md5')", "unknown signing scheme \"md5\"");
+        assert_refused("SELECT postback.sign('p', '', 'github')", "must not be empty");
+        assert_refused("SELECT postback.sign('p', 'nope', 'standard-webhooks', 'm')", "whsec_");
+        assert_refused("SELECT postback.sign('p', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'standard-webhooks')", "message id");
+    }
+
+    fn three_endpoints() {
+        Spi::run(
+            "INSERT INTO postback.endpoints (name, url_template, events) VALUES
+                 ('sales', 'https://n.test/pb?cid={click_id}&a={amount}', '{sale}'),
+                 ('leads', 'https://n.test/pb?cid={click_id}', '{lead}');
+             INSERT INTO postback.endpoints (name, kind, url_template, active) VALUES
+                 ('off', 'webhook', 'https://n.test/hook', false);
+             INSERT INTO postback.endpoints (name, kind, url_template, statuses) VALUES
+                 ('hook', 'webhook', 'https://n.test/hook', '{approved,reversed}')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn a_multi_row_insert_fans_out_once_per_matching_endpoint() {
+        three_endpoints();
+        Spi::run(
+            "INSERT INTO postback.conversions (click_id, transaction_id, event, amount, currency)
+             SELECT 'c' || g, 't' || g, 'sale', g, 'EUR' FROM generate_series(1, 1000) g",
+        )
+        .unwrap();
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 2000);
+        assert_eq!(
+            count("SELECT count(*) FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE e.name IN ('sales', 'hook')"),
+            2000
+        );
+        assert_eq!(count("SELECT count(DISTINCT (conversion_id, endpoint_id)) FROM postback.deliveries"), 2000);
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries WHERE state = 'pending'"), 2000);
+        let url = Spi::get_one::<String>(
+            "SELECT d.url FROM postback.deliveries d JOIN postback.conversions c ON c.id = d.conversion_id
+              JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE c.transaction_id = 't7' AND e.name = 'sales'",
+        )
+        .unwrap();
+        assert_eq!(url.as_deref(), Some("https://n.test/pb?cid=c7&a=7"));
+        let body = Spi::get_one::<pgrx::JsonB>(
+            "SELECT d.body::jsonb FROM postback.deliveries d JOIN postback.conversions c ON c.id = d.conversion_id
+              JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE c.transaction_id = 't7' AND e.name = 'hook'",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(body.0["type"], "sale");
+        assert_eq!(body.0["data"]["transaction_id"], "t7");
+        assert_eq!(body.0["data"]["amount"].to_string(), "7");
+    }
+
+    #[pg_test]
+    fn status_changes_are_announced_once_and_in_order() {
+        three_endpoints();
+        Spi::run("INSERT INTO postback.conversions (click_id, transaction_id, event, status) VALUES ('c', 'lc', 'sale', 'pending')").unwrap();
+        // pending: only 'sales' (no status filter); 'hook' wants approved/reversed
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 1);
+        Spi::run("UPDATE postback.conversions SET status = 'approved' WHERE transaction_id = 'lc'").unwrap();
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 3);
+        Spi::run("UPDATE postback.conversions SET status = 'approved', amount = 5 WHERE transaction_id = 'lc'").unwrap();
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 3, "a no-op status update announces nothing");
+        Spi::run("UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id = 'lc'").unwrap();
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 5);
+        // each later delivery of an (endpoint, conversion) waits behind the one before
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM postback.deliveries d
+                   JOIN postback.deliveries p ON p.id = d.predecessor_id
+                  WHERE p.endpoint_id = d.endpoint_id AND p.conversion_id = d.conversion_id AND p.id < d.id"
+            ),
+            3
+        );
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries WHERE predecessor_id IS NULL"), 2);
+        let statuses = Spi::get_one::<String>(
+            "SELECT string_agg(d.status, ',' ORDER BY d.id) FROM postback.deliveries d
+               JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE e.name = 'sales'",
+        )
+        .unwrap();
+        assert_eq!(statuses.as_deref(), Some("pending,approved,reversed"));
+    }
+
+    #[pg_test]
+    fn a_render_failure_is_recorded_dead_and_the_insert_succeeds() {
+        Spi::run(
+            "INSERT INTO postback.endpoints (name, url_template) VALUES
+                 ('blob', 'https://n.test/pb?x={attributes.blob}'),
+                 ('ok2', 'https://n.test/pb?c={click_id}')",
+        )
+        .unwrap();
+        // a 20 kB attribute makes a URL no receiver accepts
+        assert_eq!(
+            error_of(
+                "INSERT INTO postback.conversions (click_id, transaction_id, attributes)
+                 VALUES ('c', 'rf', jsonb_build_object('blob', repeat('x', 20000)))"
+            ),
+            None
+        );
+        assert_eq!(count("SELECT count(*) FROM postback.conversions WHERE transaction_id = 'rf'"), 1);
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries WHERE state = 'pending'"), 1);
+        let dead = Spi::get_two::<String, String>(
+            "SELECT state, last_error FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE e.name = 'blob'",
+        )
+        .unwrap();
+        assert_eq!(dead.0.as_deref(), Some("dead"));
+        assert!(dead.1.unwrap().contains("the limit is 16384"));
+    }
+
+    #[pg_test]
+    fn duplicates_error_by_default_and_are_counted_when_skipped() {
+        insert_endpoint("dups");
+        Spi::run("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1'), ('c', 'd2')").unwrap();
+        assert_refused("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1')", "transaction_id_is_unique");
+        Spi::run(
+            "INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1'), ('c', 'd2'), ('c', 'd3')
+             ON CONFLICT (transaction_id) DO NOTHING",
+        )
+        .unwrap();
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 3);
+        assert_eq!(count("SELECT sum(duplicates)::bigint FROM postback.conversion_duplicates"), 2);
+        Spi::run("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1') ON CONFLICT DO NOTHING").unwrap();
+        assert_eq!(count("SELECT sum(duplicates)::bigint FROM postback.conversion_duplicates"), 3);
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 3);
+    }
+
+    #[pg_test]
+    fn preview_shows_the_signed_request() {
+        Spi::run(
+            "INSERT INTO postback.endpoints (name, kind, url_template, signing_scheme, headers)
+                  VALUES ('wh', 'webhook', 'https://n.test/hook?c={click_id}', 'github', '{\"X-Team\": \"growth\"}');
+             INSERT INTO postback.endpoint_secrets (endpoint_id, secret) SELECT id, 'It''s a Secret to Everybody' FROM postback.endpoints;
+             INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c9', 'pv')",
+        )
+        .unwrap();
+        let ok = Spi::get_one::<bool>(
+            "SELECT p.method = 'POST' AND p.url = 'https://n.test/hook?c=c9' AND p.headers->>'X-Team' = 'growth'
+                    AND p.headers->>'X-Hub-Signature-256' = postback.sign(p.body, 'It''s a Secret to Everybody', 'github')
+                    AND p.body::jsonb->'data'->>'click_id' = 'c9' AND p.error IS NULL
+               FROM postback.conversions c, postback.preview('wh', c.id) p WHERE c.transaction_id = 'pv'",
+        )
+        .unwrap();
+        assert_eq!(ok, Some(true));
     }
 }

@@ -1,15 +1,34 @@
 //! The background worker: registration and main loop.
+//!
+//! Shape of one pass: claim a batch with a lease and commit; send it on the
+//! pool (no transaction open, no Postgres call off this thread); record every
+//! attempt and new state in one short transaction; repeat while work is due.
+//! Sleeps on its latch; a commit that enqueued deliveries sets it.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
+use regex::Regex;
 
 use crate::gucs;
+use crate::http::{self, Client, Job};
+use crate::outgoing::{self, Signing};
+use crate::retry::{self, AttemptResult, Decision, Jitter, Limits};
 
+mod pool;
+mod queue;
 pub mod shared;
+mod txn;
+
+use pool::Pool;
+use queue::{Claimed, EndpointConfig, Record};
 
 pub const WORKER_TYPE: &str = "pg_postback worker";
+/// How long in-flight requests may finish after SIGTERM before they are abandoned.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 pub fn register() {
     BackgroundWorkerBuilder::new(WORKER_TYPE)
@@ -17,6 +36,7 @@ pub fn register() {
         .set_library("pg_postback")
         .set_function("pg_postback_worker_main")
         .enable_spi_access()
+        .enable_shmem_access(None)
         .set_restart_time(Some(Duration::from_secs(5)))
         .load();
 }
@@ -25,6 +45,18 @@ pub fn register() {
 /// read, so the flag Postgres itself sets is the one consulted.
 fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
+}
+
+struct Sender {
+    pool: Pool,
+    max_body: usize,
+}
+
+fn build_sender() -> Sender {
+    let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
+    let max_body = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
+    let client = Arc::new(Client::new(gucs::allowed_targets(), max_body, concurrency));
+    Sender { pool: Pool::new(concurrency, client), max_body }
 }
 
 #[pg_guard]
@@ -36,21 +68,233 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     unsafe {
         pg_sys::pgstat_report_appname(c"pg_postback worker".as_ptr());
     }
+    shared::register_self(http::unix_micros_now());
     log!("pg_postback worker started, connected to database \"{database}\"");
 
-    loop {
-        let interval = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
-        let alive = BackgroundWorker::wait_latch(Some(interval));
-        if !alive || shutdown_requested() {
+    let mut sender = build_sender();
+    let mut jitter = Jitter::new(http::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32);
+    let mut reclaimed_at_start = false;
+    let mut sleep = Duration::from_millis(0);
+
+    while !shutdown_requested() {
+        if !BackgroundWorker::wait_latch(Some(sleep)) {
             break;
         }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             if gucs::database_name() != database {
                 log!("pg_postback worker: postback.database_name changed, restarting to reconnect");
+                shared::unregister_self();
                 unsafe { pg_sys::proc_exit(1) };
             }
+            sender = build_sender();
+        }
+        shared::SHARED.exclusive().last_wake = http::unix_micros_now();
+        let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
+
+        match txn::run("checking the schema", queue::extension_installed) {
+            Ok(true) => {}
+            Ok(false) => {
+                sleep = poll.max(Duration::from_secs(1));
+                continue;
+            }
+            Err(e) => {
+                note_error(&e);
+                sleep = poll;
+                continue;
+            }
+        }
+        if !reclaimed_at_start {
+            match txn::run("reclaiming leases", || queue::reclaim_leases(true)) {
+                Ok(n) if n > 0 => log!("pg_postback worker: retrying {n} deliveries interrupted by a restart"),
+                Ok(_) => {}
+                Err(e) => note_error(&e),
+            }
+            reclaimed_at_start = true;
+        }
+
+        // deliver while work is due
+        loop {
+            let batch_size = gucs::BATCH_SIZE.get().max(1);
+            let claimed = match txn::run("claiming deliveries", || queue::claim(batch_size)) {
+                Ok(c) => c,
+                Err(e) => {
+                    note_error(&e);
+                    break;
+                }
+            };
+            if claimed.is_empty() {
+                break;
+            }
+            let n = claimed.len();
+            deliver(&sender, claimed, &mut jitter);
+            if shutdown_requested() || (n as i32) < batch_size {
+                break;
+            }
+        }
+        if shutdown_requested() {
+            break;
+        }
+        if let Err(e) = txn::run("reclaiming expired leases", || queue::reclaim_leases(false)) {
+            note_error(&e);
+        }
+        sleep = match txn::run("finding the next retry", queue::ms_until_next_due) {
+            Ok(Some(ms)) => poll.min(Duration::from_millis(ms.max(1) as u64)),
+            Ok(None) => poll,
+            Err(e) => {
+                note_error(&e);
+                poll
+            }
+        };
+    }
+    shared::unregister_self();
+    log!("pg_postback worker shutting down");
+}
+
+fn note_error(message: &str) {
+    warning!("pg_postback worker: {message}");
+    shared::SHARED.exclusive().set_last_error(message, http::unix_micros_now());
+}
+
+/// Sends one claimed batch and records the results.
+fn deliver(sender: &Sender, claimed: Vec<Claimed>, jitter: &mut Jitter) {
+    let mut endpoint_ids: Vec<i64> = claimed.iter().map(|c| c.endpoint_id).collect();
+    endpoint_ids.sort_unstable();
+    endpoint_ids.dedup();
+    let endpoints = match txn::run("reading endpoints", || queue::endpoints(endpoint_ids)) {
+        Ok(e) => e,
+        Err(e) => {
+            // leases bring the batch back; nothing is lost
+            note_error(&e);
+            return;
+        }
+    };
+    let patterns: HashMap<i64, Option<Regex>> = endpoints
+        .iter()
+        .map(|(id, e)| (*id, e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok())))
+        .collect();
+
+    // Build the requests; a delivery that cannot be built is dead at once.
+    let now_unix = http::unix_micros_now() / 1_000_000;
+    let mut records = Vec::with_capacity(claimed.len());
+    let mut jobs = Vec::with_capacity(claimed.len());
+    let mut sent_for = Vec::with_capacity(claimed.len());
+    for c in &claimed {
+        let Some(endpoint) = endpoints.get(&c.endpoint_id) else {
+            records.push(dead_record(c, "endpoint no longer exists".into()));
+            continue;
+        };
+        match build_job(c, endpoint, now_unix) {
+            Ok(job) => {
+                jobs.push(job);
+                sent_for.push(c);
+            }
+            Err(e) => records.push(dead_record(c, e)),
         }
     }
-    log!("pg_postback worker shutting down");
+
+    shared::SHARED.exclusive().in_flight = jobs.len() as i32;
+    let results = sender.pool.run(jobs, shutdown_requested, SHUTDOWN_GRACE);
+    let (mut ok, mut failed) = (0i64, 0i64);
+    for (c, sent) in sent_for.into_iter().zip(results) {
+        // None: abandoned at shutdown; the lease brings it back after restart
+        let Some(sent) = sent else { continue };
+        let endpoint = &endpoints[&c.endpoint_id];
+        let limits = Limits {
+            schedule: &endpoint.schedule,
+            max_attempts: endpoint.max_attempts,
+            remaining_age: Duration::from_millis(c.remaining_age_ms.max(0) as u64),
+        };
+        let verdict = retry::classify(&sent.result, patterns[&c.endpoint_id].as_ref());
+        let decision = retry::decide(verdict, c.attempt_no, &limits, jitter.next_unit());
+        let (status_code, body) = match &sent.result {
+            AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(truncate(body, sender.max_body))),
+            _ => (None, None),
+        };
+        let (outcome, error, retry_in_ms) = match decision {
+            Decision::Succeeded => ("succeeded", None, None),
+            Decision::RetryIn(d, e) => ("retry", Some(e), Some(d.as_millis() as i64)),
+            Decision::Dead(e) => ("dead", Some(e), None),
+        };
+        if outcome == "succeeded" { ok += 1 } else { failed += 1 }
+        records.push(Record {
+            delivery_id: c.id,
+            attempt_no: c.attempt_no,
+            started_unix_micros: sent.started_unix_micros,
+            duration_ms: Some(sent.duration_ms),
+            status_code,
+            response_body: body,
+            error,
+            outcome,
+            retry_in_ms,
+        });
+    }
+    record_all(&records);
+    let mut s = shared::SHARED.exclusive();
+    s.in_flight = 0;
+    s.sent += ok + failed;
+    s.succeeded += ok;
+    s.failed += failed;
+}
+
+fn truncate(body: &str, max: usize) -> String {
+    let mut end = body.len().min(max);
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    body[..end].to_string()
+}
+
+fn dead_record(c: &Claimed, error: String) -> Record {
+    Record {
+        delivery_id: c.id,
+        attempt_no: c.attempt_no,
+        started_unix_micros: http::unix_micros_now(),
+        duration_ms: Some(0.0),
+        status_code: None,
+        response_body: None,
+        error: Some(error),
+        outcome: "dead",
+        retry_in_ms: None,
+    }
+}
+
+fn build_job(c: &Claimed, endpoint: &EndpointConfig, now_unix: i64) -> Result<Job, String> {
+    let stored: Vec<(String, String)> = match &c.headers {
+        Some(text) => crate::api::header_pairs(serde_json::from_str(text).ok()),
+        None => Vec::new(),
+    };
+    let signing = Signing {
+        scheme: endpoint.signing_scheme.clone(),
+        secrets: endpoint.secrets.clone(),
+        header: endpoint.signature_header.clone(),
+        ts_param: endpoint.timestamp_param.clone(),
+        sig_param: endpoint.signature_param.clone(),
+    };
+    let out = outgoing::finalize(&endpoint.kind, &c.url, &stored, c.body.as_deref(), &c.idempotency_key, &signing, now_unix)?;
+    Ok(Job { method: c.method.clone(), url: out.url, headers: out.headers, body: c.body.clone(), timeout: endpoint.timeout })
+}
+
+/// Records the batch in one transaction; if that fails, each record in its own
+/// subtransaction so that one bad record cannot lose the others. A record that
+/// still fails stays in flight and its lease brings it back.
+fn record_all(records: &[Record]) {
+    if records.is_empty() {
+        return;
+    }
+    let whole = txn::run("recording attempts", || txn::in_subtransaction(|| queue::record(records)));
+    match whole {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) | Err(e) => {
+            note_error(&format!("recording a batch failed ({e}); recording one by one"));
+            let _ = txn::run("recording attempts one by one", || {
+                for r in records {
+                    if let Err(e) = txn::in_subtransaction(|| queue::record(std::slice::from_ref(r))) {
+                        note_error(&format!("could not record delivery {}: {e}", r.delivery_id));
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
 }

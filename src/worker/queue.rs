@@ -1,0 +1,235 @@
+//! The worker's SQL: claim due deliveries with a lease, read endpoint
+//! settings, record attempts and new states, reclaim expired leases.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use pgrx::prelude::*;
+use pgrx::spi::SpiResult;
+
+/// How long a claim holds a delivery before another pass may retry it.
+/// The worker also reclaims every lease when it starts (there is one worker).
+pub const LEASE: &str = "10 minutes";
+
+pub struct Claimed {
+    pub id: i64,
+    pub endpoint_id: i64,
+    pub attempt_no: i32,
+    pub method: String,
+    pub url: String,
+    pub headers: Option<String>,
+    pub body: Option<String>,
+    pub idempotency_key: String,
+    /// how long until created_at + max_age
+    pub remaining_age_ms: i64,
+}
+
+pub struct EndpointConfig {
+    pub kind: String,
+    pub timeout: Duration,
+    pub schedule: Vec<Duration>,
+    pub max_attempts: i32,
+    pub success_body_pattern: Option<String>,
+    pub signing_scheme: String,
+    pub signature_header: Option<String>,
+    pub timestamp_param: String,
+    pub signature_param: String,
+    pub secrets: Vec<String>,
+}
+
+pub fn extension_installed() -> SpiResult<bool> {
+    Spi::get_one::<bool>("SELECT to_regclass('postback.deliveries') IS NOT NULL").map(|v| v.unwrap_or(false))
+}
+
+/// Claims up to `limit` due deliveries whose endpoint is active and whose
+/// predecessor (same endpoint and conversion) is finished.
+pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
+    Spi::connect_mut(|client| {
+        let rows = client.update(
+            &format!(
+                "WITH due AS (
+                     SELECT d.id FROM postback.deliveries d
+                      WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+                        AND EXISTS (SELECT 1 FROM postback.endpoints e WHERE e.id = d.endpoint_id AND e.active)
+                        AND (d.predecessor_id IS NULL OR NOT EXISTS (
+                             SELECT 1 FROM postback.deliveries p
+                              WHERE p.id = d.predecessor_id AND p.state IN ('pending', 'in_flight')))
+                      ORDER BY d.next_attempt_at
+                      LIMIT $1
+                      FOR UPDATE OF d SKIP LOCKED)
+                 UPDATE postback.deliveries d
+                    SET state = 'in_flight', lease_expires_at = now() + interval '{LEASE}',
+                        attempts = d.attempts + 1
+                   FROM due
+                  WHERE d.id = due.id
+              RETURNING d.id, d.endpoint_id, d.attempts, d.method, d.url, d.headers::text, d.body,
+                        d.idempotency_key,
+                        (SELECT (extract(epoch FROM d.created_at + e.max_age - now()) * 1000)::bigint
+                           FROM postback.endpoints e WHERE e.id = d.endpoint_id)"
+            ),
+            None,
+            &[limit.into()],
+        )?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            out.push(Claimed {
+                id: row.get::<i64>(1)?.unwrap_or_default(),
+                endpoint_id: row.get::<i64>(2)?.unwrap_or_default(),
+                attempt_no: row.get::<i32>(3)?.unwrap_or(1),
+                method: row.get::<String>(4)?.unwrap_or_else(|| "GET".into()),
+                url: row.get::<String>(5)?.unwrap_or_default(),
+                headers: row.get::<String>(6)?,
+                body: row.get::<String>(7)?,
+                idempotency_key: row.get::<String>(8)?.unwrap_or_default(),
+                remaining_age_ms: row.get::<i64>(9)?.unwrap_or(0),
+            });
+        }
+        Ok(out)
+    })
+}
+
+fn ms(v: i64) -> Duration {
+    Duration::from_millis(v.max(0) as u64)
+}
+
+/// Settings and live secrets of the endpoints of a batch.
+pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT e.id, e.kind, (extract(epoch FROM e.timeout) * 1000)::bigint,
+                    ARRAY(SELECT (extract(epoch FROM s) * 1000)::bigint FROM unnest(e.retry_schedule) s),
+                    e.max_attempts, e.success_body_pattern, e.signing_scheme, e.signature_header,
+                    e.timestamp_param, e.signature_param,
+                    ARRAY(SELECT k.secret FROM postback.endpoint_secrets k
+                           WHERE k.endpoint_id = e.id AND (k.expires_at IS NULL OR k.expires_at > now())
+                           ORDER BY k.created_at DESC, k.id DESC)
+               FROM postback.endpoints e WHERE e.id = ANY ($1)",
+            None,
+            &[ids.into()],
+        )?;
+        let mut out = HashMap::new();
+        for row in rows {
+            let id = row.get::<i64>(1)?.unwrap_or_default();
+            out.insert(
+                id,
+                EndpointConfig {
+                    kind: row.get::<String>(2)?.unwrap_or_default(),
+                    timeout: ms(row.get::<i64>(3)?.unwrap_or(10_000)),
+                    schedule: row.get::<Vec<i64>>(4)?.unwrap_or_default().into_iter().map(ms).collect(),
+                    max_attempts: row.get::<i32>(5)?.unwrap_or(1),
+                    success_body_pattern: row.get::<String>(6)?,
+                    signing_scheme: row.get::<String>(7)?.unwrap_or_else(|| "none".into()),
+                    signature_header: row.get::<String>(8)?,
+                    timestamp_param: row.get::<String>(9)?.unwrap_or_else(|| "ts".into()),
+                    signature_param: row.get::<String>(10)?.unwrap_or_else(|| "sig".into()),
+                    secrets: row.get::<Vec<String>>(11)?.unwrap_or_default(),
+                },
+            );
+        }
+        Ok(out)
+    })
+}
+
+/// One attempt's record and the delivery's next state.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub delivery_id: i64,
+    pub attempt_no: i32,
+    pub started_unix_micros: i64,
+    pub duration_ms: Option<f64>,
+    pub status_code: Option<i32>,
+    pub response_body: Option<String>,
+    pub error: Option<String>,
+    /// succeeded, retry or dead
+    pub outcome: &'static str,
+    /// for retry: delay before the next attempt
+    pub retry_in_ms: Option<i64>,
+}
+
+/// Records a set of attempts and their deliveries' new states in one statement.
+pub fn record(records: &[Record]) -> SpiResult<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = records.iter().map(|r| r.delivery_id).collect();
+    let attempt_nos: Vec<i32> = records.iter().map(|r| r.attempt_no).collect();
+    let started: Vec<i64> = records.iter().map(|r| r.started_unix_micros).collect();
+    let durations: Vec<Option<f64>> = records.iter().map(|r| r.duration_ms).collect();
+    let codes: Vec<Option<i32>> = records.iter().map(|r| r.status_code).collect();
+    let bodies: Vec<Option<String>> = records.iter().map(|r| r.response_body.clone()).collect();
+    let errors: Vec<Option<String>> = records.iter().map(|r| r.error.clone()).collect();
+    let outcomes: Vec<String> = records.iter().map(|r| r.outcome.to_string()).collect();
+    let retry_in: Vec<Option<i64>> = records.iter().map(|r| r.retry_in_ms).collect();
+    Spi::connect_mut(|client| {
+        client.update(
+            "WITH r AS (
+                 SELECT * FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::float8[], $5::int[],
+                                      $6::text[], $7::text[], $8::text[], $9::bigint[])
+                        AS r(id, attempt_no, started_us, duration_ms, status_code, body, error, outcome, retry_ms)),
+             a AS (
+                 INSERT INTO postback.attempts
+                        (delivery_id, attempt_no, started_at, duration_ms, status_code, response_body, error, outcome)
+                 SELECT id, attempt_no, to_timestamp(started_us / 1e6), duration_ms, status_code, body, error, outcome
+                   FROM r)
+             UPDATE postback.deliveries d
+                SET state = CASE r.outcome WHEN 'retry' THEN 'pending' ELSE r.outcome END,
+                    lease_expires_at = NULL,
+                    next_attempt_at = CASE WHEN r.outcome = 'retry'
+                                           THEN now() + r.retry_ms * interval '1 millisecond'
+                                           ELSE d.next_attempt_at END,
+                    completed_at = CASE WHEN r.outcome = 'retry' THEN NULL ELSE now() END,
+                    last_error = r.error
+               FROM r
+              WHERE d.id = r.id AND d.state = 'in_flight'",
+            None,
+            &[
+                ids.into(),
+                attempt_nos.into(),
+                started.into(),
+                durations.into(),
+                codes.into(),
+                bodies.into(),
+                errors.into(),
+                outcomes.into(),
+                retry_in.into(),
+            ],
+        )?;
+        Ok(())
+    })
+}
+
+/// Returns leased deliveries to the queue, recording the interrupted attempt
+/// so that a request the receiver may have seen is explained. `all` reclaims
+/// every lease (at start-up: there is only one worker); otherwise only expired ones.
+pub fn reclaim_leases(all: bool) -> SpiResult<u64> {
+    Spi::connect_mut(|client| {
+        let result = client.update(
+            &format!("WITH expired AS (
+                 SELECT id FROM postback.deliveries
+                  WHERE state = 'in_flight' AND ($1 OR lease_expires_at < now())
+                  FOR UPDATE SKIP LOCKED),
+             a AS (
+                 INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, error, outcome)
+                 SELECT d.id, d.attempts, d.lease_expires_at - interval '{LEASE}',
+                        'interrupted: the worker stopped while this attempt was in flight; '
+                        'the receiver may or may not have received it', 'retry'
+                   FROM postback.deliveries d JOIN expired USING (id)
+                 ON CONFLICT (delivery_id, attempt_no) DO NOTHING)
+             UPDATE postback.deliveries d
+                SET state = 'pending', lease_expires_at = NULL, next_attempt_at = now(),
+                    last_error = 'interrupted attempt; retried'
+               FROM expired WHERE d.id = expired.id"),
+            None,
+            &[all.into()],
+        )?;
+        Ok(result.len() as u64)
+    })
+}
+
+/// Milliseconds until the earliest scheduled retry, if any is in the future.
+pub fn ms_until_next_due() -> SpiResult<Option<i64>> {
+    Spi::get_one::<i64>(
+        "SELECT (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::bigint
+           FROM postback.deliveries WHERE state = 'pending' AND next_attempt_at > now()",
+    )
+}
