@@ -1,0 +1,105 @@
+"""A loopback HTTP receiver for the end-to-end tests and the demo.
+
+Records every request and answers from a per-path script: each path can be
+given a list of responses that are used in order (the last one repeats).
+A response is a dict: status, body, headers, delay (seconds before answering).
+"""
+
+import http.server
+import json
+import sys
+import threading
+import time
+import urllib.parse
+
+
+class Receiver:
+    def __init__(self, host="127.0.0.1", port=0):
+        self.requests = []
+        self.scripts = {}
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle_any(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+                parsed = urllib.parse.urlsplit(self.path)
+                record = {
+                    "time": time.time(),
+                    "method": self.command,
+                    "path": parsed.path,
+                    "raw_query": parsed.query,
+                    "query": dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True)),
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": body,
+                }
+                with receiver.lock:
+                    receiver.requests.append(record)
+                    script = receiver.scripts.get(parsed.path) or [{}]
+                    response = script.pop(0) if len(script) > 1 else script[0]
+                if response.get("delay"):
+                    time.sleep(response["delay"])
+                payload = response.get("body", "ok").encode()
+                self.send_response(response.get("status", 200))
+                for name, value in response.get("headers", {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = handle_any
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 256
+
+        self.server = Server((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def script(self, path, *responses):
+        with self.lock:
+            self.scripts[path] = list(responses)
+
+    def seen(self, path=None):
+        with self.lock:
+            return [r for r in self.requests if path is None or r["path"] == path]
+
+
+def main(argv):
+    """Demo mode: serve on a port and print each request as a JSON line.
+    /flaky answers 503 once, then 200."""
+    port = int(argv[0]) if argv else 8099
+    r = Receiver(port=port)
+    r.script("/flaky", {"status": 503, "body": "try later"}, {"status": 200})
+    r.start()
+    printed = 0
+    try:
+        while True:
+            time.sleep(0.2)
+            for req in r.seen()[printed:]:
+                print(json.dumps({k: req[k] for k in ("method", "path", "query")}), flush=True)
+                printed += 1
+    except KeyboardInterrupt:
+        r.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
