@@ -42,4 +42,4 @@ demo: install-release
 	DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) scripts/demo.sh
 
 demo-stop:
-	python3 tests/e2e/cluster.py stop $(DEMO_DIR)
+	scripts/demo-stop.sh $(DEMO_DIR)

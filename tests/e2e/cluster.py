@@ -74,8 +74,11 @@ class Cluster:
         return as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.datadir, "-m", mode, "-w", "-t", str(timeout), "stop"])
 
     def is_running(self):
-        return subprocess.run([f"{PG_BIN}/pg_ctl", "-D", self.datadir, "status"],
-                              capture_output=True).returncode == 0
+        try:
+            as_postgres([f"{PG_BIN}/pg_ctl", "-D", self.datadir, "status"])
+            return True
+        except subprocess.CalledProcessError:
+            return False
 
     def destroy(self):
         if self.is_running():
