@@ -23,24 +23,28 @@ DECLARE
     proposed bigint := postback.take_proposed_conversions();
     inserted bigint;
 BEGIN
+    -- New conversions have new ids, so their idempotency keys cannot exist yet:
+    -- a plain INSERT (the unique index still guards it) is cheaper than ON CONFLICT.
     INSERT INTO postback.deliveries
            (endpoint_id, conversion_id, event, status, idempotency_key, method, url, headers, body,
             state, completed_at, last_error)
-    SELECT e.id, c.id, c.event, c.status, r.idempotency_key, e.method,
-           coalesce(r.url, e.url_template), nullif(e.headers, '{}'), r.body,
-           CASE WHEN r.error IS NULL THEN 'pending' ELSE 'dead' END,
-           CASE WHEN r.error IS NOT NULL THEN now() END,
-           r.error
-      FROM new_rows c
-      JOIN postback.endpoints e
-        ON e.active
-       AND (e.events IS NULL OR c.event = ANY (e.events))
-       AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
-     CROSS JOIN LATERAL postback.render_request(
-           e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
-           c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-           c.attributes, c.occurred_at) r
-        ON CONFLICT (idempotency_key) DO NOTHING;
+    SELECT endpoint_id, conversion_id, event, status, r[1], method, coalesce(r[2], url_template),
+           headers, r[3],
+           CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END,
+           CASE WHEN r[4] IS NOT NULL THEN now() END,
+           r[4]
+      FROM (SELECT e.id AS endpoint_id, c.id AS conversion_id, c.event, c.status, e.method,
+                   e.url_template, nullif(e.headers, '{}') AS headers,
+                   postback.render_request(
+                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map,
+                       e.drop_empty_params, c.id, c.click_id, c.transaction_id, c.event, c.status,
+                       c.amount::text, c.currency, c.attributes, c.occurred_at) AS r
+              FROM new_rows c
+              JOIN postback.endpoints e
+                ON e.active
+               AND (e.events IS NULL OR c.event = ANY (e.events))
+               AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
+            OFFSET 0) AS rendered;  -- OFFSET 0: render once per row, not once per r[i]
     IF FOUND THEN
         PERFORM postback.wake_worker();
     END IF;
@@ -63,27 +67,32 @@ CREATE TRIGGER conversions_enqueue_inserted
 CREATE FUNCTION postback.enqueue_status_changes() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    -- A status can come back (approved → pending → approved): its key exists
+    -- then and the repeated announcement is a no-op.
     INSERT INTO postback.deliveries
            (endpoint_id, conversion_id, event, status, idempotency_key, predecessor_id, method, url,
             headers, body, state, completed_at, last_error)
-    SELECT e.id, c.id, c.event, c.status, r.idempotency_key,
+    SELECT rendered.endpoint_id, rendered.conversion_id, rendered.event, rendered.status, r[1],
            (SELECT max(p.id) FROM postback.deliveries p
-             WHERE p.idempotency_key >= (c.id || '.' || e.id || '.') COLLATE "C"
-               AND p.idempotency_key <  (c.id || '.' || e.id || '/') COLLATE "C"),
-           e.method, coalesce(r.url, e.url_template), nullif(e.headers, '{}'), r.body,
-           CASE WHEN r.error IS NULL THEN 'pending' ELSE 'dead' END,
-           CASE WHEN r.error IS NOT NULL THEN now() END,
-           r.error
-      FROM new_rows c
-      JOIN old_rows o ON o.id = c.id AND o.status IS DISTINCT FROM c.status
-      JOIN postback.endpoints e
-        ON e.active
-       AND (e.events IS NULL OR c.event = ANY (e.events))
-       AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
-     CROSS JOIN LATERAL postback.render_request(
-           e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
-           c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-           c.attributes, c.occurred_at) r
+             WHERE p.idempotency_key >= (rendered.conversion_id || '.' || rendered.endpoint_id || '.') COLLATE "C"
+               AND p.idempotency_key <  (rendered.conversion_id || '.' || rendered.endpoint_id || '/') COLLATE "C"),
+           rendered.method, coalesce(r[2], rendered.url_template), rendered.headers, r[3],
+           CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END,
+           CASE WHEN r[4] IS NOT NULL THEN now() END,
+           r[4]
+      FROM (SELECT e.id AS endpoint_id, c.id AS conversion_id, c.event, c.status, e.method,
+                   e.url_template, nullif(e.headers, '{}') AS headers,
+                   postback.render_request(
+                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map,
+                       e.drop_empty_params, c.id, c.click_id, c.transaction_id, c.event, c.status,
+                       c.amount::text, c.currency, c.attributes, c.occurred_at) AS r
+              FROM new_rows c
+              JOIN old_rows o ON o.id = c.id AND o.status IS DISTINCT FROM c.status
+              JOIN postback.endpoints e
+                ON e.active
+               AND (e.events IS NULL OR c.event = ANY (e.events))
+               AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
+            OFFSET 0) AS rendered
         ON CONFLICT (idempotency_key) DO NOTHING;
     IF FOUND THEN
         PERFORM postback.wake_worker();
@@ -101,15 +110,15 @@ CREATE FUNCTION postback.preview(endpoint text, conversion_id bigint)
 RETURNS TABLE (method text, url text, headers jsonb, body text, error text)
 LANGUAGE sql VOLATILE
 AS $$
-    SELECT e.method, f.url, f.headers, r.body, r.error
+    SELECT e.method, f.url, f.headers, r[3], r[4]
       FROM postback.endpoints e
       JOIN postback.conversions c ON c.id = preview.conversion_id
-     CROSS JOIN LATERAL postback.render_request(
+     CROSS JOIN LATERAL (SELECT postback.render_request(
            e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
            c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-           c.attributes, c.occurred_at) r
+           c.attributes, c.occurred_at) AS r) AS rendered
       LEFT JOIN LATERAL postback.finalize_request(
            e.id, e.kind, e.signing_scheme, e.signature_header, e.timestamp_param, e.signature_param,
-           r.url, nullif(e.headers, '{}'), r.body, r.idempotency_key) f ON r.error IS NULL
+           r[2], nullif(e.headers, '{}'), r[3], r[1]) f ON r[4] IS NULL
      WHERE e.name = preview.endpoint
 $$;

@@ -101,29 +101,44 @@ fn verify(
         .unwrap_or_else(|e| invalid(e.0))
 }
 
+/// A parsed URL template and whether its renderings need no URL check.
+type CachedTemplate = Rc<Result<(Template, bool), String>>;
+
 thread_local! {
     /// Parsed URL templates by text: a 100k-row insert parses each endpoint's once.
-    static TEMPLATES: RefCell<HashMap<String, Rc<Template>>> = RefCell::new(HashMap::new());
+    static TEMPLATES: RefCell<HashMap<String, CachedTemplate>> = RefCell::new(HashMap::new());
 }
 
-fn cached_template(text: &str) -> Result<Rc<Template>, String> {
+fn cached_template(text: &str) -> CachedTemplate {
     TEMPLATES.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some(t) = cache.get(text) {
-            return Ok(t.clone());
+            return t.clone();
         }
-        let t = Rc::new(Template::parse(text).map_err(|e| format!("invalid url_template: {e}"))?);
+        // validated again here: a template may have bypassed the endpoint trigger
+        let entry = Rc::new(match template::validate_url_template(text) {
+            Ok(t) => {
+                let trusted = !t.has_raw();
+                Ok((t, trusted))
+            }
+            Err(e) => match Template::parse(text) {
+                Ok(t) => Ok((t, false)),
+                Err(_) => Err(format!("invalid url_template: {e}")),
+            },
+        });
         if cache.len() > 1000 {
             cache.clear();
         }
-        cache.insert(text.to_string(), t.clone());
-        Ok(t)
+        cache.insert(text.to_string(), entry.clone());
+        entry
     })
 }
 
 /// Renders the request of one (conversion, endpoint) pair for the enqueue
-/// triggers. Never raises for data problems: they come back in `error` so the
-/// operator's INSERT succeeds and the delivery is recorded as dead.
+/// triggers: `{idempotency_key, url, body, error}`. Never raises for data
+/// problems: they come back in `error` so the operator's INSERT succeeds and
+/// the delivery is recorded as dead. A plain function returning an array (not
+/// a set-returning one) because it runs once per delivery of a 100k-row insert.
 #[pg_extern(stable, parallel_safe)]
 #[allow(clippy::too_many_arguments)]
 fn render_request(
@@ -143,38 +158,42 @@ fn render_request(
     currency: Option<&str>,
     attributes: JsonB,
     occurred_at: TimestampWithTimeZone,
-) -> TableIterator<
-    'static,
-    (name!(idempotency_key, String), name!(url, Option<String>), name!(body, Option<String>), name!(error, Option<String>)),
-> {
+) -> Vec<Option<String>> {
     let key = request::idempotency_key(conversion_id, endpoint_id, event, status);
-    let rendered = cached_template(url_template).and_then(|url_template| {
+    let cached = cached_template(url_template);
+    let rendered = cached.as_ref().as_ref().map_err(Clone::clone).and_then(|(url_template, trusted)| {
         let endpoint = Endpoint {
-            name: endpoint_name.to_string(),
-            kind: kind.to_string(),
-            url_template: (*url_template).clone(),
+            name: endpoint_name,
+            kind,
+            url_template,
+            url_template_trusted: *trusted,
             body_template: body_template.map(|b| b.0),
-            status_map: status_map.and_then(|m| m.0.as_object().cloned()),
+            status_map: status_map.and_then(|m| match m.0 {
+                Value::Object(map) => Some(map),
+                _ => None,
+            }),
             drop_empty_params,
         };
         let conversion = Conversion {
             id: conversion_id,
-            click_id: click_id.to_string(),
-            transaction_id: transaction_id.to_string(),
-            event: event.to_string(),
-            status: status.to_string(),
-            amount: amount.map(str::to_string),
-            currency: currency.map(str::to_string),
-            attributes: attributes.0.as_object().cloned().unwrap_or_default(),
+            click_id,
+            transaction_id,
+            event,
+            status,
+            amount,
+            currency,
+            attributes: match attributes.0 {
+                Value::Object(map) => map,
+                _ => Map::new(),
+            },
             occurred_at_unix_micros: unix_micros(occurred_at),
         };
         request::render(&conversion, &endpoint, &key, now_unix_micros())
     });
-    let row = match rendered {
-        Ok(r) => (key, Some(r.url), r.body, None),
-        Err(e) => (key, None, None, Some(e)),
-    };
-    TableIterator::once(row)
+    match rendered {
+        Ok(r) => vec![Some(key), Some(r.url), r.body, None],
+        Err(e) => vec![Some(key), None, None, Some(e)],
+    }
 }
 
 /// Live secrets of an endpoint, newest first.

@@ -1,8 +1,11 @@
 //! Turning one conversion and one endpoint into the request to send (pure).
 
+use std::borrow::Cow;
+
+use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
-use crate::template::{self, RenderOptions, Template};
+use crate::template::{self, RenderOptions, Template, Vars};
 
 /// Longest URL a delivery may have; receivers and proxies refuse longer ones.
 pub const MAX_URL_BYTES: usize = 16_384;
@@ -12,25 +15,28 @@ pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// The conversion fields templates can use.
 #[derive(Debug, Clone)]
-pub struct Conversion {
+pub struct Conversion<'a> {
     pub id: i64,
-    pub click_id: String,
-    pub transaction_id: String,
-    pub event: String,
-    pub status: String,
+    pub click_id: &'a str,
+    pub transaction_id: &'a str,
+    pub event: &'a str,
+    pub status: &'a str,
     /// numeric as text, so 12.50 stays 12.50
-    pub amount: Option<String>,
-    pub currency: Option<String>,
+    pub amount: Option<&'a str>,
+    pub currency: Option<&'a str>,
     pub attributes: Map<String, Value>,
     pub occurred_at_unix_micros: i64,
 }
 
 /// The endpoint settings that shape a request.
 #[derive(Debug, Clone)]
-pub struct Endpoint {
-    pub name: String,
-    pub kind: String,
-    pub url_template: Template,
+pub struct Endpoint<'a> {
+    pub name: &'a str,
+    pub kind: &'a str,
+    pub url_template: &'a Template,
+    /// the template passed validation and inserts nothing raw, so every
+    /// rendering is a valid URL and need not be parsed again
+    pub url_template_trusted: bool,
     pub body_template: Option<Value>,
     pub status_map: Option<Map<String, Value>>,
     pub drop_empty_params: bool,
@@ -66,75 +72,134 @@ pub fn iso_utc(unix_micros: i64) -> String {
     }
 }
 
-fn amount_value(amount: &Option<String>) -> Value {
+fn amount_value(amount: Option<&str>) -> Value {
     match amount {
-        Some(a) => a.parse::<Number>().map(Value::Number).unwrap_or_else(|_| Value::String(a.clone())),
+        Some(a) => a.parse::<Number>().map(Value::Number).unwrap_or_else(|_| Value::String(a.to_string())),
         None => Value::Null,
     }
 }
 
-/// The variables of one conversion as seen by one endpoint (status mapped).
-pub fn variables(conv: &Conversion, endpoint: &Endpoint) -> Map<String, Value> {
-    let status = endpoint
-        .status_map
-        .as_ref()
-        .and_then(|m| m.get(&conv.status))
-        .and_then(|v| template::value_text(Some(v)))
-        .unwrap_or_else(|| conv.status.clone());
-    let mut vars = Map::new();
-    vars.insert("click_id".into(), conv.click_id.clone().into());
-    vars.insert("transaction_id".into(), conv.transaction_id.clone().into());
-    vars.insert("event".into(), conv.event.clone().into());
-    vars.insert("status".into(), status.into());
-    vars.insert("amount".into(), amount_value(&conv.amount));
-    vars.insert("currency".into(), conv.currency.clone().map_or(Value::Null, Value::String));
-    vars.insert("occurred_at".into(), iso_utc(conv.occurred_at_unix_micros).into());
-    vars.insert("occurred_at_unix".into(), conv.occurred_at_unix_micros.div_euclid(1_000_000).into());
-    vars.insert("conversion_id".into(), conv.id.into());
-    vars.insert("endpoint".into(), endpoint.name.clone().into());
-    vars.insert("attributes".into(), Value::Object(conv.attributes.clone()));
-    vars
+/// The variables of one conversion as one endpoint sees them (status mapped).
+pub struct ConversionVars<'a> {
+    conv: &'a Conversion<'a>,
+    endpoint: &'a str,
+    status: Cow<'a, str>,
+}
+
+impl<'a> ConversionVars<'a> {
+    pub fn new(conv: &'a Conversion<'a>, endpoint: &'a Endpoint<'a>) -> ConversionVars<'a> {
+        let status = match endpoint.status_map.as_ref().and_then(|m| m.get(conv.status)) {
+            Some(Value::String(s)) => Cow::Borrowed(s.as_str()),
+            Some(v) if !v.is_null() => Cow::Owned(v.to_string()),
+            _ => Cow::Borrowed(conv.status),
+        };
+        ConversionVars { conv, endpoint: endpoint.name, status }
+    }
+
+    /// The same variables as a JSON object (for body templates, which keep types).
+    pub fn to_map(&self) -> Map<String, Value> {
+        let c = self.conv;
+        let mut vars = Map::new();
+        vars.insert("click_id".into(), c.click_id.into());
+        vars.insert("transaction_id".into(), c.transaction_id.into());
+        vars.insert("event".into(), c.event.into());
+        vars.insert("status".into(), self.status.as_ref().into());
+        vars.insert("amount".into(), amount_value(c.amount));
+        vars.insert("currency".into(), c.currency.map_or(Value::Null, Value::from));
+        vars.insert("occurred_at".into(), iso_utc(c.occurred_at_unix_micros).into());
+        vars.insert("occurred_at_unix".into(), c.occurred_at_unix_micros.div_euclid(1_000_000).into());
+        vars.insert("conversion_id".into(), c.id.into());
+        vars.insert("endpoint".into(), self.endpoint.into());
+        vars.insert("attributes".into(), Value::Object(c.attributes.clone()));
+        vars
+    }
+}
+
+impl Vars for ConversionVars<'_> {
+    fn text(&self, name: &str) -> Option<Cow<'_, str>> {
+        let c = self.conv;
+        match name {
+            "click_id" => Some(Cow::Borrowed(c.click_id)),
+            "transaction_id" => Some(Cow::Borrowed(c.transaction_id)),
+            "event" => Some(Cow::Borrowed(c.event)),
+            "status" => Some(Cow::Borrowed(self.status.as_ref())),
+            "amount" => c.amount.map(Cow::Borrowed),
+            "currency" => c.currency.map(Cow::Borrowed),
+            "occurred_at" => Some(Cow::Owned(iso_utc(c.occurred_at_unix_micros))),
+            "occurred_at_unix" => Some(Cow::Owned(c.occurred_at_unix_micros.div_euclid(1_000_000).to_string())),
+            "conversion_id" => Some(Cow::Owned(c.id.to_string())),
+            "endpoint" => Some(Cow::Borrowed(self.endpoint)),
+            _ => name.strip_prefix("attributes.").and_then(|key| c.attributes.text(key)),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Envelope<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    timestamp: String,
+    data: EnvelopeData<'a>,
+}
+
+#[derive(Serialize)]
+struct EnvelopeData<'a> {
+    conversion_id: i64,
+    click_id: &'a str,
+    transaction_id: &'a str,
+    event: &'a str,
+    status: &'a str,
+    amount: Value,
+    currency: Option<&'a str>,
+    occurred_at: String,
+    attributes: &'a Map<String, Value>,
 }
 
 /// The default webhook body: a Standard Webhooks style envelope.
-pub fn envelope(conv: &Conversion, idempotency_key: &str, now_unix_micros: i64) -> Value {
-    let mut data = Map::new();
-    data.insert("conversion_id".into(), conv.id.into());
-    data.insert("click_id".into(), conv.click_id.clone().into());
-    data.insert("transaction_id".into(), conv.transaction_id.clone().into());
-    data.insert("event".into(), conv.event.clone().into());
-    data.insert("status".into(), conv.status.clone().into());
-    data.insert("amount".into(), amount_value(&conv.amount));
-    data.insert("currency".into(), conv.currency.clone().map_or(Value::Null, Value::String));
-    data.insert("occurred_at".into(), iso_utc(conv.occurred_at_unix_micros).into());
-    data.insert("attributes".into(), Value::Object(conv.attributes.clone()));
-    let mut env = Map::new();
-    env.insert("id".into(), idempotency_key.into());
-    env.insert("type".into(), conv.event.clone().into());
-    env.insert("timestamp".into(), iso_utc(now_unix_micros - now_unix_micros.rem_euclid(1_000_000)).into());
-    env.insert("data".into(), Value::Object(data));
-    Value::Object(env)
+pub fn envelope(conv: &Conversion, idempotency_key: &str, now_unix_micros: i64) -> String {
+    let env = Envelope {
+        id: idempotency_key,
+        kind: conv.event,
+        timestamp: iso_utc(now_unix_micros - now_unix_micros.rem_euclid(1_000_000)),
+        data: EnvelopeData {
+            conversion_id: conv.id,
+            click_id: conv.click_id,
+            transaction_id: conv.transaction_id,
+            event: conv.event,
+            status: conv.status,
+            amount: amount_value(conv.amount),
+            currency: conv.currency,
+            occurred_at: iso_utc(conv.occurred_at_unix_micros),
+            attributes: &conv.attributes,
+        },
+    };
+    serde_json::to_string(&env).expect("the envelope serialises")
 }
 
 /// Renders the request once, at enqueue. An error names what is wrong so the
 /// delivery can be recorded as dead with that reason.
 pub fn render(conv: &Conversion, endpoint: &Endpoint, idempotency_key: &str, now_unix_micros: i64) -> Result<Request, String> {
-    let vars = variables(conv, endpoint);
+    let vars = ConversionVars::new(conv, endpoint);
     let url = template::render_url(
-        &endpoint.url_template,
+        endpoint.url_template,
         &vars,
         RenderOptions { drop_empty_params: endpoint.drop_empty_params },
     );
     if url.len() > MAX_URL_BYTES {
         return Err(format!("rendered URL is {} bytes; the limit is {MAX_URL_BYTES}", url.len()));
     }
-    template::check_url(&url).map_err(|e| format!("rendered URL is not valid: {e}"))?;
+    if !endpoint.url_template_trusted {
+        template::check_url(&url).map_err(|e| format!("rendered URL is not valid: {e}"))?;
+    }
     let body = if endpoint.kind == "webhook" {
-        let value = match &endpoint.body_template {
-            Some(t) => template::render_json(t, &vars).map_err(|e| format!("body template: {e}"))?,
+        Some(match &endpoint.body_template {
+            Some(t) => {
+                let value = template::render_json(t, &vars.to_map()).map_err(|e| format!("body template: {e}"))?;
+                serde_json::to_string(&value).expect("JSON values serialise")
+            }
             None => envelope(conv, idempotency_key, now_unix_micros),
-        };
-        Some(serde_json::to_string(&value).expect("JSON values serialise"))
+        })
     } else {
         None
     };
@@ -152,25 +217,26 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn conv() -> Conversion {
+    fn conv() -> Conversion<'static> {
         Conversion {
             id: 42,
-            click_id: "clk 1&2".into(),
-            transaction_id: "tx-9".into(),
-            event: "sale".into(),
-            status: "approved".into(),
-            amount: Some("12.50".into()),
-            currency: Some("EUR".into()),
+            click_id: "clk 1&2",
+            transaction_id: "tx-9",
+            event: "sale",
+            status: "approved",
+            amount: Some("12.50"),
+            currency: Some("EUR"),
             attributes: json!({"sub1": "a/b", "n": 3}).as_object().unwrap().clone(),
             occurred_at_unix_micros: 1_709_296_496_000_000,
         }
     }
 
-    fn endpoint(kind: &str, url: &str) -> Endpoint {
+    fn endpoint(kind: &'static str, url: &str) -> Endpoint<'static> {
         Endpoint {
-            name: "net".into(),
-            kind: kind.into(),
-            url_template: Template::parse(url).unwrap(),
+            name: "net",
+            kind,
+            url_template: Box::leak(Box::new(Template::parse(url).unwrap())),
+            url_template_trusted: false,
             body_template: None,
             status_map: None,
             drop_empty_params: false,
@@ -202,9 +268,9 @@ mod tests {
         e.status_map = Some(json!({"approved": "1", "rejected": 2}).as_object().unwrap().clone());
         assert_eq!(render(&conv(), &e, "k", 0).unwrap().url, "https://n.test/pb?s=1");
         let mut c = conv();
-        c.status = "rejected".into();
+        c.status = "rejected";
         assert_eq!(render(&c, &e, "k", 0).unwrap().url, "https://n.test/pb?s=2");
-        c.status = "pending".into();
+        c.status = "pending";
         assert_eq!(render(&c, &e, "k", 0).unwrap().url, "https://n.test/pb?s=pending");
     }
 
@@ -234,8 +300,9 @@ mod tests {
         let e = endpoint("postback", "{attributes.base|raw}/pb");
         assert!(render(&conv(), &e, "k", 0).unwrap_err().contains("not valid"));
         let e = endpoint("postback", "https://n.test/pb?x={click_id}");
+        let long = "x".repeat(MAX_URL_BYTES);
         let mut c = conv();
-        c.click_id = "x".repeat(MAX_URL_BYTES);
+        c.click_id = &long;
         assert!(render(&c, &e, "k", 0).unwrap_err().contains("the limit is 16384"));
     }
 }

@@ -11,6 +11,7 @@
 //! spaces and non-ASCII are encoded and decode back to exactly the input.
 
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::fmt;
 
 pub const MAX_TEMPLATE_BYTES: usize = 8192;
@@ -153,6 +154,11 @@ impl Template {
         Ok(Template { tokens })
     }
 
+    /// Whether any macro inserts its value unencoded (the result then needs a URL check).
+    pub fn has_raw(&self) -> bool {
+        self.macros().any(|m| m.raw)
+    }
+
     pub fn macros(&self) -> impl Iterator<Item = &Macro> {
         self.tokens.iter().filter_map(|t| match t {
             Token::Macro(m) => Some(m),
@@ -212,16 +218,39 @@ pub fn value_text(value: Option<&Value>) -> Option<String> {
     }
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-pub fn encode_component(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
+/// Where templates find their values.
+pub trait Vars {
+    /// The text of a variable; None when missing or null.
+    fn text(&self, name: &str) -> Option<Cow<'_, str>>;
+}
+
+impl Vars for Map<String, Value> {
+    fn text(&self, name: &str) -> Option<Cow<'_, str>> {
+        match lookup(self, name) {
+            Some(Value::String(s)) => Some(Cow::Borrowed(s)),
+            other => value_text(other).map(Cow::Owned),
+        }
+    }
+}
+
+/// Appends `value` percent-encoding everything but RFC 3986 unreserved characters.
+pub fn push_encoded(out: &mut String, value: &str) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in value.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
             out.push(b as char);
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 15) as usize] as char);
         }
     }
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+pub fn encode_component(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 8);
+    push_encoded(&mut out, value);
     out
 }
 
@@ -240,8 +269,8 @@ struct Param {
 }
 
 /// Renders a URL template: values are encoded for the part they stand in.
-pub fn render_url(template: &Template, vars: &Map<String, Value>, options: RenderOptions) -> String {
-    let mut head = String::new();
+pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: RenderOptions) -> String {
+    let mut head = String::with_capacity(256);
     let mut query: Option<Vec<Param>> = None;
     let mut fragment: Option<String> = None;
     for token in &template.tokens {
@@ -259,19 +288,23 @@ pub fn render_url(template: &Template, vars: &Map<String, Value>, options: Rende
                 }
             }
             Token::Macro(m) => {
-                let value = value_text(lookup(vars, &m.name)).or_else(|| m.default.clone());
+                let value = vars.text(&m.name).or_else(|| m.default.as_deref().map(Cow::Borrowed));
                 let present = value.is_some();
                 let value = value.unwrap_or_default();
-                let text = if m.raw { value } else { encode_component(&value) };
-                match (&mut query, &mut fragment) {
-                    (_, Some(frag)) => frag.push_str(&text),
+                let target = match (&mut query, &mut fragment) {
+                    (_, Some(frag)) => frag,
                     (Some(params), None) => {
                         let param = params.last_mut().expect("one param");
-                        param.text.push_str(&text);
                         param.has_present |= present;
                         param.has_missing |= !present;
+                        &mut param.text
                     }
-                    (None, None) => head.push_str(&text),
+                    (None, None) => &mut head,
+                };
+                if m.raw {
+                    target.push_str(&value);
+                } else {
+                    push_encoded(target, &value);
                 }
             }
         }

@@ -1,0 +1,74 @@
+//! A fast loopback HTTP/1.1 receiver for benchmarks (std only, keep-alive,
+//! a thread per connection). Answers `200 ok` to everything and remembers when
+//! each request arrived; `GET /__arrivals` returns "unix_micros path?query"
+//! lines, `GET /__reset` forgets them.
+//!
+//! usage: bench_receiver PORT
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+type Arrivals = Arc<Mutex<Vec<(i64, String)>>>;
+
+fn now_micros() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as i64
+}
+
+fn serve(stream: TcpStream, arrivals: Arrivals) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let target = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+        let mut length = 0usize;
+        loop {
+            let mut header = String::new();
+            if reader.read_line(&mut header)? == 0 {
+                return Ok(());
+            }
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; length];
+        reader.read_exact(&mut body)?;
+        let reply = match target.as_str() {
+            "/__arrivals" => {
+                let list = arrivals.lock().unwrap();
+                list.iter().map(|(t, p)| format!("{t} {p}\n")).collect::<String>()
+            }
+            "/__reset" => {
+                arrivals.lock().unwrap().clear();
+                "reset".to_string()
+            }
+            _ => {
+                arrivals.lock().unwrap().push((now_micros(), target));
+                "ok".to_string()
+            }
+        };
+        write!(writer, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{}", reply.len(), reply)?;
+    }
+}
+
+fn main() {
+    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(18100);
+    let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let arrivals: Arrivals = Arc::new(Mutex::new(Vec::with_capacity(100_000)));
+    for stream in listener.incoming().flatten() {
+        let arrivals = Arc::clone(&arrivals);
+        std::thread::spawn(move || serve(stream, arrivals));
+    }
+}
