@@ -14,7 +14,7 @@ use pgrx::prelude::*;
 use regex::Regex;
 
 use crate::gucs;
-use crate::http::{self, Client, Job};
+use crate::http::{self, Client, Job, Sent};
 use crate::outgoing::{self, Signing};
 use crate::retry::{self, AttemptResult, Decision, Jitter, Limits};
 
@@ -113,25 +113,32 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
             reclaimed_at_start = true;
         }
 
-        // deliver while work is due
+        // Deliver while work is due, as a two-stage pipeline: while one batch
+        // is on the wire, the previous one is recorded and the next one claimed.
+        let mut on_the_wire: Option<Batch> = None;
         loop {
-            let batch_size = gucs::BATCH_SIZE.get().max(1);
-            let claimed = match txn::run("claiming deliveries", || queue::claim(batch_size)) {
-                Ok(c) => c,
-                Err(e) => {
-                    note_error(&e);
-                    break;
+            let next = if shutdown_requested() { None } else { claim_and_prepare() };
+            let Some(current) = on_the_wire.take() else {
+                match next {
+                    Some((batch, jobs)) => {
+                        sender.pool.submit(jobs);
+                        on_the_wire = Some(batch);
+                        continue;
+                    }
+                    None => break,
                 }
             };
-            if claimed.is_empty() {
-                break;
+            let results = sender.pool.collect(current.sent_for.len(), shutdown_requested, SHUTDOWN_GRACE);
+            if let Some((batch, jobs)) = next {
+                sender.pool.submit(jobs);
+                on_the_wire = Some(batch);
             }
-            let n = claimed.len();
-            deliver(&sender, claimed, &mut jitter);
-            if shutdown_requested() || (n as i32) < batch_size {
+            finish(current, results, sender.max_body, &mut jitter);
+            if on_the_wire.is_none() {
                 break;
             }
         }
+        shared::SHARED.exclusive().in_flight = 0;
         if shutdown_requested() {
             break;
         }
@@ -156,59 +163,79 @@ fn note_error(message: &str) {
     shared::SHARED.exclusive().set_last_error(message, http::unix_micros_now());
 }
 
-/// Sends one claimed batch and records the results.
-fn deliver(sender: &Sender, claimed: Vec<Claimed>, jitter: &mut Jitter) {
+/// A claimed batch on its way: what is needed to judge and record its results.
+struct Batch {
+    endpoints: HashMap<i64, EndpointConfig>,
+    patterns: HashMap<i64, Option<Regex>>,
+    /// deliveries whose request is on the wire, in job order
+    sent_for: Vec<Claimed>,
+    /// deliveries that could not even be built: dead at once
+    early: Vec<Record>,
+}
+
+/// Claims the next batch and builds its requests; None when nothing is due.
+fn claim_and_prepare() -> Option<(Batch, Vec<Job>)> {
+    let batch_size = gucs::BATCH_SIZE.get().max(1);
+    let claimed = match txn::run("claiming deliveries", || queue::claim(batch_size)) {
+        Ok(c) if !c.is_empty() => c,
+        Ok(_) => return None,
+        Err(e) => {
+            note_error(&e);
+            return None;
+        }
+    };
     let mut endpoint_ids: Vec<i64> = claimed.iter().map(|c| c.endpoint_id).collect();
     endpoint_ids.sort_unstable();
     endpoint_ids.dedup();
     let endpoints = match txn::run("reading endpoints", || queue::endpoints(endpoint_ids)) {
         Ok(e) => e,
         Err(e) => {
-            // leases bring the batch back; nothing is lost
+            // the leases bring the batch back; nothing is lost
             note_error(&e);
-            return;
+            return None;
         }
     };
     let patterns: HashMap<i64, Option<Regex>> = endpoints
         .iter()
         .map(|(id, e)| (*id, e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok())))
         .collect();
-
-    // Build the requests; a delivery that cannot be built is dead at once.
     let now_unix = http::unix_micros_now() / 1_000_000;
-    let mut records = Vec::with_capacity(claimed.len());
+    let mut batch = Batch { endpoints, patterns, sent_for: Vec::new(), early: Vec::new() };
     let mut jobs = Vec::with_capacity(claimed.len());
-    let mut sent_for = Vec::with_capacity(claimed.len());
-    for c in &claimed {
-        let Some(endpoint) = endpoints.get(&c.endpoint_id) else {
-            records.push(dead_record(c, "endpoint no longer exists".into()));
-            continue;
+    for c in claimed {
+        let built = match batch.endpoints.get(&c.endpoint_id) {
+            Some(endpoint) => build_job(&c, endpoint, now_unix),
+            None => Err("endpoint no longer exists".to_string()),
         };
-        match build_job(c, endpoint, now_unix) {
+        match built {
             Ok(job) => {
                 jobs.push(job);
-                sent_for.push(c);
+                batch.sent_for.push(c);
             }
-            Err(e) => records.push(dead_record(c, e)),
+            Err(e) => batch.early.push(dead_record(&c, e)),
         }
     }
-
     shared::SHARED.exclusive().in_flight = jobs.len() as i32;
-    let results = sender.pool.run(jobs, shutdown_requested, SHUTDOWN_GRACE);
+    Some((batch, jobs))
+}
+
+/// Judges a batch's results and records them with the deliveries' new states.
+fn finish(batch: Batch, results: Vec<Option<Sent>>, max_body: usize, jitter: &mut Jitter) {
+    let mut records = batch.early;
     let (mut ok, mut failed) = (0i64, 0i64);
-    for (c, sent) in sent_for.into_iter().zip(results) {
+    for (c, sent) in batch.sent_for.iter().zip(results) {
         // None: abandoned at shutdown; the lease brings it back after restart
         let Some(sent) = sent else { continue };
-        let endpoint = &endpoints[&c.endpoint_id];
+        let endpoint = &batch.endpoints[&c.endpoint_id];
         let limits = Limits {
             schedule: &endpoint.schedule,
             max_attempts: endpoint.max_attempts,
             remaining_age: Duration::from_millis(c.remaining_age_ms.max(0) as u64),
         };
-        let verdict = retry::classify(&sent.result, patterns[&c.endpoint_id].as_ref());
+        let verdict = retry::classify(&sent.result, batch.patterns[&c.endpoint_id].as_ref());
         let decision = retry::decide(verdict, c.attempt_no, &limits, jitter.next_unit());
         let (status_code, body) = match &sent.result {
-            AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(truncate(body, sender.max_body))),
+            AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(truncate(body, max_body))),
             _ => (None, None),
         };
         let (outcome, error, retry_in_ms) = match decision {
@@ -216,7 +243,11 @@ fn deliver(sender: &Sender, claimed: Vec<Claimed>, jitter: &mut Jitter) {
             Decision::RetryIn(d, e) => ("retry", Some(e), Some(d.as_millis() as i64)),
             Decision::Dead(e) => ("dead", Some(e), None),
         };
-        if outcome == "succeeded" { ok += 1 } else { failed += 1 }
+        if outcome == "succeeded" {
+            ok += 1
+        } else {
+            failed += 1
+        }
         records.push(Record {
             delivery_id: c.id,
             attempt_no: c.attempt_no,
@@ -231,7 +262,6 @@ fn deliver(sender: &Sender, claimed: Vec<Claimed>, jitter: &mut Jitter) {
     }
     record_all(&records);
     let mut s = shared::SHARED.exclusive();
-    s.in_flight = 0;
     s.sent += ok + failed;
     s.succeeded += ok;
     s.failed += failed;

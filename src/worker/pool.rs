@@ -42,16 +42,19 @@ impl Pool {
         Pool { jobs: Some(job_tx), results, cancel }
     }
 
-    /// Sends every job and waits for the results. When `stop()` turns true the
-    /// pool waits at most `grace` longer, then returns what finished; the rest
-    /// are reported as None (their leases bring them back).
-    pub fn run(&self, jobs: Vec<Job>, stop: impl Fn() -> bool, grace: Duration) -> Vec<Option<Sent>> {
-        let n = jobs.len();
-        let mut results: Vec<Option<Sent>> = (0..n).map(|_| None).collect();
+    /// Hands a batch to the sending threads and returns at once.
+    pub fn submit(&self, jobs: Vec<Job>) {
         let tx = self.jobs.as_ref().expect("pool is running");
         for (index, job) in jobs.into_iter().enumerate() {
             tx.send((index, job)).expect("sending threads are alive");
         }
+    }
+
+    /// Waits for the `n` results of the batch last submitted. When `stop()`
+    /// turns true the pool waits at most `grace` longer, then returns what
+    /// finished; the rest are None (their leases bring them back).
+    pub fn collect(&self, n: usize, stop: impl Fn() -> bool, grace: Duration) -> Vec<Option<Sent>> {
+        let mut results: Vec<Option<Sent>> = (0..n).map(|_| None).collect();
         let mut received = 0;
         let mut deadline: Option<Instant> = None;
         while received < n {
