@@ -43,3 +43,9 @@ demo: install-release
 
 demo-stop:
 	scripts/demo-stop.sh $(DEMO_DIR)
+
+# Benchmarks (release build); figures in the README and the issue notes.
+bench: install-release
+	cargo build --release --example bench_receiver --example bench_client
+	python3 bench/enqueue.py
+	python3 bench/throughput.py 20000

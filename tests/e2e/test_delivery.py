@@ -279,3 +279,17 @@ def test_fast_shutdown_abandons_slow_requests_and_retries_them_after_restart(mak
         assert {r[1] for r in rows} == {"succeeded"}
         outcomes = [r[4] for r in attempts(conn, name)]
     assert outcomes.count("succeeded") == 5 and len(outcomes) >= 10
+
+
+def test_a_later_status_waits_for_the_earlier_one(cluster, receiver):
+    # the approval fails twice before it gets through; the reversal must not overtake it
+    receiver.script("/order", {"status": 503}, {"status": 503}, {"status": 200})
+    with cluster.connect() as conn:
+        name = endpoint(conn, receiver.url("/order?s={status}&t={transaction_id}"), retry_schedule=["300 ms"],
+                        max_attempts=5)
+        tx = convert(conn)
+        conn.execute("UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id = %s", (f"{tx}-1",))
+        rows = wait_finished(cluster, conn, name, 2)
+    assert [r[1] for r in rows] == ["succeeded", "succeeded"]
+    statuses = [r["query"]["s"] for r in receiver.seen("/order")]
+    assert statuses == ["approved", "approved", "approved", "reversed"], statuses
