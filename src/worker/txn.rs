@@ -15,6 +15,17 @@ fn describe(e: CaughtError) -> String {
     }
 }
 
+/// Runs `f`, turning a Postgres ERROR or a panic into `Err(message)`.
+fn catching<T>(f: impl FnOnce() -> SpiResult<T>) -> Result<T, String> {
+    let f = AssertUnwindSafe(f);
+    PgTryBuilder::new(move || {
+        let f = f;
+        (f.0)().map_err(|e| e.to_string())
+    })
+    .catch_others(|e| Err(describe(e)))
+    .execute()
+}
+
 /// Runs `f` in its own transaction, committed on success and rolled back on
 /// any error.
 pub fn run<T>(what: &str, f: impl FnOnce() -> SpiResult<T>) -> Result<T, String> {
@@ -25,13 +36,7 @@ pub fn run<T>(what: &str, f: impl FnOnce() -> SpiResult<T>) -> Result<T, String>
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_RUNNING, activity.as_ptr());
     }
-    let f = AssertUnwindSafe(f);
-    let result = PgTryBuilder::new(move || {
-        let f = f;
-        (f.0)().map_err(|e| e.to_string())
-    })
-        .catch_others(|e| Err(describe(e)))
-        .execute();
+    let result = catching(f);
     unsafe {
         match result {
             Ok(_) => {
@@ -53,13 +58,7 @@ pub fn in_subtransaction<T>(f: impl FnOnce() -> SpiResult<T>) -> SpiResult<Resul
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(context);
     }
-    let f = AssertUnwindSafe(f);
-    let result = PgTryBuilder::new(move || {
-        let f = f;
-        (f.0)().map_err(|e| e.to_string())
-    })
-        .catch_others(|e| Err(describe(e)))
-        .execute();
+    let result = catching(f);
     unsafe {
         match result {
             Ok(_) => pg_sys::ReleaseCurrentSubTransaction(),

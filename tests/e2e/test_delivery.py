@@ -293,3 +293,21 @@ def test_a_later_status_waits_for_the_earlier_one(cluster, receiver):
     assert [r[1] for r in rows] == ["succeeded", "succeeded"]
     statuses = [r["query"]["s"] for r in receiver.seen("/order")]
     assert statuses == ["approved", "approved", "approved", "reversed"], statuses
+
+
+def test_nothing_fires_before_commit_or_on_rollback(cluster, receiver):
+    with cluster.connect() as conn:
+        name = endpoint(conn, receiver.url("/tx?t={transaction_id}"))
+        conn.autocommit = False
+        convert(conn, 3)
+        time.sleep(1.5)  # longer than the poll interval: an uncommitted row must not be sent
+        assert receiver.seen("/tx") == []
+        conn.rollback()
+        conn.autocommit = True
+        assert deliveries(conn, name) == []
+        conn.autocommit = False
+        convert(conn, 2)
+        conn.commit()
+        conn.autocommit = True
+        wait_finished(cluster, conn, name, 2)
+    assert len(receiver.seen("/tx")) == 2
