@@ -113,3 +113,5 @@ COMMENT ON FUNCTION postback.enqueue_status_changes() IS 'Trigger: announces cha
 COMMENT ON FUNCTION postback.wake_worker() IS 'Wakes the delivery worker when the current transaction commits.';
 COMMENT ON FUNCTION postback.worker_stats() IS 'The worker''s figures from shared memory: pid, start, last wake, requests sent, in flight, last error.';
 COMMENT ON FUNCTION postback.validate_success_pattern(text) IS 'Raises an error if a success_body_pattern is not a valid regular expression (Rust regex syntax, as the worker uses); true otherwise.';
+COMMENT ON FUNCTION postback.endpoint_wants(postback.endpoints, postback.conversions) IS 'Whether an endpoint receives a conversion: active, and its events and statuses filters match.';
+COMMENT ON FUNCTION postback.render_delivery(postback.endpoints, postback.conversions) IS 'The request of one conversion for one endpoint as {idempotency_key, url, body, error}.';

@@ -17,6 +17,26 @@ CREATE TABLE postback.conversion_duplicates (
 );
 CREATE INDEX conversion_duplicates_seen_at ON postback.conversion_duplicates (seen_at);
 
+-- "Does this endpoint want this conversion?" and "render it", written once and
+-- used by both enqueue triggers and postback.preview. Plain SQL functions, so
+-- the planner inlines them into the set-based queries.
+CREATE FUNCTION postback.endpoint_wants(e postback.endpoints, c postback.conversions)
+RETURNS boolean LANGUAGE sql STABLE
+AS $$
+    SELECT e.active
+       AND (e.events IS NULL OR c.event = ANY (e.events))
+       AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
+$$;
+
+CREATE FUNCTION postback.render_delivery(e postback.endpoints, c postback.conversions)
+RETURNS text[] LANGUAGE sql STABLE
+AS $$
+    SELECT postback.render_request(
+               e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
+               c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
+               c.attributes, c.occurred_at)
+$$;
+
 CREATE FUNCTION postback.enqueue_inserted_conversions() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -35,15 +55,9 @@ BEGIN
            r[4]
       FROM (SELECT e.id AS endpoint_id, c.id AS conversion_id, c.event, c.status, e.method,
                    e.url_template, nullif(e.headers, '{}') AS headers,
-                   postback.render_request(
-                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map,
-                       e.drop_empty_params, c.id, c.click_id, c.transaction_id, c.event, c.status,
-                       c.amount::text, c.currency, c.attributes, c.occurred_at) AS r
+                   postback.render_delivery(e, c) AS r
               FROM new_rows c
-              JOIN postback.endpoints e
-                ON e.active
-               AND (e.events IS NULL OR c.event = ANY (e.events))
-               AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
+              JOIN postback.endpoints e ON postback.endpoint_wants(e, c)
             OFFSET 0) AS rendered;  -- OFFSET 0: render once per row, not once per r[i]
     IF FOUND THEN
         PERFORM postback.wake_worker();
@@ -82,16 +96,10 @@ BEGIN
            r[4]
       FROM (SELECT e.id AS endpoint_id, c.id AS conversion_id, c.event, c.status, e.method,
                    e.url_template, nullif(e.headers, '{}') AS headers,
-                   postback.render_request(
-                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map,
-                       e.drop_empty_params, c.id, c.click_id, c.transaction_id, c.event, c.status,
-                       c.amount::text, c.currency, c.attributes, c.occurred_at) AS r
+                   postback.render_delivery(e, c) AS r
               FROM new_rows c
               JOIN old_rows o ON o.id = c.id AND o.status IS DISTINCT FROM c.status
-              JOIN postback.endpoints e
-                ON e.active
-               AND (e.events IS NULL OR c.event = ANY (e.events))
-               AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
+              JOIN postback.endpoints e ON postback.endpoint_wants(e, c)
             OFFSET 0) AS rendered
         ON CONFLICT (idempotency_key) DO NOTHING;
     IF FOUND THEN
@@ -113,10 +121,7 @@ AS $$
     SELECT e.method, f.url, f.headers, r[3], r[4]
       FROM postback.endpoints e
       JOIN postback.conversions c ON c.id = preview.conversion_id
-     CROSS JOIN LATERAL (SELECT postback.render_request(
-           e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
-           c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-           c.attributes, c.occurred_at) AS r) AS rendered
+     CROSS JOIN LATERAL (SELECT postback.render_delivery(e, c) AS r) AS rendered
       LEFT JOIN LATERAL postback.finalize_request(
            e.id, e.kind, e.signing_scheme, e.signature_header, e.timestamp_param, e.signature_param,
            r[2], nullif(e.headers, '{}'), r[3], r[1]) f ON r[4] IS NULL
