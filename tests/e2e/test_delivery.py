@@ -311,3 +311,21 @@ def test_nothing_fires_before_commit_or_on_rollback(cluster, receiver):
         conn.autocommit = True
         wait_finished(cluster, conn, name, 2)
     assert len(receiver.seen("/tx")) == 2
+
+
+def test_sighup_reloads_the_allowlist(make_cluster):
+    c = make_cluster()
+    other = Receiver(host="127.0.0.2").start()
+    try:
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION pg_postback")
+            conn.execute("ALTER SYSTEM SET postback.allowed_targets = '127.0.0.1/32, 127.0.0.2/32'")
+            conn.execute("SELECT pg_reload_conf()")
+            time.sleep(1.0)
+            name = endpoint(conn, f"http://127.0.0.2:{other.port}/reloaded?c={{click_id}}")
+            convert(conn)
+            [(_, state, _, error)] = wait_finished(c, conn, name, 1)
+        assert state == "succeeded", error
+        assert len(other.seen("/reloaded")) == 1
+    finally:
+        other.stop()
