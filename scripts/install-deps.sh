@@ -29,6 +29,12 @@ if ! grep -q "^pg15 *= *\"$PG_CONFIG\"" "$PGRX_HOME/config.toml" 2>/dev/null; th
 fi
 
 if ! python3 -c 'import psycopg, pytest, standardwebhooks' 2>/dev/null; then
-    echo "==> pip install -r tests/requirements.txt"
-    python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+    echo "==> pip install -r tests/requirements.txt (for $(command -v python3))"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+    fi
+    pip=(python3 -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt)
+    # Debian's own python3 refuses global installs (PEP 668); this machine is ours to change.
+    "${pip[@]}" 2>/dev/null || "${pip[@]}" --break-system-packages
 fi
