@@ -62,6 +62,15 @@ impl ureq::Resolver for GuardedResolver {
     }
 }
 
+/// The longest prefix of `s` that is at most `max` bytes and ends on a character boundary.
+pub fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 pub fn unix_micros_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
@@ -83,7 +92,10 @@ impl Client {
     fn read_body(&self, response: ureq::Response) -> String {
         let mut buf = Vec::with_capacity(self.max_body.min(8192));
         let _ = response.into_reader().take(self.max_body as u64).read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
+        // a multi-byte character cut at the cap becomes U+FFFD, which may be
+        // longer than what it replaces: cut again so the cap holds in bytes
+        let text = String::from_utf8_lossy(&buf);
+        truncate_utf8(&text, self.max_body).to_string()
     }
 
     fn response(&self, response: ureq::Response) -> AttemptResult {
@@ -161,6 +173,13 @@ mod tests {
         let port = serve_once("HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/next\r\nContent-Length: 0\r\n\r\n");
         let sent = client.send(&job(format!("http://127.0.0.1:{port}/")));
         assert!(matches!(sent.result, AttemptResult::Response { status: 302, location: Some(ref l), .. } if l.ends_with("/next")));
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters_within_the_cap() {
+        assert_eq!(truncate_utf8("héllo", 2), "h");
+        assert_eq!(truncate_utf8("héllo", 3), "hé");
+        assert_eq!(truncate_utf8("abc", 10), "abc");
     }
 
     #[test]

@@ -73,8 +73,7 @@ pub fn jitter(delay: Duration, unit: f64) -> Duration {
     delay.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0))
 }
 
-/// The final decision after the endpoint's limits: `Ok(Some(delay))` = retry
-/// after `delay`, `Ok(None)` = succeeded, `Err(error)` = dead.
+/// An endpoint's limits on retrying one delivery.
 pub struct Limits<'a> {
     pub schedule: &'a [Duration],
     pub max_attempts: i32,
@@ -89,6 +88,7 @@ pub enum Decision {
     Dead(String),
 }
 
+/// The final decision once the endpoint's limits are applied to a verdict.
 pub fn decide(verdict: Verdict, attempt_no: i32, limits: &Limits, unit: f64) -> Decision {
     match verdict {
         Verdict::Succeeded => Decision::Succeeded,

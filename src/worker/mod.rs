@@ -47,16 +47,11 @@ fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
-struct Sender {
-    pool: Pool,
-    max_body: usize,
-}
-
-fn build_sender() -> Sender {
+fn build_pool() -> Pool {
     let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
     let max_body = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
     let client = Arc::new(Client::new(gucs::allowed_targets(), max_body, concurrency));
-    Sender { pool: Pool::new(concurrency, client), max_body }
+    Pool::new(concurrency, client)
 }
 
 #[pg_guard]
@@ -71,7 +66,7 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     shared::register_self(http::unix_micros_now());
     log!("pg_postback worker started, connected to database \"{database}\"");
 
-    let mut sender = build_sender();
+    let mut pool = build_pool();
     let mut jitter = Jitter::new(http::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32);
     let mut reclaimed_at_start = false;
     let mut sleep = Duration::from_millis(0);
@@ -87,7 +82,7 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
                 shared::unregister_self();
                 unsafe { pg_sys::proc_exit(1) };
             }
-            sender = build_sender();
+            pool = build_pool();
         }
         shared::SHARED.exclusive().last_wake = http::unix_micros_now();
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
@@ -121,19 +116,19 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
             let Some(current) = on_the_wire.take() else {
                 match next {
                     Some((batch, jobs)) => {
-                        sender.pool.submit(jobs);
+                        pool.submit(jobs);
                         on_the_wire = Some(batch);
                         continue;
                     }
                     None => break,
                 }
             };
-            let results = sender.pool.collect(current.sent_for.len(), shutdown_requested, SHUTDOWN_GRACE);
+            let results = pool.collect(current.sent_for.len(), shutdown_requested, SHUTDOWN_GRACE);
             if let Some((batch, jobs)) = next {
-                sender.pool.submit(jobs);
+                pool.submit(jobs);
                 on_the_wire = Some(batch);
             }
-            finish(current, results, sender.max_body, &mut jitter);
+            finish(current, results, &mut jitter);
             if on_the_wire.is_none() {
                 break;
             }
@@ -220,7 +215,7 @@ fn claim_and_prepare() -> Option<(Batch, Vec<Job>)> {
 }
 
 /// Judges a batch's results and records them with the deliveries' new states.
-fn finish(batch: Batch, results: Vec<Option<Sent>>, max_body: usize, jitter: &mut Jitter) {
+fn finish(batch: Batch, results: Vec<Option<Sent>>, jitter: &mut Jitter) {
     let mut records = batch.early;
     let (mut ok, mut failed) = (0i64, 0i64);
     for (c, sent) in batch.sent_for.iter().zip(results) {
@@ -235,7 +230,7 @@ fn finish(batch: Batch, results: Vec<Option<Sent>>, max_body: usize, jitter: &mu
         let verdict = retry::classify(&sent.result, batch.patterns[&c.endpoint_id].as_ref());
         let decision = retry::decide(verdict, c.attempt_no, &limits, jitter.next_unit());
         let (status_code, body) = match &sent.result {
-            AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(truncate(body, max_body))),
+            AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(body.clone())),
             _ => (None, None),
         };
         let (outcome, error, retry_in_ms) = match decision {
@@ -265,14 +260,6 @@ fn finish(batch: Batch, results: Vec<Option<Sent>>, max_body: usize, jitter: &mu
     s.sent += ok + failed;
     s.succeeded += ok;
     s.failed += failed;
-}
-
-fn truncate(body: &str, max: usize) -> String {
-    let mut end = body.len().min(max);
-    while !body.is_char_boundary(end) {
-        end -= 1;
-    }
-    body[..end].to_string()
 }
 
 fn dead_record(c: &Claimed, error: String) -> Record {

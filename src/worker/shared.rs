@@ -46,12 +46,9 @@ unsafe impl PGRXSharedMemory for WorkerShared {}
 
 impl WorkerShared {
     pub fn set_last_error(&mut self, message: &str, at: i64) {
-        let mut end = message.len().min(ERROR_BYTES);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        self.last_error[..end].copy_from_slice(&message.as_bytes()[..end]);
-        self.last_error_len = end;
+        let kept = crate::http::truncate_utf8(message, ERROR_BYTES).as_bytes();
+        self.last_error[..kept.len()].copy_from_slice(kept);
+        self.last_error_len = kept.len();
         self.last_error_at = at;
     }
 
