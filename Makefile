@@ -27,8 +27,10 @@ install-release: deps
 	cargo pgrx install --release --pg-config $(PG_CONFIG)
 	$(MAKE) install-upgrades
 
+# Upgrade steps and the frozen install scripts of released versions, beside
+# the generated install script of this version.
 install-upgrades:
-	for f in sql/upgrade/pg_postback--*--*.sql; do \
+	for f in sql/upgrade/pg_postback--*--*.sql sql/releases/pg_postback--*.sql; do \
 	  [ -e "$$f" ] && install -m 644 "$$f" "$$($(PG_CONFIG) --sharedir)/extension/" || true; \
 	done
 

@@ -8,7 +8,7 @@ COMMENT ON COLUMN postback.endpoints.name IS 'Unique name operators use to refer
 COMMENT ON COLUMN postback.endpoints.kind IS 'postback = GET to a URL template; webhook = signed JSON POST.';
 COMMENT ON COLUMN postback.endpoints.url_template IS 'URL with {macro} placeholders filled from the conversion at enqueue time.';
 COMMENT ON COLUMN postback.endpoints.method IS 'HTTP method; defaults to GET for postbacks and POST for webhooks.';
-COMMENT ON COLUMN postback.endpoints.headers IS 'Extra request headers as a JSON object of name to value.';
+COMMENT ON COLUMN postback.endpoints.headers IS 'Extra request headers (API keys, Authorization) as a JSON object of name to value: credentials, readable only by the owner and added at send time, never copied into deliveries.';
 COMMENT ON COLUMN postback.endpoints.events IS 'Conversion events this endpoint receives; NULL means all events.';
 COMMENT ON COLUMN postback.endpoints.statuses IS 'Conversion statuses this endpoint receives; NULL means all statuses.';
 COMMENT ON COLUMN postback.endpoints.active IS 'Inactive endpoints get no new deliveries and their pending ones wait.';
@@ -49,9 +49,8 @@ COMMENT ON COLUMN postback.deliveries.event IS 'The conversion''s event.';
 COMMENT ON COLUMN postback.deliveries.status IS 'The conversion status this delivery announces.';
 COMMENT ON COLUMN postback.deliveries.idempotency_key IS 'Deterministic key of (conversion, endpoint, event, status); sent as Idempotency-Key; a repeated enqueue is a no-op.';
 COMMENT ON COLUMN postback.deliveries.predecessor_id IS 'Earlier delivery of the same endpoint and conversion that must finish first (ordering of lifecycle postbacks).';
-COMMENT ON COLUMN postback.deliveries.method IS 'HTTP method.';
+COMMENT ON COLUMN postback.deliveries.method IS 'HTTP method: GET, POST, PUT or PATCH.';
 COMMENT ON COLUMN postback.deliveries.url IS 'Rendered request URL.';
-COMMENT ON COLUMN postback.deliveries.headers IS 'Rendered request headers (signature headers are added at send time); NULL = none.';
 COMMENT ON COLUMN postback.deliveries.body IS 'Rendered request body; NULL for GET postbacks.';
 COMMENT ON COLUMN postback.deliveries.state IS 'pending (waiting for next_attempt_at), in_flight (leased by the worker), succeeded, or dead (gave up).';
 COMMENT ON COLUMN postback.deliveries.attempts IS 'Attempts made so far.';
@@ -72,7 +71,7 @@ COMMENT ON COLUMN postback.attempts.response_body IS 'Response body, truncated t
 COMMENT ON COLUMN postback.attempts.error IS 'Transport or policy error, or why the response did not count as success.';
 COMMENT ON COLUMN postback.attempts.outcome IS 'succeeded, retry (another attempt is scheduled) or dead (no more attempts).';
 
-COMMENT ON FUNCTION postback.endpoints_fill_defaults() IS 'Trigger: fills method from kind and max_attempts from the retry schedule.';
+COMMENT ON FUNCTION postback.endpoints_fill_defaults() IS 'Trigger: validates templates, headers and the success pattern; fills method from kind and max_attempts from the retry schedule.';
 COMMENT ON FUNCTION postback.refuse_delete_with_deliveries() IS 'Trigger: refuses deleting endpoints or conversions that deliveries still refer to.';
 COMMENT ON FUNCTION postback.delete_attempts_of_deleted_deliveries() IS 'Trigger: removes the attempts of deleted deliveries.';
 COMMENT ON FUNCTION postback.worker_status() IS 'Whether the delivery worker runs, its pid, database, counters and last error, and a hint when it does not run.';
@@ -105,7 +104,7 @@ COMMENT ON FUNCTION postback.sign(text, text, text, text, bigint) IS 'Signature 
 COMMENT ON FUNCTION postback.verify(text, text, text, text, text, bigint, interval) IS 'Constant-time check of a signature header; accepts any of several signatures; refuses timestamps outside the tolerance.';
 COMMENT ON FUNCTION postback.render_request(bigint, text, text, text, jsonb, jsonb, boolean, bigint, text, text, text, text, text, text, jsonb, timestamptz) IS 'Internal: renders the request of one conversion for one endpoint; problems come back in error instead of raising.';
 COMMENT ON FUNCTION postback.finalize_request(bigint, text, text, text, text, text, text, jsonb, text, text) IS 'Internal: the URL and full headers (signatures included) a request would be sent with now.';
-COMMENT ON FUNCTION postback.preview(text, bigint) IS 'The method, URL, headers and body an endpoint would be sent for a conversion, without sending.';
+COMMENT ON FUNCTION postback.preview(text, bigint) IS 'The method, URL, headers (the endpoint''s own values redacted) and body an endpoint would be sent for a conversion, without sending.';
 COMMENT ON FUNCTION postback.conversions_validate() IS 'Trigger: per row, refuses a bad conversion with a message naming the column and transaction_id and counts proposed rows; per statement, resets that count.';
 COMMENT ON FUNCTION postback.take_proposed_conversions() IS 'Internal: rows proposed to the current INSERT on conversions (to count duplicates skipped by ON CONFLICT).';
 COMMENT ON FUNCTION postback.enqueue_inserted_conversions() IS 'Trigger: one set-based insert of deliveries for the conversions a statement inserted.';
@@ -113,5 +112,7 @@ COMMENT ON FUNCTION postback.enqueue_status_changes() IS 'Trigger: announces cha
 COMMENT ON FUNCTION postback.wake_worker() IS 'Wakes the delivery worker when the current transaction commits.';
 COMMENT ON FUNCTION postback.worker_stats() IS 'The worker''s figures from shared memory: pid, start, last wake, requests sent, in flight, last error.';
 COMMENT ON FUNCTION postback.validate_success_pattern(text) IS 'Raises an error if a success_body_pattern is not a valid regular expression (Rust regex syntax, as the worker uses); true otherwise.';
-COMMENT ON FUNCTION postback.endpoint_wants(postback.endpoints, postback.conversions) IS 'Whether an endpoint receives a conversion: active, and its events and statuses filters match.';
-COMMENT ON FUNCTION postback.render_delivery(postback.endpoints, postback.conversions) IS 'The request of one conversion for one endpoint as {idempotency_key, url, body, error}.';
+COMMENT ON FUNCTION postback.validate_headers(jsonb) IS 'Raises an error naming the header if endpoint headers are not a JSON object of HTTP token names to strings without control characters, or set Host, Content-Length, Transfer-Encoding, Connection, Upgrade, TE, Trailer, Keep-Alive, Proxy-Connection or Expect; true otherwise.';
+COMMENT ON FUNCTION postback.grant_analyst(regrole) IS 'Lets a role read conversions, deliveries, attempts, duplicates, endpoints (all columns but the credential headers) and the views. Owner only.';
+COMMENT ON FUNCTION postback.grant_operator(regrole) IS 'What grant_analyst gives, plus inserting conversions, changing their status and postback.preview. Owner only.';
+COMMENT ON FUNCTION postback.revoke_access(regrole) IS 'Takes back every privilege grant_analyst or grant_operator gave a role. Owner only.';

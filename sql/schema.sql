@@ -5,6 +5,38 @@
 -- they are what an operator sees in the error message.
 
 -- ---------------------------------------------------------------------------
+-- Refuse a squatted schema: CREATE EXTENSION reuses an existing `postback`
+-- schema, and whoever owns it (or may create in it) could swap objects under
+-- the worker. It must belong to the installing role and grant CREATE to no one else.
+-- ---------------------------------------------------------------------------
+DO $$
+DECLARE
+    owner_name name;
+    creators   text;
+BEGIN
+    SELECT pg_catalog.pg_get_userbyid(n.nspowner),
+           (SELECT pg_catalog.string_agg(pg_catalog.quote_ident(
+                       CASE a.grantee WHEN 0 THEN 'public' ELSE pg_catalog.pg_get_userbyid(a.grantee) END), ', ')
+              FROM pg_catalog.aclexplode(n.nspacl) a
+             WHERE a.privilege_type = 'CREATE' AND a.grantee OPERATOR(pg_catalog.<>) n.nspowner)
+      INTO owner_name, creators
+      FROM pg_catalog.pg_namespace n WHERE n.nspname = 'postback';
+    IF owner_name IS DISTINCT FROM current_user THEN
+        RAISE EXCEPTION 'schema "postback" already exists and is owned by role "%", not by "%" who installs pg_postback',
+                        owner_name, current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Its owner could replace objects the worker runs as a superuser. Inspect it, then drop it '
+                         '(or ALTER SCHEMA postback OWNER TO the installing role) and run CREATE EXTENSION again.';
+    END IF;
+    IF creators IS NOT NULL THEN
+        RAISE EXCEPTION 'schema "postback" grants CREATE to %; refusing to install into it', creators
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'REVOKE CREATE ON SCHEMA postback FROM those roles, then run CREATE EXTENSION again.';
+    END IF;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
 -- endpoints: where conversions are announced
 -- ---------------------------------------------------------------------------
 CREATE TABLE postback.endpoints (
@@ -73,8 +105,11 @@ CREATE TABLE postback.endpoints (
 -- the schedule) are filled here so that a plain INSERT gets them, and templates
 -- are checked here so that a bad one is refused when it is given.
 CREATE FUNCTION postback.endpoints_fill_defaults() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF TG_OP = 'INSERT' OR NEW.headers IS DISTINCT FROM OLD.headers THEN
+        PERFORM postback.validate_headers(NEW.headers);
+    END IF;
     IF TG_OP = 'INSERT' OR NEW.url_template IS DISTINCT FROM OLD.url_template THEN
         PERFORM postback.validate_template(NEW.url_template);
     END IF;
@@ -85,9 +120,9 @@ BEGIN
     IF NEW.success_body_pattern IS NOT NULL THEN
         PERFORM postback.validate_success_pattern(NEW.success_body_pattern);
     END IF;
-    NEW.method := upper(coalesce(NEW.method,
+    NEW.method := pg_catalog.upper(coalesce(NEW.method,
                                  CASE NEW.kind WHEN 'webhook' THEN 'POST' ELSE 'GET' END));
-    NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(cardinality(NEW.retry_schedule), 0) + 1);
+    NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(pg_catalog.cardinality(NEW.retry_schedule), 0) + 1);
     IF TG_OP = 'UPDATE' THEN
         NEW.updated_at := now();
     END IF;
@@ -161,9 +196,10 @@ CREATE TABLE postback.deliveries (
     idempotency_key  text        COLLATE "C" NOT NULL
         CONSTRAINT delivery_idempotency_key_is_unique UNIQUE,
     predecessor_id   bigint,
-    method           text        NOT NULL,
+    method           text        NOT NULL
+        CONSTRAINT delivery_method_must_be_get_post_put_or_patch
+            CHECK (method IN ('GET', 'POST', 'PUT', 'PATCH')),
     url              text        NOT NULL,
-    headers          jsonb,
     body             text,
     state            text        NOT NULL DEFAULT 'pending'
         CONSTRAINT delivery_state_must_be_pending_in_flight_succeeded_or_dead
@@ -212,7 +248,7 @@ CREATE TABLE postback.attempts (
 -- Integrity guards standing in for foreign keys on the hot tables
 -- ---------------------------------------------------------------------------
 CREATE FUNCTION postback.refuse_delete_with_deliveries() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     referenced bigint;
 BEGIN
@@ -242,7 +278,7 @@ CREATE TRIGGER conversions_refuse_delete_with_deliveries
     FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_delete_with_deliveries();
 
 CREATE FUNCTION postback.delete_attempts_of_deleted_deliveries() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM postback.attempts a USING old_rows o WHERE a.delivery_id = o.id;
     RETURN NULL;
@@ -254,10 +290,18 @@ CREATE TRIGGER deliveries_delete_attempts
     FOR EACH STATEMENT EXECUTE FUNCTION postback.delete_attempts_of_deleted_deliveries();
 
 -- ---------------------------------------------------------------------------
--- Configuration survives pg_dump / pg_restore
+-- pg_dump keeps configuration and data (postback.conversion_duplicates is
+-- added in enqueue.sql), and the identity sequences, or new rows would collide
+-- with restored ones. A restore re-creates pending deliveries as pending: they
+-- are delivered again (at-least-once; receivers deduplicate by idempotency key).
 -- ---------------------------------------------------------------------------
 SELECT pg_catalog.pg_extension_config_dump('postback.endpoints', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.endpoints_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.endpoint_secrets', '');
--- ... and so do their id sequences, or the next endpoint would collide after a restore.
-SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('postback.endpoints', 'id'), '');
-SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('postback.endpoint_secrets', 'id'), '');
+SELECT pg_catalog.pg_extension_config_dump('postback.endpoint_secrets_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.conversions', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.conversions_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.deliveries', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.deliveries_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.attempts', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.attempts_id_seq', '');

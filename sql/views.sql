@@ -14,7 +14,7 @@ CREATE FUNCTION postback.worker_status(
     OUT last_error_at timestamptz,
     OUT hint          text)
 RETURNS record
-LANGUAGE sql VOLATILE
+LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT a.pid IS NOT NULL,
            a.pid,

@@ -57,6 +57,20 @@ fn validate_body_template(body: JsonB) -> bool {
     true
 }
 
+/// Checks an endpoint's headers: a JSON object of strings, each name an HTTP
+/// token that does not frame the request, each value free of control characters.
+#[pg_extern(immutable, parallel_safe)]
+fn validate_headers(headers: JsonB) -> bool {
+    let Value::Object(map) = headers.0 else { invalid("invalid headers: must be a JSON object of header name to string value") };
+    for (name, value) in &map {
+        let Value::String(value) = value else {
+            invalid(format!("invalid headers: the value of \"{}\" must be a string", name.escape_default()))
+        };
+        outgoing::check_header(name, value).unwrap_or_else(|e| invalid(format!("invalid headers: {e}")));
+    }
+    true
+}
+
 /// Checks a success_body_pattern (the worker's regular expression syntax).
 #[pg_extern(immutable, parallel_safe)]
 fn validate_success_pattern(pattern: &str) -> bool {
@@ -188,7 +202,7 @@ fn render_request(
             },
             occurred_at_unix_micros: unix_micros(occurred_at),
         };
-        request::render(&conversion, &endpoint, &key, now_unix_micros())
+        request::render(&conversion, &endpoint, &key, now_unix_micros(), crate::gucs::request_limits())
     });
     match rendered {
         Ok(r) => vec![Some(key), Some(r.url), r.body, None],
@@ -236,26 +250,13 @@ fn finalize_request(
         ts_param: timestamp_param.to_string(),
         sig_param: signature_param.to_string(),
     };
-    let stored = header_pairs(headers.map(|h| h.0));
+    let stored = outgoing::header_pairs(headers.map(|h| h.0));
     let now = now_unix_micros().div_euclid(1_000_000);
     let out = outgoing::finalize(kind, url, &stored, body, idempotency_key, &signing, now).unwrap_or_else(|e| invalid(e));
     let headers: Map<String, Value> = out.headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
     TableIterator::once((out.url, JsonB(Value::Object(headers))))
 }
 
-/// A stored headers object as (name, value) pairs.
-pub fn header_pairs(headers: Option<Value>) -> Vec<(String, String)> {
-    match headers {
-        Some(Value::Object(map)) => map
-            .into_iter()
-            .map(|(k, v)| {
-                let v = template::value_text(Some(&v)).unwrap_or_default();
-                (k, v)
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
 
 thread_local! {
     /// Rows proposed to INSERT on postback.conversions by the current statement

@@ -13,6 +13,8 @@ pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
+pub static MAX_URL_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::request::MAX_URL_BYTES as i32);
+pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::request::MAX_BODY_BYTES as i32);
 pub static ALLOWED_TARGETS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
 pub fn init() {
@@ -64,6 +66,28 @@ pub fn init() {
         0,
         1_048_576,
         GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"postback.max_url_bytes",
+        c"Longest URL a delivery may have.",
+        c"A rendered URL over this size is refused at enqueue: the delivery is recorded dead with \
+          the reason and the conversion is kept. Only superusers may change it.",
+        &MAX_URL_BYTES,
+        1024,
+        1_048_576,
+        GucContext::Suset,
+        GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"postback.max_body_bytes",
+        c"Longest webhook body a delivery may have.",
+        c"A rendered webhook body over this size is refused at enqueue: the delivery is recorded \
+          dead with the reason (never truncated) and the conversion is kept. Only superusers may change it.",
+        &MAX_BODY_BYTES,
+        1024,
+        67_108_864,
+        GucContext::Suset,
         GucFlags::UNIT_BYTE,
     );
     // SAFETY: the check hook is #[pg_guard]ed and only reads its argument.
@@ -119,4 +143,12 @@ pub fn allowed_targets() -> Vec<target_policy::Cidr> {
     let text = ALLOWED_TARGETS.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     // The check hook has already refused anything that does not parse.
     target_policy::parse_allowlist(&text).unwrap_or_default()
+}
+
+/// The size limits of rendered requests, as set now.
+pub fn request_limits() -> crate::request::Limits {
+    crate::request::Limits {
+        url_bytes: MAX_URL_BYTES.get().max(1024) as usize,
+        body_bytes: MAX_BODY_BYTES.get().max(1024) as usize,
+    }
 }

@@ -71,6 +71,26 @@ pub fn truncate_utf8(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// A URL without its query and fragment (which may carry a signature or a token).
+pub fn without_query(url: &str) -> String {
+    let cut = url.find(['?', '#']).unwrap_or(url.len());
+    let mut out = url[..cut].to_string();
+    if cut < url.len() {
+        out.push_str("?…");
+    }
+    out
+}
+
+/// Removes the query string of `url` from an error message, in the form the
+/// caller gave and in the normalised form the HTTP client prints.
+pub fn redact_url(message: &str, url: &str) -> String {
+    let mut out = message.replace(url, &without_query(url));
+    if let Ok(parsed) = url::Url::parse(url) {
+        out = out.replace(parsed.as_str(), &without_query(parsed.as_str()));
+    }
+    out
+}
+
 pub fn unix_micros_now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
@@ -120,7 +140,7 @@ impl Client {
         let result = match outcome {
             Ok(response) | Err(ureq::Error::Status(_, response)) => self.response(response),
             Err(ureq::Error::Transport(t)) => {
-                let message = t.to_string();
+                let message = redact_url(&t.to_string(), &job.url);
                 let permanent = message.contains(POLICY_MARKER)
                     || matches!(t.kind(), ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme);
                 if permanent {
@@ -173,6 +193,17 @@ mod tests {
         let port = serve_once("HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/next\r\nContent-Length: 0\r\n\r\n");
         let sent = client.send(&job(format!("http://127.0.0.1:{port}/")));
         assert!(matches!(sent.result, AttemptResult::Response { status: 302, location: Some(ref l), .. } if l.ends_with("/next")));
+    }
+
+    #[test]
+    fn transport_errors_keep_no_query_string() {
+        let allow = target_policy::parse_allowlist("127.0.0.1/32").unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("http://127.0.0.1:{port}/pb?cid=1&ts=5&sig=deadbeef");
+        let sent = Client::new(allow, 5, 1).send(&job(url));
+        let AttemptResult::Transient(message) = sent.result else { panic!("{:?}", sent.result) };
+        assert!(!message.contains("deadbeef") && !message.contains("cid=1"), "{message}");
+        assert_eq!(redact_url("GET https://n.test/a?sig=x: refused", "https://n.test/a?sig=x"), "GET https://n.test/a?…: refused");
     }
 
     #[test]

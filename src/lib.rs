@@ -25,7 +25,12 @@ pgrx::extension_sql_file!("../sql/views.sql", name = "views", requires = ["schem
 pgrx::extension_sql_file!(
     "../sql/enqueue.sql",
     name = "enqueue",
-    requires = ["schema", render_request, finalize_request, conversions_validate, take_proposed_conversions, wake_worker]
+    requires = ["schema", render_request, finalize_request, conversions_validate, take_proposed_conversions, wake_worker, validate_headers]
+);
+pgrx::extension_sql_file!(
+    "../sql/privileges.sql",
+    name = "privileges",
+    requires = ["enqueue", "views", render_request, finalize_request, take_proposed_conversions, wake_worker, worker_stats]
 );
 pgrx::extension_sql_file!("../sql/comments.sql", name = "comments", finalize);
 

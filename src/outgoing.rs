@@ -26,6 +26,77 @@ pub struct Outgoing {
     pub headers: Vec<(String, String)>,
 }
 
+/// A stored headers object as (name, value) pairs.
+pub fn header_pairs(headers: Option<serde_json::Value>) -> Vec<(String, String)> {
+    match headers {
+        Some(serde_json::Value::Object(map)) => map
+            .into_iter()
+            .map(|(k, v)| {
+                let v = crate::template::value_text(Some(&v)).unwrap_or_default();
+                (k, v)
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Header names an endpoint may not set: they frame the request, so a stored
+/// value could smuggle a second request or redirect the first.
+pub const FORBIDDEN_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+    "expect",
+];
+
+/// The methods a delivery may use.
+pub const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH"];
+
+/// Longest header value an endpoint may set.
+pub const MAX_HEADER_VALUE_BYTES: usize = 8192;
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+/// Checks one endpoint header: an RFC 7230 token as its name, no framing
+/// header, and a value without CR, LF, NUL or other control characters (tab
+/// allowed). The error names the header but never quotes its value (it may
+/// be a credential).
+pub fn check_header(name: &str, value: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 100 || !name.chars().all(is_token_char) {
+        return Err(format!(
+            "header name \"{}\" is not an HTTP token (1 to 100 of A-Z a-z 0-9 !#$%&'*+-.^_`|~)",
+            name.escape_default()
+        ));
+    }
+    if FORBIDDEN_HEADERS.iter().any(|f| f.eq_ignore_ascii_case(name)) {
+        return Err(format!("header \"{name}\" is set by the HTTP client and may not be set by an endpoint"));
+    }
+    if let Some(c) = value.chars().find(|c| c.is_control() && *c != '\t') {
+        return Err(format!("header \"{name}\" has a control character (U+{:04X}) in its value", c as u32));
+    }
+    if value.len() > MAX_HEADER_VALUE_BYTES {
+        return Err(format!("header \"{name}\" value is {} bytes; the limit is {MAX_HEADER_VALUE_BYTES}", value.len()));
+    }
+    Ok(())
+}
+
+/// Checks a method before it goes on the request line.
+pub fn check_method(method: &str) -> Result<(), String> {
+    if METHODS.contains(&method) {
+        Ok(())
+    } else {
+        Err(format!("method \"{}\" is not one of {}", method.escape_default(), METHODS.join(", ")))
+    }
+}
+
 /// Builds the URL and full header list of one attempt.
 #[allow(clippy::too_many_arguments)]
 pub fn finalize(
@@ -65,6 +136,7 @@ pub fn finalize(
     }
     // the endpoint's own headers come last and win over the defaults above
     for (name, value) in stored_headers {
+        check_header(name, value)?;
         headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
         headers.push((name.clone(), value.clone()));
     }
@@ -112,6 +184,35 @@ mod tests {
         let o = finalize("postback", "https://n.test/pb?c=1", &[], None, "k", &s, 7).unwrap();
         assert!(o.url.starts_with("https://n.test/pb?c=1&ts=7&sig="), "{}", o.url);
         assert_eq!(header(&o, "Idempotency-Key"), None);
+    }
+
+    #[test]
+    fn framing_and_injected_headers_are_refused() {
+        for (name, value) in [
+            ("Host", "evil.test"),
+            ("content-length", "5"),
+            ("Transfer-Encoding", "chunked"),
+            ("Connection", "close"),
+            ("Upgrade", "h2c"),
+            ("TE", "trailers"),
+            ("X-Key", "a\r\nX-Injected: 1"),
+            ("X-Key", "a\nb"),
+            ("X-Key", "a\0b"),
+            ("X Key", "v"),
+            ("X-Key:", "v"),
+            ("", "v"),
+            ("X-\r\nKey", "v"),
+        ] {
+            assert!(check_header(name, value).is_err(), "{name:?}: {value:?} accepted");
+            let e = finalize("postback", "https://n.test/", &[(name.into(), value.into())], None, "k", &Signing { scheme: "none".into(), ..Default::default() }, 0);
+            assert!(e.is_err(), "{name:?} reached the wire");
+        }
+        assert!(check_header("Authorization", "Bearer abc\tdef").is_ok());
+        let e = check_header("X-Api-Key", "secret-value\r\n").unwrap_err();
+        assert!(!e.contains("secret-value"), "the value leaked into the error: {e}");
+        assert!(check_method("GET").is_ok());
+        assert!(check_method("GET / HTTP/1.1\r\nX: y").is_err());
+        assert!(check_method("get").is_err());
     }
 
     #[test]

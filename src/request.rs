@@ -7,8 +7,25 @@ use serde_json::{Map, Number, Value};
 
 use crate::template::{self, RenderOptions, Template, Vars};
 
-/// Longest URL a delivery may have; receivers and proxies refuse longer ones.
+/// Default longest URL a delivery may have (`postback.max_url_bytes`);
+/// receivers and proxies refuse longer ones.
 pub const MAX_URL_BYTES: usize = 16_384;
+/// Default longest webhook body (`postback.max_body_bytes`).
+pub const MAX_BODY_BYTES: usize = 262_144;
+
+/// Size limits a rendered request must respect; over them the delivery is
+/// dead with the reason (never truncated).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub url_bytes: usize,
+    pub body_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { url_bytes: MAX_URL_BYTES, body_bytes: MAX_BODY_BYTES }
+    }
+}
 
 /// Microseconds between 1970-01-01 and PostgreSQL's epoch, 2000-01-01.
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -179,15 +196,21 @@ pub fn envelope(conv: &Conversion, idempotency_key: &str, now_unix_micros: i64) 
 
 /// Renders the request once, at enqueue. An error names what is wrong so the
 /// delivery can be recorded as dead with that reason.
-pub fn render(conv: &Conversion, endpoint: &Endpoint, idempotency_key: &str, now_unix_micros: i64) -> Result<Request, String> {
+pub fn render(
+    conv: &Conversion,
+    endpoint: &Endpoint,
+    idempotency_key: &str,
+    now_unix_micros: i64,
+    limits: Limits,
+) -> Result<Request, String> {
     let vars = ConversionVars::new(conv, endpoint);
     let url = template::render_url(
         endpoint.url_template,
         &vars,
         RenderOptions { drop_empty_params: endpoint.drop_empty_params },
     );
-    if url.len() > MAX_URL_BYTES {
-        return Err(format!("rendered URL is {} bytes; the limit is {MAX_URL_BYTES}", url.len()));
+    if url.len() > limits.url_bytes {
+        return Err(format!("rendered URL is {} bytes; the limit is {} (postback.max_url_bytes)", url.len(), limits.url_bytes));
     }
     if !endpoint.url_template_trusted {
         template::check_url(&url).map_err(|e| format!("rendered URL is not valid: {e}"))?;
@@ -203,6 +226,11 @@ pub fn render(conv: &Conversion, endpoint: &Endpoint, idempotency_key: &str, now
     } else {
         None
     };
+    if let Some(b) = &body {
+        if b.len() > limits.body_bytes {
+            return Err(format!("rendered body is {} bytes; the limit is {} (postback.max_body_bytes)", b.len(), limits.body_bytes));
+        }
+    }
     Ok(Request { url, body })
 }
 
@@ -257,7 +285,7 @@ mod tests {
             "postback",
             "https://n.test/pb?cid={click_id}&tx={transaction_id}&ev={event}&st={status}&a={amount}&c={currency}&t={occurred_at}&u={occurred_at_unix}&id={conversion_id}&e={endpoint}&s1={attributes.sub1}&n={attributes.n}",
         );
-        let r = render(&conv(), &e, "k", 0).unwrap();
+        let r = render(&conv(), &e, "k", 0, Limits::default()).unwrap();
         assert_eq!(r.url, "https://n.test/pb?cid=clk%201%262&tx=tx-9&ev=sale&st=approved&a=12.50&c=EUR&t=2024-03-01T12%3A34%3A56Z&u=1709296496&id=42&e=net&s1=a%2Fb&n=3");
         assert_eq!(r.body, None);
     }
@@ -266,17 +294,17 @@ mod tests {
     fn status_map_applies_to_status() {
         let mut e = endpoint("postback", "https://n.test/pb?s={status}");
         e.status_map = Some(json!({"approved": "1", "rejected": 2}).as_object().unwrap().clone());
-        assert_eq!(render(&conv(), &e, "k", 0).unwrap().url, "https://n.test/pb?s=1");
+        assert_eq!(render(&conv(), &e, "k", 0, Limits::default()).unwrap().url, "https://n.test/pb?s=1");
         let mut c = conv();
         c.status = "rejected";
-        assert_eq!(render(&c, &e, "k", 0).unwrap().url, "https://n.test/pb?s=2");
+        assert_eq!(render(&c, &e, "k", 0, Limits::default()).unwrap().url, "https://n.test/pb?s=2");
         c.status = "pending";
-        assert_eq!(render(&c, &e, "k", 0).unwrap().url, "https://n.test/pb?s=pending");
+        assert_eq!(render(&c, &e, "k", 0, Limits::default()).unwrap().url, "https://n.test/pb?s=pending");
     }
 
     #[test]
     fn webhook_envelope_is_standard_webhooks_shaped() {
-        let r = render(&conv(), &endpoint("webhook", "https://n.test/hook"), "42.1.sale.approved", 1_709_296_500_250_000).unwrap();
+        let r = render(&conv(), &endpoint("webhook", "https://n.test/hook"), "42.1.sale.approved", 1_709_296_500_250_000, Limits::default()).unwrap();
         let body: Value = serde_json::from_str(&r.body.unwrap()).unwrap();
         assert_eq!(body["id"], "42.1.sale.approved");
         assert_eq!(body["type"], "sale");
@@ -290,7 +318,7 @@ mod tests {
     fn webhook_body_template_is_rendered_as_json() {
         let mut e = endpoint("webhook", "https://n.test/hook");
         e.body_template = Some(json!({"cid": "{click_id}", "value": "{amount}", "note": "tx \"{transaction_id}\""}));
-        let body = render(&conv(), &e, "k", 0).unwrap().body.unwrap();
+        let body = render(&conv(), &e, "k", 0, Limits::default()).unwrap().body.unwrap();
         assert_eq!(body, r#"{"cid":"clk 1&2","note":"tx \"tx-9\"","value":12.50}"#);
     }
 
@@ -298,11 +326,19 @@ mod tests {
     fn urls_that_cannot_be_sent_are_an_error() {
         // templates that bypassed validation (e.g. written with triggers disabled)
         let e = endpoint("postback", "{attributes.base|raw}/pb");
-        assert!(render(&conv(), &e, "k", 0).unwrap_err().contains("not valid"));
+        assert!(render(&conv(), &e, "k", 0, Limits::default()).unwrap_err().contains("not valid"));
         let e = endpoint("postback", "https://n.test/pb?x={click_id}");
         let long = "x".repeat(MAX_URL_BYTES);
         let mut c = conv();
         c.click_id = &long;
-        assert!(render(&c, &e, "k", 0).unwrap_err().contains("the limit is 16384"));
+        assert!(render(&c, &e, "k", 0, Limits::default()).unwrap_err().contains("the limit is 16384"));
+        // a webhook body over the limit is refused, not truncated
+        let mut big = conv();
+        big.attributes.insert("blob".into(), Value::String("x".repeat(300_000)));
+        let e = render(&big, &endpoint("webhook", "https://n.test/h"), "k", 0, Limits::default()).unwrap_err();
+        assert!(e.contains("the limit is 262144 (postback.max_body_bytes)"), "{e}");
+        let small = Limits { url_bytes: 30, body_bytes: 10 };
+        assert!(render(&conv(), &endpoint("postback", "https://n.test/pb?x={transaction_id}"), "k", 0, small).is_ok());
+        assert!(render(&conv(), &endpoint("postback", "https://n.test/pb?x={click_id}&y=long"), "k", 0, small).is_err());
     }
 }

@@ -380,12 +380,143 @@ mod tests {
         )
         .unwrap();
         let ok = Spi::get_one::<bool>(
-            "SELECT p.method = 'POST' AND p.url = 'https://n.test/hook?c=c9' AND p.headers->>'X-Team' = 'growth'
+            "SELECT p.method = 'POST' AND p.url = 'https://n.test/hook?c=c9' AND p.headers->>'X-Team' = '[redacted]'
                     AND p.headers->>'X-Hub-Signature-256' = postback.sign(p.body, 'It''s a Secret to Everybody', 'github')
                     AND p.body::jsonb->'data'->>'click_id' = 'c9' AND p.error IS NULL
                FROM postback.conversions c, postback.preview('wh', c.id) p WHERE c.transaction_id = 'pv'",
         )
         .unwrap();
         assert_eq!(ok, Some(true));
+    }
+
+    /// Supabase's linter calls a function without a pinned search_path
+    /// `function_search_path_mutable`: every SQL and PL/pgSQL function of the
+    /// schema, and every SECURITY DEFINER one whatever its language, pins it.
+    #[pg_test]
+    fn every_function_pins_its_search_path() {
+        let unpinned = Spi::get_one::<String>(
+            "SELECT string_agg(p.oid::regprocedure::text, ', ')
+               FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+              WHERE p.pronamespace = 'postback'::regnamespace
+                AND (l.lanname IN ('sql', 'plpgsql') OR p.prosecdef)
+                AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false)",
+        )
+        .unwrap();
+        assert_eq!(unpinned, None, "functions without a pinned search_path");
+        let definers = count(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'postback'::regnamespace AND prosecdef",
+        );
+        assert!(definers >= 3, "the enqueue triggers and preview run as the owner");
+    }
+
+    #[pg_test]
+    fn internal_functions_are_not_executable_by_public() {
+        for f in [
+            "postback.finalize_request(bigint, text, text, text, text, text, text, jsonb, text, text)",
+            "postback.render_request(bigint, text, text, text, jsonb, jsonb, boolean, bigint, text, text, text, text, text, text, jsonb, timestamptz)",
+            "postback.preview(text, bigint)",
+            "postback.grant_operator(regrole)",
+            "postback.grant_analyst(regrole)",
+            "postback.wake_worker()",
+        ] {
+            let public = Spi::get_one_with_args::<bool>(
+                "SELECT coalesce(bool_or(a.grantee = 0), false)
+                   FROM pg_proc p, aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a
+                  WHERE p.oid = $1::regprocedure AND a.privilege_type = 'EXECUTE'",
+                &[f.into()],
+            )
+            .unwrap();
+            assert_eq!(public, Some(false), "{f} is executable by PUBLIC");
+        }
+    }
+
+    #[pg_test]
+    fn endpoint_headers_are_checked_when_given() {
+        for (headers, expected) in [
+            (r#"{"Host": "evil.test"}"#, "header \"Host\" is set by the HTTP client"),
+            (r#"{"Content-Length": "5"}"#, "\"Content-Length\""),
+            (r#"{"Transfer-Encoding": "chunked"}"#, "\"Transfer-Encoding\""),
+            (r#"{"connection": "close"}"#, "\"connection\""),
+            (r#"{"X-Key": "a\r\nX-Injected: 1"}"#, "control character (U+000D)"),
+            (r#"{"X Key": "v"}"#, "is not an HTTP token"),
+            (r#"{"X-Key": 5}"#, "the value of \"X-Key\" must be a string"),
+            (r#"["X-Key"]"#, "must be a JSON object"),
+        ] {
+            let sql = format!(
+                "INSERT INTO postback.endpoints (name, url_template, headers) VALUES ('h', 'https://n.test/pb', '{}')",
+                headers.replace('\'', "''")
+            );
+            assert_refused(&sql, expected);
+        }
+        insert_endpoint("hdr");
+        assert_refused(
+            "UPDATE postback.endpoints SET headers = '{\"Upgrade\": \"h2c\"}' WHERE name = 'hdr'",
+            "\"Upgrade\"",
+        );
+        assert_eq!(error_of("UPDATE postback.endpoints SET headers = '{\"Authorization\": \"Bearer t\"}' WHERE name = 'hdr'"), None);
+    }
+
+    #[pg_test]
+    fn templates_that_could_move_the_host_are_refused() {
+        for template in [
+            "http:///{click_id}:56002/pb",
+            "https:{click_id}/pb",
+            "http:\\\\{click_id}\\pb",
+            "https://{click_id}/pb",
+            "https://n.test:{attributes.port}/pb",
+        ] {
+            let sql = format!(
+                "INSERT INTO postback.endpoints (name, url_template) VALUES ('mv', '{}')",
+                template.replace('\'', "''")
+            );
+            assert_refused(&sql, "invalid url_template");
+        }
+    }
+
+    #[pg_test]
+    fn delivery_methods_are_constrained() {
+        insert_endpoint("m");
+        Spi::run("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'mt')").unwrap();
+        assert_refused(
+            "UPDATE postback.deliveries SET method = E'GET / HTTP/1.1\\r\\nX: y'",
+            "delivery_method_must_be_get_post_put_or_patch",
+        );
+    }
+
+    #[pg_test]
+    fn oversized_webhook_bodies_are_dead_with_the_limit_named() {
+        Spi::run(
+            "SET LOCAL postback.max_body_bytes = '2kB';
+             INSERT INTO postback.endpoints (name, kind, url_template) VALUES ('big', 'webhook', 'https://n.test/hook');
+             INSERT INTO postback.conversions (click_id, transaction_id, attributes)
+             VALUES ('c', 'small', '{}'), ('c', 'large', jsonb_build_object('blob', repeat('x', 5000)))",
+        )
+        .unwrap();
+        let states = Spi::get_one::<String>(
+            "SELECT string_agg(c.transaction_id || '=' || d.state, ',' ORDER BY c.transaction_id)
+               FROM postback.deliveries d JOIN postback.conversions c ON c.id = d.conversion_id",
+        )
+        .unwrap();
+        assert_eq!(states.as_deref(), Some("large=dead,small=pending"));
+        let reason = Spi::get_one::<String>("SELECT last_error FROM postback.deliveries WHERE state = 'dead'").unwrap().unwrap();
+        assert!(reason.contains("the limit is 2048 (postback.max_body_bytes)"), "{reason}");
+    }
+
+    #[pg_test]
+    fn pg_dump_keeps_every_table_with_user_data_and_its_sequence() {
+        let dumped = Spi::get_one::<String>(
+            "SELECT string_agg(c.relname, ',' ORDER BY c.relname)
+               FROM pg_extension x, unnest(x.extconfig) AS t(oid) JOIN pg_class c ON c.oid = t.oid
+              WHERE x.extname = 'pg_postback'",
+        )
+        .unwrap();
+        assert_eq!(
+            dumped.as_deref(),
+            Some(
+                "attempts,attempts_id_seq,conversion_duplicates,conversion_duplicates_id_seq,conversions,\
+                 conversions_id_seq,deliveries,deliveries_id_seq,endpoint_secrets,endpoint_secrets_id_seq,\
+                 endpoints,endpoints_id_seq"
+            )
+        );
     }
 }

@@ -45,12 +45,19 @@ fn prefix_match(net: u128, addr: u128, prefix: u8, bits: u8) -> bool {
 
 /// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) is judged as the IPv4
 /// address it carries, so the mapping cannot be used to slip past the rules.
+/// The same holds for the IPv4-compatible (`::a.b.c.d`, deprecated) and the
+/// IPv4-translated (`::ffff:0:a.b.c.d`, RFC 2765) forms; `::` and `::1` stay IPv6.
 fn canonical(addr: IpAddr) -> IpAddr {
     match addr {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(v6),
-        },
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let embedded = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+            match s {
+                [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0xffff, 0, _, _] => IpAddr::V4(embedded),
+                [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 || lo > 1 => IpAddr::V4(embedded),
+                _ => IpAddr::V6(v6),
+            }
+        }
         v4 => v4,
     }
 }
@@ -131,6 +138,12 @@ fn v6_reason(a: Ipv6Addr) -> Option<&'static str> {
         Some("unique-local address")
     } else if (seg[0] & 0xFFC0) == 0xFE80 {
         Some("link-local address")
+    } else if (seg[0] & 0xFFC0) == 0xFEC0 {
+        Some("site-local address (deprecated, still routed inside some networks)")
+    } else if seg[0] == 0x2001 && seg[1] == 0 {
+        Some("Teredo address (carries an IPv4 address)")
+    } else if seg[0] == 0x0100 && seg[1] == 0 && seg[2] == 0 && seg[3] == 0 {
+        Some("discard-only address")
     } else if a.is_multicast() {
         Some("multicast address")
     } else if seg[0] == 0x2001 && seg[1] == 0x0db8 {
@@ -177,6 +190,8 @@ mod tests {
             "127.0.0.1", "127.0.0.2", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
             "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::", "fd00::1",
             "fe80::1", "ff02::1", "::ffff:10.0.0.1", "::ffff:127.0.0.1",
+            "::127.0.0.1", "::10.0.0.1", "::ffff:0:127.0.0.1", "::ffff:0:169.254.169.254",
+            "fec0::1", "feff::1", "2001:0::5efe:7f00:1", "100::1",
         ] {
             let err = check_address(ip(a), &[]).unwrap_err();
             assert!(err.contains("refused to connect"), "{a}: {err}");
@@ -196,8 +211,13 @@ mod tests {
         assert!(check_address(ip("127.0.0.2"), &allow).is_err());
         assert_eq!(check_address(ip("10.200.1.1"), &allow), Ok(()));
         assert!(check_address(ip("192.168.0.1"), &allow).is_err());
-        // a mapped address is judged as its IPv4 self
+        // a mapped, compatible or translated address is judged as its IPv4 self
         assert_eq!(check_address(ip("::ffff:127.0.0.1"), &allow), Ok(()));
+        assert_eq!(check_address(ip("::127.0.0.1"), &allow), Ok(()));
+        assert_eq!(check_address(ip("::ffff:0:127.0.0.1"), &allow), Ok(()));
+        assert!(check_address(ip("::ffff:0:127.0.0.2"), &allow).is_err());
+        // and a public IPv4 address inside them stays public
+        assert_eq!(check_address(ip("::ffff:0:8.8.8.8"), &[]), Ok(()));
     }
 
     #[test]

@@ -400,6 +400,7 @@ pub fn sample_vars() -> Map<String, Value> {
 /// the scheme or host, http(s) only, and a URL that parses once rendered.
 pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
     let template = Template::parse(text)?;
+    let origin = literal_origin(text)?;
     for m in template.macros() {
         check_variable(m)?;
         if m.part == Part::Authority {
@@ -419,8 +420,97 @@ pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
         }
     }
     let rendered = render_url(&template, &vars, RenderOptions::default());
-    check_url(&rendered)?;
+    let first = check_url(&rendered)?;
+    // A second rendering with different, hostile-looking values must land on
+    // the same scheme, host and port: no value can move the request elsewhere.
+    let mut other = vars.clone();
+    for (name, value) in other.iter_mut() {
+        if name != "attributes" {
+            *value = Value::String(format!("x.{name}:1@other.test\\/?#"));
+        }
+    }
+    if let Some(Value::Object(attrs)) = other.get_mut("attributes") {
+        for value in attrs.values_mut() {
+            *value = Value::String("y:2@elsewhere.test/\\".into());
+        }
+    }
+    let second = check_url(&render_url(&template, &other, RenderOptions::default()))?;
+    for parsed in [&first, &second] {
+        if Origin::of(parsed) != origin {
+            return Err(err(
+                None,
+                format!("a variable can change the scheme, host or port (renders to {}); they must be literal", parsed.origin().ascii_serialization()),
+            ));
+        }
+    }
     Ok(template)
+}
+
+/// Scheme, host and port of a URL: what a delivery may never change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: String,
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl Origin {
+    pub fn of(url: &url::Url) -> Origin {
+        Origin {
+            scheme: url.scheme().to_string(),
+            host: url.host_str().unwrap_or("").to_ascii_lowercase(),
+            port: url.port_or_known_default(),
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}://{}:{}", self.scheme, self.host, p),
+            None => write!(f, "{}://{}", self.scheme, self.host),
+        }
+    }
+}
+
+/// The scheme, host and port an endpoint URL template spells out literally:
+/// it must start with `http://` or `https://`, hold no backslash, and have a
+/// non-empty authority free of macros before the first `/`, `?` or `#`.
+pub fn literal_origin(text: &str) -> Result<Origin, TemplateError> {
+    if let Some(i) = text.find('\\') {
+        return Err(err(Some(text[..i].chars().count() + 1), "backslash in the URL template (write %5C for a literal one)"));
+    }
+    let lower = text.get(..8).unwrap_or(text).to_ascii_lowercase();
+    let rest_at = if lower.starts_with("https://") {
+        8
+    } else if lower.starts_with("http://") {
+        7
+    } else {
+        let scheme = text.split(':').next().unwrap_or("");
+        let looks_like_scheme = !scheme.is_empty() && scheme.len() < text.len() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c));
+        return Err(err(
+            Some(1),
+            if looks_like_scheme && !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+                format!("scheme \"{scheme}\" is not allowed; use http or https")
+            } else {
+                "the URL template must start with http:// or https:// followed by a literal host".to_string()
+            },
+        ));
+    };
+    let rest = &text[rest_at..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.is_empty() {
+        return Err(err(Some(rest_at + 1), "empty host after the scheme; the host must be literal"));
+    }
+    if let Some(i) = authority.find(['{', '}']) {
+        return Err(err(
+            Some(text[..rest_at + i].chars().count() + 1),
+            "variable in the scheme or host; only the path, query and fragment may hold variables",
+        ));
+    }
+    let parsed = check_url(&format!("{}{}/", &text[..rest_at], authority))?;
+    Ok(Origin::of(&parsed))
 }
 
 /// Checks a rendered URL: it parses, its scheme is http or https, it has a host.
@@ -575,6 +665,36 @@ mod tests {
         assert!(validate_url_template("not a url {click_id}").is_err());
         assert!(validate_url_template("https://user:pw@n.test/").is_err());
         assert!(validate_url_template("https://n.test:8080/p/{click_id}?t={transaction_id}&a={amount|default:0}").is_ok());
+    }
+
+    #[test]
+    fn no_template_form_lets_a_variable_reach_the_scheme_host_or_port() {
+        for t in [
+            "http:///{click_id}:56002/pb",
+            "https:{click_id}/pb",
+            "http:\\\\{click_id}\\pb",
+            "https://n.test\\@{click_id}/pb",
+            "https://{click_id}/pb",
+            "https://n.test:{click_id}/pb",
+            "https://{attributes.h|raw}/pb",
+            "https://n.test{click_id}/pb",
+            "//n.test/{click_id}",
+            "{click_id}",
+            "{attributes.base|raw}/pb",
+            "https:/n.test/{click_id}",
+        ] {
+            assert!(validate_url_template(t).is_err(), "{t} was accepted");
+        }
+        let e = validate_url_template("http:\\\\n.test\\pb").unwrap_err();
+        assert!(e.message.contains("backslash"), "{e}");
+        assert_eq!(e.position, Some(6));
+        let e = validate_url_template("http:///{click_id}:56002/pb").unwrap_err();
+        assert!(e.message.contains("empty host"), "{e}");
+        // raw values in the path or query cannot move the host either
+        assert!(validate_url_template("https://n.test/{attributes.p|raw}?q={attributes.q|raw}").is_ok());
+        let o = literal_origin("HTTPS://N.Test/pb?x={click_id}").unwrap();
+        assert_eq!((o.scheme.as_str(), o.host.as_str(), o.port), ("https", "n.test", Some(443)));
+        assert_eq!(literal_origin("http://127.0.0.1:8080?a=1").unwrap().to_string(), "http://127.0.0.1:8080");
     }
 
     #[test]

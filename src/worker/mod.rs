@@ -62,6 +62,15 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     unsafe {
         pg_sys::pgstat_report_appname(c"pg_postback worker".as_ptr());
+        // Only pg_catalog resolves unqualified names: an operator or function
+        // planted in `public` or in a schema named after this role is never
+        // found, whatever the database's or role's default search_path says.
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
     }
     shared::register_self(http::unix_micros_now());
     log!("pg_postback worker started, connected to database \"{database}\"");
@@ -69,6 +78,7 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     let mut pool = build_pool();
     let mut jitter = Jitter::new(http::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32);
     let mut reclaimed_at_start = false;
+    let mut waiting_for_update: Option<String> = None;
     let mut sleep = Duration::from_millis(0);
 
     while !shutdown_requested() {
@@ -87,9 +97,23 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
         shared::SHARED.exclusive().last_wake = http::unix_micros_now();
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
 
-        match txn::run("checking the schema", queue::extension_installed) {
-            Ok(true) => {}
-            Ok(false) => {
+        match txn::run("checking the schema", queue::installed_version) {
+            Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {
+                waiting_for_update = None;
+            }
+            Ok(other) => {
+                // not installed, or installed at another version: its schema is
+                // not the one this library speaks; deliveries wait (nothing is lost)
+                if let Some(v) = &other {
+                    if waiting_for_update.as_deref() != Some(v.as_str()) {
+                        log!(
+                            "pg_postback worker: the extension is at version {v} but the library is {}; \
+                             deliveries wait until ALTER EXTENSION pg_postback UPDATE",
+                            env!("CARGO_PKG_VERSION")
+                        );
+                    }
+                }
+                waiting_for_update = other;
                 sleep = poll.max(Duration::from_secs(1));
                 continue;
             }
@@ -277,10 +301,15 @@ fn dead_record(c: &Claimed, error: String) -> Record {
 }
 
 fn build_job(c: &Claimed, endpoint: &EndpointConfig, now_unix: i64) -> Result<Job, String> {
-    let stored: Vec<(String, String)> = match &c.headers {
-        Some(text) => crate::api::header_pairs(serde_json::from_str(text).ok()),
-        None => Vec::new(),
-    };
+    outgoing::check_method(&c.method)?;
+    // defence in depth: whatever is stored, a delivery only goes where its
+    // endpoint's template says (the endpoint's credentials go with it)
+    let origin = endpoint.origin.as_ref().map_err(Clone::clone)?;
+    let url = url::Url::parse(&c.url).map_err(|e| format!("delivery URL does not parse: {e}"))?;
+    let actual = crate::template::Origin::of(&url);
+    if &actual != origin {
+        return Err(format!("delivery URL goes to {actual}, not to its endpoint's {origin}; refused"));
+    }
     let signing = Signing {
         scheme: endpoint.signing_scheme.clone(),
         secrets: endpoint.secrets.clone(),
@@ -288,7 +317,7 @@ fn build_job(c: &Claimed, endpoint: &EndpointConfig, now_unix: i64) -> Result<Jo
         ts_param: endpoint.timestamp_param.clone(),
         sig_param: endpoint.signature_param.clone(),
     };
-    let out = outgoing::finalize(&endpoint.kind, &c.url, &stored, c.body.as_deref(), &c.idempotency_key, &signing, now_unix)?;
+    let out = outgoing::finalize(&endpoint.kind, &c.url, &endpoint.headers, c.body.as_deref(), &c.idempotency_key, &signing, now_unix)?;
     Ok(Job { method: c.method.clone(), url: out.url, headers: out.headers, body: c.body.clone(), timeout: endpoint.timeout })
 }
 

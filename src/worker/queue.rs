@@ -17,7 +17,6 @@ pub struct Claimed {
     pub attempt_no: i32,
     pub method: String,
     pub url: String,
-    pub headers: Option<String>,
     pub body: Option<String>,
     pub idempotency_key: String,
     /// how long until created_at + max_age
@@ -26,6 +25,10 @@ pub struct Claimed {
 
 pub struct EndpointConfig {
     pub kind: String,
+    /// scheme, host and port every delivery URL of the endpoint must have
+    pub origin: Result<crate::template::Origin, String>,
+    /// the endpoint's own headers (credentials): read at send time, never stored per delivery
+    pub headers: Vec<(String, String)>,
     pub timeout: Duration,
     pub schedule: Vec<Duration>,
     pub max_attempts: i32,
@@ -37,8 +40,9 @@ pub struct EndpointConfig {
     pub secrets: Vec<String>,
 }
 
-pub fn extension_installed() -> SpiResult<bool> {
-    Spi::get_one::<bool>("SELECT to_regclass('postback.deliveries') IS NOT NULL").map(|v| v.unwrap_or(false))
+/// The installed version of the extension in this database, if any.
+pub fn installed_version() -> SpiResult<Option<String>> {
+    Spi::get_one::<String>("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_postback'")
 }
 
 /// Claims up to `limit` due deliveries whose endpoint is active and whose
@@ -62,9 +66,9 @@ pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
                         attempts = d.attempts + 1
                    FROM due
                   WHERE d.id = due.id
-              RETURNING d.id, d.endpoint_id, d.attempts, d.method, d.url, d.headers::text, d.body,
+              RETURNING d.id, d.endpoint_id, d.attempts, d.method, d.url, d.body,
                         d.idempotency_key,
-                        (SELECT (extract(epoch FROM d.created_at + e.max_age - now()) * 1000)::bigint
+                        (SELECT (extract(epoch FROM d.created_at + e.max_age - now()) * 1000.0)::bigint
                            FROM postback.endpoints e WHERE e.id = d.endpoint_id)"
             ),
             None,
@@ -78,10 +82,9 @@ pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
                 attempt_no: row.get::<i32>(3)?.unwrap_or(1),
                 method: row.get::<String>(4)?.unwrap_or_else(|| "GET".into()),
                 url: row.get::<String>(5)?.unwrap_or_default(),
-                headers: row.get::<String>(6)?,
-                body: row.get::<String>(7)?,
-                idempotency_key: row.get::<String>(8)?.unwrap_or_default(),
-                remaining_age_ms: row.get::<i64>(9)?.unwrap_or(0),
+                body: row.get::<String>(6)?,
+                idempotency_key: row.get::<String>(7)?.unwrap_or_default(),
+                remaining_age_ms: row.get::<i64>(8)?.unwrap_or(0),
             });
         }
         Ok(out)
@@ -96,14 +99,15 @@ fn ms(v: i64) -> Duration {
 pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT e.id, e.kind, (extract(epoch FROM e.timeout) * 1000)::bigint,
-                    ARRAY(SELECT (extract(epoch FROM s) * 1000)::bigint FROM unnest(e.retry_schedule) s),
+            "SELECT e.id, e.kind, (extract(epoch FROM e.timeout) * 1000.0)::bigint,
+                    ARRAY(SELECT (extract(epoch FROM s) * 1000.0)::bigint FROM unnest(e.retry_schedule) s),
                     e.max_attempts, e.success_body_pattern, e.signing_scheme, e.signature_header,
                     e.timestamp_param, e.signature_param,
                     ARRAY(SELECT k.secret FROM postback.endpoint_secrets k
                            WHERE k.endpoint_id = e.id AND (k.expires_at IS NULL OR k.expires_at > now())
-                           ORDER BY k.created_at DESC, k.id DESC)
-               FROM postback.endpoints e WHERE e.id = ANY ($1)",
+                           ORDER BY k.created_at DESC, k.id DESC),
+                    e.url_template, e.headers::text
+               FROM postback.endpoints e WHERE e.id = ANY ($1::bigint[])",
             None,
             &[ids.into()],
         )?;
@@ -123,6 +127,11 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     timestamp_param: row.get::<String>(9)?.unwrap_or_else(|| "ts".into()),
                     signature_param: row.get::<String>(10)?.unwrap_or_else(|| "sig".into()),
                     secrets: row.get::<Vec<String>>(11)?.unwrap_or_default(),
+                    origin: crate::template::literal_origin(&row.get::<String>(12)?.unwrap_or_default())
+                        .map_err(|e| format!("the endpoint's url_template is no longer valid: {e}")),
+                    headers: crate::outgoing::header_pairs(
+                        row.get::<String>(13)?.and_then(|t| serde_json::from_str(&t).ok()),
+                    ),
                 },
             );
         }
@@ -153,23 +162,23 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
     }
     let ids: Vec<i64> = records.iter().map(|r| r.delivery_id).collect();
     let attempt_nos: Vec<i32> = records.iter().map(|r| r.attempt_no).collect();
-    let started: Vec<i64> = records.iter().map(|r| r.started_unix_micros).collect();
+    let started: Vec<f64> = records.iter().map(|r| r.started_unix_micros as f64 / 1e6).collect();
     let durations: Vec<Option<f64>> = records.iter().map(|r| r.duration_ms).collect();
     let codes: Vec<Option<i32>> = records.iter().map(|r| r.status_code).collect();
     let bodies: Vec<Option<String>> = records.iter().map(|r| r.response_body.clone()).collect();
     let errors: Vec<Option<String>> = records.iter().map(|r| r.error.clone()).collect();
     let outcomes: Vec<String> = records.iter().map(|r| r.outcome.to_string()).collect();
-    let retry_in: Vec<Option<i64>> = records.iter().map(|r| r.retry_in_ms).collect();
+    let retry_in: Vec<Option<f64>> = records.iter().map(|r| r.retry_in_ms.map(|ms| ms as f64)).collect();
     Spi::connect_mut(|client| {
         client.update(
             "WITH r AS (
-                 SELECT * FROM unnest($1::bigint[], $2::int[], $3::bigint[], $4::float8[], $5::int[],
-                                      $6::text[], $7::text[], $8::text[], $9::bigint[])
-                        AS r(id, attempt_no, started_us, duration_ms, status_code, body, error, outcome, retry_ms)),
+                 SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], $5::int[],
+                                      $6::text[], $7::text[], $8::text[], $9::float8[])
+                        AS r(id, attempt_no, started_s, duration_ms, status_code, body, error, outcome, retry_ms)),
              a AS (
                  INSERT INTO postback.attempts
                         (delivery_id, attempt_no, started_at, duration_ms, status_code, response_body, error, outcome)
-                 SELECT id, attempt_no, to_timestamp(started_us / 1e6), duration_ms, status_code, body, error, outcome
+                 SELECT id, attempt_no, to_timestamp(started_s), duration_ms, status_code, body, error, outcome
                    FROM r)
              UPDATE postback.deliveries d
                 SET state = CASE r.outcome WHEN 'retry' THEN 'pending' ELSE r.outcome END,

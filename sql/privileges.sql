@@ -1,0 +1,71 @@
+-- Who may do what. The extension's owner (the superuser who ran CREATE
+-- EXTENSION) owns every table; nobody else writes deliveries, attempts,
+-- endpoints or secrets. Applications and people get one of two roles' worth of
+-- grants, through the functions below (so that later versions can extend them).
+
+-- Internal functions: only the owner (and the SECURITY DEFINER triggers and
+-- functions, which run as the owner) may call them. finalize_request signs
+-- with an endpoint's live secrets, so it is a signing oracle for anyone else.
+REVOKE EXECUTE ON FUNCTION postback.render_request(bigint, text, text, text, jsonb, jsonb, boolean, bigint, text, text, text, text, text, text, jsonb, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.finalize_request(bigint, text, text, text, text, text, text, jsonb, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.take_proposed_conversions() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.wake_worker() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.worker_stats() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.worker_status() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.preview(text, bigint) FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA postback FROM PUBLIC;
+
+-- Read access for analysts: everything but credentials. endpoints.headers
+-- (API keys, Authorization) and endpoint_secrets stay with the owner.
+CREATE FUNCTION postback.grant_analyst(role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    readable text;
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO readable
+      FROM pg_attribute a
+     WHERE a.attrelid = 'postback.endpoints'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname <> 'headers';
+    EXECUTE format('GRANT USAGE ON SCHEMA postback TO %s', role);
+    EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
+                   'postback.conversion_duplicates, postback.delivery_summary TO %s', role);
+    EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats() TO %s', role);
+END
+$$;
+
+-- Operators: what analysts read, plus writing conversions (insert, change a
+-- status) and previewing requests. They never write deliveries or endpoints.
+CREATE FUNCTION postback.grant_operator(role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM postback.grant_analyst(role);
+    EXECUTE format('GRANT INSERT, UPDATE ON postback.conversions TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint) TO %s', role);
+END
+$$;
+
+-- Takes back everything grant_analyst and grant_operator gave.
+CREATE FUNCTION postback.revoke_access(role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA postback FROM %s', role);
+    EXECUTE format('REVOKE SELECT (%s) ON postback.endpoints FROM %s',
+                   (SELECT string_agg(quote_ident(a.attname), ', ')
+                      FROM pg_attribute a
+                     WHERE a.attrelid = 'postback.endpoints'::regclass AND a.attnum > 0 AND NOT a.attisdropped),
+                   role);
+    EXECUTE format('REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA postback FROM %s', role);
+    EXECUTE format('REVOKE USAGE ON SCHEMA postback FROM %s', role);
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION postback.grant_analyst(regrole) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.grant_operator(regrole) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.revoke_access(regrole) FROM PUBLIC;
