@@ -1,0 +1,124 @@
+"""0.1.0 → 0.2.0: an upgraded database equals a fresh one, and its data and pending deliveries survive.
+
+The frozen 0.1.0 install script (sql/releases/) is installed beside the current one, so a
+cluster running the new library can still CREATE EXTENSION pg_postback VERSION '0.1.0'.
+"""
+
+import time
+
+from receiver import Receiver
+
+# Every object of the extension, described so that two databases can be compared.
+CATALOG = {
+    "members": """
+        SELECT pg_describe_object(d.classid, d.objid, d.objsubid)
+          FROM pg_depend d JOIN pg_extension x ON x.oid = d.refobjid
+         WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e' AND x.extname = 'pg_postback'""",
+    "columns": """
+        SELECT c.relname, c.relkind, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+               a.attidentity, pg_get_expr(ad.adbin, ad.adrelid), a.attcollation::regcollation::text,
+               col_description(c.oid, a.attnum),
+               row_number() OVER (PARTITION BY c.relname ORDER BY a.attnum)
+          FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+          LEFT JOIN pg_attrdef ad ON ad.adrelid = c.oid AND ad.adnum = a.attnum
+         WHERE c.relnamespace = 'postback'::regnamespace AND a.attnum > 0 AND NOT a.attisdropped""",
+    "relations": """
+        SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class'), c.relacl::text,
+               CASE WHEN c.relkind = 'v' THEN pg_get_viewdef(c.oid) END
+          FROM pg_class c WHERE c.relnamespace = 'postback'::regnamespace""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+          FROM pg_constraint WHERE connamespace = 'postback'::regnamespace""",
+    "indexes": """
+        SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid)
+          FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+         WHERE c.relnamespace = 'postback'::regnamespace""",
+    "triggers": """
+        SELECT tgname, pg_get_triggerdef(t.oid), tgenabled
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relnamespace = 'postback'::regnamespace AND NOT tgisinternal""",
+    "functions": """
+        SELECT p.oid::regprocedure::text, l.lanname, p.prosrc, p.probin, p.prosecdef, p.proconfig,
+               p.provolatile, p.proisstrict, p.proparallel, pg_get_function_result(p.oid),
+               pg_get_function_arguments(p.oid), p.proacl::text, obj_description(p.oid, 'pg_proc')
+          FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+         WHERE p.pronamespace = 'postback'::regnamespace""",
+    "config_dump": """
+        SELECT t.oid::regclass::text, c.cond
+          FROM pg_extension x, unnest(x.extconfig, x.extcondition) AS t(oid, cond)
+          JOIN pg_class c2 ON c2.oid = t.oid, LATERAL (SELECT t.cond) c
+         WHERE x.extname = 'pg_postback'""",
+    "schema": """
+        SELECT nspname, nspacl::text, obj_description(oid, 'pg_namespace')
+          FROM pg_namespace WHERE nspname = 'postback'""",
+}
+
+
+def catalog(conn):
+    return {name: sorted(map(repr, conn.execute(sql).fetchall())) for name, sql in CATALOG.items()}
+
+
+def test_upgraded_database_equals_a_fresh_install(make_cluster):
+    c = make_cluster()
+    with c.connect() as conn:
+        conn.execute("CREATE DATABASE fresh")
+        conn.execute("CREATE DATABASE upgraded")
+    with c.connect("fresh") as conn:
+        conn.execute("CREATE EXTENSION pg_postback")
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_postback'").fetchone()[0] == "0.2.0"
+        fresh = catalog(conn)
+    with c.connect("upgraded") as conn:
+        conn.execute("CREATE EXTENSION pg_postback VERSION '0.1.0'")
+        old = catalog(conn)
+        conn.execute("ALTER EXTENSION pg_postback UPDATE")
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_postback'").fetchone()[0] == "0.2.0"
+        upgraded = catalog(conn)
+    assert old != fresh  # the comparison can tell versions apart
+    for part in CATALOG:
+        only_fresh = sorted(set(fresh[part]) - set(upgraded[part]))
+        only_upgraded = sorted(set(upgraded[part]) - set(fresh[part]))
+        assert not only_fresh and not only_upgraded, (
+            f"{part} differ:\n  only in a fresh install: {only_fresh}\n  only after the upgrade: {only_upgraded}")
+
+
+def test_data_and_pending_deliveries_survive_the_update_and_are_delivered(make_cluster):
+    c = make_cluster()
+    r = Receiver().start()
+    try:
+        with c.connect() as conn:
+            conn.execute("CREATE EXTENSION pg_postback VERSION '0.1.0'")
+            # 0.1.0 copied endpoint headers into every delivery; 0.2.0 adds them at send time
+            conn.execute(
+                "INSERT INTO postback.endpoints (name, url_template, headers) VALUES (%s, %s, %s)",
+                ("net", r.url("/pb?cid={click_id}&tx={transaction_id}"), '{"Authorization": "Bearer k-1"}'))
+            conn.execute(
+                "INSERT INTO postback.endpoints (name, kind, url_template, signing_scheme) "
+                "VALUES ('hook', 'webhook', %s, 'github')", (r.url("/hook"),))
+            conn.execute("INSERT INTO postback.endpoint_secrets (endpoint_id, secret) "
+                         "SELECT id, 's3cret' FROM postback.endpoints WHERE name = 'hook'")
+            conn.execute(
+                "INSERT INTO postback.conversions (click_id, transaction_id, amount, currency) "
+                "SELECT 'c' || g, 'up-' || g, g, 'EUR' FROM generate_series(1, 50) g")
+            # the new library's worker does not touch a schema it does not speak
+            time.sleep(1.5)
+            assert r.seen() == []
+            assert "extension is at version 0.1.0 but the library is 0.2.0" in c.log()
+            before = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE state = 'pending') FROM postback.deliveries").fetchone()
+            assert before == (100, 100)
+            conn.execute("ALTER EXTENSION pg_postback UPDATE")
+            c.wait_for(lambda: conn.execute(
+                "SELECT count(*) = 100 FROM postback.deliveries WHERE state = 'succeeded'").fetchone()[0],
+                what="the 0.1.0 deliveries to be delivered after the update")
+            assert conn.execute("SELECT count(*) FROM postback.conversions").fetchone()[0] == 50
+            assert conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0] == 100
+            # and new conversions flow through the 0.2.0 triggers
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('n', 'after')")
+            c.wait_for(lambda: len(r.seen("/pb")) == 51, what="a conversion inserted after the update")
+        gets = r.seen("/pb")
+        assert {g["headers"].get("authorization") for g in gets} == {"Bearer k-1"}
+        assert sorted(g["query"]["tx"] for g in gets) == sorted([f"up-{i}" for i in range(1, 51)] + ["after"])
+        assert len(r.seen("/hook")) == 51
+        assert all(h["headers"]["x-hub-signature-256"].startswith("sha256=") for h in r.seen("/hook"))
+    finally:
+        r.stop()
