@@ -1,5 +1,7 @@
 -- Views and functions for operators and analysts.
 
+-- SECURITY DEFINER: reading shared_preload_libraries needs pg_read_all_settings,
+-- and analysts should get the hint too.
 CREATE FUNCTION postback.worker_status(
     OUT running       boolean,
     OUT pid           integer,
@@ -14,7 +16,7 @@ CREATE FUNCTION postback.worker_status(
     OUT last_error_at timestamptz,
     OUT hint          text)
 RETURNS record
-LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT a.pid IS NOT NULL,
            a.pid,

@@ -6,7 +6,7 @@
 
 ALTER FUNCTION postback.refuse_delete_with_deliveries() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION postback.delete_attempts_of_deleted_deliveries() SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION postback.worker_status() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION postback.worker_status() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 -- Endpoint headers are checked when given ----------------------------------
 
