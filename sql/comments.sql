@@ -104,11 +104,13 @@ COMMENT ON FUNCTION postback.sign(text, text, text, text, bigint) IS 'Signature 
 COMMENT ON FUNCTION postback.verify(text, text, text, text, text, bigint, interval) IS 'Constant-time check of a signature header; accepts any of several signatures; refuses timestamps outside the tolerance.';
 COMMENT ON FUNCTION postback.render_request(bigint, text, text, text, jsonb, jsonb, boolean, bigint, text, text, text, text, text, text, jsonb, timestamptz) IS 'Internal: renders the request of one conversion for one endpoint; problems come back in error instead of raising.';
 COMMENT ON FUNCTION postback.finalize_request(bigint, text, text, text, text, text, text, jsonb, text, text) IS 'Internal: the URL and full headers (signatures included) a request would be sent with now.';
-COMMENT ON FUNCTION postback.preview(text, bigint) IS 'The method, URL, headers (the endpoint''s own values redacted) and body an endpoint would be sent for a conversion, without sending.';
+COMMENT ON FUNCTION postback.preview(text, bigint) IS 'The method, URL, headers (the endpoint''s own values redacted) and body an endpoint would be sent for a conversion, without sending, and whether its filters route the conversion to it.';
 COMMENT ON FUNCTION postback.conversions_validate() IS 'Trigger: per row, refuses a bad conversion with a message naming the column and transaction_id and counts proposed rows; per statement, resets that count.';
 COMMENT ON FUNCTION postback.take_proposed_conversions() IS 'Internal: rows proposed to the current INSERT on conversions (to count duplicates skipped by ON CONFLICT).';
-COMMENT ON FUNCTION postback.enqueue_inserted_conversions() IS 'Trigger: one set-based insert of deliveries for the conversions a statement inserted.';
-COMMENT ON FUNCTION postback.enqueue_status_changes() IS 'Trigger: announces changed statuses to the endpoints subscribed to them, ordered behind earlier deliveries.';
+COMMENT ON FUNCTION postback.enqueue_conversions() IS 'Trigger (after INSERT and after UPDATE, per statement, as the owner): routes each inserted conversion, or each changed status, to the active endpoints whose partners, events, statuses and conditions match, renders the requests and writes the deliveries; a changed status waits behind earlier deliveries of the same endpoint and conversion.';
+COMMENT ON FUNCTION postback.render_preview(bigint, bigint) IS 'Internal: {idempotency_key, url, body, error, routed} of one endpoint and conversion, rendered as the enqueue trigger would (partner and click included).';
+COMMENT ON FUNCTION postback.validate_partners(text[]) IS 'Raises an error if an endpoint''s partners list is empty, holds NULL, or a name that is not 1 to 100 printable characters; true otherwise.';
+COMMENT ON FUNCTION postback.validate_conditions(jsonb) IS 'Raises an error if an endpoint''s conditions are not a non-empty JSON object; true otherwise.';
 COMMENT ON FUNCTION postback.wake_worker() IS 'Wakes the delivery worker when the current transaction commits.';
 COMMENT ON FUNCTION postback.worker_stats() IS 'The worker''s figures from shared memory: pid, start, last wake, requests sent, in flight, last error.';
 COMMENT ON FUNCTION postback.validate_success_pattern(text) IS 'Raises an error if a success_body_pattern is not a valid regular expression (Rust regex syntax, as the worker uses); true otherwise.';
@@ -116,3 +118,23 @@ COMMENT ON FUNCTION postback.validate_headers(jsonb) IS 'Raises an error naming 
 COMMENT ON FUNCTION postback.grant_analyst(regrole) IS 'Lets a role read conversions, deliveries, attempts, duplicates, endpoints (all columns but the credential headers) and the views. Owner only.';
 COMMENT ON FUNCTION postback.grant_operator(regrole) IS 'What grant_analyst gives, plus inserting conversions, changing their status and postback.preview. Owner only.';
 COMMENT ON FUNCTION postback.revoke_access(regrole) IS 'Takes back every privilege grant_analyst or grant_operator gave a role. Owner only.';
+
+COMMENT ON COLUMN postback.endpoints.partners IS 'Partners (networks, affiliates) whose conversions this endpoint receives; NULL = every partner (global receivers such as your CRM).';
+COMMENT ON COLUMN postback.endpoints.conditions IS 'JSON object the conversion''s attributes must contain (jsonb @>), e.g. {"offer_id": "12"}; NULL = no condition.';
+COMMENT ON COLUMN postback.conversions.partner IS 'Network or affiliate the conversion came from; filled from postback.clicks when NULL and the click is known; cannot change after insert.';
+
+COMMENT ON TABLE postback.clicks IS 'Clicks recorded by the landing page: the partner and the sub-ids it passed. A conversion with a known click_id takes its partner from here, and templates read {click.KEY}. Kept by pg_dump.';
+COMMENT ON COLUMN postback.clicks.click_id IS 'The click id the network passed (what conversions carry in click_id).';
+COMMENT ON COLUMN postback.clicks.partner IS 'Network or affiliate that sent the click.';
+COMMENT ON COLUMN postback.clicks.attributes IS 'Sub-ids and parameters the network passed (sub1…sub5, aff_id, offer_id, …), usable in templates as {click.KEY}.';
+COMMENT ON COLUMN postback.clicks.clicked_at IS 'When the click happened ({click.clicked_at}).';
+
+COMMENT ON VIEW postback.match_rate IS 'Conversions attributable to a recorded click ÷ all conversions, per partner and overall (overall = true), last 24 hours and all time.';
+COMMENT ON COLUMN postback.match_rate.partner IS 'Partner of the conversions; NULL in a per-partner row = conversions with no known partner.';
+COMMENT ON COLUMN postback.match_rate.conversions_24h IS 'Conversions created in the last 24 hours.';
+COMMENT ON COLUMN postback.match_rate.matched_24h IS 'Of those, conversions whose click_id is in postback.clicks.';
+COMMENT ON COLUMN postback.match_rate.match_rate_24h IS 'matched_24h ÷ conversions_24h.';
+COMMENT ON COLUMN postback.match_rate.conversions IS 'All conversions.';
+COMMENT ON COLUMN postback.match_rate.matched IS 'Conversions whose click_id is in postback.clicks.';
+COMMENT ON COLUMN postback.match_rate.match_rate IS 'matched ÷ conversions.';
+COMMENT ON COLUMN postback.match_rate.overall IS 'true for the row over all partners.';

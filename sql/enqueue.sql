@@ -1,7 +1,7 @@
 -- Enqueue: conversions become deliveries in the same transaction.
 
 CREATE TRIGGER conversions_validate
-    BEFORE INSERT OR UPDATE OF click_id, transaction_id, event, status, currency ON postback.conversions
+    BEFORE INSERT OR UPDATE OF click_id, transaction_id, event, status, currency, partner ON postback.conversions
     FOR EACH ROW EXECUTE FUNCTION postback.conversions_validate();
 CREATE TRIGGER conversions_count_proposed
     BEFORE INSERT ON postback.conversions
@@ -19,100 +19,28 @@ CREATE INDEX conversion_duplicates_seen_at ON postback.conversion_duplicates (se
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_duplicates', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_duplicates_id_seq', '');
 
--- The enqueue triggers run as the extension's owner (SECURITY DEFINER, pinned
--- search_path): an application needs only its grants on postback.conversions,
--- and never writes deliveries itself. "Does this endpoint want this
--- conversion?" is the same expression in both triggers and in preview:
---   e.active AND (e.events IS NULL OR c.event = ANY (e.events))
---            AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
-CREATE FUNCTION postback.enqueue_inserted_conversions() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    proposed bigint := postback.take_proposed_conversions();
-    inserted bigint;
-BEGIN
-    -- New conversions have new ids, so their idempotency keys cannot exist yet:
-    -- a plain INSERT (the unique index still guards it) is cheaper than ON CONFLICT.
-    INSERT INTO postback.deliveries
-           (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
-            state, completed_at, last_error)
-    SELECT endpoint_id, conversion_id, event, status, r[1], method, coalesce(r[2], url_template), r[3],
-           CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END,
-           CASE WHEN r[4] IS NOT NULL THEN now() END,
-           r[4]
-      FROM (SELECT e.id AS endpoint_id, c.id AS conversion_id, c.event, c.status, e.method, e.url_template,
-                   postback.render_request(
-                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
-                       c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-                       c.attributes, c.occurred_at) AS r
-              FROM new_rows c
-              JOIN postback.endpoints e
-                ON e.active AND (e.events IS NULL OR c.event = ANY (e.events))
-                            AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
-            OFFSET 0) AS rendered;  -- OFFSET 0: render once per row, not once per r[i]
-    IF FOUND THEN
-        PERFORM postback.wake_worker();
-    END IF;
-    IF proposed > 0 THEN
-        SELECT count(*) INTO inserted FROM new_rows;
-        IF proposed > inserted THEN
-            INSERT INTO postback.conversion_duplicates (duplicates) VALUES ((proposed - inserted)::integer);
-        END IF;
-    END IF;
-    RETURN NULL;
-END
-$$;
+-- The enqueue trigger (Rust, src/enqueue.rs) runs as the extension's owner
+-- (SECURITY DEFINER, pinned search_path): an application needs only its grants
+-- on postback.conversions and never writes deliveries itself. One statement
+-- reads the transition table once, routes each conversion by partner, events,
+-- statuses and conditions, renders each request and writes the deliveries.
+ALTER FUNCTION postback.enqueue_conversions() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
 CREATE TRIGGER conversions_enqueue_inserted
     AFTER INSERT ON postback.conversions REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION postback.enqueue_inserted_conversions();
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.enqueue_conversions();
 
 -- A status change announces the new status; it waits behind the earlier
 -- deliveries of the same endpoint and conversion (predecessor_id).
-CREATE FUNCTION postback.enqueue_status_changes() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    -- A status can come back (approved → pending → approved): its key exists
-    -- then and the repeated announcement is a no-op.
-    INSERT INTO postback.deliveries
-           (endpoint_id, conversion_id, event, status, idempotency_key, predecessor_id, method, url,
-            body, state, completed_at, last_error)
-    SELECT rendered.endpoint_id, rendered.conversion_id, rendered.event, rendered.status, r[1],
-           (SELECT max(p.id) FROM postback.deliveries p
-             WHERE p.idempotency_key >= (rendered.conversion_id::text || '.' || rendered.endpoint_id::text || '.') COLLATE "C"
-               AND p.idempotency_key <  (rendered.conversion_id::text || '.' || rendered.endpoint_id::text || '/') COLLATE "C"),
-           rendered.method, coalesce(r[2], rendered.url_template), r[3],
-           CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END,
-           CASE WHEN r[4] IS NOT NULL THEN now() END,
-           r[4]
-      FROM (SELECT e.id AS endpoint_id, c.id AS conversion_id, c.event, c.status, e.method, e.url_template,
-                   postback.render_request(
-                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
-                       c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-                       c.attributes, c.occurred_at) AS r
-              FROM new_rows c
-              JOIN old_rows o ON o.id = c.id AND o.status IS DISTINCT FROM c.status
-              JOIN postback.endpoints e
-                ON e.active AND (e.events IS NULL OR c.event = ANY (e.events))
-                            AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
-            OFFSET 0) AS rendered
-        ON CONFLICT (idempotency_key) DO NOTHING;
-    IF FOUND THEN
-        PERFORM postback.wake_worker();
-    END IF;
-    RETURN NULL;
-END
-$$;
-
 CREATE TRIGGER conversions_enqueue_status_changes
     AFTER UPDATE ON postback.conversions REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION postback.enqueue_status_changes();
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.enqueue_conversions();
 
 -- What a delivery for this endpoint and conversion would send now, without
 -- sending. Runs as the owner (it signs with the endpoint's secrets); the
 -- endpoint's own header values are credentials and are shown redacted.
 CREATE FUNCTION postback.preview(endpoint text, conversion_id bigint)
-RETURNS TABLE (method text, url text, headers jsonb, body text, error text)
+RETURNS TABLE (method text, url text, headers jsonb, body text, error text, routed boolean)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -127,13 +55,9 @@ BEGIN
     SELECT e.method, f.url,
            (SELECT jsonb_object_agg(h.key, CASE WHEN e.headers ? h.key THEN to_jsonb('[redacted]'::text) ELSE h.value END)
               FROM jsonb_each(f.headers) h),
-           r[3], r[4]
+           r[3], r[4], r[5]::boolean
       FROM postback.endpoints e
-      JOIN postback.conversions c ON c.id = preview.conversion_id
-     CROSS JOIN LATERAL (SELECT postback.render_request(
-                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
-                       c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-                       c.attributes, c.occurred_at) AS r) AS rendered
+     CROSS JOIN LATERAL (SELECT postback.render_preview(e.id, preview.conversion_id) AS r) AS rendered
       LEFT JOIN LATERAL postback.finalize_request(
            e.id, e.kind, e.signing_scheme, e.signature_header, e.timestamp_param, e.signature_param,
            r[2], nullif(e.headers, '{}'), r[3], r[1]) f ON r[4] IS NULL

@@ -13,6 +13,8 @@ REVOKE EXECUTE ON FUNCTION postback.wake_worker() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.worker_stats() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.worker_status() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.preview(text, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.render_preview(bigint, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.enqueue_conversions() FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA postback FROM PUBLIC;
 
 -- Read access for analysts: everything but credentials. endpoints.headers
@@ -31,19 +33,20 @@ BEGIN
        AND a.attname <> 'headers';
     EXECUTE format('GRANT USAGE ON SCHEMA postback TO %s', role);
     EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
-                   'postback.conversion_duplicates, postback.delivery_summary TO %s', role);
+                   'postback.conversion_duplicates, postback.clicks, postback.delivery_summary, '
+                   'postback.match_rate TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats() TO %s', role);
 END
 $$;
 
 -- Operators: what analysts read, plus writing conversions (insert, change a
--- status) and previewing requests. They never write deliveries or endpoints.
+-- status) and clicks (the landing page), and previewing requests. They never write deliveries or endpoints.
 CREATE FUNCTION postback.grant_operator(role regrole) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM postback.grant_analyst(role);
-    EXECUTE format('GRANT INSERT, UPDATE ON postback.conversions TO %s', role);
+    EXECUTE format('GRANT INSERT, UPDATE ON postback.conversions, postback.clicks TO %s', role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint) TO %s', role);
 END
 $$;

@@ -95,6 +95,10 @@ CREATE TABLE postback.endpoints (
             CHECK (signature_param ~ '^[A-Za-z0-9_.~-]{1,50}$'),
     created_at           timestamptz NOT NULL DEFAULT now(),
     updated_at           timestamptz NOT NULL DEFAULT now(),
+    partners             text[],
+    conditions           jsonb
+        CONSTRAINT endpoint_conditions_must_be_a_json_object
+            CHECK (jsonb_typeof(conditions) = 'object'),
     CONSTRAINT endpoint_postback_signs_only_with_hmac_sha256_hex_or_base64
         CHECK (kind = 'webhook' OR signing_scheme IN ('none', 'hmac-sha256-hex', 'hmac-sha256-base64')),
     CONSTRAINT endpoint_body_template_only_for_webhooks
@@ -116,6 +120,12 @@ BEGIN
     IF NEW.body_template IS NOT NULL
        AND (TG_OP = 'INSERT' OR NEW.body_template IS DISTINCT FROM OLD.body_template) THEN
         PERFORM postback.validate_body_template(NEW.body_template);
+    END IF;
+    IF NEW.partners IS NOT NULL THEN
+        PERFORM postback.validate_partners(NEW.partners);
+    END IF;
+    IF NEW.conditions IS NOT NULL THEN
+        PERFORM postback.validate_conditions(NEW.conditions);
     END IF;
     IF NEW.success_body_pattern IS NOT NULL THEN
         PERFORM postback.validate_success_pattern(NEW.success_body_pattern);
@@ -177,8 +187,31 @@ CREATE TABLE postback.conversions (
         CONSTRAINT attributes_must_be_a_json_object
             CHECK (jsonb_typeof(attributes) = 'object'),
     occurred_at    timestamptz NOT NULL DEFAULT now(),
-    created_at     timestamptz NOT NULL DEFAULT now()
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    partner        text
+        CONSTRAINT partner_must_be_1_to_100_printable_characters
+            CHECK (length(partner) BETWEEN 1 AND 100 AND partner !~ '[[:cntrl:]]')
 );
+
+-- ---------------------------------------------------------------------------
+-- clicks: what the landing page recorded, so that a conversion finds its
+-- network (partner) and the sub-ids the network passed ({click.KEY}).
+-- High volume: one primary-key look-up per conversion, nothing else.
+-- ---------------------------------------------------------------------------
+CREATE TABLE postback.clicks (
+    click_id   text        PRIMARY KEY
+        CONSTRAINT click_click_id_must_be_1_to_512_characters
+            CHECK (length(click_id) BETWEEN 1 AND 512),
+    partner    text
+        CONSTRAINT click_partner_must_be_1_to_100_printable_characters
+            CHECK (length(partner) BETWEEN 1 AND 100 AND partner !~ '[[:cntrl:]]'),
+    attributes jsonb       NOT NULL DEFAULT '{}'
+        CONSTRAINT click_attributes_must_be_a_json_object
+            CHECK (jsonb_typeof(attributes) = 'object'),
+    clicked_at timestamptz NOT NULL DEFAULT now()
+);
+-- for the retention DELETE (README), never for look-ups
+CREATE INDEX clicks_clicked_at ON postback.clicks USING brin (clicked_at);
 
 -- ---------------------------------------------------------------------------
 -- deliveries: one request to send, rendered once at enqueue
@@ -305,3 +338,4 @@ SELECT pg_catalog.pg_extension_config_dump('postback.deliveries', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.deliveries_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.attempts', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.attempts_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.clicks', '');

@@ -51,3 +51,19 @@ SELECT e.id                                                    AS endpoint_id,
   FROM postback.endpoints e
   LEFT JOIN postback.deliveries d ON d.endpoint_id = e.id
  GROUP BY e.id, e.name, e.active;
+
+-- How many conversions could be attributed to a recorded click: per partner
+-- (NULL = conversions with no known partner) and overall, last 24 h and all time.
+CREATE VIEW postback.match_rate AS
+SELECT c.partner,
+       count(*) FILTER (WHERE c.created_at > now() - interval '24 hours')                        AS conversions_24h,
+       count(k.click_id) FILTER (WHERE c.created_at > now() - interval '24 hours')               AS matched_24h,
+       round(count(k.click_id) FILTER (WHERE c.created_at > now() - interval '24 hours')::numeric
+             / nullif(count(*) FILTER (WHERE c.created_at > now() - interval '24 hours'), 0), 4) AS match_rate_24h,
+       count(*)                                                                                  AS conversions,
+       count(k.click_id)                                                                         AS matched,
+       round(count(k.click_id)::numeric / nullif(count(*), 0), 4)                                AS match_rate,
+       grouping(c.partner) = 1                                                                   AS overall
+  FROM postback.conversions c
+  LEFT JOIN postback.clicks k ON k.click_id = c.click_id
+ GROUP BY GROUPING SETS ((c.partner), ());

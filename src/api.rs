@@ -116,14 +116,14 @@ fn verify(
 }
 
 /// A parsed URL template and whether its renderings need no URL check.
-type CachedTemplate = Rc<Result<(Template, bool), String>>;
+pub(crate) type CachedTemplate = Rc<Result<(Template, bool), String>>;
 
 thread_local! {
     /// Parsed URL templates by text: a 100k-row insert parses each endpoint's once.
     static TEMPLATES: RefCell<HashMap<String, CachedTemplate>> = RefCell::new(HashMap::new());
 }
 
-fn cached_template(text: &str) -> CachedTemplate {
+pub(crate) fn cached_template(text: &str) -> CachedTemplate {
     TEMPLATES.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some(t) = cache.get(text) {
@@ -176,16 +176,18 @@ fn render_request(
     let key = request::idempotency_key(conversion_id, endpoint_id, event, status);
     let cached = cached_template(url_template);
     let rendered = cached.as_ref().as_ref().map_err(Clone::clone).and_then(|(url_template, trusted)| {
+        let body_template = body_template.map(|b| b.0);
+        let status_map = status_map.and_then(|m| match m.0 {
+            Value::Object(map) => Some(map),
+            _ => None,
+        });
         let endpoint = Endpoint {
             name: endpoint_name,
             kind,
             url_template,
             url_template_trusted: *trusted,
-            body_template: body_template.map(|b| b.0),
-            status_map: status_map.and_then(|m| match m.0 {
-                Value::Object(map) => Some(map),
-                _ => None,
-            }),
+            body_template: body_template.as_ref(),
+            status_map: status_map.as_ref(),
             drop_empty_params,
         };
         let conversion = Conversion {
@@ -201,6 +203,8 @@ fn render_request(
                 _ => Map::new(),
             },
             occurred_at_unix_micros: unix_micros(occurred_at),
+            partner: None,
+            click: None,
         };
         request::render(&conversion, &endpoint, &key, now_unix_micros(), crate::gucs::request_limits())
     });
@@ -281,20 +285,82 @@ fn conversions_validate<'a>(
     let event: Option<&str> = row.get_by_name("event")?;
     let status: Option<&str> = row.get_by_name("status")?;
     let currency: Option<&str> = row.get_by_name("currency")?;
-    let fields = crate::conversion_rules::Fields { click_id, transaction_id, event, status, currency };
+    // a 0.1.0 schema (library upgraded, ALTER EXTENSION … UPDATE not yet run) has no partner
+    let (has_partner, partner): (bool, Option<&str>) = match row.get_by_name("partner") {
+        Ok(p) => (true, p),
+        Err(pgrx::datum::TryFromDatumError::NoSuchAttributeName(_)) => (false, None),
+        Err(e) => return Err(e),
+    };
+    let fields = crate::conversion_rules::Fields { click_id, transaction_id, event, status, currency, partner };
     if let Err((_column, message)) = crate::conversion_rules::check(&fields) {
         ereport!(ERROR, PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, message);
     }
-    if matches!(trigger.op(), Ok(pgrx::PgTriggerOperation::Insert)) {
-        PROPOSED_CONVERSIONS.with(|c| c.set(c.get() + 1));
+    let inserting = matches!(trigger.op(), Ok(pgrx::PgTriggerOperation::Insert));
+    if !has_partner {
+        if inserting {
+            PROPOSED_CONVERSIONS.with(|c| c.set(c.get() + 1));
+        }
+        return Ok(Some(row.into_owned()));
     }
-    Ok(Some(row))
+    if !inserting {
+        // a conversion's history stays with one partner
+        let old_partner = trigger.old().and_then(|o| o.get_by_name::<&str>("partner").ok().flatten().map(str::to_string));
+        if old_partner.as_deref() != partner {
+            let message = crate::conversion_rules::partner_change_message(transaction_id, old_partner.as_deref(), partner);
+            ereport!(ERROR, PgSqlErrorCode::ERRCODE_RESTRICT_VIOLATION, message);
+        }
+        return Ok(Some(row.into_owned()));
+    }
+    PROPOSED_CONVERSIONS.with(|c| c.set(c.get() + 1));
+    if partner.is_none() {
+        if let Some(found) = click_partner(click_id.unwrap_or("")) {
+            let mut row = row.into_owned();
+            row.set_by_name("partner", found)?;
+            return Ok(Some(row));
+        }
+    }
+    Ok(Some(row.into_owned()))
+}
+
+thread_local! {
+    /// The click look-up, planned once per backend.
+    static CLICK_PARTNER: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+}
+
+/// The partner of a recorded click: one primary-key look-up, as the caller
+/// (an operator has SELECT on postback.clicks), immune to its search_path.
+fn click_partner(click_id: &str) -> Option<String> {
+    CLICK_PARTNER.with(|cell| {
+        Spi::connect(|client| {
+            if cell.get().is_none() {
+                let plan = client
+                    .prepare(
+                        "SELECT k.partner FROM postback.clicks k WHERE k.click_id OPERATOR(pg_catalog.=) $1",
+                        &[PgBuiltInOids::TEXTOID.oid()],
+                    )?
+                    .keep();
+                let _ = cell.set(plan);
+            }
+            let plan = cell.get().expect("planned above");
+            let rows = client.select(plan, Some(1), &[click_id.into()])?;
+            if rows.is_empty() {
+                return Ok::<_, pgrx::spi::Error>(None);
+            }
+            rows.first().get_one::<String>()
+        })
+        .unwrap_or_else(|e| invalid(format!("looking up the click of a conversion: {e}")))
+    })
 }
 
 /// Returns and resets the count of proposed conversion rows (see above).
+pub(crate) fn take_proposed() -> i64 {
+    PROPOSED_CONVERSIONS.with(|c| c.replace(0))
+}
+
+/// SQL access to `take_proposed` (the 0.1.0 enqueue trigger's; kept for its install script).
 #[pg_extern(volatile, parallel_unsafe)]
 fn take_proposed_conversions() -> i64 {
-    PROPOSED_CONVERSIONS.with(|c| c.replace(0))
+    take_proposed()
 }
 
 /// Wakes the delivery worker when the current transaction commits. Called by

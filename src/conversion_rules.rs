@@ -10,6 +10,7 @@ pub struct Fields<'a> {
     pub event: Option<&'a str>,
     pub status: Option<&'a str>,
     pub currency: Option<&'a str>,
+    pub partner: Option<&'a str>,
 }
 
 fn event_ok(e: &str) -> bool {
@@ -18,6 +19,18 @@ fn event_ok(e: &str) -> bool {
         && b.len() <= 64
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit() || b[0] == b'_')
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Why a conversion's partner may not change after insert.
+pub fn partner_change_message(transaction_id: Option<&str>, old: Option<&str>, new: Option<&str>) -> String {
+    let show = |p: Option<&str>| p.map_or("NULL".to_string(), |p| format!("\"{}\"", shorten(p)));
+    format!(
+        "conversion with transaction_id \"{}\": column partner cannot change after insert (from {} to {}); \
+         its deliveries went to that partner's endpoints and its later statuses must follow them",
+        shorten(transaction_id.unwrap_or("")),
+        show(old),
+        show(new)
+    )
 }
 
 /// `Err` holds (column, message).
@@ -51,6 +64,11 @@ pub fn check(f: &Fields) -> Result<(), (&'static str, String)> {
             return bad("status", format!("\"{}\" must be one of {}", shorten(s), STATUSES.join(", ")));
         }
     }
+    if let Some(p) = f.partner {
+        if let Err(what) = crate::routing::check_partner(p) {
+            return bad("partner", format!("\"{}\" {what}", shorten(p)));
+        }
+    }
     if let Some(c) = f.currency {
         if c.len() != 3 || !c.bytes().all(|b| b.is_ascii_uppercase()) {
             return bad("currency", format!("\"{}\" must be an upper-case ISO 4217 code such as EUR", shorten(c)));
@@ -72,7 +90,7 @@ mod tests {
     use super::*;
 
     fn ok() -> Fields<'static> {
-        Fields { click_id: Some("c"), transaction_id: Some("t-1"), event: Some("sale"), status: Some("approved"), currency: Some("EUR") }
+        Fields { click_id: Some("c"), transaction_id: Some("t-1"), event: Some("sale"), status: Some("approved"), currency: Some("EUR"), partner: Some("net-a") }
     }
 
     #[test]
@@ -90,6 +108,12 @@ mod tests {
         assert_eq!(check(&Fields { click_id: Some(""), ..ok() }).unwrap_err().0, "click_id");
         assert_eq!(check(&Fields { transaction_id: Some(""), ..ok() }).unwrap_err().0, "transaction_id");
         assert_eq!(check(&Fields { event: Some("Big Sale"), ..ok() }).unwrap_err().0, "event");
+        assert_eq!(check(&Fields { partner: None, ..ok() }), Ok(()));
+        let (col, msg) = check(&Fields { partner: Some(""), ..ok() }).unwrap_err();
+        assert_eq!((col, msg.as_str()), ("partner", "conversion with transaction_id \"t-1\": column partner \"\" must be 1 to 100 characters (got 0)"));
+        assert_eq!(check(&Fields { partner: Some("a\tb"), ..ok() }).unwrap_err().0, "partner");
+        let m = partner_change_message(Some("t-1"), Some("net-a"), None);
+        assert!(m.contains("column partner cannot change after insert (from \"net-a\" to NULL)"), "{m}");
         let long = "x".repeat(513);
         let (col, msg) = check(&Fields { click_id: Some(&long), ..ok() }).unwrap_err();
         assert_eq!(col, "click_id");

@@ -11,10 +11,12 @@ pub mod http;
 pub mod outgoing;
 pub mod request;
 pub mod retry;
+pub mod routing;
 pub mod signing;
 pub mod template;
 
 mod api;
+mod enqueue;
 mod gucs;
 mod worker;
 
@@ -25,12 +27,12 @@ pgrx::extension_sql_file!("../sql/views.sql", name = "views", requires = ["schem
 pgrx::extension_sql_file!(
     "../sql/enqueue.sql",
     name = "enqueue",
-    requires = ["schema", render_request, finalize_request, conversions_validate, take_proposed_conversions, wake_worker, validate_headers]
+    requires = ["schema", render_request, render_preview, finalize_request, conversions_validate, enqueue_conversions, validate_headers, validate_partners, validate_conditions]
 );
 pgrx::extension_sql_file!(
     "../sql/privileges.sql",
     name = "privileges",
-    requires = ["enqueue", "views", render_request, finalize_request, take_proposed_conversions, wake_worker, worker_stats]
+    requires = ["enqueue", "views", render_request, render_preview, enqueue_conversions, finalize_request, take_proposed_conversions, wake_worker, worker_stats]
 );
 pgrx::extension_sql_file!("../sql/comments.sql", name = "comments", finalize);
 

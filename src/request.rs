@@ -43,6 +43,17 @@ pub struct Conversion<'a> {
     pub currency: Option<&'a str>,
     pub attributes: Map<String, Value>,
     pub occurred_at_unix_micros: i64,
+    /// the network or affiliate the conversion came from
+    pub partner: Option<&'a str>,
+    /// the click it converts, when postback.clicks knows it
+    pub click: Option<Click>,
+}
+
+/// A recorded click: the sub-ids the network passed, for `{click.KEY}`.
+#[derive(Debug, Clone, Default)]
+pub struct Click {
+    pub attributes: Map<String, Value>,
+    pub clicked_at_unix_micros: i64,
 }
 
 /// The endpoint settings that shape a request.
@@ -54,8 +65,8 @@ pub struct Endpoint<'a> {
     /// the template passed validation and inserts nothing raw, so every
     /// rendering is a valid URL and need not be parsed again
     pub url_template_trusted: bool,
-    pub body_template: Option<Value>,
-    pub status_map: Option<Map<String, Value>>,
+    pub body_template: Option<&'a Value>,
+    pub status_map: Option<&'a Map<String, Value>>,
     pub drop_empty_params: bool,
 }
 
@@ -105,7 +116,7 @@ pub struct ConversionVars<'a> {
 
 impl<'a> ConversionVars<'a> {
     pub fn new(conv: &'a Conversion<'a>, endpoint: &'a Endpoint<'a>) -> ConversionVars<'a> {
-        let status = match endpoint.status_map.as_ref().and_then(|m| m.get(conv.status)) {
+        let status = match endpoint.status_map.and_then(|m| m.get(conv.status)) {
             Some(Value::String(s)) => Cow::Borrowed(s.as_str()),
             Some(v) if !v.is_null() => Cow::Owned(v.to_string()),
             _ => Cow::Borrowed(conv.status),
@@ -128,6 +139,12 @@ impl<'a> ConversionVars<'a> {
         vars.insert("conversion_id".into(), c.id.into());
         vars.insert("endpoint".into(), self.endpoint.into());
         vars.insert("attributes".into(), Value::Object(c.attributes.clone()));
+        vars.insert("partner".into(), c.partner.map_or(Value::Null, Value::from));
+        if let Some(click) = &c.click {
+            let mut k = click.attributes.clone();
+            k.insert("clicked_at".into(), iso_utc(click.clicked_at_unix_micros).into());
+            vars.insert("click".into(), Value::Object(k));
+        }
         vars
     }
 }
@@ -146,7 +163,14 @@ impl Vars for ConversionVars<'_> {
             "occurred_at_unix" => Some(Cow::Owned(c.occurred_at_unix_micros.div_euclid(1_000_000).to_string())),
             "conversion_id" => Some(Cow::Owned(c.id.to_string())),
             "endpoint" => Some(Cow::Borrowed(self.endpoint)),
-            _ => name.strip_prefix("attributes.").and_then(|key| c.attributes.text(key)),
+            "partner" => c.partner.map(Cow::Borrowed),
+            "click.clicked_at" => c.click.as_ref().map(|k| Cow::Owned(iso_utc(k.clicked_at_unix_micros))),
+            _ => match name.strip_prefix("attributes.") {
+                Some(key) => c.attributes.text(key),
+                None => name
+                    .strip_prefix("click.")
+                    .and_then(|key| c.click.as_ref().and_then(|k| k.attributes.text(key))),
+            },
         }
     }
 }
@@ -170,6 +194,8 @@ struct EnvelopeData<'a> {
     amount: Value,
     currency: Option<&'a str>,
     occurred_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    partner: Option<&'a str>,
     attributes: &'a Map<String, Value>,
 }
 
@@ -188,6 +214,7 @@ pub fn envelope(conv: &Conversion, idempotency_key: &str, now_unix_micros: i64) 
             amount: amount_value(conv.amount),
             currency: conv.currency,
             occurred_at: iso_utc(conv.occurred_at_unix_micros),
+            partner: conv.partner,
             attributes: &conv.attributes,
         },
     };
@@ -216,7 +243,7 @@ pub fn render(
         template::check_url(&url).map_err(|e| format!("rendered URL is not valid: {e}"))?;
     }
     let body = if endpoint.kind == "webhook" {
-        Some(match &endpoint.body_template {
+        Some(match endpoint.body_template {
             Some(t) => {
                 let value = template::render_json(t, &vars.to_map()).map_err(|e| format!("body template: {e}"))?;
                 serde_json::to_string(&value).expect("JSON values serialise")
@@ -256,6 +283,8 @@ mod tests {
             currency: Some("EUR"),
             attributes: json!({"sub1": "a/b", "n": 3}).as_object().unwrap().clone(),
             occurred_at_unix_micros: 1_709_296_496_000_000,
+            partner: None,
+            click: None,
         }
     }
 
@@ -291,9 +320,29 @@ mod tests {
     }
 
     #[test]
+    fn partner_and_click_variables() {
+        let mut c = conv();
+        c.partner = Some("net a");
+        c.click = Some(Click {
+            attributes: json!({"sub1": "x&y", "aff_id": 7}).as_object().unwrap().clone(),
+            clicked_at_unix_micros: 1_709_290_000_000_000,
+        });
+        let e = endpoint("postback", "https://n.test/pb?p={partner}&s={click.sub1}&a={click.aff_id}&t={click.clicked_at}&m={click.missing}");
+        let r = render(&c, &e, "k", 0, Limits::default()).unwrap();
+        assert_eq!(r.url, "https://n.test/pb?p=net%20a&s=x%26y&a=7&t=2024-03-01T10%3A46%3A40Z&m=");
+        // no click known: click variables render empty (or their default)
+        c.click = None;
+        let e = endpoint("postback", "https://n.test/pb?s={click.sub1|default:none}");
+        assert_eq!(render(&c, &e, "k", 0, Limits::default()).unwrap().url, "https://n.test/pb?s=none");
+        let body = render(&c, &endpoint("webhook", "https://n.test/h"), "k", 0, Limits::default()).unwrap().body.unwrap();
+        assert!(body.contains(r#""partner":"net a""#), "{body}");
+    }
+
+    #[test]
     fn status_map_applies_to_status() {
         let mut e = endpoint("postback", "https://n.test/pb?s={status}");
-        e.status_map = Some(json!({"approved": "1", "rejected": 2}).as_object().unwrap().clone());
+        let map = json!({"approved": "1", "rejected": 2}).as_object().unwrap().clone();
+        e.status_map = Some(&map);
         assert_eq!(render(&conv(), &e, "k", 0, Limits::default()).unwrap().url, "https://n.test/pb?s=1");
         let mut c = conv();
         c.status = "rejected";
@@ -317,7 +366,8 @@ mod tests {
     #[test]
     fn webhook_body_template_is_rendered_as_json() {
         let mut e = endpoint("webhook", "https://n.test/hook");
-        e.body_template = Some(json!({"cid": "{click_id}", "value": "{amount}", "note": "tx \"{transaction_id}\""}));
+        let body = json!({"cid": "{click_id}", "value": "{amount}", "note": "tx \"{transaction_id}\""});
+        e.body_template = Some(&body);
         let body = render(&conv(), &e, "k", 0, Limits::default()).unwrap().body.unwrap();
         assert_eq!(body, r#"{"cid":"clk 1&2","note":"tx \"tx-9\"","value":12.50}"#);
     }

@@ -513,10 +513,155 @@ mod tests {
         assert_eq!(
             dumped.as_deref(),
             Some(
-                "attempts,attempts_id_seq,conversion_duplicates,conversion_duplicates_id_seq,conversions,\
+                "attempts,attempts_id_seq,clicks,conversion_duplicates,conversion_duplicates_id_seq,conversions,\
                  conversions_id_seq,deliveries,deliveries_id_seq,endpoint_secrets,endpoint_secrets_id_seq,\
                  endpoints,endpoints_id_seq"
             )
+        );
+    }
+
+    fn delivered_to(transaction_id: &str) -> String {
+        Spi::get_one_with_args::<String>(
+            "SELECT coalesce(string_agg(e.name, ',' ORDER BY e.name), '')
+               FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id
+               JOIN postback.conversions c ON c.id = d.conversion_id WHERE c.transaction_id = $1",
+            &[transaction_id.into()],
+        )
+        .unwrap()
+        .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn a_conversion_goes_to_its_partner_and_the_global_endpoints_only() {
+        Spi::run(
+            "INSERT INTO postback.endpoints (name, url_template, partners) VALUES
+                 ('net-a', 'https://a.test/pb?c={click_id}&s1={click.sub1}&p={partner}', '{network-a}'),
+                 ('net-b', 'https://b.test/pb?c={click_id}', '{network-b}'),
+                 ('offer-12', 'https://b.test/offer?c={click_id}', '{network-b}');
+             UPDATE postback.endpoints SET conditions = '{\"offer_id\": \"12\"}' WHERE name = 'offer-12';
+             INSERT INTO postback.endpoints (name, kind, url_template) VALUES ('crm', 'webhook', 'https://crm.test/hook');
+             INSERT INTO postback.clicks (click_id, partner, attributes) VALUES
+                 ('clk-a', 'network-a', '{\"sub1\": \"x y&z\"}'), ('clk-b', 'network-b', '{}');
+             INSERT INTO postback.conversions (click_id, transaction_id, partner, attributes) VALUES
+                 ('clk-a', 'ta', NULL, '{}'),
+                 ('clk-b', 'tb', NULL, '{\"offer_id\": \"12\"}'),
+                 ('clk-b', 'tb2', NULL, '{\"offer_id\": \"13\"}'),
+                 ('unknown', 'tu', NULL, '{}'),
+                 ('unknown', 'tx', 'network-a', '{}')",
+        )
+        .unwrap();
+        assert_eq!(delivered_to("ta"), "crm,net-a");
+        assert_eq!(delivered_to("tb"), "crm,net-b,offer-12");
+        assert_eq!(delivered_to("tb2"), "crm,net-b");
+        assert_eq!(delivered_to("tu"), "crm");
+        assert_eq!(delivered_to("tx"), "crm,net-a");
+        // the partner came from the click, the sub-id from its attributes, encoded
+        assert_eq!(
+            Spi::get_one::<String>("SELECT partner FROM postback.conversions WHERE transaction_id = 'ta'").unwrap().as_deref(),
+            Some("network-a")
+        );
+        assert_eq!(
+            Spi::get_one::<String>(
+                "SELECT d.url FROM postback.deliveries d JOIN postback.conversions c ON c.id = d.conversion_id
+                  JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE c.transaction_id = 'ta' AND e.name = 'net-a'"
+            )
+            .unwrap()
+            .as_deref(),
+            Some("https://a.test/pb?c=clk-a&s1=x%20y%26z&p=network-a")
+        );
+        // the webhook envelope names the partner
+        assert_eq!(
+            Spi::get_one::<String>(
+                "SELECT d.body::jsonb->'data'->>'partner' FROM postback.deliveries d
+                   JOIN postback.conversions c ON c.id = d.conversion_id
+                   JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE c.transaction_id = 'tb' AND e.name = 'crm'"
+            )
+            .unwrap()
+            .as_deref(),
+            Some("network-b")
+        );
+        // a status change follows the partner, and the partner cannot change
+        Spi::run("UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id = 'ta'").unwrap();
+        assert_eq!(
+            count("SELECT count(*) FROM postback.deliveries d JOIN postback.conversions c ON c.id = d.conversion_id
+                    WHERE c.transaction_id = 'ta' AND d.status = 'reversed'"),
+            2
+        );
+        assert_eq!(delivered_to("ta"), "crm,crm,net-a,net-a");
+        assert_refused(
+            "UPDATE postback.conversions SET partner = 'network-b' WHERE transaction_id = 'ta'",
+            "column partner cannot change after insert (from \"network-a\" to \"network-b\")",
+        );
+        assert_refused(
+            "UPDATE postback.conversions SET partner = 'network-b' WHERE transaction_id = 'tu'",
+            "(from NULL to \"network-b\")",
+        );
+        // the match rate: 3 of 5 conversions had a known click
+        let overall = Spi::get_two::<i64, i64>("SELECT matched, conversions FROM postback.match_rate WHERE overall").unwrap();
+        assert_eq!(overall, (Some(3), Some(5)));
+        let b = Spi::get_one::<pgrx::AnyNumeric>("SELECT match_rate FROM postback.match_rate WHERE partner = 'network-b'").unwrap();
+        assert_eq!(b.map(|n| n.to_string()).as_deref(), Some("1.0000"));
+        // preview knows partners, clicks and whether the endpoint is routed
+        let (url, routed) = Spi::get_two::<String, bool>(
+            "SELECT p.url, p.routed FROM postback.conversions c, postback.preview('net-b', c.id) p WHERE c.transaction_id = 'ta'",
+        )
+        .unwrap();
+        assert_eq!((url.as_deref(), routed), (Some("https://b.test/pb?c=clk-a"), Some(false)));
+    }
+
+    #[pg_test]
+    fn partners_and_conditions_are_checked_when_given() {
+        for (set, expected) in [
+            ("partners = '{}'", "invalid partners: the list is empty"),
+            ("partners = '{a,NULL}'", "invalid partners: the list holds NULL"),
+            ("partners = ARRAY[repeat('p', 101)]", "must be 1 to 100 characters (got 101)"),
+            ("conditions = '[1]'", "invalid conditions: must be a JSON object"),
+            ("conditions = '{}'", "invalid conditions: must not be empty"),
+            ("url_template = 'https://n.test/?x={click}'", "unknown variable \"click\""),
+        ] {
+            let id = insert_endpoint(&format!("ep-{}", set.len()));
+            assert_refused(&format!("UPDATE postback.endpoints SET {set} WHERE id = {id}"), expected);
+        }
+        assert_refused(
+            "INSERT INTO postback.conversions (click_id, transaction_id, partner) VALUES ('c', 'pp', E'a\\nb')",
+            "transaction_id \"pp\": column partner",
+        );
+        assert_refused(
+            "INSERT INTO postback.clicks (click_id, partner) VALUES ('c', '')",
+            "click_partner_must_be_1_to_100_printable_characters",
+        );
+    }
+
+    #[pg_test]
+    fn a_thousand_partner_endpoints_fan_out_exactly() {
+        Spi::run(
+            "INSERT INTO postback.endpoints (name, url_template, partners)
+             SELECT 'aff-' || g, 'https://aff' || g || '.test/pb?c={click_id}&s={click.sub1}', ARRAY['p' || g]
+               FROM generate_series(1, 1000) g;
+             INSERT INTO postback.endpoints (name, url_template) VALUES ('g1', 'https://g.test/1'), ('g2', 'https://g.test/2');
+             INSERT INTO postback.clicks (click_id, partner, attributes)
+             SELECT 'k' || g, 'p' || (g % 1000 + 1), jsonb_build_object('sub1', g) FROM generate_series(1, 5000) g;
+             INSERT INTO postback.conversions (click_id, transaction_id)
+             SELECT 'k' || g, 'f' || g FROM generate_series(1, 5000) g",
+        )
+        .unwrap();
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 15_000);
+        // each partner endpoint got exactly its own conversions
+        assert_eq!(
+            count(
+                "SELECT count(*) FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id
+                   JOIN postback.conversions c ON c.id = d.conversion_id
+                  WHERE e.partners IS NOT NULL AND NOT (c.partner = ANY (e.partners))"
+            ),
+            0
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE e.name = 'aff-7'"),
+            5
+        );
+        assert_eq!(
+            count("SELECT count(*) FROM postback.deliveries WHERE url = 'https://aff7.test/pb?c=k6&s=6'"),
+            1
         );
     }
 }

@@ -28,6 +28,7 @@ pub const CONVERSION_VARIABLES: &[&str] = &[
     "occurred_at_unix",
     "conversion_id",
     "endpoint",
+    "partner",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,14 +372,15 @@ pub fn render_json(body: &Value, vars: &Map<String, Value>) -> Result<Value, Tem
 /// Checks a variable name against what a conversion provides.
 pub fn check_variable(m: &Macro) -> Result<(), TemplateError> {
     let known = CONVERSION_VARIABLES.contains(&m.name.as_str())
-        || m.name.strip_prefix("attributes.").is_some_and(|k| !k.is_empty());
+        || m.name.strip_prefix("attributes.").is_some_and(|k| !k.is_empty())
+        || m.name.strip_prefix("click.").is_some_and(|k| !k.is_empty());
     if known {
         Ok(())
     } else {
         Err(err(
             Some(m.position),
             format!(
-                "unknown variable \"{}\" (known: {}, attributes.KEY)",
+                "unknown variable \"{}\" (known: {}, attributes.KEY, click.KEY, click.clicked_at)",
                 m.name,
                 CONVERSION_VARIABLES.join(", ")
             ),
@@ -411,27 +413,34 @@ pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
         }
     }
     let mut vars = sample_vars();
-    // attributes used by the template get a sample value too
+    // attributes and click values used by the template get a sample value too
+    let mut click = Map::new();
     if let Some(Value::Object(attrs)) = vars.get_mut("attributes") {
         for m in template.macros() {
             if let Some(key) = m.name.strip_prefix("attributes.") {
                 attrs.insert(key.to_string(), Value::String("sample".into()));
             }
+            if let Some(key) = m.name.strip_prefix("click.") {
+                click.insert(key.to_string(), Value::String("sample".into()));
+            }
         }
     }
+    vars.insert("click".into(), Value::Object(click));
     let rendered = render_url(&template, &vars, RenderOptions::default());
     let first = check_url(&rendered)?;
     // A second rendering with different, hostile-looking values must land on
     // the same scheme, host and port: no value can move the request elsewhere.
     let mut other = vars.clone();
     for (name, value) in other.iter_mut() {
-        if name != "attributes" {
+        if name != "attributes" && name != "click" {
             *value = Value::String(format!("x.{name}:1@other.test\\/?#"));
         }
     }
-    if let Some(Value::Object(attrs)) = other.get_mut("attributes") {
-        for value in attrs.values_mut() {
-            *value = Value::String("y:2@elsewhere.test/\\".into());
+    for nested in ["attributes", "click"] {
+        if let Some(Value::Object(attrs)) = other.get_mut(nested) {
+            for value in attrs.values_mut() {
+                *value = Value::String("y:2@elsewhere.test/\\".into());
+            }
         }
     }
     let second = check_url(&render_url(&template, &other, RenderOptions::default()))?;

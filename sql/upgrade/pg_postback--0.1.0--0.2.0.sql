@@ -2,20 +2,32 @@
 -- Everything that changed since 0.1.0, in one step; tests/e2e/test_upgrade.py
 -- checks that the result has the same objects as a fresh 0.2.0 install.
 
+-- New functions of the 0.2.0 library ---------------------------------------
+
+CREATE FUNCTION postback."validate_headers"("headers" jsonb) RETURNS bool
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_headers_wrapper';
+CREATE FUNCTION postback."validate_partners"("partners" TEXT[]) RETURNS bool
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_partners_wrapper';
+CREATE FUNCTION postback."validate_conditions"("conditions" jsonb) RETURNS bool
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_conditions_wrapper';
+CREATE FUNCTION postback."render_preview"("endpoint_id" bigint, "conversion_id" bigint) RETURNS TEXT[]
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'render_preview_wrapper';
+CREATE FUNCTION postback."enqueue_conversions"() RETURNS TRIGGER
+LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_conversions_wrapper';
+
 -- Trust: every SQL and PL/pgSQL function pins its search_path --------------
 
 ALTER FUNCTION postback.refuse_delete_with_deliveries() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION postback.delete_attempts_of_deleted_deliveries() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION postback.worker_status() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
 
--- Endpoint headers are checked when given ----------------------------------
+-- Endpoints: partners and conditions; headers checked when given ------------
 
-CREATE FUNCTION postback."validate_headers"(
-	"headers" jsonb /* JsonB */
-) RETURNS bool /* bool */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', 'validate_headers_wrapper';
+ALTER TABLE postback.endpoints
+    ADD COLUMN partners text[],
+    ADD COLUMN conditions jsonb
+        CONSTRAINT endpoint_conditions_must_be_a_json_object
+            CHECK (jsonb_typeof(conditions) = 'object');
 
 CREATE OR REPLACE FUNCTION postback.endpoints_fill_defaults() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -29,6 +41,12 @@ BEGIN
     IF NEW.body_template IS NOT NULL
        AND (TG_OP = 'INSERT' OR NEW.body_template IS DISTINCT FROM OLD.body_template) THEN
         PERFORM postback.validate_body_template(NEW.body_template);
+    END IF;
+    IF NEW.partners IS NOT NULL THEN
+        PERFORM postback.validate_partners(NEW.partners);
+    END IF;
+    IF NEW.conditions IS NOT NULL THEN
+        PERFORM postback.validate_conditions(NEW.conditions);
     END IF;
     IF NEW.success_body_pattern IS NOT NULL THEN
         PERFORM postback.validate_success_pattern(NEW.success_body_pattern);
@@ -72,6 +90,32 @@ BEGIN
 END
 $$;
 
+-- Conversions: partner; clicks ----------------------------------------------
+
+ALTER TABLE postback.conversions
+    ADD COLUMN partner text
+        CONSTRAINT partner_must_be_1_to_100_printable_characters
+            CHECK (length(partner) BETWEEN 1 AND 100 AND partner !~ '[[:cntrl:]]');
+DROP TRIGGER conversions_validate ON postback.conversions;
+CREATE TRIGGER conversions_validate
+    BEFORE INSERT OR UPDATE OF click_id, transaction_id, event, status, currency, partner ON postback.conversions
+    FOR EACH ROW EXECUTE FUNCTION postback.conversions_validate();
+
+CREATE TABLE postback.clicks (
+    click_id   text        PRIMARY KEY
+        CONSTRAINT click_click_id_must_be_1_to_512_characters
+            CHECK (length(click_id) BETWEEN 1 AND 512),
+    partner    text
+        CONSTRAINT click_partner_must_be_1_to_100_printable_characters
+            CHECK (length(partner) BETWEEN 1 AND 100 AND partner !~ '[[:cntrl:]]'),
+    attributes jsonb       NOT NULL DEFAULT '{}'
+        CONSTRAINT click_attributes_must_be_a_json_object
+            CHECK (jsonb_typeof(attributes) = 'object'),
+    clicked_at timestamptz NOT NULL DEFAULT now()
+);
+-- for the retention DELETE (README), never for look-ups
+CREATE INDEX clicks_clicked_at ON postback.clicks USING brin (clicked_at);
+
 -- Deliveries: no credential headers, known methods only --------------------
 -- Endpoint headers are now read at send time; copies made by 0.1.0 go.
 ALTER TABLE postback.deliveries DROP COLUMN headers;
@@ -86,88 +130,32 @@ SELECT pg_catalog.pg_extension_config_dump('postback.deliveries', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.deliveries_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.attempts', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.attempts_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.clicks', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_duplicates', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_duplicates_id_seq', '');
 
--- Enqueue runs as the owner with a pinned search_path ----------------------
+-- Enqueue: one Rust statement trigger, run as the owner ---------------------
 
-CREATE OR REPLACE FUNCTION postback.enqueue_inserted_conversions() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    proposed bigint := postback.take_proposed_conversions();
-    inserted bigint;
-BEGIN
-    -- New conversions have new ids, so their idempotency keys cannot exist yet:
-    -- a plain INSERT (the unique index still guards it) is cheaper than ON CONFLICT.
-    INSERT INTO postback.deliveries
-           (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
-            state, completed_at, last_error)
-    SELECT endpoint_id, conversion_id, event, status, r[1], method, coalesce(r[2], url_template), r[3],
-           CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END,
-           CASE WHEN r[4] IS NOT NULL THEN now() END,
-           r[4]
-      FROM (SELECT e.id AS endpoint_id, c.id AS conversion_id, c.event, c.status, e.method, e.url_template,
-                   postback.render_request(
-                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
-                       c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-                       c.attributes, c.occurred_at) AS r
-              FROM new_rows c
-              JOIN postback.endpoints e
-                ON e.active AND (e.events IS NULL OR c.event = ANY (e.events))
-                            AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
-            OFFSET 0) AS rendered;  -- OFFSET 0: render once per row, not once per r[i]
-    IF FOUND THEN
-        PERFORM postback.wake_worker();
-    END IF;
-    IF proposed > 0 THEN
-        SELECT count(*) INTO inserted FROM new_rows;
-        IF proposed > inserted THEN
-            INSERT INTO postback.conversion_duplicates (duplicates) VALUES ((proposed - inserted)::integer);
-        END IF;
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION postback.enqueue_status_changes() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    -- A status can come back (approved → pending → approved): its key exists
-    -- then and the repeated announcement is a no-op.
-    INSERT INTO postback.deliveries
-           (endpoint_id, conversion_id, event, status, idempotency_key, predecessor_id, method, url,
-            body, state, completed_at, last_error)
-    SELECT rendered.endpoint_id, rendered.conversion_id, rendered.event, rendered.status, r[1],
-           (SELECT max(p.id) FROM postback.deliveries p
-             WHERE p.idempotency_key >= (rendered.conversion_id::text || '.' || rendered.endpoint_id::text || '.') COLLATE "C"
-               AND p.idempotency_key <  (rendered.conversion_id::text || '.' || rendered.endpoint_id::text || '/') COLLATE "C"),
-           rendered.method, coalesce(r[2], rendered.url_template), r[3],
-           CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END,
-           CASE WHEN r[4] IS NOT NULL THEN now() END,
-           r[4]
-      FROM (SELECT e.id AS endpoint_id, c.id AS conversion_id, c.event, c.status, e.method, e.url_template,
-                   postback.render_request(
-                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
-                       c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-                       c.attributes, c.occurred_at) AS r
-              FROM new_rows c
-              JOIN old_rows o ON o.id = c.id AND o.status IS DISTINCT FROM c.status
-              JOIN postback.endpoints e
-                ON e.active AND (e.events IS NULL OR c.event = ANY (e.events))
-                            AND (e.statuses IS NULL OR c.status = ANY (e.statuses))
-            OFFSET 0) AS rendered
-        ON CONFLICT (idempotency_key) DO NOTHING;
-    IF FOUND THEN
-        PERFORM postback.wake_worker();
-    END IF;
-    RETURN NULL;
-END
-$$;
-
+DROP TRIGGER conversions_enqueue_inserted ON postback.conversions;
+DROP TRIGGER conversions_enqueue_status_changes ON postback.conversions;
+DROP FUNCTION postback.enqueue_inserted_conversions();
+DROP FUNCTION postback.enqueue_status_changes();
 DROP FUNCTION postback.preview(text, bigint);
+DROP FUNCTION postback.endpoint_wants(postback.endpoints, postback.conversions);
+DROP FUNCTION postback.render_delivery(postback.endpoints, postback.conversions);
+
+ALTER FUNCTION postback.enqueue_conversions() SECURITY DEFINER SET search_path = pg_catalog, pg_temp;
+
+CREATE TRIGGER conversions_enqueue_inserted
+    AFTER INSERT ON postback.conversions REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.enqueue_conversions();
+
+CREATE TRIGGER conversions_enqueue_status_changes
+    AFTER UPDATE ON postback.conversions REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.enqueue_conversions();
 
 CREATE FUNCTION postback.preview(endpoint text, conversion_id bigint)
-RETURNS TABLE (method text, url text, headers jsonb, body text, error text)
+RETURNS TABLE (method text, url text, headers jsonb, body text, error text, routed boolean)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -182,13 +170,9 @@ BEGIN
     SELECT e.method, f.url,
            (SELECT jsonb_object_agg(h.key, CASE WHEN e.headers ? h.key THEN to_jsonb('[redacted]'::text) ELSE h.value END)
               FROM jsonb_each(f.headers) h),
-           r[3], r[4]
+           r[3], r[4], r[5]::boolean
       FROM postback.endpoints e
-      JOIN postback.conversions c ON c.id = preview.conversion_id
-     CROSS JOIN LATERAL (SELECT postback.render_request(
-                       e.id, e.name, e.kind, e.url_template, e.body_template, e.status_map, e.drop_empty_params,
-                       c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
-                       c.attributes, c.occurred_at) AS r) AS rendered
+     CROSS JOIN LATERAL (SELECT postback.render_preview(e.id, preview.conversion_id) AS r) AS rendered
       LEFT JOIN LATERAL postback.finalize_request(
            e.id, e.kind, e.signing_scheme, e.signature_header, e.timestamp_param, e.signature_param,
            r[2], nullif(e.headers, '{}'), r[3], r[1]) f ON r[4] IS NULL
@@ -196,8 +180,21 @@ BEGIN
 END
 $$;
 
-DROP FUNCTION postback.endpoint_wants(postback.endpoints, postback.conversions);
-DROP FUNCTION postback.render_delivery(postback.endpoints, postback.conversions);
+-- Views ----------------------------------------------------------------------
+
+CREATE VIEW postback.match_rate AS
+SELECT c.partner,
+       count(*) FILTER (WHERE c.created_at > now() - interval '24 hours')                        AS conversions_24h,
+       count(k.click_id) FILTER (WHERE c.created_at > now() - interval '24 hours')               AS matched_24h,
+       round(count(k.click_id) FILTER (WHERE c.created_at > now() - interval '24 hours')::numeric
+             / nullif(count(*) FILTER (WHERE c.created_at > now() - interval '24 hours'), 0), 4) AS match_rate_24h,
+       count(*)                                                                                  AS conversions,
+       count(k.click_id)                                                                         AS matched,
+       round(count(k.click_id)::numeric / nullif(count(*), 0), 4)                                AS match_rate,
+       grouping(c.partner) = 1                                                                   AS overall
+  FROM postback.conversions c
+  LEFT JOIN postback.clicks k ON k.click_id = c.click_id
+ GROUP BY GROUPING SETS ((c.partner), ());
 
 -- Privileges ----------------------------------------------------------------
 
@@ -208,6 +205,8 @@ REVOKE EXECUTE ON FUNCTION postback.wake_worker() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.worker_stats() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.worker_status() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.preview(text, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.render_preview(bigint, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.enqueue_conversions() FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA postback FROM PUBLIC;
 
 -- Read access for analysts: everything but credentials. endpoints.headers
@@ -226,19 +225,20 @@ BEGIN
        AND a.attname <> 'headers';
     EXECUTE format('GRANT USAGE ON SCHEMA postback TO %s', role);
     EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
-                   'postback.conversion_duplicates, postback.delivery_summary TO %s', role);
+                   'postback.conversion_duplicates, postback.clicks, postback.delivery_summary, '
+                   'postback.match_rate TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats() TO %s', role);
 END
 $$;
 
 -- Operators: what analysts read, plus writing conversions (insert, change a
--- status) and previewing requests. They never write deliveries or endpoints.
+-- status) and clicks (the landing page), and previewing requests. They never write deliveries or endpoints.
 CREATE FUNCTION postback.grant_operator(role regrole) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM postback.grant_analyst(role);
-    EXECUTE format('GRANT INSERT, UPDATE ON postback.conversions TO %s', role);
+    EXECUTE format('GRANT INSERT, UPDATE ON postback.conversions, postback.clicks TO %s', role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint) TO %s', role);
 END
 $$;
@@ -270,8 +270,29 @@ REVOKE EXECUTE ON FUNCTION postback.revoke_access(regrole) FROM PUBLIC;
 COMMENT ON COLUMN postback.endpoints.headers IS 'Extra request headers (API keys, Authorization) as a JSON object of name to value: credentials, readable only by the owner and added at send time, never copied into deliveries.';
 COMMENT ON COLUMN postback.deliveries.method IS 'HTTP method: GET, POST, PUT or PATCH.';
 COMMENT ON FUNCTION postback.endpoints_fill_defaults() IS 'Trigger: validates templates, headers and the success pattern; fills method from kind and max_attempts from the retry schedule.';
-COMMENT ON FUNCTION postback.preview(text, bigint) IS 'The method, URL, headers (the endpoint''s own values redacted) and body an endpoint would be sent for a conversion, without sending.';
+COMMENT ON FUNCTION postback.preview(text, bigint) IS 'The method, URL, headers (the endpoint''s own values redacted) and body an endpoint would be sent for a conversion, without sending, and whether its filters route the conversion to it.';
+COMMENT ON FUNCTION postback.enqueue_conversions() IS 'Trigger (after INSERT and after UPDATE, per statement, as the owner): routes each inserted conversion, or each changed status, to the active endpoints whose partners, events, statuses and conditions match, renders the requests and writes the deliveries; a changed status waits behind earlier deliveries of the same endpoint and conversion.';
+COMMENT ON FUNCTION postback.render_preview(bigint, bigint) IS 'Internal: {idempotency_key, url, body, error, routed} of one endpoint and conversion, rendered as the enqueue trigger would (partner and click included).';
+COMMENT ON FUNCTION postback.validate_partners(text[]) IS 'Raises an error if an endpoint''s partners list is empty, holds NULL, or a name that is not 1 to 100 printable characters; true otherwise.';
+COMMENT ON FUNCTION postback.validate_conditions(jsonb) IS 'Raises an error if an endpoint''s conditions are not a non-empty JSON object; true otherwise.';
 COMMENT ON FUNCTION postback.validate_headers(jsonb) IS 'Raises an error naming the header if endpoint headers are not a JSON object of HTTP token names to strings without control characters, or set Host, Content-Length, Transfer-Encoding, Connection, Upgrade, TE, Trailer, Keep-Alive, Proxy-Connection or Expect; true otherwise.';
 COMMENT ON FUNCTION postback.grant_analyst(regrole) IS 'Lets a role read conversions, deliveries, attempts, duplicates, endpoints (all columns but the credential headers) and the views. Owner only.';
 COMMENT ON FUNCTION postback.grant_operator(regrole) IS 'What grant_analyst gives, plus inserting conversions, changing their status and postback.preview. Owner only.';
 COMMENT ON FUNCTION postback.revoke_access(regrole) IS 'Takes back every privilege grant_analyst or grant_operator gave a role. Owner only.';
+COMMENT ON COLUMN postback.endpoints.partners IS 'Partners (networks, affiliates) whose conversions this endpoint receives; NULL = every partner (global receivers such as your CRM).';
+COMMENT ON COLUMN postback.endpoints.conditions IS 'JSON object the conversion''s attributes must contain (jsonb @>), e.g. {"offer_id": "12"}; NULL = no condition.';
+COMMENT ON COLUMN postback.conversions.partner IS 'Network or affiliate the conversion came from; filled from postback.clicks when NULL and the click is known; cannot change after insert.';
+COMMENT ON TABLE postback.clicks IS 'Clicks recorded by the landing page: the partner and the sub-ids it passed. A conversion with a known click_id takes its partner from here, and templates read {click.KEY}. Kept by pg_dump.';
+COMMENT ON COLUMN postback.clicks.click_id IS 'The click id the network passed (what conversions carry in click_id).';
+COMMENT ON COLUMN postback.clicks.partner IS 'Network or affiliate that sent the click.';
+COMMENT ON COLUMN postback.clicks.attributes IS 'Sub-ids and parameters the network passed (sub1…sub5, aff_id, offer_id, …), usable in templates as {click.KEY}.';
+COMMENT ON COLUMN postback.clicks.clicked_at IS 'When the click happened ({click.clicked_at}).';
+COMMENT ON VIEW postback.match_rate IS 'Conversions attributable to a recorded click ÷ all conversions, per partner and overall (overall = true), last 24 hours and all time.';
+COMMENT ON COLUMN postback.match_rate.partner IS 'Partner of the conversions; NULL in a per-partner row = conversions with no known partner.';
+COMMENT ON COLUMN postback.match_rate.conversions_24h IS 'Conversions created in the last 24 hours.';
+COMMENT ON COLUMN postback.match_rate.matched_24h IS 'Of those, conversions whose click_id is in postback.clicks.';
+COMMENT ON COLUMN postback.match_rate.match_rate_24h IS 'matched_24h ÷ conversions_24h.';
+COMMENT ON COLUMN postback.match_rate.conversions IS 'All conversions.';
+COMMENT ON COLUMN postback.match_rate.matched IS 'Conversions whose click_id is in postback.clicks.';
+COMMENT ON COLUMN postback.match_rate.match_rate IS 'matched ÷ conversions.';
+COMMENT ON COLUMN postback.match_rate.overall IS 'true for the row over all partners.';

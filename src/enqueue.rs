@@ -1,0 +1,402 @@
+//! The enqueue trigger: conversions become deliveries in the statement that
+//! inserts them (or changes their status), in one set-based pass.
+//!
+//! One statement-level trigger for both INSERT and UPDATE reads the transition
+//! table once (with each conversion's click), routes every conversion with a
+//! `routing::Router` built from the active endpoints (a hash lookup by partner,
+//! never a loop over endpoints), renders each request in Rust, and writes the
+//! deliveries with one multi-row INSERT per chunk. It runs as the extension's
+//! owner (SECURITY DEFINER, pinned search_path, set in sql/enqueue.sql).
+
+use std::rc::Rc;
+
+use pgrx::datetime::TimestampWithTimeZone;
+use pgrx::prelude::*;
+use pgrx::spi::{SpiClient, SpiResult};
+use pgrx::JsonB;
+use serde_json::{Map, Value};
+
+use crate::api::{cached_template, now_unix_micros, CachedTemplate};
+use crate::request::{self, Click, Conversion, Endpoint, PG_EPOCH_OFFSET_MICROS};
+use crate::routing::{Filters, Router, Subject};
+
+/// Conversions read from the transition table per fetch.
+const FETCH: i64 = 2_000;
+/// Deliveries written per INSERT.
+const CHUNK: usize = 10_000;
+
+struct EndpointRow {
+    id: i64,
+    name: String,
+    kind: String,
+    method: String,
+    url_template_text: String,
+    url_template: CachedTemplate,
+    body_template: Option<Value>,
+    status_map: Option<Map<String, Value>>,
+    drop_empty_params: bool,
+}
+
+fn object(v: Option<JsonB>) -> Option<Map<String, Value>> {
+    match v.map(|j| j.0) {
+        Some(Value::Object(m)) => Some(m),
+        _ => None,
+    }
+}
+
+const ENDPOINT_COLUMNS: &str = "id, name, kind, method, url_template, body_template, status_map, drop_empty_params,
+                                 events, statuses, partners, conditions";
+
+fn load_endpoints(client: &SpiClient, filter: &str, endpoint_id: Option<i64>) -> SpiResult<(Vec<EndpointRow>, Router)> {
+    let rows = client.select(
+        &format!("SELECT {ENDPOINT_COLUMNS} FROM postback.endpoints WHERE {filter} ORDER BY id"),
+        None,
+        &endpoint_id.map(|id| vec![id.into()]).unwrap_or_default(),
+    )?;
+    let mut endpoints = Vec::with_capacity(rows.len());
+    let mut filters = Vec::with_capacity(rows.len());
+    for row in rows {
+        let url_template_text = row.get::<String>(5)?.unwrap_or_default();
+        endpoints.push(EndpointRow {
+            id: row.get::<i64>(1)?.unwrap_or_default(),
+            name: row.get::<String>(2)?.unwrap_or_default(),
+            kind: row.get::<String>(3)?.unwrap_or_default(),
+            method: row.get::<String>(4)?.unwrap_or_else(|| "GET".into()),
+            url_template: cached_template(&url_template_text),
+            url_template_text,
+            body_template: row.get::<JsonB>(6)?.map(|b| b.0),
+            status_map: object(row.get::<JsonB>(7)?),
+            drop_empty_params: row.get::<bool>(8)?.unwrap_or(false),
+        });
+        filters.push(Filters {
+            events: row.get::<Vec<String>>(9)?,
+            statuses: row.get::<Vec<String>>(10)?,
+            partners: row.get::<Vec<String>>(11)?,
+            conditions: object(row.get::<JsonB>(12)?),
+        });
+    }
+    Ok((endpoints, Router::new(filters)))
+}
+
+/// The columns a conversion is read with, its click's included.
+const CONVERSION_COLUMNS: &str = "c.id, c.click_id, c.transaction_id, c.event, c.status, c.amount::text, c.currency,
+                                  c.attributes, c.occurred_at, c.partner, k.attributes, k.clicked_at";
+
+/// A conversion as read (owning its text); `as_conversion` lends it to the renderer.
+struct ConversionRow {
+    id: i64,
+    click_id: String,
+    transaction_id: String,
+    event: String,
+    status: String,
+    amount: Option<String>,
+    currency: Option<String>,
+    attributes: Map<String, Value>,
+    occurred_at: i64,
+    partner: Option<String>,
+    click: Option<Click>,
+}
+
+impl ConversionRow {
+    fn read(row: &pgrx::spi::SpiHeapTupleData) -> SpiResult<ConversionRow> {
+        Ok(ConversionRow {
+            id: row.get::<i64>(1)?.unwrap_or_default(),
+            click_id: row.get::<String>(2)?.unwrap_or_default(),
+            transaction_id: row.get::<String>(3)?.unwrap_or_default(),
+            event: row.get::<String>(4)?.unwrap_or_default(),
+            status: row.get::<String>(5)?.unwrap_or_default(),
+            amount: row.get::<String>(6)?,
+            currency: row.get::<String>(7)?,
+            attributes: object(row.get::<JsonB>(8)?).unwrap_or_default(),
+            occurred_at: row.get::<TimestampWithTimeZone>(9)?.map(unix_micros).unwrap_or(0),
+            partner: row.get::<String>(10)?,
+            click: match row.get::<JsonB>(11)? {
+                Some(a) => Some(Click {
+                    attributes: object(Some(a)).unwrap_or_default(),
+                    clicked_at_unix_micros: row.get::<TimestampWithTimeZone>(12)?.map(unix_micros).unwrap_or(0),
+                }),
+                None => None,
+            },
+        })
+    }
+
+    fn subject(&self) -> Subject<'_> {
+        Subject { partner: self.partner.as_deref(), event: &self.event, status: &self.status, attributes: &self.attributes }
+    }
+
+    fn as_conversion(&mut self) -> Conversion<'_> {
+        Conversion {
+            id: self.id,
+            click_id: &self.click_id,
+            transaction_id: &self.transaction_id,
+            event: &self.event,
+            status: &self.status,
+            amount: self.amount.as_deref(),
+            currency: self.currency.as_deref(),
+            attributes: std::mem::take(&mut self.attributes),
+            occurred_at_unix_micros: self.occurred_at,
+            partner: self.partner.as_deref(),
+            click: self.click.take(),
+        }
+    }
+}
+
+/// Delivery rows waiting to be written, column by column.
+#[derive(Default)]
+struct Pending {
+    endpoint_id: Vec<i64>,
+    conversion_id: Vec<i64>,
+    event: Vec<String>,
+    status: Vec<String>,
+    key: Vec<String>,
+    method: Vec<String>,
+    url: Vec<String>,
+    body: Vec<Option<String>>,
+    error: Vec<Option<String>>,
+    /// deliveries written that are pending (not dead at enqueue)
+    live: u64,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.key.len()
+    }
+
+    fn push(&mut self, e: &EndpointRow, c: &Conversion, key: String, rendered: Result<request::Request, String>) {
+        self.endpoint_id.push(e.id);
+        self.conversion_id.push(c.id);
+        self.event.push(c.event.to_string());
+        self.status.push(c.status.to_string());
+        self.method.push(e.method.clone());
+        match rendered {
+            Ok(r) => {
+                self.url.push(r.url);
+                self.body.push(r.body);
+                self.error.push(None);
+            }
+            Err(err) => {
+                self.url.push(e.url_template_text.clone());
+                self.body.push(None);
+                self.error.push(Some(err));
+            }
+        }
+        self.key.push(key);
+    }
+
+    fn flush(&mut self, client: &mut SpiClient, lifecycle: bool) -> SpiResult<()> {
+        if self.len() == 0 {
+            return Ok(());
+        }
+        self.live += self.error.iter().filter(|e| e.is_none()).count() as u64;
+        // A status can come back (approved → pending → approved): its key
+        // exists then, and the repeated announcement is a no-op. A lifecycle
+        // delivery waits behind the latest earlier one of its pair.
+        let sql = if lifecycle {
+            "INSERT INTO postback.deliveries
+                    (endpoint_id, conversion_id, event, status, idempotency_key, predecessor_id, method, url,
+                     body, state, completed_at, last_error)
+             SELECT r.e, r.c, r.ev, r.st, r.k,
+                    (SELECT max(p.id) FROM postback.deliveries p
+                      WHERE p.idempotency_key >= (r.c::text || '.' || r.e::text || '.') COLLATE \"C\"
+                        AND p.idempotency_key <  (r.c::text || '.' || r.e::text || '/') COLLATE \"C\"),
+                    r.m, r.u, r.b,
+                    CASE WHEN r.err IS NULL THEN 'pending' ELSE 'dead' END,
+                    CASE WHEN r.err IS NOT NULL THEN now() END, r.err
+               FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                           $7::text[], $8::text[], $9::text[]) AS r(e, c, ev, st, k, m, u, b, err)
+                 ON CONFLICT (idempotency_key) DO NOTHING"
+        } else {
+            // new conversions have new ids: their keys cannot exist yet, and a
+            // plain INSERT (the unique index still guards it) is cheaper than ON CONFLICT
+            "INSERT INTO postback.deliveries
+                    (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
+                     state, completed_at, last_error)
+             SELECT r.e, r.c, r.ev, r.st, r.k, r.m, r.u, r.b,
+                    CASE WHEN r.err IS NULL THEN 'pending' ELSE 'dead' END,
+                    CASE WHEN r.err IS NOT NULL THEN now() END, r.err
+               FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[],
+                           $7::text[], $8::text[], $9::text[]) AS r(e, c, ev, st, k, m, u, b, err)"
+        };
+        let taken = std::mem::take(self);
+        let live = taken.live;
+        client.update(
+            sql,
+            None,
+            &[
+                taken.endpoint_id.into(),
+                taken.conversion_id.into(),
+                taken.event.into(),
+                taken.status.into(),
+                taken.key.into(),
+                taken.method.into(),
+                taken.url.into(),
+                taken.body.into(),
+                taken.error.into(),
+            ],
+        )?;
+        self.live = live;
+        Ok(())
+    }
+}
+
+fn unix_micros(ts: TimestampWithTimeZone) -> i64 {
+    let pg: pg_sys::TimestampTz = ts.into();
+    pg + PG_EPOCH_OFFSET_MICROS
+}
+
+/// AFTER INSERT and AFTER UPDATE, FOR EACH STATEMENT, on postback.conversions.
+#[pg_trigger]
+fn enqueue_conversions<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, pgrx::spi::Error> {
+    let lifecycle = matches!(trigger.op(), Ok(pgrx::PgTriggerOperation::Update));
+    let proposed = if lifecycle { 0 } else { crate::api::take_proposed() };
+    let trigger_data = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
+    let (conversions, live) = Spi::connect_mut(|client| {
+        // SAFETY: the pointer is this trigger call's own TriggerData; registering
+        // it makes new_rows / old_rows visible to this SPI connection.
+        unsafe { pg_sys::SPI_register_trigger_data(trigger_data) };
+        let (endpoints, router) = load_endpoints(client, "active", None)?;
+        if router.is_empty() {
+            let n = if lifecycle {
+                0
+            } else {
+                client.select("SELECT count(*) FROM new_rows", None, &[])?.first().get_one::<i64>()?.unwrap_or(0)
+            };
+            return Ok::<_, pgrx::spi::Error>((n, 0));
+        }
+        let source = if lifecycle {
+            "FROM new_rows c JOIN old_rows o ON o.id = c.id AND o.status IS DISTINCT FROM c.status"
+        } else {
+            "FROM new_rows c"
+        };
+        let query = format!("SELECT {CONVERSION_COLUMNS} {source} LEFT JOIN postback.clicks k ON k.click_id = c.click_id");
+        let now = now_unix_micros();
+        let limits = crate::gucs::request_limits();
+        let mut pending = Pending::default();
+        let mut matched = Vec::new();
+        let mut seen = 0i64;
+        let mut cursor = client.open_cursor(query.as_str(), &[]);
+        loop {
+            let rows = cursor.fetch(FETCH)?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in rows {
+                seen += 1;
+                let mut c = ConversionRow::read(&row)?;
+                router.route(&c.subject(), &mut matched);
+                if matched.is_empty() {
+                    continue;
+                }
+                let conversion = c.as_conversion();
+                for &i in &matched {
+                    let e = &endpoints[i];
+                    let key = request::idempotency_key(conversion.id, e.id, conversion.event, conversion.status);
+                    let rendered = render(&conversion, e, &key, now, limits);
+                    pending.push(e, &conversion, key, rendered);
+                }
+            }
+            if pending.len() >= CHUNK {
+                pending.flush(client, lifecycle)?;
+            }
+        }
+        pending.flush(client, lifecycle)?;
+        Ok((seen, pending.live))
+    })?;
+    if live > 0 {
+        crate::worker::shared::wake_at_commit();
+    }
+    if !lifecycle && proposed > conversions {
+        Spi::run_with_args(
+            "INSERT INTO postback.conversion_duplicates (duplicates) VALUES ($1)",
+            &[((proposed - conversions) as i32).into()],
+        )?;
+    }
+    Ok(None)
+}
+
+fn render(
+    conversion: &Conversion,
+    e: &EndpointRow,
+    key: &str,
+    now: i64,
+    limits: request::Limits,
+) -> Result<request::Request, String> {
+    let (template, trusted) = match Rc::as_ref(&e.url_template) {
+        Ok((t, trusted)) => (t, *trusted),
+        Err(err) => return Err(err.clone()),
+    };
+    let endpoint = Endpoint {
+        name: &e.name,
+        kind: &e.kind,
+        url_template: template,
+        url_template_trusted: trusted,
+        body_template: e.body_template.as_ref(),
+        status_map: e.status_map.as_ref(),
+        drop_empty_params: e.drop_empty_params,
+    };
+    request::render(conversion, &endpoint, key, now, limits)
+}
+
+/// What `postback.preview` shows: the request one endpoint would get for one
+/// conversion, rendered as the enqueue trigger would, with whether the
+/// endpoint's filters route the conversion to it.
+/// Returns `{idempotency_key, url, body, error, routed}`.
+#[pg_extern(volatile)]
+fn render_preview(endpoint_id: i64, conversion_id: i64) -> Vec<Option<String>> {
+    Spi::connect(|client| {
+        let (endpoints, router) = load_endpoints(client, "id = $1", Some(endpoint_id))?;
+        let Some(e) = endpoints.first() else {
+            return Ok::<_, pgrx::spi::Error>(vec![None, None, None, Some(format!("unknown endpoint id {endpoint_id}")), None]);
+        };
+        let rows = client.select(
+            &format!(
+                "SELECT {CONVERSION_COLUMNS} FROM postback.conversions c
+                   LEFT JOIN postback.clicks k ON k.click_id = c.click_id WHERE c.id = $1"
+            ),
+            Some(1),
+            &[conversion_id.into()],
+        )?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(vec![None, None, None, Some(format!("unknown conversion id {conversion_id}")), None]);
+        };
+        let mut c = ConversionRow::read(&row)?;
+        let mut matched = Vec::new();
+        router.route(&c.subject(), &mut matched);
+        let routed = if matched.is_empty() { "false" } else { "true" };
+        let conversion = c.as_conversion();
+        let key = request::idempotency_key(conversion.id, e.id, conversion.event, conversion.status);
+        let rendered = render(&conversion, e, &key, now_unix_micros(), crate::gucs::request_limits());
+        Ok(match rendered {
+            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(routed.into())],
+            Err(err) => vec![Some(key), None, None, Some(err), Some(routed.into())],
+        })
+    })
+    .unwrap_or_else(|e| pgrx::error!("rendering a preview: {e}"))
+}
+
+/// Checks an endpoint's `partners`: NULL, or a non-empty list of partner names.
+#[pg_extern(immutable, parallel_safe)]
+fn validate_partners(partners: Vec<Option<String>>) -> bool {
+    if partners.is_empty() {
+        invalid("invalid partners: the list is empty (use NULL for every partner)");
+    }
+    for p in &partners {
+        let Some(p) = p else { invalid("invalid partners: the list holds NULL") };
+        crate::routing::check_partner(p)
+            .unwrap_or_else(|e| invalid(format!("invalid partners: \"{}\" {e}", p.escape_default())));
+    }
+    true
+}
+
+/// Checks an endpoint's `conditions` (a JSON object the attributes must contain).
+#[pg_extern(immutable, parallel_safe)]
+fn validate_conditions(conditions: JsonB) -> bool {
+    crate::routing::check_conditions(&conditions.0).unwrap_or_else(|e| invalid(format!("invalid conditions: {e}")));
+    true
+}
+
+fn invalid(message: impl Into<String>) -> ! {
+    ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message.into());
+}
