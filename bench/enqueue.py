@@ -1,12 +1,23 @@
-"""Enqueue cost: T_on / T_off and T_on / (T_off + T_rows), measured side by side in one run.
+"""Enqueue cost, measured side by side in one run (best of two for each figure).
 
-T_on   one INSERT … SELECT of N sale conversions with 2 matching endpoints
-T_off  the same insert with the enqueue trigger disabled
-T_rows inserting the delivery rows T_on produced into a copy of postback.deliveries
-       with the same indexes (CREATE TABLE … (LIKE postback.deliveries INCLUDING ALL))
-Best of two for each. The cluster runs without the worker so nothing else competes.
+T_on   one INSERT … SELECT of N conversions, enqueue trigger on
+T_off  the same insert with the enqueue trigger (conversions_enqueue_inserted) disabled
+T_rows inserting the delivery rows T_on produced into a copy of postback.deliveries with
+       the same indexes (CREATE TABLE … (LIKE postback.deliveries INCLUDING ALL))
+
+Scenarios:
+  two        2 matching endpoints (a postback and a webhook) and a third that does not match
+  partners3  1 partner endpoint + 2 global ones; every conversion's click names that partner
+  partners1k 1,000 partner endpoints + 2 global; conversions spread over the 1,000 partners,
+             each with a click to look up (its partner comes from the click)
+  clicks1m   as partners1k, with 1,000,000 clicks in postback.clicks, against the same
+             insert whose conversions carry their partner and no clicks table rows
+
+The cluster runs without the worker so nothing else competes. Writes
+target/bench/enqueue.json with the figures.
 """
 
+import json
 import os
 import sys
 import time
@@ -14,59 +25,149 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "e2e"))
 from cluster import Cluster  # noqa: E402
 
+ROOT = os.path.join(os.path.dirname(__file__), "..")
 SIZES = [int(x) for x in (sys.argv[1:] or ["10000", "100000"])]
-INSERT = ("INSERT INTO postback.conversions (click_id, transaction_id, event, amount, currency, attributes) "
-          "SELECT 'clk-' || g, %s || g, 'sale', g * 0.5, 'EUR', jsonb_build_object('sub1', 's' || g) "
-          "FROM generate_series(1, %s) g")
+BIG = max(SIZES)
+
+PLAIN = ("INSERT INTO postback.conversions (click_id, transaction_id, event, amount, currency, attributes) "
+         "SELECT 'clk-' || g, %(tag)s || g, 'sale', g * 0.5, 'EUR', jsonb_build_object('sub1', 's' || g) "
+         "FROM generate_series(1, %(n)s) g")
+# conversions whose click is recorded: the partner comes from the click
+VIA_CLICK = ("INSERT INTO postback.conversions (click_id, transaction_id, event, amount, currency, attributes) "
+             "SELECT 'k' || g, %(tag)s || g, 'sale', g * 0.5, 'EUR', jsonb_build_object('sub1', 's' || g) "
+             "FROM generate_series(1, %(n)s) g")
+# the same conversions carrying their partner, with no click to look up
+WITH_PARTNER = ("INSERT INTO postback.conversions (click_id, transaction_id, event, amount, currency, attributes, "
+                "partner) SELECT 'none' || g, %(tag)s || g, 'sale', g * 0.5, 'EUR', "
+                "jsonb_build_object('sub1', 's' || g), 'p' || (g %% %(partners)s + 1) "
+                "FROM generate_series(1, %(n)s) g")
+
+RESET = "TRUNCATE postback.conversions, postback.deliveries, postback.attempts"
+run_no = [0]
 
 
-def timed(conn, sql, params=()):
+def timed(conn, sql, params=None):
     conn.execute("CHECKPOINT")
     started = time.perf_counter()
     conn.execute(sql, params)
     return time.perf_counter() - started
 
 
+def measure(conn, insert, n, per_conversion, extra=None):
+    """Best-of-two T_on, T_off, T_rows for `insert` of n conversions."""
+    t_on, t_off, t_rows = [], [], []
+    params = dict(extra or {}, n=n)
+    for _ in range(2):
+        conn.execute(RESET)
+        conn.execute("ALTER TABLE postback.conversions DISABLE TRIGGER conversions_enqueue_inserted")
+        run_no[0] += 1
+        t_off.append(timed(conn, insert, dict(params, tag=f"r{run_no[0]}-")))
+        conn.execute("ALTER TABLE postback.conversions ENABLE TRIGGER conversions_enqueue_inserted")
+        conn.execute(RESET)
+        run_no[0] += 1
+        t_on.append(timed(conn, insert, dict(params, tag=f"r{run_no[0]}-")))
+        made = conn.execute("SELECT count(*) FROM postback.deliveries").fetchone()[0]
+        assert made == per_conversion * n, (made, per_conversion * n)
+        conn.execute("TRUNCATE public.deliveries_copy")
+        t_rows.append(timed(conn, "INSERT INTO public.deliveries_copy SELECT * FROM postback.deliveries"))
+    on, off, rows = min(t_on), min(t_off), min(t_rows)
+    return {"n": n, "t_on": on, "t_off": off, "t_rows": rows, "ratio": on / off, "overhead": on / (off + rows)}
+
+
+def show(name, m):
+    print(f"{name:>11} {m['n']:>8} {m['t_on']:>8.3f} {m['t_off']:>8.3f} {m['t_rows']:>8.3f} "
+          f"{m['ratio']:>7.2f} {m['overhead']:>14.2f}", flush=True)
+
+
+def endpoints(conn, partners):
+    conn.execute(RESET)
+    conn.execute("DELETE FROM postback.endpoints")
+    conn.execute(
+        "INSERT INTO postback.endpoints (name, url_template, partners) "
+        "SELECT 'aff-' || g, 'https://aff' || g || '.example/pb?cid={click_id}&tx={transaction_id}"
+        "&amount={amount}&s1={click.sub1}&s2={attributes.sub1}', ARRAY['p' || g] "
+        "FROM generate_series(1, %s) g", (partners,))
+    conn.execute(
+        "INSERT INTO postback.endpoints (name, kind, url_template) VALUES "
+        "('crm', 'webhook', 'https://crm.example/hooks/conversions'), "
+        "('warehouse', 'postback', 'https://dwh.example/in?tx={transaction_id}&p={partner}&a={amount}')")
+
+
+def clicks(conn, count, partners):
+    conn.execute("TRUNCATE postback.clicks")
+    if count:
+        conn.execute(
+            "INSERT INTO postback.clicks (click_id, partner, attributes, clicked_at) "
+            "SELECT 'k' || g, 'p' || (g %% %s + 1), jsonb_build_object('sub1', 'c' || g, 'aff_id', g %% 977), "
+            "now() - interval '1 day' FROM generate_series(1, %s) g", (partners, count))
+        conn.execute("VACUUM ANALYZE postback.clicks")
+
+
 def main():
     c = Cluster.create(settings={"shared_preload_libraries": "''", "shared_buffers": "'1GB'",
                                  "max_wal_size": "'8GB'", "checkpoint_timeout": "'1h'"})
+    results = {}
     try:
         c.start()
         with c.connect() as conn:
             conn.execute("CREATE EXTENSION pg_postback")
+            conn.execute("CREATE TABLE public.deliveries_copy (LIKE postback.deliveries INCLUDING ALL)")
+            print(f"{'scenario':>11} {'rows':>8} {'T_on s':>8} {'T_off s':>8} {'T_rows s':>8} {'on/off':>7} "
+                  f"{'on/(off+rows)':>14}", flush=True)
             conn.execute(
                 "INSERT INTO postback.endpoints (name, kind, url_template, events) VALUES "
                 "('network', 'postback', 'https://network.example/pb?cid={click_id}&tx={transaction_id}"
                 "&amount={amount}&cur={currency}&sub1={attributes.sub1}', '{sale}'), "
                 "('partner', 'webhook', 'https://partner.example/hooks/conversions', '{sale,lead}'), "
                 "('leads-only', 'postback', 'https://other.example/pb?cid={click_id}', '{lead}')")
-            conn.execute("CREATE TABLE public.deliveries_copy (LIKE postback.deliveries INCLUDING ALL)")
-            reset = "TRUNCATE postback.conversions, postback.deliveries, postback.attempts"
-            run = 0
-            print(f"{'rows':>8} {'T_on s':>8} {'T_off s':>8} {'T_rows s':>8} {'on/off':>7} {'on/(off+rows)':>14}")
             for n in SIZES:
-                t_on, t_off, t_rows = [], [], []
-                for _ in range(2):
-                    conn.execute(reset)
-                    conn.execute("ALTER TABLE postback.conversions DISABLE TRIGGER conversions_enqueue_inserted")
-                    run += 1
-                    t_off.append(timed(conn, INSERT, (f"r{run}-", n)))
-                    conn.execute("ALTER TABLE postback.conversions ENABLE TRIGGER conversions_enqueue_inserted")
-                    conn.execute(reset)
-                    run += 1
-                    t_on.append(timed(conn, INSERT, (f"r{run}-", n)))
-                    made = conn.execute("SELECT count(*) FROM postback.deliveries").fetchone()[0]
-                    assert made == 2 * n, made
-                    conn.execute("TRUNCATE public.deliveries_copy")
-                    t_rows.append(timed(conn, "INSERT INTO public.deliveries_copy SELECT * FROM postback.deliveries"))
-                on, off, rows = min(t_on), min(t_off), min(t_rows)
-                print(f"{n:>8} {on:>8.3f} {off:>8.3f} {rows:>8.3f} {on / off:>7.2f} {on / (off + rows):>14.2f}")
+                results[f"two_{n}"] = m = measure(conn, PLAIN, n, 2)
+                show("two", m)
+
+            endpoints(conn, 1)
+            clicks(conn, BIG, 1)
+            results["partners3"] = m = measure(conn, VIA_CLICK, BIG, 3)
+            show("partners3", m)
+
+            endpoints(conn, 1000)
+            clicks(conn, BIG, 1000)
+            results["partners1k"] = m = measure(conn, VIA_CLICK, BIG, 3)
+            show("partners1k", m)
+
+            clicks(conn, 1_000_000, 1000)
+            results["clicks1m"] = m = measure(conn, VIA_CLICK, BIG, 3)
+            show("clicks1m", m)
+            clicks(conn, 0, 1000)
+            results["no_clicks"] = m = measure(conn, WITH_PARTNER, BIG, 3, {"partners": 1000})
+            show("no clicks", m)
+
             size = conn.execute("SELECT pg_size_pretty(pg_total_relation_size('postback.deliveries')), "
                                 "pg_total_relation_size('postback.deliveries') / greatest(count(*), 1) "
                                 "FROM postback.deliveries").fetchone()
             print(f"deliveries table + indexes: {size[0]} ({size[1]} bytes per delivery)")
     finally:
         c.destroy()
+
+    summary = {
+        "fanout_ratio": results[f"two_{BIG}"]["ratio"],
+        "fanout_overhead": results[f"two_{BIG}"]["overhead"],
+        "fanout_3_endpoints_overhead": results["partners3"]["overhead"],
+        "fanout_1000_endpoints_overhead": results["partners1k"]["overhead"],
+        "many_partners_overhead_ratio": results["partners1k"]["overhead"] / results["partners3"]["overhead"],
+        "clicks_1m_ratio": results["clicks1m"]["t_on"] / results["no_clicks"]["t_on"],
+        "rows": BIG,
+        "scenarios": results,
+    }
+    print()
+    print(f"fanout_ratio (T_on/T_off, 2 endpoints)          {summary['fanout_ratio']:.2f}   goal <= 3.0")
+    print(f"fanout_overhead (T_on/(T_off+T_rows))            {summary['fanout_overhead']:.2f}   goal <= 1.2")
+    print(f"fanout_1000_endpoints_overhead                   {summary['fanout_1000_endpoints_overhead']:.2f}   goal <= 1.2")
+    print(f"1,000 endpoints ÷ 3 endpoints (overhead)         {summary['many_partners_overhead_ratio']:.2f}   goal <= 1.1")
+    print(f"T_on with 1M clicks ÷ T_on without clicks       {summary['clicks_1m_ratio']:.2f}   goal <= 1.15")
+    out = os.path.join(ROOT, "target", "bench")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "enqueue.json"), "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -278,6 +278,7 @@ fn conversions_validate<'a>(
 ) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::datum::TryFromDatumError> {
     let Some(row) = trigger.new() else {
         PROPOSED_CONVERSIONS.with(|c| c.set(0));
+        SEEN_CLICKS.with(|c| c.borrow_mut().clear());
         return Ok(None);
     };
     let click_id: Option<&str> = row.get_by_name("click_id")?;
@@ -312,30 +313,57 @@ fn conversions_validate<'a>(
         return Ok(Some(row.into_owned()));
     }
     PROPOSED_CONVERSIONS.with(|c| c.set(c.get() + 1));
-    if partner.is_none() {
-        if let Some(found) = click_partner(click_id.unwrap_or("")) {
-            let mut row = row.into_owned();
-            row.set_by_name("partner", found)?;
-            return Ok(Some(row));
-        }
+    let click_id = click_id.unwrap_or("");
+    let click = find_click(click_id);
+    let from_click = match (&click, partner) {
+        (Some(k), None) => k.partner.clone(),
+        _ => None,
+    };
+    SEEN_CLICKS.with(|c| c.borrow_mut().insert(click_id.to_string(), click));
+    if let Some(found) = from_click {
+        let mut row = row.into_owned();
+        row.set_by_name("partner", found)?;
+        return Ok(Some(row));
     }
     Ok(Some(row.into_owned()))
 }
 
-thread_local! {
-    /// The click look-up, planned once per backend.
-    static CLICK_PARTNER: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+/// A recorded click as the validation trigger found it.
+#[derive(Debug, Clone)]
+pub(crate) struct FoundClick {
+    pub partner: Option<String>,
+    pub attributes: Option<Value>,
+    pub clicked_at: Option<TimestampWithTimeZone>,
 }
 
-/// The partner of a recorded click: one primary-key look-up, as the caller
-/// (an operator has SELECT on postback.clicks), immune to its search_path.
-fn click_partner(click_id: &str) -> Option<String> {
-    CLICK_PARTNER.with(|cell| {
+thread_local! {
+    /// Clicks looked up for the rows of the current INSERT, by click_id, so
+    /// that the enqueue trigger reads each click once per conversion without a
+    /// second look-up (reset by the BEFORE STATEMENT trigger).
+    static SEEN_CLICKS: RefCell<HashMap<String, Option<FoundClick>>> = RefCell::new(HashMap::new());
+}
+
+/// The click the validation trigger found for `click_id` in this statement:
+/// `Some(None)` when it looked and there was none, `None` when it did not look.
+pub(crate) fn seen_click(click_id: &str) -> Option<Option<FoundClick>> {
+    SEEN_CLICKS.with(|c| c.borrow().get(click_id).cloned())
+}
+
+thread_local! {
+    /// The click look-up, planned once per backend.
+    static CLICK_LOOKUP: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+}
+
+/// A recorded click: one primary-key look-up, as the caller (an operator has
+/// SELECT on postback.clicks), immune to its search_path.
+fn find_click(click_id: &str) -> Option<FoundClick> {
+    CLICK_LOOKUP.with(|cell| {
         Spi::connect(|client| {
             if cell.get().is_none() {
                 let plan = client
                     .prepare(
-                        "SELECT k.partner FROM postback.clicks k WHERE k.click_id OPERATOR(pg_catalog.=) $1",
+                        "SELECT k.partner, k.attributes, k.clicked_at FROM postback.clicks k
+                          WHERE k.click_id OPERATOR(pg_catalog.=) $1",
                         &[PgBuiltInOids::TEXTOID.oid()],
                     )?
                     .keep();
@@ -343,10 +371,14 @@ fn click_partner(click_id: &str) -> Option<String> {
             }
             let plan = cell.get().expect("planned above");
             let rows = client.select(plan, Some(1), &[click_id.into()])?;
-            if rows.is_empty() {
+            let Some(row) = rows.into_iter().next() else {
                 return Ok::<_, pgrx::spi::Error>(None);
-            }
-            rows.first().get_one::<String>()
+            };
+            Ok(Some(FoundClick {
+                partner: row.get::<String>(1)?,
+                attributes: row.get::<JsonB>(2)?.map(|j| j.0),
+                clicked_at: row.get::<TimestampWithTimeZone>(3)?,
+            }))
         })
         .unwrap_or_else(|e| invalid(format!("looking up the click of a conversion: {e}")))
     })
