@@ -15,6 +15,15 @@ REVOKE EXECUTE ON FUNCTION postback.worker_status() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.preview(text, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.render_preview(bigint, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.enqueue_conversions() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.render_test(bigint, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.resend(bigint[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.retry(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.retry_dead(text, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.replay(text, timestamptz, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.send_test(text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.pause(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.resume(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.purge(interval, integer, boolean, integer) FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA postback FROM PUBLIC;
 
 -- Read access for analysts: everything but credentials. endpoints.headers
@@ -33,21 +42,25 @@ BEGIN
        AND a.attname <> 'headers';
     EXECUTE format('GRANT USAGE ON SCHEMA postback TO %s', role);
     EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
-                   'postback.conversion_duplicates, postback.clicks, postback.delivery_summary, '
-                   'postback.match_rate TO %s', role);
+                   'postback.conversion_duplicates, postback.clicks, postback.endpoint_state, '
+                   'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
+                   'postback.metrics, postback.dead_letters TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats() TO %s', role);
 END
 $$;
 
 -- Operators: what analysts read, plus writing conversions (insert, change a
--- status) and clicks (the landing page), and previewing requests. They never write deliveries or endpoints.
+-- status) and clicks (the landing page), previewing requests, and the daily
+-- operations: retry, replay, send_test, pause, resume. Not purge, not endpoints. They never write deliveries or endpoints.
 CREATE FUNCTION postback.grant_operator(role regrole) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM postback.grant_analyst(role);
     EXECUTE format('GRANT INSERT, UPDATE ON postback.conversions, postback.clicks TO %s', role);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint) TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint), postback.retry(bigint), '
+                   'postback.retry_dead(text, timestamptz), postback.replay(text, timestamptz, timestamptz), '
+                   'postback.send_test(text, jsonb), postback.pause(text), postback.resume(text) TO %s', role);
 END
 $$;
 

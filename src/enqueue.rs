@@ -447,3 +447,63 @@ fn validate_conditions(conditions: JsonB) -> bool {
 fn invalid(message: impl Into<String>) -> ! {
     ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message.into());
 }
+
+/// The request a test delivery sends: clearly marked sample values
+/// (`TEST-CLICK-…`, amount 0.00, the endpoint's first partner and event),
+/// each overridable by a key of `sample` (click_id, transaction_id, event,
+/// status, amount, currency, partner, attributes, click).
+/// Returns `{idempotency_key, url, body, error, event, status}`.
+#[pg_extern(volatile)]
+fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
+    let Value::Object(sample) = sample.0 else { invalid("sample must be a JSON object") };
+    let text = |key: &str, default: String| -> String {
+        match sample.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => default,
+            Some(other) => other.to_string(),
+        }
+    };
+    Spi::connect(|client| {
+        let (endpoints, router) = load_endpoints(client, "id = $1", Some(endpoint_id))?;
+        let Some(e) = endpoints.first() else { invalid(format!("unknown endpoint id {endpoint_id}")) };
+        let filters = router.filters(0);
+        let now = now_unix_micros();
+        let marker = format!("{:x}", now);
+        let first = |list: &Option<Vec<String>>| list.as_ref().and_then(|l| l.first().cloned());
+        let mut c = ConversionRow {
+            id: 0,
+            click_id: text("click_id", format!("TEST-CLICK-{marker}")),
+            transaction_id: text("transaction_id", format!("TEST-{marker}")),
+            event: text("event", first(&filters.events).unwrap_or_else(|| "test".into())),
+            status: text("status", first(&filters.statuses).unwrap_or_else(|| "approved".into())),
+            amount: Some(text("amount", "0.00".into())),
+            currency: Some(text("currency", "USD".into())),
+            attributes: match sample.get("attributes") {
+                Some(Value::Object(m)) => m.clone(),
+                _ => Map::new(),
+            },
+            occurred_at: now,
+            partner: sample
+                .get("partner")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .or_else(|| first(&filters.partners)),
+            click: Some(Click {
+                attributes: match sample.get("click") {
+                    Some(Value::Object(m)) => m.clone(),
+                    _ => Map::new(),
+                },
+                clicked_at_unix_micros: now,
+            }),
+        };
+        let (event, status) = (c.event.clone(), c.status.clone());
+        let conversion = c.as_conversion();
+        let key = format!("test.{}.{marker}", e.id);
+        let rendered = render(&conversion, e, &key, now, crate::gucs::request_limits());
+        Ok::<_, pgrx::spi::Error>(match rendered {
+            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(event), Some(status)],
+            Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status)],
+        })
+    })
+    .unwrap_or_else(|e| pgrx::error!("rendering a test request: {e}"))
+}

@@ -15,6 +15,7 @@ pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_URL_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::request::MAX_URL_BYTES as i32);
 pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::request::MAX_BODY_BYTES as i32);
+pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 pub static ALLOWED_TARGETS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
 pub fn init() {
@@ -67,6 +68,18 @@ pub fn init() {
         1_048_576,
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"postback.retention",
+        c"How long finished deliveries and their attempts are kept; 0 keeps them forever.",
+        c"Every hour the worker deletes succeeded deliveries (and their attempts) that completed longer \
+          ago than this, in batches of 10,000 rows, one transaction each. Dead deliveries are kept for \
+          review; delete them with postback.purge(..., include_dead => true).",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"postback.max_url_bytes",

@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 
 pub mod target_policy;
 pub mod conversion_rules;
+pub mod health;
 pub mod http;
 pub mod outgoing;
 pub mod request;
@@ -30,9 +31,14 @@ pgrx::extension_sql_file!(
     requires = ["schema", render_request, render_preview, finalize_request, conversions_validate, enqueue_conversions, validate_headers, validate_partners, validate_conditions]
 );
 pgrx::extension_sql_file!(
+    "../sql/operations.sql",
+    name = "operations",
+    requires = ["enqueue", "views", render_test, wake_worker]
+);
+pgrx::extension_sql_file!(
     "../sql/privileges.sql",
     name = "privileges",
-    requires = ["enqueue", "views", render_request, render_preview, enqueue_conversions, finalize_request, take_proposed_conversions, wake_worker, worker_stats]
+    requires = ["enqueue", "views", "operations", render_request, render_preview, enqueue_conversions, finalize_request, take_proposed_conversions, wake_worker, worker_stats]
 );
 pgrx::extension_sql_file!("../sql/comments.sql", name = "comments", finalize);
 

@@ -117,6 +117,11 @@ impl Router {
         self.filters.len()
     }
 
+    /// The filters of the i-th endpoint.
+    pub fn filters(&self, i: usize) -> &Filters {
+        &self.filters[i]
+    }
+
     pub fn is_empty(&self) -> bool {
         self.filters.is_empty()
     }

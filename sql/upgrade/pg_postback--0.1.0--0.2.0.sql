@@ -14,6 +14,8 @@ CREATE FUNCTION postback."render_preview"("endpoint_id" bigint, "conversion_id" 
 STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'render_preview_wrapper';
 CREATE FUNCTION postback."enqueue_conversions"() RETURNS TRIGGER
 LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_conversions_wrapper';
+CREATE FUNCTION postback."render_test"("endpoint_id" bigint, "sample" jsonb) RETURNS TEXT[]
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'render_test_wrapper';
 
 -- Trust: every SQL and PL/pgSQL function pins its search_path --------------
 
@@ -27,7 +29,8 @@ ALTER TABLE postback.endpoints
     ADD COLUMN partners text[],
     ADD COLUMN conditions jsonb
         CONSTRAINT endpoint_conditions_must_be_a_json_object
-            CHECK (jsonb_typeof(conditions) = 'object');
+            CHECK (jsonb_typeof(conditions) = 'object'),
+    ADD COLUMN paused_at timestamptz;
 
 CREATE OR REPLACE FUNCTION postback.endpoints_fill_defaults() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -101,6 +104,8 @@ CREATE TRIGGER conversions_validate
     BEFORE INSERT OR UPDATE OF click_id, transaction_id, event, status, currency, partner ON postback.conversions
     FOR EACH ROW EXECUTE FUNCTION postback.conversions_validate();
 
+CREATE INDEX conversions_created_at ON postback.conversions USING brin (created_at);
+
 CREATE TABLE postback.clicks (
     click_id   text        PRIMARY KEY
         CONSTRAINT click_click_id_must_be_1_to_512_characters
@@ -122,6 +127,34 @@ ALTER TABLE postback.deliveries DROP COLUMN headers;
 ALTER TABLE postback.deliveries
     ADD CONSTRAINT delivery_method_must_be_get_post_put_or_patch
         CHECK (method IN ('GET', 'POST', 'PUT', 'PATCH'));
+
+-- Operations: test deliveries have no conversion; manual retries restart the
+-- attempt budget and max_age; time windows are indexed --------------------
+ALTER TABLE postback.deliveries
+    ALTER COLUMN conversion_id DROP NOT NULL,
+    ADD COLUMN attempt_offset integer NOT NULL DEFAULT 0,
+    ADD COLUMN age_credit interval;
+-- Time windows (health, metrics, replay, retention) over an append-mostly table:
+-- BRIN indexes cost almost nothing to maintain.
+CREATE INDEX deliveries_created_at ON postback.deliveries USING brin (created_at);
+CREATE INDEX deliveries_completed_at ON postback.deliveries USING brin (completed_at);
+-- Dead letters are few and reviewed often.
+CREATE INDEX deliveries_dead ON postback.deliveries (endpoint_id, completed_at) WHERE state = 'dead';
+CREATE INDEX attempts_started_at ON postback.attempts USING brin (started_at);
+
+-- ---------------------------------------------------------------------------
+-- endpoint_state: what the worker knows of each endpoint's recent behaviour,
+-- kept up to date when it records attempts (health view, alerts).
+-- ---------------------------------------------------------------------------
+CREATE TABLE postback.endpoint_state (
+    endpoint_id          bigint      PRIMARY KEY,
+    consecutive_failures integer     NOT NULL DEFAULT 0,
+    last_success_at      timestamptz,
+    last_failure_at      timestamptz,
+    failing_since        timestamptz,
+    last_error           text,
+    updated_at           timestamptz NOT NULL DEFAULT now()
+);
 
 -- pg_dump keeps user data and its sequences --------------------------------
 SELECT pg_catalog.pg_extension_config_dump('postback.conversions', '');
@@ -196,6 +229,288 @@ SELECT c.partner,
   LEFT JOIN postback.clicks k ON k.click_id = c.click_id
  GROUP BY GROUPING SETS ((c.partner), ());
 
+-- Operations: functions and views (all new) ---------------------------------
+
+-- Operating pg_postback from SQL: retry, replay, test, pause, retention, and
+-- the views operators and analysts read. The functions that write deliveries
+-- or endpoints run as the owner (SECURITY DEFINER, pinned search_path) and
+-- are granted to operators by postback.grant_operator.
+
+-- The endpoint named `endpoint`, or a clear error.
+CREATE FUNCTION postback.endpoint_id(endpoint text) RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    found bigint;
+BEGIN
+    IF endpoint IS NULL THEN
+        RAISE EXCEPTION 'endpoint must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT e.id INTO found FROM postback.endpoints e WHERE e.name = endpoint_id.endpoint;
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'unknown endpoint "%"', endpoint
+            USING ERRCODE = 'no_data_found', HINT = 'SELECT name FROM postback.endpoints lists them.';
+    END IF;
+    RETURN found;
+END
+$$;
+
+-- Sends finished deliveries again now. Attempts are kept and numbering
+-- continues; the delivery gets a fresh attempt budget and max_age.
+CREATE FUNCTION postback.resend(ids bigint[]) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n integer;
+BEGIN
+    UPDATE postback.deliveries d
+       SET state = 'pending', next_attempt_at = now(), completed_at = NULL, last_error = NULL,
+           attempt_offset = d.attempts, age_credit = now() - d.created_at
+     WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM postback.wake_worker();
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION postback.retry(delivery_id bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    current text;
+BEGIN
+    SELECT d.state INTO current FROM postback.deliveries d WHERE d.id = retry.delivery_id FOR UPDATE;
+    IF current IS NULL THEN
+        RAISE EXCEPTION 'unknown delivery id %', delivery_id USING ERRCODE = 'no_data_found';
+    ELSIF current NOT IN ('succeeded', 'dead') THEN
+        RAISE EXCEPTION 'delivery % is % already; only succeeded or dead deliveries are retried', delivery_id, current
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    PERFORM postback.resend(ARRAY[delivery_id]);
+    RETURN delivery_id;
+END
+$$;
+
+CREATE FUNCTION postback.retry_dead(endpoint text, since timestamptz DEFAULT now() - interval '1 day')
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF since IS NULL OR since > now() THEN
+        RAISE EXCEPTION 'since must be a time in the past (got %)', since USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN postback.resend(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = postback.endpoint_id(endpoint) AND d.state = 'dead' AND d.completed_at >= since));
+END
+$$;
+
+-- Re-sends what was sent in a window, with the same rendered requests and
+-- idempotency keys, so the partner can deduplicate.
+CREATE FUNCTION postback.replay(endpoint text, since timestamptz, until timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF since IS NULL OR until IS NULL OR since >= until THEN
+        RAISE EXCEPTION 'replay needs since < until (got % and %)', since, until
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN postback.resend(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = postback.endpoint_id(endpoint) AND d.state = 'succeeded'
+           AND d.created_at >= since AND d.created_at < until));
+END
+$$;
+
+-- Enqueues a test request with clearly marked sample values (click id
+-- TEST-CLICK, amount 0.00, …; `sample` overrides any of them), delivered by
+-- the worker like any other. Test deliveries have no conversion.
+CREATE FUNCTION postback.send_test(endpoint text, sample jsonb DEFAULT '{}') RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    e postback.endpoints;
+    r text[];
+    made bigint;
+BEGIN
+    IF sample IS NULL OR jsonb_typeof(sample) <> 'object' THEN
+        RAISE EXCEPTION 'sample must be a JSON object of values to override (got %)', coalesce(jsonb_typeof(sample), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO e FROM postback.endpoints WHERE id = postback.endpoint_id(endpoint);
+    r := postback.render_test(e.id, sample);
+    INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
+                                     state, completed_at, last_error)
+    VALUES (e.id, NULL, r[5], r[6], r[1], e.method, coalesce(r[2], e.url_template), r[3],
+            CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r[4] IS NOT NULL THEN now() END, r[4])
+    RETURNING id INTO made;
+    PERFORM postback.wake_worker();
+    RETURN made;
+END
+$$;
+
+-- Pausing keeps deliveries waiting without spending attempts or max_age.
+CREATE FUNCTION postback.pause(endpoint text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE postback.endpoints SET paused_at = coalesce(paused_at, now()) WHERE id = postback.endpoint_id(endpoint);
+END
+$$;
+
+CREATE FUNCTION postback.resume(endpoint text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    eid bigint := postback.endpoint_id(endpoint);
+    was timestamptz;
+BEGIN
+    SELECT paused_at INTO was FROM postback.endpoints WHERE id = eid FOR UPDATE;
+    IF was IS NULL THEN
+        RETURN;
+    END IF;
+    -- the time spent paused does not count against max_age
+    UPDATE postback.deliveries d
+       SET age_credit = coalesce(d.age_credit, interval '0') + (now() - greatest(was, d.created_at))
+     WHERE d.endpoint_id = eid AND d.state = 'pending';
+    UPDATE postback.endpoints SET paused_at = NULL WHERE id = eid;
+    PERFORM postback.wake_worker();
+END
+$$;
+
+-- Deletes finished deliveries (and their attempts) that completed before
+-- now() - older_than, `batch` rows per statement, never waiting on a row the
+-- worker holds. Dead deliveries only with include_dead. max_batches bounds one
+-- call (the worker calls it one batch per transaction).
+CREATE FUNCTION postback.purge(older_than interval, batch integer DEFAULT 10000,
+                               include_dead boolean DEFAULT false, max_batches integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    total bigint := 0;
+    n integer;
+    rounds integer := 0;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval (got %)', older_than USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF batch IS NULL OR batch < 1 OR batch > 1000000 THEN
+        RAISE EXCEPTION 'batch must be between 1 and 1000000 (got %)', batch USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    LOOP
+        DELETE FROM postback.deliveries d
+         WHERE d.id IN (SELECT x.id FROM postback.deliveries x
+                         WHERE x.completed_at < now() - older_than
+                           AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
+                         LIMIT batch FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+        rounds := rounds + 1;
+        EXIT WHEN n < batch OR rounds >= coalesce(max_batches, rounds + 1);
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Views
+-- ---------------------------------------------------------------------------
+
+-- Per endpoint, the last hour and the last 24 hours, and now.
+CREATE VIEW postback.endpoint_health AS
+WITH recent AS (
+    SELECT d.endpoint_id,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour')                              AS deliveries_1h,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour' AND d.state = 'succeeded')    AS succeeded_1h,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour' AND d.state = 'dead')         AS dead_1h,
+           count(*)                                                                                      AS deliveries_24h,
+           count(*) FILTER (WHERE d.state = 'succeeded')                                                 AS succeeded_24h,
+           count(*) FILTER (WHERE d.state = 'dead')                                                      AS dead_24h
+      FROM postback.deliveries d
+     WHERE d.created_at > now() - interval '24 hours' AND d.conversion_id IS NOT NULL
+     GROUP BY d.endpoint_id),
+latency AS (
+    SELECT d.endpoint_id,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)
+               FILTER (WHERE a.started_at > now() - interval '1 hour')                                   AS p50_ms_1h,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms)
+               FILTER (WHERE a.started_at > now() - interval '1 hour')                                   AS p95_ms_1h,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)                                    AS p50_ms_24h,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms)                                   AS p95_ms_24h
+      FROM postback.attempts a JOIN postback.deliveries d ON d.id = a.delivery_id
+     WHERE a.started_at > now() - interval '24 hours' AND a.status_code IS NOT NULL
+     GROUP BY d.endpoint_id),
+backlog AS (
+    SELECT d.endpoint_id, count(*) AS pending, min(d.created_at) AS oldest_pending_at
+      FROM postback.deliveries d
+     WHERE d.state IN ('pending', 'in_flight')
+     GROUP BY d.endpoint_id)
+SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NULL AS paused, e.paused_at,
+       coalesce(r.deliveries_1h, 0) AS deliveries_1h, coalesce(r.succeeded_1h, 0) AS succeeded_1h,
+       coalesce(r.dead_1h, 0) AS dead_1h,
+       round(r.succeeded_1h::numeric / nullif(r.succeeded_1h + r.dead_1h, 0), 4) AS success_rate_1h,
+       coalesce(r.deliveries_24h, 0) AS deliveries_24h, coalesce(r.succeeded_24h, 0) AS succeeded_24h,
+       coalesce(r.dead_24h, 0) AS dead_24h,
+       round(r.succeeded_24h::numeric / nullif(r.succeeded_24h + r.dead_24h, 0), 4) AS success_rate_24h,
+       round(l.p50_ms_1h::numeric, 1) AS p50_ms_1h, round(l.p95_ms_1h::numeric, 1) AS p95_ms_1h,
+       round(l.p50_ms_24h::numeric, 1) AS p50_ms_24h, round(l.p95_ms_24h::numeric, 1) AS p95_ms_24h,
+       coalesce(s.consecutive_failures, 0) AS consecutive_failures, s.failing_since, s.last_success_at,
+       s.last_error,
+       coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age
+  FROM postback.endpoints e
+  LEFT JOIN recent r ON r.endpoint_id = e.id
+  LEFT JOIN latency l ON l.endpoint_id = e.id
+  LEFT JOIN backlog b ON b.endpoint_id = e.id
+  LEFT JOIN postback.endpoint_state s ON s.endpoint_id = e.id;
+
+-- The standard postback metrics, per window, per event and per endpoint
+-- (rows with event or endpoint NULL are the totals over them).
+CREATE VIEW postback.metrics AS
+WITH windows (name, since) AS (
+    VALUES ('24h', now() - interval '24 hours'), ('7d', now() - interval '7 days'), ('all', '-infinity'::timestamptz)),
+delivered AS (
+    SELECT w.name AS window_name, d.event, e.name AS endpoint,
+           count(*) FILTER (WHERE d.state = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE d.state IN ('succeeded', 'dead')) AS finished,
+           avg(extract(epoch FROM d.completed_at - d.created_at) * 1000.0) FILTER (WHERE d.state = 'succeeded') AS avg_ms,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
+               FILTER (WHERE d.state = 'succeeded') AS p95_ms
+      FROM windows w
+      JOIN postback.deliveries d ON d.created_at >= w.since
+      JOIN postback.endpoints e ON e.id = d.endpoint_id
+     WHERE d.conversion_id IS NOT NULL
+     GROUP BY GROUPING SETS ((w.name), (w.name, d.event), (w.name, e.name))),
+converted AS (
+    SELECT w.name AS window_name,
+           count(c.id) AS conversions,
+           count(c.id) FILTER (WHERE c.status = 'approved') AS approved,
+           count(c.id) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')) AS reversed,
+           count(k.click_id) AS matched,
+           (SELECT coalesce(sum(x.duplicates), 0) FROM postback.conversion_duplicates x WHERE x.seen_at >= w.since)
+               AS duplicates
+      FROM windows w
+      LEFT JOIN postback.conversions c ON c.created_at >= w.since
+      LEFT JOIN postback.clicks k ON k.click_id = c.click_id
+     GROUP BY w.name, w.since)
+SELECT d.window_name AS period, d.event, d.endpoint,
+       d.finished AS deliveries_finished, d.succeeded AS deliveries_succeeded,
+       round(d.succeeded::numeric / nullif(d.finished, 0), 4) AS success_rate,
+       round(d.avg_ms::numeric, 1) AS avg_commit_to_success_ms,
+       round(d.p95_ms::numeric, 1) AS p95_commit_to_success_ms,
+       c.conversions,
+       round(c.duplicates::numeric / nullif(c.conversions + c.duplicates, 0), 4) AS dedup_rate,
+       round(c.reversed::numeric / nullif(c.approved + c.reversed, 0), 4) AS reversal_rate,
+       round(c.matched::numeric / nullif(c.conversions, 0), 4) AS match_rate
+  FROM delivered d JOIN converted c USING (window_name);
+
+-- Dead deliveries, newest first, with what is needed to review and retry them.
+CREATE VIEW postback.dead_letters AS
+SELECT d.id AS delivery_id, e.name AS endpoint, d.conversion_id, c.transaction_id, c.partner, d.event, d.status,
+       d.attempts, d.completed_at AS died_at, d.last_error,
+       (SELECT a.status_code FROM postback.attempts a
+         WHERE a.delivery_id = d.id ORDER BY a.attempt_no DESC LIMIT 1) AS last_status_code,
+       d.created_at
+  FROM postback.deliveries d
+  JOIN postback.endpoints e ON e.id = d.endpoint_id
+  LEFT JOIN postback.conversions c ON c.id = d.conversion_id
+ WHERE d.state = 'dead';
+
+
 -- Privileges ----------------------------------------------------------------
 
 REVOKE EXECUTE ON FUNCTION postback.render_request(bigint, text, text, text, jsonb, jsonb, boolean, bigint, text, text, text, text, text, text, jsonb, timestamptz) FROM PUBLIC;
@@ -207,6 +522,15 @@ REVOKE EXECUTE ON FUNCTION postback.worker_status() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.preview(text, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.render_preview(bigint, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.enqueue_conversions() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.render_test(bigint, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.resend(bigint[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.retry(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.retry_dead(text, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.replay(text, timestamptz, timestamptz) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.send_test(text, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.pause(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.resume(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.purge(interval, integer, boolean, integer) FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA postback FROM PUBLIC;
 
 -- Read access for analysts: everything but credentials. endpoints.headers
@@ -225,21 +549,25 @@ BEGIN
        AND a.attname <> 'headers';
     EXECUTE format('GRANT USAGE ON SCHEMA postback TO %s', role);
     EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
-                   'postback.conversion_duplicates, postback.clicks, postback.delivery_summary, '
-                   'postback.match_rate TO %s', role);
+                   'postback.conversion_duplicates, postback.clicks, postback.endpoint_state, '
+                   'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
+                   'postback.metrics, postback.dead_letters TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats() TO %s', role);
 END
 $$;
 
 -- Operators: what analysts read, plus writing conversions (insert, change a
--- status) and clicks (the landing page), and previewing requests. They never write deliveries or endpoints.
+-- status) and clicks (the landing page), previewing requests, and the daily
+-- operations: retry, replay, send_test, pause, resume. Not purge, not endpoints. They never write deliveries or endpoints.
 CREATE FUNCTION postback.grant_operator(role regrole) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     PERFORM postback.grant_analyst(role);
     EXECUTE format('GRANT INSERT, UPDATE ON postback.conversions, postback.clicks TO %s', role);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint) TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint), postback.retry(bigint), '
+                   'postback.retry_dead(text, timestamptz), postback.replay(text, timestamptz, timestamptz), '
+                   'postback.send_test(text, jsonb), postback.pause(text), postback.resume(text) TO %s', role);
 END
 $$;
 
@@ -268,6 +596,7 @@ REVOKE EXECUTE ON FUNCTION postback.revoke_access(regrole) FROM PUBLIC;
 -- Documentation --------------------------------------------------------------
 
 COMMENT ON COLUMN postback.endpoints.headers IS 'Extra request headers (API keys, Authorization) as a JSON object of name to value: credentials, readable only by the owner and added at send time, never copied into deliveries.';
+COMMENT ON COLUMN postback.deliveries.conversion_id IS 'Conversion (postback.conversions.id) it announces; NULL for a test delivery (postback.send_test).';
 COMMENT ON COLUMN postback.deliveries.method IS 'HTTP method: GET, POST, PUT or PATCH.';
 COMMENT ON FUNCTION postback.endpoints_fill_defaults() IS 'Trigger: validates templates, headers and the success pattern; fills method from kind and max_attempts from the retry schedule.';
 COMMENT ON FUNCTION postback.preview(text, bigint) IS 'The method, URL, headers (the endpoint''s own values redacted) and body an endpoint would be sent for a conversion, without sending, and whether its filters route the conversion to it.';
@@ -296,3 +625,74 @@ COMMENT ON COLUMN postback.match_rate.conversions IS 'All conversions.';
 COMMENT ON COLUMN postback.match_rate.matched IS 'Conversions whose click_id is in postback.clicks.';
 COMMENT ON COLUMN postback.match_rate.match_rate IS 'matched ÷ conversions.';
 COMMENT ON COLUMN postback.match_rate.overall IS 'true for the row over all partners.';
+COMMENT ON COLUMN postback.endpoints.paused_at IS 'Set by postback.pause: deliveries wait without spending attempts or max_age; NULL = running.';
+COMMENT ON COLUMN postback.deliveries.attempt_offset IS 'Attempts made before the last manual retry or replay; max_attempts and the schedule count from here.';
+COMMENT ON COLUMN postback.deliveries.age_credit IS 'Time added to max_age: spent paused, or restarted by a manual retry or replay.';
+COMMENT ON TABLE postback.endpoint_state IS 'What the worker knows of each endpoint now: consecutive failures, since when it fails, last success and error. Updated when attempts are recorded.';
+COMMENT ON COLUMN postback.endpoint_state.endpoint_id IS 'Endpoint (postback.endpoints.id).';
+COMMENT ON COLUMN postback.endpoint_state.consecutive_failures IS 'Failed attempts since the last successful one.';
+COMMENT ON COLUMN postback.endpoint_state.last_success_at IS 'Start of the last successful attempt.';
+COMMENT ON COLUMN postback.endpoint_state.last_failure_at IS 'Start of the last failed attempt.';
+COMMENT ON COLUMN postback.endpoint_state.failing_since IS 'Start of the first failure after the last success; NULL while it succeeds.';
+COMMENT ON COLUMN postback.endpoint_state.last_error IS 'Error of the last failed attempt.';
+COMMENT ON COLUMN postback.endpoint_state.updated_at IS 'When the worker last recorded an attempt of this endpoint.';
+COMMENT ON FUNCTION postback.endpoint_id(text) IS 'The id of the endpoint with this name, or an error naming the unknown endpoint.';
+COMMENT ON FUNCTION postback.resend(bigint[]) IS 'Internal: sends finished deliveries again now, with a fresh attempt budget and max_age; returns how many.';
+COMMENT ON FUNCTION postback.retry(bigint) IS 'Sends a dead (or succeeded) delivery again now; its attempts are kept and numbering continues. Operators may call it.';
+COMMENT ON FUNCTION postback.retry_dead(text, timestamptz) IS 'Sends again every delivery of an endpoint that died since the given time (default: the last day); returns how many.';
+COMMENT ON FUNCTION postback.replay(text, timestamptz, timestamptz) IS 'Sends again the succeeded deliveries of an endpoint created in [since, until), same requests and idempotency keys; returns how many.';
+COMMENT ON FUNCTION postback.send_test(text, jsonb) IS 'Enqueues a test request with marked sample values (TEST-CLICK-…, amount 0.00), overridable by the jsonb; returns the delivery id. Test deliveries have no conversion.';
+COMMENT ON FUNCTION postback.render_test(bigint, jsonb) IS 'Internal: {idempotency_key, url, body, error, event, status} of a test request for an endpoint.';
+COMMENT ON FUNCTION postback.pause(text) IS 'Pauses an endpoint: new deliveries are still enqueued, none is sent, no attempt or max_age is spent until resume.';
+COMMENT ON FUNCTION postback.resume(text) IS 'Resumes a paused endpoint; its pending deliveries get the paused time added to their max_age.';
+COMMENT ON FUNCTION postback.purge(interval, integer, boolean, integer) IS 'Deletes succeeded (and, with include_dead, dead) deliveries and their attempts completed before now() - older_than, batch rows per statement, skipping rows the worker holds; returns how many. Owner only.';
+COMMENT ON VIEW postback.endpoint_health IS 'Per endpoint: deliveries, succeeded, dead and success rate over the last hour and 24 hours, attempt latency p50/p95, consecutive failures, backlog, paused/active.';
+COMMENT ON COLUMN postback.endpoint_health.endpoint_id IS 'Endpoint id.';
+COMMENT ON COLUMN postback.endpoint_health.endpoint IS 'Endpoint name.';
+COMMENT ON COLUMN postback.endpoint_health.active IS 'Whether new conversions are enqueued for it.';
+COMMENT ON COLUMN postback.endpoint_health.paused IS 'Whether it is paused (postback.pause).';
+COMMENT ON COLUMN postback.endpoint_health.paused_at IS 'Since when it is paused.';
+COMMENT ON COLUMN postback.endpoint_health.deliveries_1h IS 'Deliveries created in the last hour (test deliveries excluded).';
+COMMENT ON COLUMN postback.endpoint_health.succeeded_1h IS 'Of those, succeeded.';
+COMMENT ON COLUMN postback.endpoint_health.dead_1h IS 'Of those, dead.';
+COMMENT ON COLUMN postback.endpoint_health.success_rate_1h IS 'succeeded_1h ÷ (succeeded_1h + dead_1h).';
+COMMENT ON COLUMN postback.endpoint_health.deliveries_24h IS 'Deliveries created in the last 24 hours.';
+COMMENT ON COLUMN postback.endpoint_health.succeeded_24h IS 'Of those, succeeded.';
+COMMENT ON COLUMN postback.endpoint_health.dead_24h IS 'Of those, dead.';
+COMMENT ON COLUMN postback.endpoint_health.success_rate_24h IS 'succeeded_24h ÷ (succeeded_24h + dead_24h).';
+COMMENT ON COLUMN postback.endpoint_health.p50_ms_1h IS 'Median attempt duration over the last hour (attempts that got a response), ms.';
+COMMENT ON COLUMN postback.endpoint_health.p95_ms_1h IS '95th percentile attempt duration over the last hour, ms.';
+COMMENT ON COLUMN postback.endpoint_health.p50_ms_24h IS 'Median attempt duration over the last 24 hours, ms.';
+COMMENT ON COLUMN postback.endpoint_health.p95_ms_24h IS '95th percentile attempt duration over the last 24 hours, ms.';
+COMMENT ON COLUMN postback.endpoint_health.consecutive_failures IS 'Failed attempts since the last successful one.';
+COMMENT ON COLUMN postback.endpoint_health.failing_since IS 'Since when the endpoint fails; NULL while it succeeds.';
+COMMENT ON COLUMN postback.endpoint_health.last_success_at IS 'Start of the last successful attempt.';
+COMMENT ON COLUMN postback.endpoint_health.last_error IS 'Error of the last failed attempt.';
+COMMENT ON COLUMN postback.endpoint_health.pending IS 'Deliveries waiting or in flight.';
+COMMENT ON COLUMN postback.endpoint_health.oldest_pending_age IS 'Age of the oldest waiting or in-flight delivery.';
+COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period), in total and per event and per endpoint (the other column NULL): success rate, commit-to-success latency, dedup, reversal and match rates.';
+COMMENT ON COLUMN postback.metrics.period IS '24h, 7d or all.';
+COMMENT ON COLUMN postback.metrics.event IS 'Conversion event of the row; NULL in total and per-endpoint rows.';
+COMMENT ON COLUMN postback.metrics.endpoint IS 'Endpoint of the row; NULL in total and per-event rows.';
+COMMENT ON COLUMN postback.metrics.deliveries_finished IS 'Deliveries created in the period that succeeded or died.';
+COMMENT ON COLUMN postback.metrics.deliveries_succeeded IS 'Of those, succeeded.';
+COMMENT ON COLUMN postback.metrics.success_rate IS 'Postback success rate: deliveries_succeeded ÷ deliveries_finished.';
+COMMENT ON COLUMN postback.metrics.avg_commit_to_success_ms IS 'Average time from enqueue (the conversion''s commit) to success, ms.';
+COMMENT ON COLUMN postback.metrics.p95_commit_to_success_ms IS '95th percentile time from enqueue to success, ms.';
+COMMENT ON COLUMN postback.metrics.conversions IS 'Conversions created in the period (all events and endpoints).';
+COMMENT ON COLUMN postback.metrics.dedup_rate IS 'Duplicates refused ÷ conversions offered (conversions + duplicates) in the period.';
+COMMENT ON COLUMN postback.metrics.reversal_rate IS 'Conversions now reversed, refunded or charged back ÷ those plus the approved ones, in the period.';
+COMMENT ON COLUMN postback.metrics.match_rate IS 'Conversions with a recorded click ÷ conversions, in the period.';
+COMMENT ON VIEW postback.dead_letters IS 'Dead deliveries for review, with endpoint, conversion, attempts, last status code and error; postback.retry(delivery_id) sends one again.';
+COMMENT ON COLUMN postback.dead_letters.delivery_id IS 'Delivery id (for postback.retry).';
+COMMENT ON COLUMN postback.dead_letters.endpoint IS 'Endpoint name.';
+COMMENT ON COLUMN postback.dead_letters.conversion_id IS 'Conversion id; NULL for a test delivery.';
+COMMENT ON COLUMN postback.dead_letters.transaction_id IS 'The conversion''s transaction id.';
+COMMENT ON COLUMN postback.dead_letters.partner IS 'The conversion''s partner.';
+COMMENT ON COLUMN postback.dead_letters.event IS 'Event announced.';
+COMMENT ON COLUMN postback.dead_letters.status IS 'Status announced.';
+COMMENT ON COLUMN postback.dead_letters.attempts IS 'Attempts made.';
+COMMENT ON COLUMN postback.dead_letters.died_at IS 'When it was given up.';
+COMMENT ON COLUMN postback.dead_letters.last_error IS 'Why.';
+COMMENT ON COLUMN postback.dead_letters.last_status_code IS 'HTTP status of the last attempt, if a response came.';
+COMMENT ON COLUMN postback.dead_letters.created_at IS 'When it was enqueued.';

@@ -27,6 +27,39 @@ use pool::Pool;
 use queue::{Claimed, EndpointConfig, Record};
 
 pub const WORKER_TYPE: &str = "pg_postback worker";
+/// How often finished deliveries older than postback.retention are deleted.
+const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// Rows per purge transaction, and transactions per purge run.
+const PURGE_BATCH: i32 = 10_000;
+const PURGE_MAX_BATCHES: usize = 100;
+
+/// Deletes succeeded deliveries older than postback.retention, one bounded
+/// batch per transaction, so no lock is held for long.
+fn purge() {
+    let retention = gucs::RETENTION_S.get() as i64;
+    if retention <= 0 {
+        return;
+    }
+    let mut total = 0;
+    for _ in 0..PURGE_MAX_BATCHES {
+        match txn::run("purging finished deliveries", || queue::purge_batch(retention, PURGE_BATCH)) {
+            Ok(n) => {
+                total += n;
+                if n < PURGE_BATCH as i64 || shutdown_requested() {
+                    break;
+                }
+            }
+            Err(e) => {
+                note_error(&e);
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        log!("pg_postback worker: purged {total} finished deliveries older than postback.retention");
+    }
+}
+
 /// How long in-flight requests may finish after SIGTERM before they are abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
@@ -79,6 +112,8 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     let mut jitter = Jitter::new(http::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32);
     let mut reclaimed_at_start = false;
     let mut waiting_for_update: Option<String> = None;
+    // the first purge runs a minute after start, then every hour
+    let mut last_purge = std::time::Instant::now() - PURGE_EVERY + Duration::from_secs(60);
     let mut sleep = Duration::from_millis(0);
 
     while !shutdown_requested() {
@@ -163,6 +198,10 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
         }
         if let Err(e) = txn::run("reclaiming expired leases", || queue::reclaim_leases(false)) {
             note_error(&e);
+        }
+        if last_purge.elapsed() >= PURGE_EVERY {
+            last_purge = std::time::Instant::now();
+            purge();
         }
         sleep = match txn::run("finding the next retry", queue::ms_until_next_due) {
             Ok(Some(ms)) => poll.min(Duration::from_millis(ms.max(1) as u64)),
@@ -252,7 +291,7 @@ fn finish(batch: Batch, results: Vec<Option<Sent>>, jitter: &mut Jitter) {
             remaining_age: Duration::from_millis(c.remaining_age_ms.max(0) as u64),
         };
         let verdict = retry::classify(&sent.result, batch.patterns[&c.endpoint_id].as_ref());
-        let decision = retry::decide(verdict, c.attempt_no, &limits, jitter.next_unit());
+        let decision = retry::decide(verdict, c.budget_no, &limits, jitter.next_unit());
         let (status_code, body) = match &sent.result {
             AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(body.clone())),
             _ => (None, None),
@@ -269,6 +308,7 @@ fn finish(batch: Batch, results: Vec<Option<Sent>>, jitter: &mut Jitter) {
         }
         records.push(Record {
             delivery_id: c.id,
+            endpoint_id: c.endpoint_id,
             attempt_no: c.attempt_no,
             started_unix_micros: sent.started_unix_micros,
             duration_ms: Some(sent.duration_ms),
@@ -289,6 +329,7 @@ fn finish(batch: Batch, results: Vec<Option<Sent>>, jitter: &mut Jitter) {
 fn dead_record(c: &Claimed, error: String) -> Record {
     Record {
         delivery_id: c.id,
+        endpoint_id: c.endpoint_id,
         attempt_no: c.attempt_no,
         started_unix_micros: http::unix_micros_now(),
         duration_ms: Some(0.0),

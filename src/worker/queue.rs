@@ -15,6 +15,8 @@ pub struct Claimed {
     pub id: i64,
     pub endpoint_id: i64,
     pub attempt_no: i32,
+    /// attempts counted against max_attempts and the schedule (a manual retry restarts them)
+    pub budget_no: i32,
     pub method: String,
     pub url: String,
     pub body: Option<String>,
@@ -54,7 +56,8 @@ pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
                 "WITH due AS (
                      SELECT d.id FROM postback.deliveries d
                       WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-                        AND EXISTS (SELECT 1 FROM postback.endpoints e WHERE e.id = d.endpoint_id AND e.active)
+                        AND EXISTS (SELECT 1 FROM postback.endpoints e
+                                     WHERE e.id = d.endpoint_id AND e.active AND e.paused_at IS NULL)
                         AND (d.predecessor_id IS NULL OR NOT EXISTS (
                              SELECT 1 FROM postback.deliveries p
                               WHERE p.id = d.predecessor_id AND p.state IN ('pending', 'in_flight')))
@@ -68,8 +71,10 @@ pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
                   WHERE d.id = due.id
               RETURNING d.id, d.endpoint_id, d.attempts, d.method, d.url, d.body,
                         d.idempotency_key,
-                        (SELECT (extract(epoch FROM d.created_at + e.max_age - now()) * 1000.0)::bigint
-                           FROM postback.endpoints e WHERE e.id = d.endpoint_id)"
+                        (SELECT (extract(epoch FROM d.created_at + e.max_age + coalesce(d.age_credit, interval '0')
+                                                    - now()) * 1000.0)::bigint
+                           FROM postback.endpoints e WHERE e.id = d.endpoint_id),
+                        d.attempts - d.attempt_offset"
             ),
             None,
             &[limit.into()],
@@ -85,6 +90,7 @@ pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
                 body: row.get::<String>(6)?,
                 idempotency_key: row.get::<String>(7)?.unwrap_or_default(),
                 remaining_age_ms: row.get::<i64>(8)?.unwrap_or(0),
+                budget_no: row.get::<i32>(9)?.unwrap_or(1),
             });
         }
         Ok(out)
@@ -143,6 +149,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
 #[derive(Debug, Clone)]
 pub struct Record {
     pub delivery_id: i64,
+    pub endpoint_id: i64,
     pub attempt_no: i32,
     pub started_unix_micros: i64,
     pub duration_ms: Option<f64>,
@@ -203,8 +210,60 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
                 retry_in.into(),
             ],
         )?;
-        Ok(())
+        record_endpoint_state(client, records)
     })
+}
+
+/// Folds a batch's outcomes into postback.endpoint_state: consecutive
+/// failures (reset by a success), since when an endpoint fails, its last error.
+fn record_endpoint_state(client: &mut pgrx::spi::SpiClient, records: &[Record]) -> SpiResult<()> {
+    let mut order: Vec<i64> = Vec::new();
+    let mut folded: HashMap<i64, crate::health::Fold> = HashMap::new();
+    for r in records {
+        let f = folded.entry(r.endpoint_id).or_insert_with(|| {
+            order.push(r.endpoint_id);
+            crate::health::Fold::default()
+        });
+        let at = r.started_unix_micros as f64 / 1e6;
+        f.add(r.outcome == "succeeded", at, r.error.as_deref());
+    }
+    let folds: Vec<&crate::health::Fold> = order.iter().map(|id| &folded[id]).collect();
+    client.update(
+        "INSERT INTO postback.endpoint_state AS s
+                (endpoint_id, consecutive_failures, last_success_at, last_failure_at, failing_since, last_error, updated_at)
+         SELECT r.e, r.f, to_timestamp(r.ok), to_timestamp(r.bad), to_timestamp(r.since), r.err, now()
+           FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], $5::float8[], $6::text[])
+                AS r(e, f, ok, bad, since, err)
+         ON CONFLICT (endpoint_id) DO UPDATE SET
+             consecutive_failures = CASE WHEN excluded.last_success_at IS NOT NULL THEN excluded.consecutive_failures
+                                         ELSE s.consecutive_failures + excluded.consecutive_failures END,
+             failing_since = CASE WHEN excluded.consecutive_failures = 0 THEN NULL
+                                  WHEN excluded.last_success_at IS NOT NULL THEN excluded.failing_since
+                                  ELSE coalesce(s.failing_since, excluded.failing_since) END,
+             last_success_at = coalesce(excluded.last_success_at, s.last_success_at),
+             last_failure_at = coalesce(excluded.last_failure_at, s.last_failure_at),
+             last_error = coalesce(excluded.last_error, s.last_error),
+             updated_at = now()",
+        None,
+        &[
+            order.clone().into(),
+            folds.iter().map(|f| f.failures_after_success).collect::<Vec<i32>>().into(),
+            folds.iter().map(|f| f.last_success).collect::<Vec<Option<f64>>>().into(),
+            folds.iter().map(|f| f.last_failure).collect::<Vec<Option<f64>>>().into(),
+            folds.iter().map(|f| f.first_failure_after_success).collect::<Vec<Option<f64>>>().into(),
+            folds.iter().map(|f| f.last_error.clone()).collect::<Vec<Option<String>>>().into(),
+        ],
+    )?;
+    Ok(())
+}
+
+/// Deletes one bounded batch of succeeded deliveries older than `older_than_secs`.
+pub fn purge_batch(older_than_secs: i64, batch: i32) -> SpiResult<i64> {
+    Spi::get_one_with_args::<i64>(
+        "SELECT postback.purge(make_interval(secs => $1::float8), $2, false, 1)",
+        &[(older_than_secs as f64).into(), batch.into()],
+    )
+    .map(|n| n.unwrap_or(0))
 }
 
 /// Returns leased deliveries to the queue, recording the interrupted attempt

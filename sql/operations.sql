@@ -1,0 +1,278 @@
+-- Operating pg_postback from SQL: retry, replay, test, pause, retention, and
+-- the views operators and analysts read. The functions that write deliveries
+-- or endpoints run as the owner (SECURITY DEFINER, pinned search_path) and
+-- are granted to operators by postback.grant_operator.
+
+-- The endpoint named `endpoint`, or a clear error.
+CREATE FUNCTION postback.endpoint_id(endpoint text) RETURNS bigint
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    found bigint;
+BEGIN
+    IF endpoint IS NULL THEN
+        RAISE EXCEPTION 'endpoint must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT e.id INTO found FROM postback.endpoints e WHERE e.name = endpoint_id.endpoint;
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'unknown endpoint "%"', endpoint
+            USING ERRCODE = 'no_data_found', HINT = 'SELECT name FROM postback.endpoints lists them.';
+    END IF;
+    RETURN found;
+END
+$$;
+
+-- Sends finished deliveries again now. Attempts are kept and numbering
+-- continues; the delivery gets a fresh attempt budget and max_age.
+CREATE FUNCTION postback.resend(ids bigint[]) RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n integer;
+BEGIN
+    UPDATE postback.deliveries d
+       SET state = 'pending', next_attempt_at = now(), completed_at = NULL, last_error = NULL,
+           attempt_offset = d.attempts, age_credit = now() - d.created_at
+     WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead');
+    GET DIAGNOSTICS n = ROW_COUNT;
+    IF n > 0 THEN
+        PERFORM postback.wake_worker();
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION postback.retry(delivery_id bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    current text;
+BEGIN
+    SELECT d.state INTO current FROM postback.deliveries d WHERE d.id = retry.delivery_id FOR UPDATE;
+    IF current IS NULL THEN
+        RAISE EXCEPTION 'unknown delivery id %', delivery_id USING ERRCODE = 'no_data_found';
+    ELSIF current NOT IN ('succeeded', 'dead') THEN
+        RAISE EXCEPTION 'delivery % is % already; only succeeded or dead deliveries are retried', delivery_id, current
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    PERFORM postback.resend(ARRAY[delivery_id]);
+    RETURN delivery_id;
+END
+$$;
+
+CREATE FUNCTION postback.retry_dead(endpoint text, since timestamptz DEFAULT now() - interval '1 day')
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF since IS NULL OR since > now() THEN
+        RAISE EXCEPTION 'since must be a time in the past (got %)', since USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN postback.resend(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = postback.endpoint_id(endpoint) AND d.state = 'dead' AND d.completed_at >= since));
+END
+$$;
+
+-- Re-sends what was sent in a window, with the same rendered requests and
+-- idempotency keys, so the partner can deduplicate.
+CREATE FUNCTION postback.replay(endpoint text, since timestamptz, until timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF since IS NULL OR until IS NULL OR since >= until THEN
+        RAISE EXCEPTION 'replay needs since < until (got % and %)', since, until
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN postback.resend(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = postback.endpoint_id(endpoint) AND d.state = 'succeeded'
+           AND d.created_at >= since AND d.created_at < until));
+END
+$$;
+
+-- Enqueues a test request with clearly marked sample values (click id
+-- TEST-CLICK, amount 0.00, …; `sample` overrides any of them), delivered by
+-- the worker like any other. Test deliveries have no conversion.
+CREATE FUNCTION postback.send_test(endpoint text, sample jsonb DEFAULT '{}') RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    e postback.endpoints;
+    r text[];
+    made bigint;
+BEGIN
+    IF sample IS NULL OR jsonb_typeof(sample) <> 'object' THEN
+        RAISE EXCEPTION 'sample must be a JSON object of values to override (got %)', coalesce(jsonb_typeof(sample), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO e FROM postback.endpoints WHERE id = postback.endpoint_id(endpoint);
+    r := postback.render_test(e.id, sample);
+    INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
+                                     state, completed_at, last_error)
+    VALUES (e.id, NULL, r[5], r[6], r[1], e.method, coalesce(r[2], e.url_template), r[3],
+            CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r[4] IS NOT NULL THEN now() END, r[4])
+    RETURNING id INTO made;
+    PERFORM postback.wake_worker();
+    RETURN made;
+END
+$$;
+
+-- Pausing keeps deliveries waiting without spending attempts or max_age.
+CREATE FUNCTION postback.pause(endpoint text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    UPDATE postback.endpoints SET paused_at = coalesce(paused_at, now()) WHERE id = postback.endpoint_id(endpoint);
+END
+$$;
+
+CREATE FUNCTION postback.resume(endpoint text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    eid bigint := postback.endpoint_id(endpoint);
+    was timestamptz;
+BEGIN
+    SELECT paused_at INTO was FROM postback.endpoints WHERE id = eid FOR UPDATE;
+    IF was IS NULL THEN
+        RETURN;
+    END IF;
+    -- the time spent paused does not count against max_age
+    UPDATE postback.deliveries d
+       SET age_credit = coalesce(d.age_credit, interval '0') + (now() - greatest(was, d.created_at))
+     WHERE d.endpoint_id = eid AND d.state = 'pending';
+    UPDATE postback.endpoints SET paused_at = NULL WHERE id = eid;
+    PERFORM postback.wake_worker();
+END
+$$;
+
+-- Deletes finished deliveries (and their attempts) that completed before
+-- now() - older_than, `batch` rows per statement, never waiting on a row the
+-- worker holds. Dead deliveries only with include_dead. max_batches bounds one
+-- call (the worker calls it one batch per transaction).
+CREATE FUNCTION postback.purge(older_than interval, batch integer DEFAULT 10000,
+                               include_dead boolean DEFAULT false, max_batches integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    total bigint := 0;
+    n integer;
+    rounds integer := 0;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval (got %)', older_than USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF batch IS NULL OR batch < 1 OR batch > 1000000 THEN
+        RAISE EXCEPTION 'batch must be between 1 and 1000000 (got %)', batch USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    LOOP
+        DELETE FROM postback.deliveries d
+         WHERE d.id IN (SELECT x.id FROM postback.deliveries x
+                         WHERE x.completed_at < now() - older_than
+                           AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
+                         LIMIT batch FOR UPDATE SKIP LOCKED);
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+        rounds := rounds + 1;
+        EXIT WHEN n < batch OR rounds >= coalesce(max_batches, rounds + 1);
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Views
+-- ---------------------------------------------------------------------------
+
+-- Per endpoint, the last hour and the last 24 hours, and now.
+CREATE VIEW postback.endpoint_health AS
+WITH recent AS (
+    SELECT d.endpoint_id,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour')                              AS deliveries_1h,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour' AND d.state = 'succeeded')    AS succeeded_1h,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour' AND d.state = 'dead')         AS dead_1h,
+           count(*)                                                                                      AS deliveries_24h,
+           count(*) FILTER (WHERE d.state = 'succeeded')                                                 AS succeeded_24h,
+           count(*) FILTER (WHERE d.state = 'dead')                                                      AS dead_24h
+      FROM postback.deliveries d
+     WHERE d.created_at > now() - interval '24 hours' AND d.conversion_id IS NOT NULL
+     GROUP BY d.endpoint_id),
+latency AS (
+    SELECT d.endpoint_id,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)
+               FILTER (WHERE a.started_at > now() - interval '1 hour')                                   AS p50_ms_1h,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms)
+               FILTER (WHERE a.started_at > now() - interval '1 hour')                                   AS p95_ms_1h,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)                                    AS p50_ms_24h,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms)                                   AS p95_ms_24h
+      FROM postback.attempts a JOIN postback.deliveries d ON d.id = a.delivery_id
+     WHERE a.started_at > now() - interval '24 hours' AND a.status_code IS NOT NULL
+     GROUP BY d.endpoint_id),
+backlog AS (
+    SELECT d.endpoint_id, count(*) AS pending, min(d.created_at) AS oldest_pending_at
+      FROM postback.deliveries d
+     WHERE d.state IN ('pending', 'in_flight')
+     GROUP BY d.endpoint_id)
+SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NULL AS paused, e.paused_at,
+       coalesce(r.deliveries_1h, 0) AS deliveries_1h, coalesce(r.succeeded_1h, 0) AS succeeded_1h,
+       coalesce(r.dead_1h, 0) AS dead_1h,
+       round(r.succeeded_1h::numeric / nullif(r.succeeded_1h + r.dead_1h, 0), 4) AS success_rate_1h,
+       coalesce(r.deliveries_24h, 0) AS deliveries_24h, coalesce(r.succeeded_24h, 0) AS succeeded_24h,
+       coalesce(r.dead_24h, 0) AS dead_24h,
+       round(r.succeeded_24h::numeric / nullif(r.succeeded_24h + r.dead_24h, 0), 4) AS success_rate_24h,
+       round(l.p50_ms_1h::numeric, 1) AS p50_ms_1h, round(l.p95_ms_1h::numeric, 1) AS p95_ms_1h,
+       round(l.p50_ms_24h::numeric, 1) AS p50_ms_24h, round(l.p95_ms_24h::numeric, 1) AS p95_ms_24h,
+       coalesce(s.consecutive_failures, 0) AS consecutive_failures, s.failing_since, s.last_success_at,
+       s.last_error,
+       coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age
+  FROM postback.endpoints e
+  LEFT JOIN recent r ON r.endpoint_id = e.id
+  LEFT JOIN latency l ON l.endpoint_id = e.id
+  LEFT JOIN backlog b ON b.endpoint_id = e.id
+  LEFT JOIN postback.endpoint_state s ON s.endpoint_id = e.id;
+
+-- The standard postback metrics, per window, per event and per endpoint
+-- (rows with event or endpoint NULL are the totals over them).
+CREATE VIEW postback.metrics AS
+WITH windows (name, since) AS (
+    VALUES ('24h', now() - interval '24 hours'), ('7d', now() - interval '7 days'), ('all', '-infinity'::timestamptz)),
+delivered AS (
+    SELECT w.name AS window_name, d.event, e.name AS endpoint,
+           count(*) FILTER (WHERE d.state = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE d.state IN ('succeeded', 'dead')) AS finished,
+           avg(extract(epoch FROM d.completed_at - d.created_at) * 1000.0) FILTER (WHERE d.state = 'succeeded') AS avg_ms,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
+               FILTER (WHERE d.state = 'succeeded') AS p95_ms
+      FROM windows w
+      JOIN postback.deliveries d ON d.created_at >= w.since
+      JOIN postback.endpoints e ON e.id = d.endpoint_id
+     WHERE d.conversion_id IS NOT NULL
+     GROUP BY GROUPING SETS ((w.name), (w.name, d.event), (w.name, e.name))),
+converted AS (
+    SELECT w.name AS window_name,
+           count(c.id) AS conversions,
+           count(c.id) FILTER (WHERE c.status = 'approved') AS approved,
+           count(c.id) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')) AS reversed,
+           count(k.click_id) AS matched,
+           (SELECT coalesce(sum(x.duplicates), 0) FROM postback.conversion_duplicates x WHERE x.seen_at >= w.since)
+               AS duplicates
+      FROM windows w
+      LEFT JOIN postback.conversions c ON c.created_at >= w.since
+      LEFT JOIN postback.clicks k ON k.click_id = c.click_id
+     GROUP BY w.name, w.since)
+SELECT d.window_name AS period, d.event, d.endpoint,
+       d.finished AS deliveries_finished, d.succeeded AS deliveries_succeeded,
+       round(d.succeeded::numeric / nullif(d.finished, 0), 4) AS success_rate,
+       round(d.avg_ms::numeric, 1) AS avg_commit_to_success_ms,
+       round(d.p95_ms::numeric, 1) AS p95_commit_to_success_ms,
+       c.conversions,
+       round(c.duplicates::numeric / nullif(c.conversions + c.duplicates, 0), 4) AS dedup_rate,
+       round(c.reversed::numeric / nullif(c.approved + c.reversed, 0), 4) AS reversal_rate,
+       round(c.matched::numeric / nullif(c.conversions, 0), 4) AS match_rate
+  FROM delivered d JOIN converted c USING (window_name);
+
+-- Dead deliveries, newest first, with what is needed to review and retry them.
+CREATE VIEW postback.dead_letters AS
+SELECT d.id AS delivery_id, e.name AS endpoint, d.conversion_id, c.transaction_id, c.partner, d.event, d.status,
+       d.attempts, d.completed_at AS died_at, d.last_error,
+       (SELECT a.status_code FROM postback.attempts a
+         WHERE a.delivery_id = d.id ORDER BY a.attempt_no DESC LIMIT 1) AS last_status_code,
+       d.created_at
+  FROM postback.deliveries d
+  JOIN postback.endpoints e ON e.id = d.endpoint_id
+  LEFT JOIN postback.conversions c ON c.id = d.conversion_id
+ WHERE d.state = 'dead';
