@@ -217,7 +217,7 @@ SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NUL
        round(l.p50_ms_1h::numeric, 1) AS p50_ms_1h, round(l.p95_ms_1h::numeric, 1) AS p95_ms_1h,
        round(l.p50_ms_24h::numeric, 1) AS p50_ms_24h, round(l.p95_ms_24h::numeric, 1) AS p95_ms_24h,
        coalesce(s.consecutive_failures, 0) AS consecutive_failures, s.failing_since, s.last_success_at,
-       s.last_error,
+       s.last_error, coalesce(s.breaker, 'closed') AS breaker, s.breaker_since, s.breaker_reason,
        coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age
   FROM postback.endpoints e
   LEFT JOIN recent r ON r.endpoint_id = e.id

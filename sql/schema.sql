@@ -100,6 +100,12 @@ CREATE TABLE postback.endpoints (
         CONSTRAINT endpoint_conditions_must_be_a_json_object
             CHECK (jsonb_typeof(conditions) = 'object'),
     paused_at            timestamptz,
+    max_in_flight        integer     NOT NULL DEFAULT 8
+        CONSTRAINT endpoint_max_in_flight_must_be_between_1_and_256
+            CHECK (max_in_flight BETWEEN 1 AND 256),
+    rate_limit           numeric
+        CONSTRAINT endpoint_rate_limit_must_be_positive_requests_per_second
+            CHECK (rate_limit > 0 AND rate_limit <= 100000),
     CONSTRAINT endpoint_postback_signs_only_with_hmac_sha256_hex_or_base64
         CHECK (kind = 'webhook' OR signing_scheme IN ('none', 'hmac-sha256-hex', 'hmac-sha256-base64')),
     CONSTRAINT endpoint_body_template_only_for_webhooks
@@ -249,6 +255,7 @@ CREATE TABLE postback.deliveries (
     last_error       text,
     attempt_offset   integer     NOT NULL DEFAULT 0,
     age_credit       interval,
+    leased_by        integer,
     CONSTRAINT delivery_in_flight_has_a_lease
         CHECK ((state = 'in_flight') = (lease_expires_at IS NOT NULL)),
     CONSTRAINT delivery_completed_at_set_when_finished
@@ -301,7 +308,12 @@ CREATE TABLE postback.endpoint_state (
     last_failure_at      timestamptz,
     failing_since        timestamptz,
     last_error           text,
-    updated_at           timestamptz NOT NULL DEFAULT now()
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    breaker              text        NOT NULL DEFAULT 'closed'
+        CONSTRAINT endpoint_breaker_must_be_closed_open_or_half_open
+            CHECK (breaker IN ('closed', 'open', 'half_open')),
+    breaker_since        timestamptz,
+    breaker_reason       text
 );
 
 -- ---------------------------------------------------------------------------

@@ -11,10 +11,13 @@ use crate::target_policy;
 pub static DATABASE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
-pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(16);
+pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(64);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_URL_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::request::MAX_URL_BYTES as i32);
 pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::request::MAX_BODY_BYTES as i32);
+pub static BREAKER_FAILURES: GucSetting<i32> = GucSetting::<i32>::new(10);
+pub static BREAKER_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+pub static DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 24 * 3600);
 pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 pub static ALLOWED_TARGETS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
@@ -51,8 +54,9 @@ pub fn init() {
     );
     GucRegistry::define_int_guc(
         c"postback.concurrency",
-        c"HTTP requests the worker keeps in flight at once.",
-        c"Size of the worker's pool of sending threads, each with its own keep-alive connections.",
+        c"HTTP requests the worker keeps in flight at once, over all endpoints.",
+        c"Size of the worker's pool of sending threads (256 kB of stack reserved each). Each endpoint \
+          also has its own cap, postback.endpoints.max_in_flight, so a hanging endpoint holds at most that many.",
         &CONCURRENCY,
         1,
         256,
@@ -68,6 +72,38 @@ pub fn init() {
         1_048_576,
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
+    );
+    GucRegistry::define_int_guc(
+        c"postback.breaker_failures",
+        c"Consecutive failed attempts after which an endpoint's circuit breaker opens; 0 = never.",
+        c"Failures are timeouts, refused or reset connections and HTTP 408, 429 and 5xx. While open, the \
+          endpoint's deliveries wait without spending attempts; after postback.breaker_cooldown one probe \
+          request goes through, and its success closes the breaker.",
+        &BREAKER_FAILURES,
+        0,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"postback.breaker_cooldown",
+        c"How long an open circuit breaker waits before a probe request.",
+        c"Each failed probe doubles the wait, up to 32 times this value or one hour.",
+        &BREAKER_COOLDOWN_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"postback.disable_after",
+        c"An endpoint failing for longer than this is deactivated (active = false); 0 = never.",
+        c"Measured from the first failure after its last success. NOTIFY postback_alerts announces it.",
+        &DISABLE_AFTER_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"postback.retention",

@@ -13,6 +13,7 @@ pub mod outgoing;
 pub mod request;
 pub mod retry;
 pub mod routing;
+pub mod scheduler;
 pub mod signing;
 pub mod template;
 

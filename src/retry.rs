@@ -52,10 +52,21 @@ pub fn classify(result: &AttemptResult, success_body: Option<&Regex>) -> Verdict
     }
 }
 
-/// `Retry-After` as delay-seconds (the HTTP-date form is not honoured: it
-/// depends on clocks agreeing; the schedule applies instead).
+/// `Retry-After` as delay-seconds or as an HTTP date (RFC 9110: IMF-fixdate,
+/// and the obsolete RFC 850 and asctime forms), capped at one hour; a date in
+/// the past means no extra wait.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
-    value.trim().parse::<u64>().ok().map(|s| Duration::from_secs(s).min(RETRY_AFTER_CAP))
+    parse_retry_after_at(value, std::time::SystemTime::now())
+}
+
+/// `parse_retry_after` with the current time given.
+pub fn parse_retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs).min(RETRY_AFTER_CAP));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO).min(RETRY_AFTER_CAP))
 }
 
 /// The schedule step for the retry after attempt `attempt_no` (1-based): the
@@ -167,11 +178,23 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_as_an_http_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        assert_eq!(parse_retry_after_at("Sun, 06 Nov 1994 08:50:07 GMT", now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after_at("Sunday, 06-Nov-94 08:51:37 GMT", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after_at("Sun Nov  6 08:49:47 1994", now), Some(Duration::from_secs(10)));
+        assert_eq!(parse_retry_after_at("Sun, 06 Nov 1994 08:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after_at("Mon, 07 Nov 1994 08:49:37 GMT", now), Some(RETRY_AFTER_CAP));
+        assert_eq!(parse_retry_after_at("soon", now), None);
+    }
+
+    #[test]
     fn retry_after_is_honoured_and_capped() {
         let r = AttemptResult::Response { status: 429, body: String::new(), retry_after: Some("2".into()), location: None };
         assert_eq!(classify(&r, None), Verdict::Retry { error: "HTTP 429".into(), retry_after: Some(Duration::from_secs(2)) });
         assert_eq!(parse_retry_after("999999"), Some(RETRY_AFTER_CAP));
-        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        // a date in the past: no extra wait
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
         let limits = Limits { schedule: &[Duration::from_millis(200)], max_attempts: 5, remaining_age: Duration::from_secs(3600) };
         let d = decide(Verdict::Retry { error: "x".into(), retry_after: Some(Duration::from_secs(2)) }, 1, &limits, 0.5);
         assert_eq!(d, Decision::RetryIn(Duration::from_secs(2), "x".into()));

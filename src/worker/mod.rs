@@ -1,13 +1,17 @@
 //! The background worker: registration and main loop.
 //!
-//! Shape of one pass: claim a batch with a lease and commit; send it on the
-//! pool (no transaction open, no Postgres call off this thread); record every
-//! attempt and new state in one short transaction; repeat while work is due.
-//! Sleeps on its latch; a commit that enqueued deliveries sets it.
+//! Shape of one pass: take the requests that finished since the last pass and
+//! record them (attempts, new states, breaker changes) in one short
+//! transaction; claim due deliveries with a lease while there is room; hand
+//! them to the scheduler, which puts on the wire what each endpoint's
+//! max_in_flight, rate_limit and circuit breaker allow; wait for a result, a
+//! commit, a due retry or the poll interval. No request waits for another:
+//! a hanging endpoint holds at most its own max_in_flight slots. HTTP runs on
+//! the pool's threads; every Postgres call stays on this thread.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -16,7 +20,8 @@ use regex::Regex;
 use crate::gucs;
 use crate::http::{self, Client, Job, Sent};
 use crate::outgoing::{self, Signing};
-use crate::retry::{self, AttemptResult, Decision, Jitter, Limits};
+use crate::retry::{self, AttemptResult, Decision, Jitter, Limits, Verdict};
+use crate::scheduler::{BreakerSettings, BreakerState, Health, Scheduler, Transition};
 
 mod pool;
 mod queue;
@@ -80,12 +85,6 @@ fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
-fn build_pool() -> Pool {
-    let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
-    let max_body = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
-    let client = Arc::new(Client::new(gucs::allowed_targets(), max_body, concurrency));
-    Pool::new(concurrency, client)
-}
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -108,222 +107,462 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     shared::register_self(http::unix_micros_now());
     log!("pg_postback worker started, connected to database \"{database}\"");
 
-    let mut pool = build_pool();
-    let mut jitter = Jitter::new(http::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32);
-    let mut reclaimed_at_start = false;
+    let mut worker = Worker::new();
     let mut waiting_for_update: Option<String> = None;
     // the first purge runs a minute after start, then every hour
-    let mut last_purge = std::time::Instant::now() - PURGE_EVERY + Duration::from_secs(60);
-    let mut sleep = Duration::from_millis(0);
+    let mut last_purge = Instant::now() - PURGE_EVERY + Duration::from_secs(60);
+    let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
 
     while !shutdown_requested() {
-        if !BackgroundWorker::wait_latch(Some(sleep)) {
-            break;
-        }
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             if gucs::database_name() != database {
                 log!("pg_postback worker: postback.database_name changed, restarting to reconnect");
+                worker.stop();
                 shared::unregister_self();
                 unsafe { pg_sys::proc_exit(1) };
             }
-            pool = build_pool();
+            worker.reload();
         }
-        shared::SHARED.exclusive().last_wake = http::unix_micros_now();
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
-
-        match txn::run("checking the schema", queue::installed_version) {
-            Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {
-                waiting_for_update = None;
-            }
-            Ok(other) => {
-                // not installed, or installed at another version: its schema is
-                // not the one this library speaks; deliveries wait (nothing is lost)
-                if let Some(v) = &other {
-                    if waiting_for_update.as_deref() != Some(v.as_str()) {
-                        log!(
-                            "pg_postback worker: the extension is at version {v} but the library is {}; \
-                             deliveries wait until ALTER EXTENSION pg_postback UPDATE",
-                            env!("CARGO_PKG_VERSION")
-                        );
-                    }
+        if !worker.ready {
+            match txn::run("checking the schema", queue::installed_version) {
+                Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {
+                    waiting_for_update = None;
+                    worker.start();
                 }
-                waiting_for_update = other;
-                sleep = poll.max(Duration::from_secs(1));
-                continue;
+                Ok(other) => {
+                    // not installed, or installed at another version: its schema is
+                    // not the one this library speaks; deliveries wait (nothing is lost)
+                    if let Some(v) = &other {
+                        if waiting_for_update.as_deref() != Some(v.as_str()) {
+                            log!(
+                                "pg_postback worker: the extension is at version {v} but the library is {}; \
+                                 deliveries wait until ALTER EXTENSION pg_postback UPDATE",
+                                env!("CARGO_PKG_VERSION")
+                            );
+                        }
+                    }
+                    waiting_for_update = other;
+                    BackgroundWorker::wait_latch(Some(poll.max(Duration::from_secs(1))));
+                    continue;
+                }
+                Err(e) => {
+                    note_error(&e);
+                    BackgroundWorker::wait_latch(Some(poll));
+                    continue;
+                }
             }
-            Err(e) => {
-                note_error(&e);
-                sleep = poll;
-                continue;
-            }
-        }
-        if !reclaimed_at_start {
-            match txn::run("reclaiming leases", || queue::reclaim_leases(true)) {
-                Ok(n) if n > 0 => log!("pg_postback worker: retrying {n} deliveries interrupted by a restart"),
-                Ok(_) => {}
-                Err(e) => note_error(&e),
-            }
-            reclaimed_at_start = true;
         }
 
-        // Deliver while work is due, as a two-stage pipeline: while one batch
-        // is on the wire, the previous one is recorded and the next one claimed.
-        let mut on_the_wire: Option<Batch> = None;
-        loop {
-            let next = if shutdown_requested() { None } else { claim_and_prepare() };
-            let Some(current) = on_the_wire.take() else {
-                match next {
-                    Some((batch, jobs)) => {
-                        pool.submit(jobs);
-                        on_the_wire = Some(batch);
-                        continue;
-                    }
-                    None => break,
-                }
-            };
-            let results = pool.collect(current.sent_for.len(), shutdown_requested, SHUTDOWN_GRACE);
-            if let Some((batch, jobs)) = next {
-                pool.submit(jobs);
-                on_the_wire = Some(batch);
-            }
-            finish(current, results, &mut jitter);
-            if on_the_wire.is_none() {
-                break;
-            }
-        }
-        shared::SHARED.exclusive().in_flight = 0;
-        if shutdown_requested() {
-            break;
-        }
-        if let Err(e) = txn::run("reclaiming expired leases", || queue::reclaim_leases(false)) {
-            note_error(&e);
+        worker.step(poll);
+
+        if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
+            last_housekeeping = Instant::now();
+            worker.housekeeping();
         }
         if last_purge.elapsed() >= PURGE_EVERY {
-            last_purge = std::time::Instant::now();
+            last_purge = Instant::now();
             purge();
         }
-        sleep = match txn::run("finding the next retry", queue::ms_until_next_due) {
-            Ok(Some(ms)) => poll.min(Duration::from_millis(ms.max(1) as u64)),
-            Ok(None) => poll,
-            Err(e) => {
-                note_error(&e);
-                poll
-            }
-        };
     }
+    worker.stop();
     shared::unregister_self();
     log!("pg_postback worker shutting down");
 }
+
+/// How often expired leases are reclaimed, the extension's version checked and
+/// long-failing endpoints disabled.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
+/// Longest a finished request waits before it is recorded (results that finish
+/// within this window share one transaction).
+const RECORD_WITHIN: Duration = Duration::from_millis(2);
 
 fn note_error(message: &str) {
     warning!("pg_postback worker: {message}");
     shared::SHARED.exclusive().set_last_error(message, http::unix_micros_now());
 }
 
-/// A claimed batch on its way: what is needed to judge and record its results.
-struct Batch {
-    endpoints: HashMap<i64, EndpointConfig>,
-    patterns: HashMap<i64, Option<Regex>>,
-    /// deliveries whose request is on the wire, in job order
-    sent_for: Vec<Claimed>,
-    /// deliveries that could not even be built: dead at once
-    early: Vec<Record>,
+/// A request on the wire: what is needed to judge and record its result.
+struct InFlight {
+    claimed: Claimed,
+    pattern: Option<Arc<Regex>>,
+    schedule: Arc<Vec<Duration>>,
+    max_attempts: i32,
 }
 
-/// Claims the next batch and builds its requests; None when nothing is due.
-fn claim_and_prepare() -> Option<(Batch, Vec<Job>)> {
-    let batch_size = gucs::BATCH_SIZE.get().max(1);
-    let claimed = match txn::run("claiming deliveries", || queue::claim(batch_size)) {
-        Ok(c) if !c.is_empty() => c,
-        Ok(_) => return None,
-        Err(e) => {
-            note_error(&e);
-            return None;
+/// The worker's state between passes of its loop.
+struct Worker {
+    pool: Pool,
+    rebuild_pool: bool,
+    scheduler: Scheduler<(Claimed, Result<Job, String>, InFlightMeta)>,
+    in_flight: HashMap<u64, InFlight>,
+    next_key: u64,
+    finished: Vec<(u64, Sent)>,
+    records: Vec<Record>,
+    transitions: Vec<Transition>,
+    jitter: Jitter,
+    /// more deliveries may be due: claim again when there is room
+    maybe_due: bool,
+    /// when the earliest scheduled retry falls due
+    next_due: Option<Instant>,
+    /// the schema speaks this library's version and leases were reclaimed
+    ready: bool,
+}
+
+/// What a queued delivery needs once it goes on the wire.
+struct InFlightMeta {
+    pattern: Option<Arc<Regex>>,
+    schedule: Arc<Vec<Duration>>,
+    max_attempts: i32,
+}
+
+fn now_us() -> i64 {
+    http::unix_micros_now()
+}
+
+fn breaker_settings() -> BreakerSettings {
+    BreakerSettings {
+        failures_to_open: gucs::BREAKER_FAILURES.get().max(0) as u32,
+        cooldown_us: gucs::BREAKER_COOLDOWN_MS.get().max(1) as i64 * 1000,
+        max_cooldown_us: (gucs::BREAKER_COOLDOWN_MS.get().max(1) as i64 * 1000 * 32).min(3_600_000_000),
+    }
+}
+
+fn build_pool() -> Pool {
+    let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
+    let max_body = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
+    let client = Arc::new(Client::new(gucs::allowed_targets(), max_body, concurrency));
+    Pool::new(concurrency, client)
+}
+
+impl Worker {
+    fn new() -> Worker {
+        Worker {
+            pool: build_pool(),
+            rebuild_pool: false,
+            scheduler: Scheduler::new(breaker_settings()),
+            in_flight: HashMap::new(),
+            next_key: 0,
+            finished: Vec::new(),
+            records: Vec::new(),
+            transitions: Vec::new(),
+            jitter: Jitter::new(http::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32),
+            maybe_due: true,
+            next_due: None,
+            ready: false,
         }
-    };
-    let mut endpoint_ids: Vec<i64> = claimed.iter().map(|c| c.endpoint_id).collect();
-    endpoint_ids.sort_unstable();
-    endpoint_ids.dedup();
-    let endpoints = match txn::run("reading endpoints", || queue::endpoints(endpoint_ids)) {
-        Ok(e) => e,
-        Err(e) => {
-            // the leases bring the batch back; nothing is lost
-            note_error(&e);
-            return None;
+    }
+
+    /// The schema is ready: take back leases no live worker holds and restore
+    /// the breakers a previous worker left open.
+    fn start(&mut self) {
+        match txn::run("reclaiming leases", || queue::reclaim_leases(true)) {
+            Ok(n) if n > 0 => log!("pg_postback worker: retrying {n} deliveries interrupted by a restart"),
+            Ok(_) => {}
+            Err(e) => note_error(&e),
         }
-    };
-    let patterns: HashMap<i64, Option<Regex>> = endpoints
-        .iter()
-        .map(|(id, e)| (*id, e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok())))
-        .collect();
-    let now_unix = http::unix_micros_now() / 1_000_000;
-    let mut batch = Batch { endpoints, patterns, sent_for: Vec::new(), early: Vec::new() };
-    let mut jobs = Vec::with_capacity(claimed.len());
-    for c in claimed {
-        let built = match batch.endpoints.get(&c.endpoint_id) {
-            Some(endpoint) => build_job(&c, endpoint, now_unix),
-            None => Err("endpoint no longer exists".to_string()),
-        };
-        match built {
-            Ok(job) => {
-                jobs.push(job);
-                batch.sent_for.push(c);
+        match txn::run("reading breakers", queue::open_breakers) {
+            Ok(open) => {
+                let now = now_us();
+                for (endpoint, state, failures, since) in open {
+                    self.scheduler.restore_breaker(endpoint, BreakerState::parse(&state), failures.max(0) as u32, since, now);
+                }
             }
-            Err(e) => batch.early.push(dead_record(&c, e)),
+            Err(e) => note_error(&e),
+        }
+        self.ready = true;
+        self.maybe_due = true;
+    }
+
+    fn reload(&mut self) {
+        self.scheduler.set_settings(breaker_settings());
+        self.rebuild_pool = true;
+        self.maybe_due = true;
+    }
+
+    fn slots_free(&self) -> usize {
+        self.pool.size().saturating_sub(self.in_flight.len())
+    }
+
+    /// One pass: take finished results, record them, claim, send, wait.
+    fn step(&mut self, poll: Duration) {
+        shared::SHARED.exclusive().last_wake = http::unix_micros_now();
+        // 1. results that finished, judged and recorded together
+        self.collect(Duration::ZERO);
+        self.record();
+        if self.rebuild_pool && self.in_flight.is_empty() {
+            self.pool = build_pool();
+            self.rebuild_pool = false;
+        }
+        // 2. claim while there is room and work may be due
+        let due_now = self.next_due.is_some_and(|t| Instant::now() >= t);
+        if (self.maybe_due || due_now) && !shutdown_requested() {
+            self.claim();
+        }
+        // 3. send what the per-endpoint limits allow
+        self.send();
+        shared::SHARED.exclusive().in_flight = self.in_flight.len() as i32;
+        // 4. wait for a result, a commit, a due retry or the poll interval
+        let now = now_us();
+        let mut wait = poll;
+        if let Some(t) = self.next_due {
+            wait = wait.min(t.saturating_duration_since(Instant::now()));
+        }
+        if let Some(t) = self.scheduler.next_wakeup(now) {
+            wait = wait.min(Duration::from_micros((t - now).max(0) as u64));
+        }
+        if !self.in_flight.is_empty() {
+            // requests are out: look at the latch without sleeping on it, and
+            // wait on the results instead (a commit is seen within RECORD_WITHIN)
+            if wait_latch(Duration::ZERO) {
+                self.maybe_due = true;
+            }
+            self.collect(wait.min(RECORD_WITHIN));
+        } else if self.maybe_due && self.slots_free() > self.scheduler.queued() {
+            // the last claim was full: go on at once
+        } else {
+            // a commit sets the latch; the poll interval is only the fallback
+                wait_latch(wait.max(Duration::from_millis(1)));
+            self.maybe_due = true;
         }
     }
-    shared::SHARED.exclusive().in_flight = jobs.len() as i32;
-    Some((batch, jobs))
+
+    /// Gathers finished requests (waiting at most `wait` for the first).
+    fn collect(&mut self, wait: Duration) {
+        self.pool.finished(wait, &mut self.finished);
+    }
+
+    /// Judges finished requests and records them in one short transaction.
+    fn record(&mut self) {
+        if self.finished.is_empty() && self.records.is_empty() {
+            return;
+        }
+        let now = now_us();
+        let (mut ok, mut failed) = (0i64, 0i64);
+        for (key, sent) in std::mem::take(&mut self.finished) {
+            let Some(f) = self.in_flight.remove(&key) else { continue };
+            let c = &f.claimed;
+            let limits = Limits {
+                schedule: &f.schedule,
+                max_attempts: f.max_attempts,
+                remaining_age: Duration::from_millis(c.remaining_age_ms.max(0) as u64),
+            };
+            let verdict = retry::classify(&sent.result, f.pattern.as_deref());
+            let health = match (&sent.result, &verdict) {
+                (_, Verdict::Succeeded) => Health::Success,
+                (AttemptResult::Transient(_), _) => Health::Failure,
+                (AttemptResult::Response { status, .. }, _) if matches!(status, 408 | 429 | 500..=599) => Health::Failure,
+                _ => Health::Neutral,
+            };
+            let decision = retry::decide(verdict, c.budget_no, &limits, self.jitter.next_unit());
+            let (status_code, body) = match &sent.result {
+                AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(body.clone())),
+                _ => (None, None),
+            };
+            let (outcome, error, retry_in_ms) = match decision {
+                Decision::Succeeded => ("succeeded", None, None),
+                Decision::RetryIn(d, e) => ("retry", Some(e), Some(d.as_millis() as i64)),
+                Decision::Dead(e) => ("dead", Some(e), None),
+            };
+            if outcome == "succeeded" {
+                ok += 1
+            } else {
+                failed += 1
+            }
+            if let Some(t) = self.scheduler.finished(c.endpoint_id, health, now, error.as_deref().unwrap_or("")) {
+                self.transitions.push(t);
+            }
+            self.records.push(Record {
+                delivery_id: c.id,
+                endpoint_id: c.endpoint_id,
+                attempt_no: c.attempt_no,
+                started_unix_micros: sent.started_unix_micros,
+                duration_ms: Some(sent.duration_ms),
+                status_code,
+                response_body: body,
+                error,
+                outcome,
+                retry_in_ms,
+            });
+            if let Some(ms) = retry_in_ms {
+                let at = Instant::now() + Duration::from_millis(ms.max(0) as u64);
+                self.next_due = Some(self.next_due.map_or(at, |t| t.min(at)));
+            }
+        }
+        // an open breaker sends its waiting deliveries back unspent
+        let blocked: Vec<i64> = self.scheduler.take_blocked_queued(now).into_iter().map(|(c, _, _)| c.id).collect();
+        let records = std::mem::take(&mut self.records);
+        let transitions = std::mem::take(&mut self.transitions);
+        record_all(&records, &transitions, &blocked);
+        let mut s = shared::SHARED.exclusive();
+        s.sent += ok + failed;
+        s.succeeded += ok;
+        s.failed += failed;
+        drop(s);
+        self.maybe_due = true;
+    }
+
+    /// Claims due deliveries up to the room left, reads their endpoints, and
+    /// hands them to the scheduler (what has no room goes back unspent).
+    fn claim(&mut self) {
+        let room = (self.pool.size() * 2).saturating_sub(self.in_flight.len() + self.scheduler.queued());
+        let limit = room.min(gucs::BATCH_SIZE.get().max(1) as usize);
+        if limit == 0 {
+            return;
+        }
+        let now = now_us();
+        let blocked = self.scheduler.blocked(now);
+        let claimed = match txn::run("claiming deliveries", || queue::claim(limit as i32, &blocked)) {
+            Ok(c) => c,
+            Err(e) => {
+                note_error(&e);
+                self.maybe_due = false;
+                return;
+            }
+        };
+        // more may be due if the claim was full or left endpoints out
+        self.maybe_due = claimed.len() >= limit;
+        if !blocked.is_empty() && !claimed.is_empty() {
+            self.maybe_due = true;
+        }
+        if claimed.is_empty() {
+            self.next_due = match txn::run("finding the next retry", queue::ms_until_next_due) {
+                Ok(Some(ms)) => Some(Instant::now() + Duration::from_millis(ms.max(1) as u64)),
+                Ok(None) => None,
+                Err(e) => {
+                    note_error(&e);
+                    None
+                }
+            };
+            return;
+        }
+        let mut endpoint_ids: Vec<i64> = claimed.iter().map(|c| c.endpoint_id).collect();
+        endpoint_ids.sort_unstable();
+        endpoint_ids.dedup();
+        let endpoints = match txn::run("reading endpoints", || queue::endpoints(endpoint_ids)) {
+            Ok(e) => e,
+            Err(e) => {
+                // the leases bring them back; nothing is lost
+                note_error(&e);
+                return;
+            }
+        };
+        let now_unix = now / 1_000_000;
+        let mut metas: HashMap<i64, (Option<Arc<Regex>>, Arc<Vec<Duration>>, i32)> = HashMap::new();
+        for (id, e) in &endpoints {
+            self.scheduler.set_limits(*id, e.limits, now);
+            let pattern = e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok()).map(Arc::new);
+            metas.insert(*id, (pattern, Arc::new(e.schedule.clone()), e.max_attempts));
+        }
+        let mut release = Vec::new();
+        for c in claimed {
+            let Some(endpoint) = endpoints.get(&c.endpoint_id) else {
+                self.records.push(dead_record(&c, "endpoint no longer exists".into()));
+                continue;
+            };
+            let (pattern, schedule, max_attempts) = metas[&c.endpoint_id].clone();
+            let job = build_job(&c, endpoint, now_unix);
+            let endpoint_id = c.endpoint_id;
+            if let Err((c, _, _)) =
+                self.scheduler.offer(endpoint_id, (c, job, InFlightMeta { pattern, schedule, max_attempts }), now)
+            {
+                release.push(c.id);
+            }
+        }
+        if !release.is_empty() {
+            if let Err(e) = txn::run("returning unsent deliveries", || queue::release(&release)) {
+                note_error(&e);
+            }
+            self.maybe_due = true;
+        }
+    }
+
+    /// Puts on the wire what the scheduler lets through, while slots are free.
+    fn send(&mut self) {
+        let now = now_us();
+        while self.slots_free() > 0 {
+            let Some((endpoint_id, (c, job, meta))) = self.scheduler.next_ready(now) else { break };
+            match job {
+                Ok(job) => {
+                    let key = self.next_key;
+                    self.next_key += 1;
+                    self.in_flight.insert(
+                        key,
+                        InFlight { claimed: c, pattern: meta.pattern, schedule: meta.schedule, max_attempts: meta.max_attempts },
+                    );
+                    self.pool.submit(key, job);
+                }
+                Err(e) => {
+                    // could not even be built: dead at once, and says nothing of the endpoint
+                    self.scheduler.finished(endpoint_id, Health::Neutral, now, "");
+                    self.records.push(dead_record(&c, e));
+                }
+            }
+        }
+    }
+
+    /// Expired leases, long-failing endpoints, a schema that changed version.
+    fn housekeeping(&mut self) {
+        if let Err(e) = txn::run("reclaiming expired leases", || queue::reclaim_leases(false)) {
+            note_error(&e);
+        }
+        let disable_after = gucs::DISABLE_AFTER_S.get() as i64;
+        if disable_after > 0 {
+            match txn::run("disabling long-failing endpoints", || queue::disable_failing(disable_after)) {
+                Ok(n) if n > 0 => log!("pg_postback worker: deactivated {n} endpoints failing longer than postback.disable_after"),
+                Ok(_) => {}
+                Err(e) => note_error(&e),
+            }
+        }
+        match txn::run("checking the schema", queue::installed_version) {
+            Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {}
+            Ok(_) => {
+                self.stop();
+                self.rebuild_pool = true;
+                self.ready = false;
+            }
+            Err(e) => note_error(&e),
+        }
+    }
+
+    /// Stops sending: queued deliveries go back unspent, in-flight requests
+    /// get SHUTDOWN_GRACE to finish and are recorded; the rest keep their
+    /// leases and are retried after a restart.
+    fn stop(&mut self) {
+        let unsent: Vec<i64> = self.scheduler.take_all_queued().into_iter().map(|(c, _, _)| c.id).collect();
+        if !unsent.is_empty() {
+            if let Err(e) = txn::run("returning unsent deliveries", || queue::release(&unsent)) {
+                note_error(&e);
+            }
+        }
+        self.pool.cancel();
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !self.in_flight.is_empty() && Instant::now() < deadline {
+            self.collect(Duration::from_millis(50));
+            self.record();
+        }
+        self.record();
+        self.in_flight.clear();
+        shared::SHARED.exclusive().in_flight = 0;
+    }
 }
 
-/// Judges a batch's results and records them with the deliveries' new states.
-fn finish(batch: Batch, results: Vec<Option<Sent>>, jitter: &mut Jitter) {
-    let mut records = batch.early;
-    let (mut ok, mut failed) = (0i64, 0i64);
-    for (c, sent) in batch.sent_for.iter().zip(results) {
-        // None: abandoned at shutdown; the lease brings it back after restart
-        let Some(sent) = sent else { continue };
-        let endpoint = &batch.endpoints[&c.endpoint_id];
-        let limits = Limits {
-            schedule: &endpoint.schedule,
-            max_attempts: endpoint.max_attempts,
-            remaining_age: Duration::from_millis(c.remaining_age_ms.max(0) as u64),
-        };
-        let verdict = retry::classify(&sent.result, batch.patterns[&c.endpoint_id].as_ref());
-        let decision = retry::decide(verdict, c.budget_no, &limits, jitter.next_unit());
-        let (status_code, body) = match &sent.result {
-            AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(body.clone())),
-            _ => (None, None),
-        };
-        let (outcome, error, retry_in_ms) = match decision {
-            Decision::Succeeded => ("succeeded", None, None),
-            Decision::RetryIn(d, e) => ("retry", Some(e), Some(d.as_millis() as i64)),
-            Decision::Dead(e) => ("dead", Some(e), None),
-        };
-        if outcome == "succeeded" {
-            ok += 1
-        } else {
-            failed += 1
-        }
-        records.push(Record {
-            delivery_id: c.id,
-            endpoint_id: c.endpoint_id,
-            attempt_no: c.attempt_no,
-            started_unix_micros: sent.started_unix_micros,
-            duration_ms: Some(sent.duration_ms),
-            status_code,
-            response_body: body,
-            error,
-            outcome,
-            retry_in_ms,
-        });
+/// Sleeps on the worker's latch for at most `timeout`; true when the latch
+/// was set (a commit enqueued deliveries, or a signal arrived).
+fn wait_latch(timeout: Duration) -> bool {
+    unsafe {
+        let events = pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            // rounded up: waking a millisecond early would find nothing due yet
+            timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as std::ffi::c_long,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        pg_sys::check_for_interrupts!();
+        events & pg_sys::WL_LATCH_SET as i32 != 0
     }
-    record_all(&records);
-    let mut s = shared::SHARED.exclusive();
-    s.sent += ok + failed;
-    s.succeeded += ok;
-    s.failed += failed;
 }
 
 fn dead_record(c: &Claimed, error: String) -> Record {
@@ -362,14 +601,21 @@ fn build_job(c: &Claimed, endpoint: &EndpointConfig, now_unix: i64) -> Result<Jo
     Ok(Job { method: c.method.clone(), url: out.url, headers: out.headers, body: c.body.clone(), timeout: endpoint.timeout })
 }
 
-/// Records the batch in one transaction; if that fails, each record in its own
-/// subtransaction so that one bad record cannot lose the others. A record that
-/// still fails stays in flight and its lease brings it back.
-fn record_all(records: &[Record]) {
-    if records.is_empty() {
+/// Records finished attempts, breaker transitions and unsent deliveries in
+/// one transaction; if that fails, each record in its own subtransaction so
+/// that one bad record cannot lose the others. A record that still fails
+/// stays in flight and its lease brings it back.
+fn record_all(records: &[Record], transitions: &[Transition], unsent: &[i64]) {
+    if records.is_empty() && transitions.is_empty() && unsent.is_empty() {
         return;
     }
-    let whole = txn::run("recording attempts", || txn::in_subtransaction(|| queue::record(records)));
+    let whole = txn::run("recording attempts", || {
+        txn::in_subtransaction(|| {
+            queue::record(records)?;
+            queue::record_transitions(transitions)?;
+            queue::release(unsent)
+        })
+    });
     match whole {
         Ok(Ok(())) => {}
         Ok(Err(e)) | Err(e) => {
@@ -379,6 +625,12 @@ fn record_all(records: &[Record]) {
                     if let Err(e) = txn::in_subtransaction(|| queue::record(std::slice::from_ref(r))) {
                         note_error(&format!("could not record delivery {}: {e}", r.delivery_id));
                     }
+                }
+                if let Err(e) = txn::in_subtransaction(|| queue::record_transitions(transitions)) {
+                    note_error(&format!("could not record breaker transitions: {e}"));
+                }
+                if let Err(e) = txn::in_subtransaction(|| queue::release(unsent)) {
+                    note_error(&format!("could not return unsent deliveries: {e}"));
                 }
                 Ok(())
             });

@@ -1,22 +1,34 @@
-//! A fixed pool of sending threads. Threads only do HTTP; every Postgres call
-//! stays on the worker's main thread.
+//! Sending threads. Threads only do HTTP; every Postgres call stays on the
+//! worker's main thread. Each job's result comes back on its own as soon as
+//! its request finishes (no batch barrier), tagged with the job's key.
+//!
+//! Why threads and not an event loop: a waiting request costs a parked thread
+//! with a small stack (256 KiB reserved, a few pages touched), and the number
+//! of slots is a setting (`postback.concurrency`, default 64); with the
+//! per-endpoint `max_in_flight` cap a hanging partner holds at most that many.
+//! The blocking client (ureq) keeps the code simple and measured well enough
+//! (see the closing notes); an async client would add a runtime to the worker.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::http::{Client, Job, Sent};
 
+/// Stack reserved per sending thread; ureq and rustls need far less.
+const STACK_BYTES: usize = 256 * 1024;
+
 pub struct Pool {
-    jobs: Option<Sender<(usize, Job)>>,
-    results: Receiver<(usize, Sent)>,
+    jobs: Option<Sender<(u64, Job)>>,
+    results: Receiver<(u64, Sent)>,
     cancel: Arc<AtomicBool>,
+    size: usize,
 }
 
 impl Pool {
     pub fn new(size: usize, client: Arc<Client>) -> Pool {
-        let (job_tx, job_rx) = mpsc::channel::<(usize, Job)>();
+        let (job_tx, job_rx) = mpsc::channel::<(u64, Job)>();
         let (result_tx, results) = mpsc::channel();
         let job_rx = Arc::new(Mutex::new(job_rx));
         let cancel = Arc::new(AtomicBool::new(false));
@@ -27,54 +39,46 @@ impl Pool {
             let cancel = Arc::clone(&cancel);
             std::thread::Builder::new()
                 .name(format!("pg_postback-send-{n}"))
+                .stack_size(STACK_BYTES)
                 .spawn(move || loop {
                     let next = job_rx.lock().map(|rx| rx.recv());
-                    let Ok(Ok((index, job))) = next else { return };
+                    let Ok(Ok((key, job))) = next else { return };
                     if cancel.load(Ordering::Relaxed) {
                         continue; // abandoned: the lease brings it back later
                     }
-                    if result_tx.send((index, client.send(&job))).is_err() {
+                    if result_tx.send((key, client.send(&job))).is_err() {
                         return;
                     }
                 })
                 .expect("spawning a sending thread");
         }
-        Pool { jobs: Some(job_tx), results, cancel }
+        Pool { jobs: Some(job_tx), results, cancel, size }
     }
 
-    /// Hands a batch to the sending threads and returns at once.
-    pub fn submit(&self, jobs: Vec<Job>) {
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Hands one request to the sending threads.
+    pub fn submit(&self, key: u64, job: Job) {
         let tx = self.jobs.as_ref().expect("pool is running");
-        for (index, job) in jobs.into_iter().enumerate() {
-            tx.send((index, job)).expect("sending threads are alive");
+        tx.send((key, job)).expect("sending threads are alive");
+    }
+
+    /// Results that finished, waiting at most `wait` for the first one.
+    pub fn finished(&self, wait: Duration, into: &mut Vec<(u64, Sent)>) {
+        match self.results.recv_timeout(wait) {
+            Ok(r) => into.push(r),
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return,
+        }
+        while let Ok(r) = self.results.try_recv() {
+            into.push(r);
         }
     }
 
-    /// Waits for the `n` results of the batch last submitted. When `stop()`
-    /// turns true the pool waits at most `grace` longer, then returns what
-    /// finished; the rest are None (their leases bring them back).
-    pub fn collect(&self, n: usize, stop: impl Fn() -> bool, grace: Duration) -> Vec<Option<Sent>> {
-        let mut results: Vec<Option<Sent>> = (0..n).map(|_| None).collect();
-        let mut received = 0;
-        let mut deadline: Option<Instant> = None;
-        while received < n {
-            match self.results.recv_timeout(Duration::from_millis(50)) {
-                Ok((index, sent)) => {
-                    results[index] = Some(sent);
-                    received += 1;
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            if deadline.is_none() && stop() {
-                deadline = Some(Instant::now() + grace);
-                self.cancel.store(true, Ordering::Relaxed);
-            }
-            if deadline.is_some_and(|d| Instant::now() > d) {
-                break;
-            }
-        }
-        results
+    /// Stops starting queued requests (they are abandoned to their leases).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
     }
 }
 

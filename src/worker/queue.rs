@@ -27,6 +27,7 @@ pub struct Claimed {
 
 pub struct EndpointConfig {
     pub kind: String,
+    pub limits: crate::scheduler::Limits,
     /// scheme, host and port every delivery URL of the endpoint must have
     pub origin: Result<crate::template::Origin, String>,
     /// the endpoint's own headers (credentials): read at send time, never stored per delivery
@@ -44,18 +45,20 @@ pub struct EndpointConfig {
 
 /// The installed version of the extension in this database, if any.
 pub fn installed_version() -> SpiResult<Option<String>> {
-    Spi::get_one::<String>("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_postback'")
+    Spi::get_one::<String>("SELECT (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_postback')")
 }
 
-/// Claims up to `limit` due deliveries whose endpoint is active and whose
-/// predecessor (same endpoint and conversion) is finished.
-pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
+/// Claims up to `limit` due deliveries whose endpoint is active, not paused
+/// and not in `blocked` (no room, or an open breaker), and whose predecessor
+/// (same endpoint and conversion) is finished. The lease names this worker.
+pub fn claim(limit: i32, blocked: &[i64]) -> SpiResult<Vec<Claimed>> {
     Spi::connect_mut(|client| {
         let rows = client.update(
             &format!(
                 "WITH due AS (
                      SELECT d.id FROM postback.deliveries d
                       WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+                        AND d.endpoint_id <> ALL ($2::bigint[])
                         AND EXISTS (SELECT 1 FROM postback.endpoints e
                                      WHERE e.id = d.endpoint_id AND e.active AND e.paused_at IS NULL)
                         AND (d.predecessor_id IS NULL OR NOT EXISTS (
@@ -66,7 +69,7 @@ pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
                       FOR UPDATE OF d SKIP LOCKED)
                  UPDATE postback.deliveries d
                     SET state = 'in_flight', lease_expires_at = now() + interval '{LEASE}',
-                        attempts = d.attempts + 1
+                        attempts = d.attempts + 1, leased_by = pg_backend_pid()
                    FROM due
                   WHERE d.id = due.id
               RETURNING d.id, d.endpoint_id, d.attempts, d.method, d.url, d.body,
@@ -77,7 +80,7 @@ pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
                         d.attempts - d.attempt_offset"
             ),
             None,
-            &[limit.into()],
+            &[limit.into(), blocked.to_vec().into()],
         )?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -92,6 +95,42 @@ pub fn claim(limit: i32) -> SpiResult<Vec<Claimed>> {
                 remaining_age_ms: row.get::<i64>(8)?.unwrap_or(0),
                 budget_no: row.get::<i32>(9)?.unwrap_or(1),
             });
+        }
+        Ok(out)
+    })
+}
+
+/// Returns claimed deliveries that were never sent to the queue, unspent.
+pub fn release(ids: &[i64]) -> SpiResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    Spi::run_with_args(
+        "UPDATE postback.deliveries
+            SET state = 'pending', lease_expires_at = NULL, leased_by = NULL, attempts = attempts - 1
+          WHERE id = ANY ($1::bigint[]) AND state = 'in_flight' AND leased_by = pg_backend_pid()",
+        &[ids.to_vec().into()],
+    )
+}
+
+/// Breakers left open (or half-open) by a previous worker: (endpoint, state, failures, since µs).
+pub fn open_breakers() -> SpiResult<Vec<(i64, String, i32, i64)>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT endpoint_id, breaker, consecutive_failures,
+                    (extract(epoch FROM breaker_since) * 1000000.0)::bigint
+               FROM postback.endpoint_state WHERE breaker <> 'closed'",
+            None,
+            &[],
+        )?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push((
+                row.get::<i64>(1)?.unwrap_or_default(),
+                row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<i32>(3)?.unwrap_or(0),
+                row.get::<i64>(4)?.unwrap_or(0),
+            ));
         }
         Ok(out)
     })
@@ -112,7 +151,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     ARRAY(SELECT k.secret FROM postback.endpoint_secrets k
                            WHERE k.endpoint_id = e.id AND (k.expires_at IS NULL OR k.expires_at > now())
                            ORDER BY k.created_at DESC, k.id DESC),
-                    e.url_template, e.headers::text
+                    e.url_template, e.headers::text, e.max_in_flight, e.rate_limit::float8
                FROM postback.endpoints e WHERE e.id = ANY ($1::bigint[])",
             None,
             &[ids.into()],
@@ -138,6 +177,10 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     headers: crate::outgoing::header_pairs(
                         row.get::<String>(13)?.and_then(|t| serde_json::from_str(&t).ok()),
                     ),
+                    limits: crate::scheduler::Limits {
+                        max_in_flight: row.get::<i32>(14)?.unwrap_or(8).max(1) as u32,
+                        rate_per_sec: row.get::<f64>(15)?,
+                    },
                 },
             );
         }
@@ -189,14 +232,14 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
                    FROM r)
              UPDATE postback.deliveries d
                 SET state = CASE r.outcome WHEN 'retry' THEN 'pending' ELSE r.outcome END,
-                    lease_expires_at = NULL,
+                    lease_expires_at = NULL, leased_by = NULL,
                     next_attempt_at = CASE WHEN r.outcome = 'retry'
                                            THEN now() + r.retry_ms * interval '1 millisecond'
                                            ELSE d.next_attempt_at END,
                     completed_at = CASE WHEN r.outcome = 'retry' THEN NULL ELSE now() END,
                     last_error = r.error
                FROM r
-              WHERE d.id = r.id AND d.state = 'in_flight'",
+              WHERE d.id = r.id AND d.state = 'in_flight' AND d.leased_by = pg_backend_pid()",
             None,
             &[
                 ids.into(),
@@ -267,14 +310,21 @@ pub fn purge_batch(older_than_secs: i64, batch: i32) -> SpiResult<i64> {
 }
 
 /// Returns leased deliveries to the queue, recording the interrupted attempt
-/// so that a request the receiver may have seen is explained. `all` reclaims
-/// every lease (at start-up: there is only one worker); otherwise only expired ones.
-pub fn reclaim_leases(all: bool) -> SpiResult<u64> {
+/// so that a request the receiver may have seen is explained. `at_start`
+/// reclaims every lease held by no live worker (a crash or an immediate stop
+/// left them); otherwise only expired ones. A lease of another live worker
+/// is never taken before it expires.
+pub fn reclaim_leases(at_start: bool) -> SpiResult<u64> {
     Spi::connect_mut(|client| {
         let result = client.update(
             &format!("WITH expired AS (
-                 SELECT id FROM postback.deliveries
-                  WHERE state = 'in_flight' AND ($1 OR lease_expires_at < now())
+                 SELECT d.id FROM postback.deliveries d
+                  WHERE d.state = 'in_flight'
+                    AND (d.lease_expires_at < now()
+                         OR ($1 AND d.leased_by IS DISTINCT FROM pg_backend_pid()
+                                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                                                 WHERE a.pid = d.leased_by
+                                                   AND a.backend_type = 'pg_postback worker')))
                   FOR UPDATE SKIP LOCKED),
              a AS (
                  INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, error, outcome)
@@ -284,20 +334,73 @@ pub fn reclaim_leases(all: bool) -> SpiResult<u64> {
                    FROM postback.deliveries d JOIN expired USING (id)
                  ON CONFLICT (delivery_id, attempt_no) DO NOTHING)
              UPDATE postback.deliveries d
-                SET state = 'pending', lease_expires_at = NULL, next_attempt_at = now(),
+                SET state = 'pending', lease_expires_at = NULL, leased_by = NULL, next_attempt_at = now(),
                     last_error = 'interrupted attempt; retried'
                FROM expired WHERE d.id = expired.id"),
             None,
-            &[all.into()],
+            &[at_start.into()],
         )?;
         Ok(result.len() as u64)
     })
 }
 
+/// Records breaker transitions on postback.endpoint_state and announces each
+/// one with NOTIFY postback_alerts (a JSON payload operators can page on).
+pub fn record_transitions(transitions: &[crate::scheduler::Transition]) -> SpiResult<()> {
+    if transitions.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = transitions.iter().map(|t| t.endpoint_id).collect();
+    let to: Vec<String> = transitions.iter().map(|t| t.to.as_str().to_string()).collect();
+    let from: Vec<String> = transitions.iter().map(|t| t.from.as_str().to_string()).collect();
+    let at: Vec<f64> = transitions.iter().map(|t| t.at_us as f64 / 1e6).collect();
+    let reasons: Vec<String> = transitions.iter().map(|t| t.reason.clone()).collect();
+    Spi::run_with_args(
+        "WITH t AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[], $5::text[])
+                              AS t(e, state, previous, at, reason)),
+              s AS (INSERT INTO postback.endpoint_state AS s (endpoint_id, breaker, breaker_since, breaker_reason)
+                    SELECT t.e, t.state, to_timestamp(t.at), t.reason FROM t
+                    ON CONFLICT (endpoint_id) DO UPDATE
+                       SET breaker = excluded.breaker, breaker_since = excluded.breaker_since,
+                           breaker_reason = excluded.breaker_reason, updated_at = now())
+         SELECT pg_notify('postback_alerts', json_build_object(
+                    'endpoint', e.name, 'endpoint_id', e.id, 'state', t.state, 'previous', t.previous,
+                    'since', to_timestamp(t.at), 'reason', t.reason,
+                    'last_error', (SELECT st.last_error FROM postback.endpoint_state st WHERE st.endpoint_id = e.id),
+                    'pending', (SELECT count(*) FROM postback.deliveries d
+                                 WHERE d.endpoint_id = e.id AND d.state IN ('pending', 'in_flight')))::text)
+           FROM t JOIN postback.endpoints e ON e.id = t.e",
+        &[ids.into(), to.into(), from.into(), at.into(), reasons.into()],
+    )
+}
+
+/// Deactivates endpoints that have failed for longer than `after_secs`, and
+/// announces it (state "disabled"). Returns how many.
+pub fn disable_failing(after_secs: i64) -> SpiResult<i64> {
+    Spi::get_one_with_args::<i64>(
+        "WITH off AS (
+             UPDATE postback.endpoints e SET active = false
+               FROM postback.endpoint_state s
+              WHERE s.endpoint_id = e.id AND e.active
+                AND s.failing_since < now() - make_interval(secs => $1::float8)
+          RETURNING e.id, e.name, s.failing_since, s.last_error)
+         SELECT count(pg_notify('postback_alerts', json_build_object(
+                    'endpoint', off.name, 'endpoint_id', off.id, 'state', 'disabled', 'previous', 'open',
+                    'since', now(), 'reason', 'failing since ' || off.failing_since::text
+                        || ', longer than postback.disable_after; set active = true to enable it again',
+                    'last_error', off.last_error,
+                    'pending', (SELECT count(*) FROM postback.deliveries d
+                                 WHERE d.endpoint_id = off.id AND d.state IN ('pending', 'in_flight')))::text))
+           FROM off",
+        &[(after_secs as f64).into()],
+    )
+    .map(|n| n.unwrap_or(0))
+}
+
 /// Milliseconds until the earliest scheduled retry, if any is in the future.
 pub fn ms_until_next_due() -> SpiResult<Option<i64>> {
     Spi::get_one::<i64>(
-        "SELECT (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::bigint
+        "SELECT ceil(extract(epoch FROM min(next_attempt_at) - now()) * 1000.0)::bigint
            FROM postback.deliveries WHERE state = 'pending' AND next_attempt_at > now()",
     )
 }

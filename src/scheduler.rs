@@ -1,0 +1,464 @@
+//! Which claimed delivery goes on the wire next (pure).
+//!
+//! Per endpoint: at most `max_in_flight` requests at once, at most
+//! `rate_limit` requests per second (a token bucket), and a circuit breaker
+//! that stops sending to an endpoint that fails continuously and lets one
+//! probe through after a cool-down. Across endpoints: round robin, so a
+//! backlog for one endpoint never starves another's due deliveries.
+//!
+//! Times are microseconds on any monotonic or wall clock the caller chooses.
+
+use std::collections::{HashMap, VecDeque};
+
+/// An endpoint's limits, read from postback.endpoints.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_in_flight: u32,
+    /// requests per second; None = unlimited
+    pub rate_per_sec: Option<f64>,
+}
+
+/// When breakers open and how long they stay open.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerSettings {
+    /// consecutive failed attempts that open the breaker (0 = never)
+    pub failures_to_open: u32,
+    /// first cool-down; each failed probe doubles it up to `max_cooldown_us`
+    pub cooldown_us: i64,
+    pub max_cooldown_us: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+
+    pub fn parse(s: &str) -> BreakerState {
+        match s {
+            "open" => BreakerState::Open,
+            "half_open" => BreakerState::HalfOpen,
+            _ => BreakerState::Closed,
+        }
+    }
+}
+
+/// A change of an endpoint's breaker, to record and announce.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub endpoint_id: i64,
+    pub from: BreakerState,
+    pub to: BreakerState,
+    pub at_us: i64,
+    pub reason: String,
+}
+
+/// How an attempt ended, as the breaker sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// the endpoint answered as it should
+    Success,
+    /// the endpoint is unavailable: timeout, refused, reset, 5xx, 429, 408
+    Failure,
+    /// says nothing about the endpoint (a 4xx for one delivery, a refused address)
+    Neutral,
+}
+
+#[derive(Debug)]
+struct Breaker {
+    state: BreakerState,
+    failures: u32,
+    since_us: i64,
+    cooldown_us: i64,
+}
+
+#[derive(Debug)]
+struct Slot<T> {
+    limits: Limits,
+    in_flight: u32,
+    queue: VecDeque<T>,
+    tokens: f64,
+    refilled_us: i64,
+    breaker: Breaker,
+}
+
+impl<T> Slot<T> {
+    /// How many requests may be in flight now (a half-open breaker allows one probe).
+    fn allowed(&self, now_us: i64) -> u32 {
+        match self.breaker.state {
+            BreakerState::Closed => self.limits.max_in_flight.max(1),
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open if now_us >= self.breaker.since_us + self.breaker.cooldown_us => 1,
+            BreakerState::Open => 0,
+        }
+    }
+
+    fn refill(&mut self, now_us: i64) {
+        if let Some(rate) = self.limits.rate_per_sec {
+            let burst = rate.max(1.0);
+            let elapsed = (now_us - self.refilled_us).max(0) as f64 / 1e6;
+            self.tokens = (self.tokens + elapsed * rate).min(burst);
+            self.refilled_us = now_us;
+        }
+    }
+
+    fn has_token(&self) -> bool {
+        self.limits.rate_per_sec.is_none() || self.tokens >= 1.0
+    }
+}
+
+/// The worker's view of every endpoint it has claimed deliveries for.
+pub struct Scheduler<T> {
+    settings: BreakerSettings,
+    slots: HashMap<i64, Slot<T>>,
+    /// round-robin order of endpoints
+    ring: VecDeque<i64>,
+}
+
+impl<T> Scheduler<T> {
+    pub fn new(settings: BreakerSettings) -> Scheduler<T> {
+        Scheduler { settings, slots: HashMap::new(), ring: VecDeque::new() }
+    }
+
+    pub fn set_settings(&mut self, settings: BreakerSettings) {
+        self.settings = settings;
+    }
+
+    fn slot(&mut self, endpoint_id: i64, now_us: i64) -> &mut Slot<T> {
+        if !self.slots.contains_key(&endpoint_id) {
+            self.ring.push_back(endpoint_id);
+        }
+        self.slots.entry(endpoint_id).or_insert_with(|| Slot {
+            limits: Limits { max_in_flight: 1, rate_per_sec: None },
+            in_flight: 0,
+            queue: VecDeque::new(),
+            tokens: 1.0,
+            refilled_us: now_us,
+            breaker: Breaker { state: BreakerState::Closed, failures: 0, since_us: now_us, cooldown_us: 0 },
+        })
+    }
+
+    /// Updates an endpoint's limits (read with each claim).
+    pub fn set_limits(&mut self, endpoint_id: i64, limits: Limits, now_us: i64) {
+        let slot = self.slot(endpoint_id, now_us);
+        if slot.limits.rate_per_sec != limits.rate_per_sec {
+            slot.tokens = limits.rate_per_sec.map_or(1.0, |r| r.max(1.0));
+            slot.refilled_us = now_us;
+        }
+        slot.limits = limits;
+    }
+
+    /// Restores a breaker from its recorded state (at worker start).
+    pub fn restore_breaker(&mut self, endpoint_id: i64, state: BreakerState, failures: u32, since_us: i64, now_us: i64) {
+        let cooldown = self.settings.cooldown_us;
+        let slot = self.slot(endpoint_id, now_us);
+        slot.breaker = Breaker { state, failures, since_us, cooldown_us: cooldown };
+        if state == BreakerState::HalfOpen {
+            // the probe was lost with the previous worker: wait out a cool-down again
+            slot.breaker.state = BreakerState::Open;
+        }
+    }
+
+    /// Endpoints whose deliveries should not be claimed now: those with no
+    /// room (in flight + waiting here ≥ what is allowed) or an open breaker.
+    pub fn blocked(&self, now_us: i64) -> Vec<i64> {
+        let mut out: Vec<i64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.in_flight + s.queue.len() as u32 >= s.allowed(now_us))
+            .map(|(id, _)| *id)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Takes a claimed delivery. When the endpoint has no room for it, it
+    /// comes back (`Err`) to be returned to the queue unspent.
+    pub fn offer(&mut self, endpoint_id: i64, item: T, now_us: i64) -> Result<(), T> {
+        let slot = self.slot(endpoint_id, now_us);
+        if slot.in_flight + slot.queue.len() as u32 >= slot.allowed(now_us) {
+            return Err(item);
+        }
+        slot.queue.push_back(item);
+        Ok(())
+    }
+
+    /// The next delivery to send, round robin over endpoints that have room,
+    /// a rate token and a breaker that lets it through.
+    pub fn next_ready(&mut self, now_us: i64) -> Option<(i64, T)> {
+        for _ in 0..self.ring.len() {
+            let id = self.ring.pop_front()?;
+            self.ring.push_back(id);
+            let Some(slot) = self.slots.get_mut(&id) else { continue };
+            if slot.queue.is_empty() || slot.in_flight >= slot.allowed(now_us) {
+                continue;
+            }
+            slot.refill(now_us);
+            if !slot.has_token() {
+                continue;
+            }
+            if slot.limits.rate_per_sec.is_some() {
+                slot.tokens -= 1.0;
+            }
+            if slot.breaker.state == BreakerState::Open {
+                // the cool-down is over: this request is the probe
+                slot.breaker.state = BreakerState::HalfOpen;
+            }
+            slot.in_flight += 1;
+            let item = slot.queue.pop_front()?;
+            return Some((id, item));
+        }
+        None
+    }
+
+    /// Records that a request finished; returns the breaker's transition, if any.
+    pub fn finished(&mut self, endpoint_id: i64, health: Health, now_us: i64, error: &str) -> Option<Transition> {
+        let settings = self.settings;
+        let slot = self.slot(endpoint_id, now_us);
+        slot.in_flight = slot.in_flight.saturating_sub(1);
+        let b = &mut slot.breaker;
+        let from = b.state;
+        match health {
+            Health::Neutral => None,
+            Health::Success => {
+                b.failures = 0;
+                if b.state == BreakerState::Closed {
+                    return None;
+                }
+                b.state = BreakerState::Closed;
+                b.since_us = now_us;
+                b.cooldown_us = settings.cooldown_us;
+                Some(Transition { endpoint_id, from, to: BreakerState::Closed, at_us: now_us, reason: "probe succeeded".into() })
+            }
+            Health::Failure => {
+                b.failures = b.failures.saturating_add(1);
+                let open = match b.state {
+                    BreakerState::Closed => settings.failures_to_open > 0 && b.failures >= settings.failures_to_open,
+                    BreakerState::HalfOpen => true,
+                    BreakerState::Open => false,
+                };
+                if !open {
+                    return None;
+                }
+                b.cooldown_us = if b.state == BreakerState::HalfOpen {
+                    (b.cooldown_us.max(settings.cooldown_us) * 2).min(settings.max_cooldown_us)
+                } else {
+                    settings.cooldown_us
+                };
+                b.state = BreakerState::Open;
+                b.since_us = now_us;
+                let reason = if from == BreakerState::HalfOpen {
+                    format!("probe failed: {error}")
+                } else {
+                    format!("{} consecutive failures; last: {error}", b.failures)
+                };
+                Some(Transition { endpoint_id, from, to: BreakerState::Open, at_us: now_us, reason })
+            }
+        }
+    }
+
+    /// Deliveries waiting here for endpoints whose breaker is open: to be
+    /// returned to the queue unspent.
+    pub fn take_blocked_queued(&mut self, now_us: i64) -> Vec<T> {
+        let mut out = Vec::new();
+        for slot in self.slots.values_mut() {
+            let keep = slot.allowed(now_us) as usize;
+            let room = keep.saturating_sub(slot.in_flight as usize);
+            while slot.queue.len() > room {
+                out.extend(slot.queue.pop_back());
+            }
+        }
+        out
+    }
+
+    /// Everything waiting here (at shutdown).
+    pub fn take_all_queued(&mut self) -> Vec<T> {
+        self.slots.values_mut().flat_map(|s| s.queue.drain(..)).collect()
+    }
+
+    /// Deliveries waiting here, all endpoints.
+    pub fn queued(&self) -> usize {
+        self.slots.values().map(|s| s.queue.len()).sum()
+    }
+
+    /// When a waiting delivery may next become ready (a rate token or the end
+    /// of a cool-down), if that is later than now.
+    pub fn next_wakeup(&self, now_us: i64) -> Option<i64> {
+        self.slots
+            .values()
+            .filter_map(|s| {
+                if s.queue.is_empty() && s.breaker.state != BreakerState::Open {
+                    return None;
+                }
+                if s.breaker.state == BreakerState::Open {
+                    return Some(s.breaker.since_us + s.breaker.cooldown_us);
+                }
+                match s.limits.rate_per_sec {
+                    Some(rate) if s.tokens < 1.0 && rate > 0.0 => {
+                        Some(s.refilled_us + ((1.0 - s.tokens) / rate * 1e6).ceil() as i64)
+                    }
+                    _ => None,
+                }
+            })
+            .filter(|&t| t > now_us)
+            .min()
+    }
+
+    pub fn breaker(&self, endpoint_id: i64) -> Option<BreakerState> {
+        self.slots.get(&endpoint_id).map(|s| s.breaker.state)
+    }
+
+    pub fn in_flight(&self, endpoint_id: i64) -> u32 {
+        self.slots.get(&endpoint_id).map_or(0, |s| s.in_flight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000;
+
+    fn settings() -> BreakerSettings {
+        BreakerSettings { failures_to_open: 3, cooldown_us: 10 * S, max_cooldown_us: 60 * S }
+    }
+
+    fn sched(endpoints: &[(i64, u32, Option<f64>)]) -> Scheduler<u32> {
+        let mut s = Scheduler::new(settings());
+        for &(id, max, rate) in endpoints {
+            s.set_limits(id, Limits { max_in_flight: max, rate_per_sec: rate }, 0);
+        }
+        s
+    }
+
+    #[test]
+    fn an_endpoint_never_has_more_than_max_in_flight() {
+        let mut s = sched(&[(1, 2, None)]);
+        for i in 0..2 {
+            assert_eq!(s.offer(1, i, 0), Ok(()));
+        }
+        assert_eq!(s.offer(1, 9, 0), Err(9), "no room beyond max_in_flight");
+        assert_eq!(s.blocked(0), vec![1]);
+        assert!(s.next_ready(0).is_some() && s.next_ready(0).is_some());
+        assert_eq!(s.next_ready(0), None);
+        assert_eq!(s.in_flight(1), 2);
+        s.finished(1, Health::Success, 1, "");
+        assert_eq!(s.blocked(1), Vec::<i64>::new());
+        assert_eq!(s.offer(1, 3, 1), Ok(()));
+    }
+
+    #[test]
+    fn round_robin_serves_every_endpoint_in_turn() {
+        let mut s = sched(&[(1, 100, None), (2, 100, None), (3, 100, None)]);
+        for i in 0..50 {
+            s.offer(1, i, 0).unwrap();
+        }
+        s.offer(2, 100, 0).unwrap();
+        s.offer(3, 200, 0).unwrap();
+        let first: Vec<i64> = (0..3).map(|_| s.next_ready(0).unwrap().0).collect();
+        let mut sorted = first.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![1, 2, 3], "the backlog of 1 does not starve 2 and 3: {first:?}");
+    }
+
+    #[test]
+    fn the_rate_limit_paces_requests() {
+        let mut s = sched(&[(1, 100, Some(2.0))]);
+        for i in 0..10 {
+            s.offer(1, i, 0).unwrap();
+        }
+        let mut sent = 0;
+        let mut t = 0;
+        while t <= 3 * S {
+            while s.next_ready(t).is_some() {
+                sent += 1;
+                s.finished(1, Health::Success, t, "");
+            }
+            t += S / 100;
+        }
+        // 2 at once (the burst), then 2 per second for 3 seconds
+        assert!((7..=8).contains(&sent), "{sent}");
+        assert!(s.next_wakeup(t).is_some());
+    }
+
+    #[test]
+    fn the_breaker_opens_probes_and_closes() {
+        let mut s = sched(&[(1, 8, None)]);
+        for i in 0..8 {
+            s.offer(1, i, 0).unwrap();
+        }
+        for _ in 0..3 {
+            s.next_ready(0).unwrap();
+        }
+        assert_eq!(s.finished(1, Health::Failure, 1, "HTTP 503"), None);
+        assert_eq!(s.finished(1, Health::Failure, 2, "HTTP 503"), None);
+        let t = s.finished(1, Health::Failure, 3, "timeout").unwrap();
+        assert_eq!((t.from, t.to), (BreakerState::Closed, BreakerState::Open));
+        assert!(t.reason.contains("3 consecutive failures; last: timeout"), "{}", t.reason);
+        // open: nothing is sent, and the waiting deliveries go back unspent
+        assert_eq!(s.next_ready(4), None);
+        assert_eq!(s.blocked(4), vec![1]);
+        assert_eq!(s.take_blocked_queued(4).len(), 5);
+        assert_eq!(s.offer(1, 99, 5), Err(99));
+        assert_eq!(s.next_wakeup(5), Some(3 + 10 * S));
+        // after the cool-down exactly one probe goes through
+        let later = 3 + 10 * S;
+        assert_eq!(s.offer(1, 100, later), Ok(()));
+        assert_eq!(s.offer(1, 101, later), Err(101));
+        assert_eq!(s.next_ready(later), Some((1, 100)));
+        assert_eq!(s.breaker(1), Some(BreakerState::HalfOpen));
+        // a failed probe re-opens with a doubled cool-down
+        let t = s.finished(1, Health::Failure, later + 1, "refused").unwrap();
+        assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Open));
+        assert_eq!(s.next_wakeup(later + 2), Some(later + 1 + 20 * S));
+        // a successful probe closes it
+        let again = later + 1 + 20 * S;
+        s.offer(1, 102, again).unwrap();
+        s.next_ready(again).unwrap();
+        let t = s.finished(1, Health::Success, again + 1, "").unwrap();
+        assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Closed));
+        assert_eq!(s.blocked(again + 2), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn neutral_outcomes_and_successes_keep_it_closed() {
+        let mut s = sched(&[(1, 8, None)]);
+        for _ in 0..10 {
+            s.offer(1, 0, 0).unwrap();
+            s.next_ready(0).unwrap();
+            assert_eq!(s.finished(1, Health::Neutral, 0, "HTTP 404"), None);
+        }
+        for _ in 0..2 {
+            s.offer(1, 0, 0).unwrap();
+            s.next_ready(0).unwrap();
+            s.finished(1, Health::Failure, 0, "x");
+        }
+        s.offer(1, 0, 0).unwrap();
+        s.next_ready(0).unwrap();
+        s.finished(1, Health::Success, 0, "");
+        for _ in 0..2 {
+            s.offer(1, 0, 0).unwrap();
+            s.next_ready(0).unwrap();
+            assert_eq!(s.finished(1, Health::Failure, 0, "x"), None, "the success reset the count");
+        }
+    }
+
+    #[test]
+    fn a_restored_half_open_breaker_waits_a_cool_down() {
+        let mut s = sched(&[(1, 8, None)]);
+        s.restore_breaker(1, BreakerState::HalfOpen, 5, 0, 0);
+        assert_eq!(s.blocked(1), vec![1]);
+        assert_eq!(s.offer(1, 7, 10 * S), Ok(()));
+        assert_eq!(s.next_ready(10 * S), Some((1, 7)));
+    }
+}
