@@ -30,7 +30,13 @@ ALTER TABLE postback.endpoints
     ADD COLUMN conditions jsonb
         CONSTRAINT endpoint_conditions_must_be_a_json_object
             CHECK (jsonb_typeof(conditions) = 'object'),
-    ADD COLUMN paused_at timestamptz;
+    ADD COLUMN paused_at timestamptz,
+    ADD COLUMN max_in_flight integer NOT NULL DEFAULT 8
+        CONSTRAINT endpoint_max_in_flight_must_be_between_1_and_256
+            CHECK (max_in_flight BETWEEN 1 AND 256),
+    ADD COLUMN rate_limit numeric
+        CONSTRAINT endpoint_rate_limit_must_be_positive_requests_per_second
+            CHECK (rate_limit > 0 AND rate_limit <= 100000);
 
 CREATE OR REPLACE FUNCTION postback.endpoints_fill_defaults() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -133,7 +139,8 @@ ALTER TABLE postback.deliveries
 ALTER TABLE postback.deliveries
     ALTER COLUMN conversion_id DROP NOT NULL,
     ADD COLUMN attempt_offset integer NOT NULL DEFAULT 0,
-    ADD COLUMN age_credit interval;
+    ADD COLUMN age_credit interval,
+    ADD COLUMN leased_by integer;
 -- Time windows (health, metrics, replay, retention) over an append-mostly table:
 -- BRIN indexes cost almost nothing to maintain.
 CREATE INDEX deliveries_created_at ON postback.deliveries USING brin (created_at);
@@ -153,7 +160,12 @@ CREATE TABLE postback.endpoint_state (
     last_failure_at      timestamptz,
     failing_since        timestamptz,
     last_error           text,
-    updated_at           timestamptz NOT NULL DEFAULT now()
+    updated_at           timestamptz NOT NULL DEFAULT now(),
+    breaker              text        NOT NULL DEFAULT 'closed'
+        CONSTRAINT endpoint_breaker_must_be_closed_open_or_half_open
+            CHECK (breaker IN ('closed', 'open', 'half_open')),
+    breaker_since        timestamptz,
+    breaker_reason       text
 );
 
 -- pg_dump keeps user data and its sequences --------------------------------
@@ -450,7 +462,7 @@ SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NUL
        round(l.p50_ms_1h::numeric, 1) AS p50_ms_1h, round(l.p95_ms_1h::numeric, 1) AS p95_ms_1h,
        round(l.p50_ms_24h::numeric, 1) AS p50_ms_24h, round(l.p95_ms_24h::numeric, 1) AS p95_ms_24h,
        coalesce(s.consecutive_failures, 0) AS consecutive_failures, s.failing_since, s.last_success_at,
-       s.last_error,
+       s.last_error, coalesce(s.breaker, 'closed') AS breaker, s.breaker_since, s.breaker_reason,
        coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age
   FROM postback.endpoints e
   LEFT JOIN recent r ON r.endpoint_id = e.id
@@ -696,3 +708,12 @@ COMMENT ON COLUMN postback.dead_letters.died_at IS 'When it was given up.';
 COMMENT ON COLUMN postback.dead_letters.last_error IS 'Why.';
 COMMENT ON COLUMN postback.dead_letters.last_status_code IS 'HTTP status of the last attempt, if a response came.';
 COMMENT ON COLUMN postback.dead_letters.created_at IS 'When it was enqueued.';
+COMMENT ON COLUMN postback.endpoints.max_in_flight IS 'Most requests the worker has in flight to this endpoint at once (1 to 256, default 8): a hanging endpoint holds at most that many sending slots.';
+COMMENT ON COLUMN postback.endpoints.rate_limit IS 'Most requests per second the worker sends to this endpoint (paced, not refused); NULL = no limit.';
+COMMENT ON COLUMN postback.deliveries.leased_by IS 'Process id of the worker holding the lease while in_flight.';
+COMMENT ON COLUMN postback.endpoint_state.breaker IS 'Circuit breaker: closed (sending), open (failing: deliveries wait, no attempt spent) or half_open (one probe in flight).';
+COMMENT ON COLUMN postback.endpoint_state.breaker_since IS 'When the breaker last changed state.';
+COMMENT ON COLUMN postback.endpoint_state.breaker_reason IS 'Why it changed (failures counted and the last error, or the probe''s result).';
+COMMENT ON COLUMN postback.endpoint_health.breaker IS 'Circuit breaker state: closed, open or half_open.';
+COMMENT ON COLUMN postback.endpoint_health.breaker_since IS 'When the breaker last changed state.';
+COMMENT ON COLUMN postback.endpoint_health.breaker_reason IS 'Why it changed.';
