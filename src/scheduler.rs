@@ -105,9 +105,10 @@ impl<T> Slot<T> {
 
     fn refill(&mut self, now_us: i64) {
         if let Some(rate) = self.limits.rate_per_sec {
-            let burst = rate.max(1.0);
+            // no burst: requests are spaced 1/rate apart, so no one-second
+            // window ever holds more than rate + 1 of them
             let elapsed = (now_us - self.refilled_us).max(0) as f64 / 1e6;
-            self.tokens = (self.tokens + elapsed * rate).min(burst);
+            self.tokens = (self.tokens + elapsed * rate).min(1.0);
             self.refilled_us = now_us;
         }
     }
@@ -123,11 +124,13 @@ pub struct Scheduler<T> {
     slots: HashMap<i64, Slot<T>>,
     /// round-robin order of endpoints
     ring: VecDeque<i64>,
+    /// open → half-open changes made by `next_ready`, for the caller to record
+    probes: Vec<Transition>,
 }
 
 impl<T> Scheduler<T> {
     pub fn new(settings: BreakerSettings) -> Scheduler<T> {
-        Scheduler { settings, slots: HashMap::new(), ring: VecDeque::new() }
+        Scheduler { settings, slots: HashMap::new(), ring: VecDeque::new(), probes: Vec::new() }
     }
 
     pub fn set_settings(&mut self, settings: BreakerSettings) {
@@ -152,7 +155,7 @@ impl<T> Scheduler<T> {
     pub fn set_limits(&mut self, endpoint_id: i64, limits: Limits, now_us: i64) {
         let slot = self.slot(endpoint_id, now_us);
         if slot.limits.rate_per_sec != limits.rate_per_sec {
-            slot.tokens = limits.rate_per_sec.map_or(1.0, |r| r.max(1.0));
+            slot.tokens = 1.0;
             slot.refilled_us = now_us;
         }
         slot.limits = limits;
@@ -177,6 +180,19 @@ impl<T> Scheduler<T> {
             .iter()
             .filter(|(_, s)| s.in_flight + s.queue.len() as u32 >= s.allowed(now_us))
             .map(|(id, _)| *id)
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Room left per endpoint known here (allowed minus in flight and waiting),
+    /// for the endpoints that are not blocked.
+    pub fn rooms(&self, now_us: i64) -> Vec<(i64, i32)> {
+        let mut out: Vec<(i64, i32)> = self
+            .slots
+            .iter()
+            .map(|(id, s)| (*id, s.allowed(now_us) as i32 - s.in_flight as i32 - s.queue.len() as i32))
+            .filter(|(_, room)| *room > 0)
             .collect();
         out.sort_unstable();
         out
@@ -213,12 +229,25 @@ impl<T> Scheduler<T> {
             if slot.breaker.state == BreakerState::Open {
                 // the cool-down is over: this request is the probe
                 slot.breaker.state = BreakerState::HalfOpen;
+                slot.breaker.since_us = now_us;
+                self.probes.push(Transition {
+                    endpoint_id: id,
+                    from: BreakerState::Open,
+                    to: BreakerState::HalfOpen,
+                    at_us: now_us,
+                    reason: "cool-down over; one probe request".into(),
+                });
             }
             slot.in_flight += 1;
             let item = slot.queue.pop_front()?;
             return Some((id, item));
         }
         None
+    }
+
+    /// Open → half-open changes since the last call.
+    pub fn take_probes(&mut self) -> Vec<Transition> {
+        std::mem::take(&mut self.probes)
     }
 
     /// Records that a request finished; returns the breaker's transition, if any.
@@ -386,8 +415,8 @@ mod tests {
             }
             t += S / 100;
         }
-        // 2 at once (the burst), then 2 per second for 3 seconds
-        assert!((7..=8).contains(&sent), "{sent}");
+        // one at once, then one every half second for 3 seconds
+        assert!((6..=7).contains(&sent), "{sent}");
         assert!(s.next_wakeup(t).is_some());
     }
 
@@ -417,6 +446,8 @@ mod tests {
         assert_eq!(s.offer(1, 101, later), Err(101));
         assert_eq!(s.next_ready(later), Some((1, 100)));
         assert_eq!(s.breaker(1), Some(BreakerState::HalfOpen));
+        let probes = s.take_probes();
+        assert_eq!((probes.len(), probes[0].to), (1, BreakerState::HalfOpen));
         // a failed probe re-opens with a doubled cool-down
         let t = s.finished(1, Health::Failure, later + 1, "refused").unwrap();
         assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Open));

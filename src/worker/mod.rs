@@ -335,7 +335,7 @@ impl Worker {
 
     /// Judges finished requests and records them in one short transaction.
     fn record(&mut self) {
-        if self.finished.is_empty() && self.records.is_empty() {
+        if self.finished.is_empty() && self.records.is_empty() && self.transitions.is_empty() {
             return;
         }
         let now = now_us();
@@ -413,7 +413,8 @@ impl Worker {
         }
         let now = now_us();
         let blocked = self.scheduler.blocked(now);
-        let claimed = match txn::run("claiming deliveries", || queue::claim(limit as i32, &blocked)) {
+        let rooms = self.scheduler.rooms(now);
+        let claimed = match txn::run("claiming deliveries", || queue::claim(limit as i32, &blocked, &rooms)) {
             Ok(c) => c,
             Err(e) => {
                 note_error(&e);
@@ -481,6 +482,7 @@ impl Worker {
     /// Puts on the wire what the scheduler lets through, while slots are free.
     fn send(&mut self) {
         let now = now_us();
+        let before = self.in_flight.len();
         while self.slots_free() > 0 {
             let Some((endpoint_id, (c, job, meta))) = self.scheduler.next_ready(now) else { break };
             match job {
@@ -499,6 +501,12 @@ impl Worker {
                     self.records.push(dead_record(&c, e));
                 }
             }
+        }
+        let probes = self.scheduler.take_probes();
+        if !probes.is_empty() || (!self.records.is_empty() && self.in_flight.len() == before) {
+            self.transitions.extend(probes);
+            // record at once what cannot wait for a result (probes, dead-at-once)
+            self.record();
         }
     }
 

@@ -49,14 +49,18 @@ pub fn installed_version() -> SpiResult<Option<String>> {
 }
 
 /// Claims up to `limit` due deliveries whose endpoint is active, not paused
-/// and not in `blocked` (no room, or an open breaker), and whose predecessor
-/// (same endpoint and conversion) is finished. The lease names this worker.
-pub fn claim(limit: i32, blocked: &[i64]) -> SpiResult<Vec<Claimed>> {
+/// and not in `blocked` (an open breaker), and whose predecessor (same
+/// endpoint and conversion) is finished; no endpoint gets more than its room:
+/// `rooms` for the endpoints the worker already holds requests of, else its
+/// max_in_flight. The lease names this worker.
+pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec<Claimed>> {
+    let room_ids: Vec<i64> = rooms.iter().map(|r| r.0).collect();
+    let room_sizes: Vec<i32> = rooms.iter().map(|r| r.1).collect();
     Spi::connect_mut(|client| {
         let rows = client.update(
             &format!(
-                "WITH due AS (
-                     SELECT d.id FROM postback.deliveries d
+                "WITH candidates AS (
+                     SELECT d.id, d.endpoint_id, d.next_attempt_at FROM postback.deliveries d
                       WHERE d.state = 'pending' AND d.next_attempt_at <= now()
                         AND d.endpoint_id <> ALL ($2::bigint[])
                         AND EXISTS (SELECT 1 FROM postback.endpoints e
@@ -65,7 +69,20 @@ pub fn claim(limit: i32, blocked: &[i64]) -> SpiResult<Vec<Claimed>> {
                              SELECT 1 FROM postback.deliveries p
                               WHERE p.id = d.predecessor_id AND p.state IN ('pending', 'in_flight')))
                       ORDER BY d.next_attempt_at
-                      LIMIT $1
+                      LIMIT $1 * 4),
+                 ranked AS (
+                     SELECT c.id, c.next_attempt_at,
+                            row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at) AS n,
+                            coalesce((SELECT r.room FROM unnest($3::bigint[], $4::int[]) AS r(endpoint_id, room)
+                                       WHERE r.endpoint_id = c.endpoint_id),
+                                     (SELECT e.max_in_flight FROM postback.endpoints e WHERE e.id = c.endpoint_id))
+                                AS room
+                       FROM candidates c),
+                 due AS (
+                     SELECT d.id FROM postback.deliveries d
+                      WHERE d.id IN (SELECT r.id FROM ranked r WHERE r.n <= r.room
+                                      ORDER BY r.next_attempt_at LIMIT $1)
+                        AND d.state = 'pending'
                       FOR UPDATE OF d SKIP LOCKED)
                  UPDATE postback.deliveries d
                     SET state = 'in_flight', lease_expires_at = now() + interval '{LEASE}',
@@ -80,7 +97,7 @@ pub fn claim(limit: i32, blocked: &[i64]) -> SpiResult<Vec<Claimed>> {
                         d.attempts - d.attempt_offset"
             ),
             None,
-            &[limit.into(), blocked.to_vec().into()],
+            &[limit.into(), blocked.to_vec().into(), room_ids.into(), room_sizes.into()],
         )?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {

@@ -8,6 +8,7 @@ A response is a dict: status, body, headers, delay (seconds before answering).
 import http.server
 import json
 import sys
+import socket
 import threading
 import time
 import urllib.parse
@@ -17,6 +18,8 @@ class Receiver:
     def __init__(self, host="127.0.0.1", port=0):
         self.requests = []
         self.scripts = {}
+        self.active = {}
+        self.max_active = {}
         self.lock = threading.Lock()
         receiver = self
 
@@ -43,6 +46,16 @@ class Receiver:
                     receiver.requests.append(record)
                     script = receiver.scripts.get(parsed.path) or [{}]
                     response = script.pop(0) if len(script) > 1 else script[0]
+                    active = receiver.active.get(parsed.path, 0) + 1
+                    receiver.active[parsed.path] = active
+                    receiver.max_active[parsed.path] = max(receiver.max_active.get(parsed.path, 0), active)
+                try:
+                    self.respond(response)
+                finally:
+                    with receiver.lock:
+                        receiver.active[parsed.path] -= 1
+
+            def respond(self, response):
                 if response.get("delay"):
                     time.sleep(response["delay"])
                 payload = response.get("body", "ok").encode()
@@ -81,6 +94,40 @@ class Receiver:
     def seen(self, path=None):
         with self.lock:
             return [r for r in self.requests if path is None or r["path"] == path]
+
+
+class Hanging:
+    """Accepts connections and never answers (a tracker that hangs)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        self.stopped = False
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self):
+        self.stopped = True
+        for c in self.conns:
+            c.close()
+        self.sock.close()
 
 
 def main(argv):
