@@ -38,8 +38,8 @@ def wait_done(conn, name, n, timeout=300):
 
 def queued_run(conn, name, url, n):
     """Enqueue n deliveries in one transaction; time from its commit until all are done."""
-    conn.execute("INSERT INTO postback.endpoints (name, url_template, events) VALUES (%s, %s, %s)",
-                 (name, url, [name]))
+    conn.execute("INSERT INTO postback.endpoints (name, url_template, events, max_in_flight) VALUES (%s, %s, %s, %s)",
+                 (name, url, [name], min(CONCURRENCY, 256)))
     conn.autocommit = False
     conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event) "
                  "SELECT 'clk-' || g, %s || g, %s FROM generate_series(1, %s) g", (name + "-", name, n))

@@ -10,6 +10,13 @@
 
 use std::collections::{HashMap, VecDeque};
 
+/// Deliveries a healthy endpoint may hold waiting beyond what it has in flight.
+const QUEUE_EXTRA: u32 = 64;
+/// ... or this many times its max_in_flight, whichever is more.
+const QUEUE_FACTOR: u32 = 16;
+/// Most deliveries held for one endpoint.
+const MAX_HELD: u32 = 1024;
+
 /// An endpoint's limits, read from postback.endpoints.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
@@ -103,6 +110,19 @@ impl<T> Slot<T> {
         }
     }
 
+    /// How many may be held here (in flight and waiting, leased): a healthy
+    /// endpoint keeps a few rounds of work at hand so that claims stay large;
+    /// an open or half-open one only what it may send.
+    fn capacity(&self, now_us: i64) -> u32 {
+        let allowed = self.allowed(now_us);
+        match self.breaker.state {
+            // while the last attempts failed, hold no more than can go out
+            BreakerState::Closed if self.breaker.failures > 0 => allowed,
+            BreakerState::Closed => (allowed * QUEUE_FACTOR).max(allowed + QUEUE_EXTRA).min(MAX_HELD),
+            _ => allowed,
+        }
+    }
+
     fn refill(&mut self, now_us: i64) {
         if let Some(rate) = self.limits.rate_per_sec {
             // no burst: requests are spaced 1/rate apart, so no one-second
@@ -178,7 +198,7 @@ impl<T> Scheduler<T> {
         let mut out: Vec<i64> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.in_flight + s.queue.len() as u32 >= s.allowed(now_us))
+            .filter(|(_, s)| s.in_flight + s.queue.len() as u32 >= s.capacity(now_us))
             .map(|(id, _)| *id)
             .collect();
         out.sort_unstable();
@@ -191,7 +211,7 @@ impl<T> Scheduler<T> {
         let mut out: Vec<(i64, i32)> = self
             .slots
             .iter()
-            .map(|(id, s)| (*id, s.allowed(now_us) as i32 - s.in_flight as i32 - s.queue.len() as i32))
+            .map(|(id, s)| (*id, s.capacity(now_us) as i32 - s.in_flight as i32 - s.queue.len() as i32))
             .filter(|(_, room)| *room > 0)
             .collect();
         out.sort_unstable();
@@ -202,7 +222,7 @@ impl<T> Scheduler<T> {
     /// comes back (`Err`) to be returned to the queue unspent.
     pub fn offer(&mut self, endpoint_id: i64, item: T, now_us: i64) -> Result<(), T> {
         let slot = self.slot(endpoint_id, now_us);
-        if slot.in_flight + slot.queue.len() as u32 >= slot.allowed(now_us) {
+        if slot.in_flight + slot.queue.len() as u32 >= slot.capacity(now_us) {
             return Err(item);
         }
         slot.queue.push_back(item);
@@ -301,7 +321,7 @@ impl<T> Scheduler<T> {
     pub fn take_blocked_queued(&mut self, now_us: i64) -> Vec<T> {
         let mut out = Vec::new();
         for slot in self.slots.values_mut() {
-            let keep = slot.allowed(now_us) as usize;
+            let keep = slot.capacity(now_us) as usize;
             let room = keep.saturating_sub(slot.in_flight as usize);
             while slot.queue.len() > room {
                 out.extend(slot.queue.pop_back());
@@ -373,16 +393,19 @@ mod tests {
     #[test]
     fn an_endpoint_never_has_more_than_max_in_flight() {
         let mut s = sched(&[(1, 2, None)]);
-        for i in 0..2 {
+        // a healthy endpoint holds max_in_flight + 64 (or 4x) deliveries, sends max_in_flight
+        for i in 0..66 {
             assert_eq!(s.offer(1, i, 0), Ok(()));
         }
-        assert_eq!(s.offer(1, 9, 0), Err(9), "no room beyond max_in_flight");
+        assert_eq!(s.offer(1, 99, 0), Err(99), "no room beyond what it may hold");
         assert_eq!(s.blocked(0), vec![1]);
+        assert_eq!(s.rooms(0), vec![]);
         assert!(s.next_ready(0).is_some() && s.next_ready(0).is_some());
-        assert_eq!(s.next_ready(0), None);
+        assert_eq!(s.next_ready(0), None, "never more than max_in_flight on the wire");
         assert_eq!(s.in_flight(1), 2);
         s.finished(1, Health::Success, 1, "");
         assert_eq!(s.blocked(1), Vec::<i64>::new());
+        assert_eq!(s.rooms(1), vec![(1, 1)]);
         assert_eq!(s.offer(1, 3, 1), Ok(()));
     }
 
@@ -438,6 +461,7 @@ mod tests {
         assert_eq!(s.next_ready(4), None);
         assert_eq!(s.blocked(4), vec![1]);
         assert_eq!(s.take_blocked_queued(4).len(), 5);
+        assert_eq!(s.queued(), 0);
         assert_eq!(s.offer(1, 99, 5), Err(99));
         assert_eq!(s.next_wakeup(5), Some(3 + 10 * S));
         // after the cool-down exactly one probe goes through

@@ -177,6 +177,8 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 /// Longest a finished request waits before it is recorded (results that finish
 /// within this window share one transaction).
 const RECORD_WITHIN: Duration = Duration::from_millis(2);
+/// Results that are recorded at once, without waiting for RECORD_WITHIN.
+const RECORD_BATCH: usize = 256;
 
 fn note_error(message: &str) {
     warning!("pg_postback worker: {message}");
@@ -199,6 +201,8 @@ struct Worker {
     in_flight: HashMap<u64, InFlight>,
     next_key: u64,
     finished: Vec<(u64, Sent)>,
+    /// when the oldest result not yet recorded came back
+    first_finished: Option<Instant>,
     records: Vec<Record>,
     transitions: Vec<Transition>,
     jitter: Jitter,
@@ -245,6 +249,7 @@ impl Worker {
             in_flight: HashMap::new(),
             next_key: 0,
             finished: Vec::new(),
+            first_finished: None,
             records: Vec::new(),
             transitions: Vec::new(),
             jitter: Jitter::new(http::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32),
@@ -288,9 +293,20 @@ impl Worker {
     /// One pass: take finished results, record them, claim, send, wait.
     fn step(&mut self, poll: Duration) {
         shared::SHARED.exclusive().last_wake = http::unix_micros_now();
-        // 1. results that finished, judged and recorded together
+        // 1. results that finished, judged and recorded together: at once when
+        //    nothing else is out, else once RECORD_WITHIN has passed or a
+        //    batch has gathered (one transaction for many results)
+        //    (what is waiting goes on the wire first, so that HTTP and the
+        //    recording transaction overlap)
         self.collect(Duration::ZERO);
-        self.record();
+        self.judge();
+        self.send();
+        let gathered = self.records.len() >= RECORD_BATCH
+            || self.in_flight.is_empty()
+            || self.first_finished.is_some_and(|t| t.elapsed() >= RECORD_WITHIN);
+        if gathered {
+            self.flush();
+        }
         if self.rebuild_pool && self.in_flight.is_empty() {
             self.pool = build_pool();
             self.rebuild_pool = false;
@@ -335,8 +351,18 @@ impl Worker {
 
     /// Judges finished requests and records them in one short transaction.
     fn record(&mut self) {
-        if self.finished.is_empty() && self.records.is_empty() && self.transitions.is_empty() {
+        self.judge();
+        self.flush();
+    }
+
+    /// Judges finished requests (no Postgres call): frees their slots in the
+    /// scheduler and turns them into records waiting to be written.
+    fn judge(&mut self) {
+        if self.finished.is_empty() {
             return;
+        }
+        if self.first_finished.is_none() {
+            self.first_finished = Some(Instant::now());
         }
         let now = now_us();
         let (mut ok, mut failed) = (0i64, 0i64);
@@ -390,33 +416,56 @@ impl Worker {
                 self.next_due = Some(self.next_due.map_or(at, |t| t.min(at)));
             }
         }
-        // an open breaker sends its waiting deliveries back unspent
-        let blocked: Vec<i64> = self.scheduler.take_blocked_queued(now).into_iter().map(|(c, _, _)| c.id).collect();
-        let records = std::mem::take(&mut self.records);
-        let transitions = std::mem::take(&mut self.transitions);
-        record_all(&records, &transitions, &blocked);
         let mut s = shared::SHARED.exclusive();
         s.sent += ok + failed;
         s.succeeded += ok;
         s.failed += failed;
-        drop(s);
+    }
+
+    /// Writes the waiting records, breaker changes and deliveries an open
+    /// breaker sent back, in one short transaction.
+    fn flush(&mut self) {
+        let now = now_us();
+        // an open breaker sends its waiting deliveries back unspent
+        let blocked: Vec<i64> = self.scheduler.take_blocked_queued(now).into_iter().map(|(c, _, _)| c.id).collect();
+        if self.records.is_empty() && self.transitions.is_empty() && blocked.is_empty() {
+            return;
+        }
+        self.first_finished = None;
+        let records = std::mem::take(&mut self.records);
+        let transitions = std::mem::take(&mut self.transitions);
+        record_all(&records, &transitions, &blocked);
         self.maybe_due = true;
     }
 
     /// Claims due deliveries up to the room left, reads their endpoints, and
     /// hands them to the scheduler (what has no room goes back unspent).
     fn claim(&mut self) {
-        let room = (self.pool.size() * 2).saturating_sub(self.in_flight.len() + self.scheduler.queued());
-        let limit = room.min(gucs::BATCH_SIZE.get().max(1) as usize);
+        // keep about one batch at hand; each endpoint's room bounds its share
+        let queued = self.scheduler.queued();
+        let batch = gucs::BATCH_SIZE.get().max(1) as usize;
+        if queued >= batch / 2 {
+            return;
+        }
+        let limit = batch.saturating_sub(queued);
         if limit == 0 {
             return;
         }
         let now = now_us();
         let blocked = self.scheduler.blocked(now);
         let rooms = self.scheduler.rooms(now);
-        let claimed = match txn::run("claiming deliveries", || queue::claim(limit as i32, &blocked, &rooms)) {
+        let claimed_and_endpoints = txn::run("claiming deliveries", || {
+            let claimed = queue::claim(limit as i32, &blocked, &rooms)?;
+            let mut ids: Vec<i64> = claimed.iter().map(|c| c.endpoint_id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let endpoints = if ids.is_empty() { HashMap::new() } else { queue::endpoints(ids)? };
+            Ok((claimed, endpoints))
+        });
+        let (claimed, endpoints) = match claimed_and_endpoints {
             Ok(c) => c,
             Err(e) => {
+                // the leases bring anything claimed back; nothing is lost
                 note_error(&e);
                 self.maybe_due = false;
                 return;
@@ -438,17 +487,6 @@ impl Worker {
             };
             return;
         }
-        let mut endpoint_ids: Vec<i64> = claimed.iter().map(|c| c.endpoint_id).collect();
-        endpoint_ids.sort_unstable();
-        endpoint_ids.dedup();
-        let endpoints = match txn::run("reading endpoints", || queue::endpoints(endpoint_ids)) {
-            Ok(e) => e,
-            Err(e) => {
-                // the leases bring them back; nothing is lost
-                note_error(&e);
-                return;
-            }
-        };
         let now_unix = now / 1_000_000;
         let mut metas: HashMap<i64, (Option<Arc<Regex>>, Arc<Vec<Duration>>, i32)> = HashMap::new();
         for (id, e) in &endpoints {
@@ -482,7 +520,6 @@ impl Worker {
     /// Puts on the wire what the scheduler lets through, while slots are free.
     fn send(&mut self) {
         let now = now_us();
-        let before = self.in_flight.len();
         while self.slots_free() > 0 {
             let Some((endpoint_id, (c, job, meta))) = self.scheduler.next_ready(now) else { break };
             match job {
@@ -502,11 +539,10 @@ impl Worker {
                 }
             }
         }
-        let probes = self.scheduler.take_probes();
-        if !probes.is_empty() || (!self.records.is_empty() && self.in_flight.len() == before) {
-            self.transitions.extend(probes);
-            // record at once what cannot wait for a result (probes, dead-at-once)
-            self.record();
+        self.transitions.extend(self.scheduler.take_probes());
+        if (!self.records.is_empty() || !self.transitions.is_empty()) && self.first_finished.is_none() {
+            // probes and the dead-at-once (could not be built) are written within RECORD_WITHIN
+            self.first_finished = Some(Instant::now());
         }
     }
 

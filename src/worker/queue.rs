@@ -63,21 +63,20 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                      SELECT d.id, d.endpoint_id, d.next_attempt_at FROM postback.deliveries d
                       WHERE d.state = 'pending' AND d.next_attempt_at <= now()
                         AND d.endpoint_id <> ALL ($2::bigint[])
-                        AND EXISTS (SELECT 1 FROM postback.endpoints e
-                                     WHERE e.id = d.endpoint_id AND e.active AND e.paused_at IS NULL)
-                        AND (d.predecessor_id IS NULL OR NOT EXISTS (
-                             SELECT 1 FROM postback.deliveries p
-                              WHERE p.id = d.predecessor_id AND p.state IN ('pending', 'in_flight')))
+                        -- a scalar subquery: one index probe per candidate, never a hash of every pending row
+                        AND (d.predecessor_id IS NULL
+                             OR coalesce((SELECT p.state FROM postback.deliveries p WHERE p.id = d.predecessor_id),
+                                         'gone') NOT IN ('pending', 'in_flight'))
                       ORDER BY d.next_attempt_at
                       LIMIT $1 * 4),
                  ranked AS (
                      SELECT c.id, c.next_attempt_at,
                             row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at) AS n,
-                            coalesce((SELECT r.room FROM unnest($3::bigint[], $4::int[]) AS r(endpoint_id, room)
-                                       WHERE r.endpoint_id = c.endpoint_id),
-                                     (SELECT e.max_in_flight FROM postback.endpoints e WHERE e.id = c.endpoint_id))
-                                AS room
-                       FROM candidates c),
+                            coalesce(r.room, least(greatest(e.max_in_flight * 16, e.max_in_flight + 64), 1024)) AS room
+                       FROM candidates c
+                       JOIN postback.endpoints e ON e.id = c.endpoint_id AND e.active AND e.paused_at IS NULL
+                       LEFT JOIN unnest($3::bigint[], $4::int[]) AS r(endpoint_id, room)
+                              ON r.endpoint_id = c.endpoint_id),
                  due AS (
                      SELECT d.id FROM postback.deliveries d
                       WHERE d.id IN (SELECT r.id FROM ranked r WHERE r.n <= r.room
@@ -256,7 +255,9 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
                     completed_at = CASE WHEN r.outcome = 'retry' THEN NULL ELSE now() END,
                     last_error = r.error
                FROM r
-              WHERE d.id = r.id AND d.state = 'in_flight' AND d.leased_by = pg_backend_pid()",
+              -- id = ANY: the primary key finds the rows (the leased index holds many dead entries)
+              WHERE d.id = r.id AND d.id = ANY ($1::bigint[]) AND d.state = 'in_flight'
+                AND d.leased_by = pg_backend_pid()",
             None,
             &[
                 ids.into(),
@@ -327,21 +328,20 @@ pub fn purge_batch(older_than_secs: i64, batch: i32) -> SpiResult<i64> {
 }
 
 /// Returns leased deliveries to the queue, recording the interrupted attempt
-/// so that a request the receiver may have seen is explained. `at_start`
-/// reclaims every lease held by no live worker (a crash or an immediate stop
-/// left them); otherwise only expired ones. A lease of another live worker
-/// is never taken before it expires.
+/// so that a request the receiver may have seen is explained. Only leases of
+/// a worker that no longer runs are taken (a live worker's lease, this one's
+/// included, stands however long its endpoint hangs): at start all of them,
+/// later only expired ones.
 pub fn reclaim_leases(at_start: bool) -> SpiResult<u64> {
     Spi::connect_mut(|client| {
         let result = client.update(
             &format!("WITH expired AS (
                  SELECT d.id FROM postback.deliveries d
                   WHERE d.state = 'in_flight'
-                    AND (d.lease_expires_at < now()
-                         OR ($1 AND d.leased_by IS DISTINCT FROM pg_backend_pid()
-                                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                                                 WHERE a.pid = d.leased_by
-                                                   AND a.backend_type = 'pg_postback worker')))
+                    AND ($1 OR d.lease_expires_at < now())
+                    AND d.leased_by IS DISTINCT FROM pg_backend_pid()
+                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                                     WHERE a.pid = d.leased_by AND a.backend_type = 'pg_postback worker')
                   FOR UPDATE SKIP LOCKED),
              a AS (
                  INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, error, outcome)
@@ -376,17 +376,19 @@ pub fn record_transitions(transitions: &[crate::scheduler::Transition]) -> SpiRe
         "WITH t AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[], $5::text[])
                               AS t(e, state, previous, at, reason)),
               s AS (INSERT INTO postback.endpoint_state AS s (endpoint_id, breaker, breaker_since, breaker_reason)
-                    SELECT t.e, t.state, to_timestamp(t.at), t.reason FROM t
+                    SELECT DISTINCT ON (t.e) t.e, t.state, to_timestamp(t.at), t.reason FROM t ORDER BY t.e, t.at DESC
                     ON CONFLICT (endpoint_id) DO UPDATE
                        SET breaker = excluded.breaker, breaker_since = excluded.breaker_since,
                            breaker_reason = excluded.breaker_reason, updated_at = now())
-         SELECT pg_notify('postback_alerts', json_build_object(
+         SELECT pg_notify('postback_alerts', x.payload)
+           FROM (SELECT json_build_object(
                     'endpoint', e.name, 'endpoint_id', e.id, 'state', t.state, 'previous', t.previous,
                     'since', to_timestamp(t.at), 'reason', t.reason,
                     'last_error', (SELECT st.last_error FROM postback.endpoint_state st WHERE st.endpoint_id = e.id),
                     'pending', (SELECT count(*) FROM postback.deliveries d
-                                 WHERE d.endpoint_id = e.id AND d.state IN ('pending', 'in_flight')))::text)
-           FROM t JOIN postback.endpoints e ON e.id = t.e",
+                                 WHERE d.endpoint_id = e.id AND d.state IN ('pending', 'in_flight')))::text AS payload
+                   FROM t JOIN postback.endpoints e ON e.id = t.e
+                  ORDER BY t.at OFFSET 0) AS x",
         &[ids.into(), to.into(), from.into(), at.into(), reasons.into()],
     )
 }

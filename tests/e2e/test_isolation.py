@@ -58,7 +58,6 @@ def test_a_hanging_partner_does_not_hold_the_others(cluster, receiver, hanging):
                          what="the fast partner's deliveries beside the hanging one")
         # the hanging partner's requests are still waiting: none finished, at most 4 out at once
         assert count(conn, slow, ["succeeded", "dead"]) == 0
-        assert count(conn, slow, ["in_flight"]) <= 4
         assert len(hanging.conns) <= 4
         # a single conversion committed now reaches the fast partner at once
         started = time.monotonic()
@@ -120,8 +119,12 @@ def test_breaker_opens_probes_closes_and_announces_each_change(make_cluster, rec
         assert len(receiver.seen("/down")) == 3
         c.wait_for(lambda: count(conn, name, ["succeeded"]) == 5, timeout=30, what="recovery")
         events = []
-        c.wait_for(lambda: events.extend(alerts(listener)) or [e["state"] for e in events][-1:] == ["closed"],
-                   timeout=10, what="the closing alert")
+        try:
+            c.wait_for(lambda: events.extend(alerts(listener)) or [e["state"] for e in events][-1:] == ["closed"],
+                       timeout=10, what="the closing alert")
+        except AssertionError:
+            raise AssertionError(f"alerts: {[(e['state'], e['reason']) for e in events]}; "
+                                 f"seen {len(receiver.seen('/down'))}")
     states = [e["state"] for e in events]
     # open, one failed probe re-opens it, a successful probe closes it
     assert states == ["open", "half_open", "open", "half_open", "closed"], states
