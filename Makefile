@@ -15,9 +15,11 @@ unit: deps
 	cargo test --lib -- --skip sql_tests::
 
 # SQL-level tests inside a pgrx-managed throwaway cluster, as the postgres OS user.
+# Built in a target directory of its own: the pg_test build's schema generator
+# (which adds the test functions) must never write the install script of `make install`.
 pgtest: deps
 	rm -rf $(PGRX_PGDATA)
-	cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_PGDATA)
+	CARGO_TARGET_DIR=$(CURDIR)/target/pgtest cargo pgrx test pg15 --runas postgres --pgdata $(PGRX_PGDATA)
 
 install: deps
 	cargo pgrx install --pg-config $(PG_CONFIG)

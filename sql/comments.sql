@@ -223,3 +223,8 @@ COMMENT ON COLUMN postback.endpoint_state.breaker_reason IS 'Why it changed (fai
 COMMENT ON COLUMN postback.endpoint_health.breaker IS 'Circuit breaker state: closed, open or half_open.';
 COMMENT ON COLUMN postback.endpoint_health.breaker_since IS 'When the breaker last changed state.';
 COMMENT ON COLUMN postback.endpoint_health.breaker_reason IS 'Why it changed.';
+COMMENT ON COLUMN postback.endpoints.success_statuses IS 'Status codes and ranges that count as success, e.g. {200-302}; NULL = 200-299. A 3xx listed here is success, not a redirect.';
+COMMENT ON COLUMN postback.endpoints.retry_statuses IS 'Status codes and ranges that are retried, e.g. {409,500-599}; NULL = 408, 425, 429, 500-599. Any other failure is dead at once.';
+COMMENT ON COLUMN postback.endpoints.initial_delay IS 'How long after enqueue the first attempt is due (0 to 1 day); lifecycle ordering still holds.';
+COMMENT ON COLUMN postback.deliveries.success_pattern IS 'The endpoint''s success_body_pattern with this delivery''s values filled in (regex-escaped), when the pattern uses {variables}.';
+COMMENT ON FUNCTION postback.validate_statuses(text[], text) IS 'Raises an error naming the column if a success_statuses or retry_statuses list holds anything but status codes (100-599) and ranges such as 200-302; true otherwise.';

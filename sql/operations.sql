@@ -104,9 +104,10 @@ BEGIN
     SELECT * INTO e FROM postback.endpoints WHERE id = postback.endpoint_id(endpoint);
     r := postback.render_test(e.id, sample);
     INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
-                                     state, completed_at, last_error)
+                                     state, completed_at, last_error, success_pattern)
     VALUES (e.id, NULL, r[5], r[6], r[1], e.method, coalesce(r[2], e.url_template), r[3],
-            CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r[4] IS NOT NULL THEN now() END, r[4])
+            CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r[4] IS NOT NULL THEN now() END, r[4],
+            r[7])
     RETURNING id INTO made;
     PERFORM postback.wake_worker();
     RETURN made;

@@ -106,6 +106,11 @@ CREATE TABLE postback.endpoints (
     rate_limit           numeric
         CONSTRAINT endpoint_rate_limit_must_be_positive_requests_per_second
             CHECK (rate_limit > 0 AND rate_limit <= 100000),
+    success_statuses     text[],
+    retry_statuses       text[],
+    initial_delay        interval    NOT NULL DEFAULT '0'
+        CONSTRAINT endpoint_initial_delay_must_be_between_0_and_1_day
+            CHECK (initial_delay BETWEEN '0' AND '1 day'),
     CONSTRAINT endpoint_postback_signs_only_with_hmac_sha256_hex_or_base64
         CHECK (kind = 'webhook' OR signing_scheme IN ('none', 'hmac-sha256-hex', 'hmac-sha256-base64')),
     CONSTRAINT endpoint_body_template_only_for_webhooks
@@ -133,6 +138,12 @@ BEGIN
     END IF;
     IF NEW.conditions IS NOT NULL THEN
         PERFORM postback.validate_conditions(NEW.conditions);
+    END IF;
+    IF NEW.success_statuses IS NOT NULL THEN
+        PERFORM postback.validate_statuses(NEW.success_statuses, 'success_statuses');
+    END IF;
+    IF NEW.retry_statuses IS NOT NULL THEN
+        PERFORM postback.validate_statuses(NEW.retry_statuses, 'retry_statuses');
     END IF;
     IF NEW.success_body_pattern IS NOT NULL THEN
         PERFORM postback.validate_success_pattern(NEW.success_body_pattern);
@@ -256,6 +267,7 @@ CREATE TABLE postback.deliveries (
     attempt_offset   integer     NOT NULL DEFAULT 0,
     age_credit       interval,
     leased_by        integer,
+    success_pattern  text,
     CONSTRAINT delivery_in_flight_has_a_lease
         CHECK ((state = 'in_flight') = (lease_expires_at IS NOT NULL)),
     CONSTRAINT delivery_completed_at_set_when_finished

@@ -41,6 +41,7 @@ fn unix_micros(ts: TimestampWithTimeZone) -> i64 {
 fn render(template: &str, vars: JsonB) -> String {
     let parsed = Template::parse(template).unwrap_or_else(|e| invalid(format!("invalid template: {e}")));
     template::render_url(&parsed, &object_of(vars, "vars"), RenderOptions::default())
+        .unwrap_or_else(|e| invalid(format!("rendering: {e}")))
 }
 
 /// Checks an endpoint URL template; raises an error naming the problem and its position.
@@ -74,8 +75,21 @@ fn validate_headers(headers: JsonB) -> bool {
 /// Checks a success_body_pattern (the worker's regular expression syntax).
 #[pg_extern(immutable, parallel_safe)]
 fn validate_success_pattern(pattern: &str) -> bool {
-    regex::Regex::new(pattern)
+    // {variables} are filled per delivery (regex-escaped): check with sample values
+    regex::Regex::new(&template::render_pattern(pattern, &template::sample_vars()))
         .unwrap_or_else(|e| invalid(format!("invalid regular expression in success_body_pattern: {e}")));
+    true
+}
+
+/// Checks success_statuses / retry_statuses: status codes (100-599) and
+/// ranges such as 200-302.
+#[pg_extern(immutable, parallel_safe)]
+fn validate_statuses(statuses: Vec<Option<String>>, column: &str) -> bool {
+    let items: Vec<String> = statuses
+        .into_iter()
+        .map(|s| s.unwrap_or_else(|| invalid(format!("invalid {column}: the list holds NULL"))))
+        .collect();
+    crate::retry::parse_statuses(&items, column).unwrap_or_else(|e| invalid(format!("invalid {e}")));
     true
 }
 

@@ -37,6 +37,10 @@ struct EndpointRow {
     body_template: Option<Value>,
     status_map: Option<Map<String, Value>>,
     drop_empty_params: bool,
+    /// success_body_pattern when it uses the delivery's variables (rendered per delivery)
+    pattern: Option<String>,
+    /// initial_delay in seconds
+    delay_secs: f64,
 }
 
 fn object(v: Option<JsonB>) -> Option<Map<String, Value>> {
@@ -47,7 +51,8 @@ fn object(v: Option<JsonB>) -> Option<Map<String, Value>> {
 }
 
 const ENDPOINT_COLUMNS: &str = "id, name, kind, method, url_template, body_template, status_map, drop_empty_params,
-                                 events, statuses, partners, conditions";
+                                 events, statuses, partners, conditions, success_body_pattern,
+                                 extract(epoch FROM initial_delay)::float8";
 
 fn load_endpoints(client: &SpiClient, filter: &str, endpoint_id: Option<i64>) -> SpiResult<(Vec<EndpointRow>, Router)> {
     let rows = client.select(
@@ -69,6 +74,8 @@ fn load_endpoints(client: &SpiClient, filter: &str, endpoint_id: Option<i64>) ->
             body_template: row.get::<JsonB>(6)?.map(|b| b.0),
             status_map: object(row.get::<JsonB>(7)?),
             drop_empty_params: row.get::<bool>(8)?.unwrap_or(false),
+            pattern: row.get::<String>(13)?.filter(|p| crate::template::pattern_has_variables(p)),
+            delay_secs: row.get::<f64>(14)?.unwrap_or(0.0),
         });
         filters.push(Filters {
             events: row.get::<Vec<String>>(9)?,
@@ -173,6 +180,8 @@ struct Pending {
     url: Vec<String>,
     body: Vec<Option<String>>,
     error: Vec<Option<String>>,
+    delay: Vec<f64>,
+    pattern: Vec<Option<String>>,
     /// deliveries written that are pending (not dead at enqueue)
     live: u64,
 }
@@ -183,6 +192,8 @@ impl Pending {
     }
 
     fn push(&mut self, e: &EndpointRow, c: &Conversion, key: String, rendered: Result<request::Request, String>) {
+        self.delay.push(e.delay_secs);
+        self.pattern.push(e.pattern.as_deref().map(|p| render_pattern(p, c, e)));
         self.endpoint_id.push(e.id);
         self.conversion_id.push(c.id);
         self.event.push(c.event.to_string());
@@ -211,30 +222,32 @@ impl Pending {
         if lifecycle {
             "INSERT INTO postback.deliveries
                     (endpoint_id, conversion_id, event, status, idempotency_key, predecessor_id, method, url,
-                     body, state, completed_at, last_error)
+                     body, state, completed_at, last_error, next_attempt_at, success_pattern)
              SELECT r.e, r.c, r.ev, r.st, r.k,
                     (SELECT max(p.id) FROM postback.deliveries p
                       WHERE p.idempotency_key >= (r.c::text || '.' || r.e::text || '.') COLLATE \"C\"
                         AND p.idempotency_key <  (r.c::text || '.' || r.e::text || '/') COLLATE \"C\"),
                     r.m, r.u, r.b,
                     CASE WHEN r.err IS NULL THEN 'pending' ELSE 'dead' END,
-                    CASE WHEN r.err IS NOT NULL THEN now() END, r.err
+                    CASE WHEN r.err IS NOT NULL THEN now() END, r.err,
+                    CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat
                FROM (SELECT unnest($1) AS e, unnest($2) AS c, unnest($3) AS ev, unnest($4) AS st,
                             unnest($5) AS k, unnest($6) AS m, unnest($7) AS u, unnest($8) AS b,
-                            unnest($9) AS err) AS r
+                            unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat) AS r
                  ON CONFLICT (idempotency_key) DO NOTHING"
         } else {
             // new conversions have new ids: their keys cannot exist yet, and a
             // plain INSERT (the unique index still guards it) is cheaper than ON CONFLICT
             "INSERT INTO postback.deliveries
                     (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
-                     state, completed_at, last_error)
+                     state, completed_at, last_error, next_attempt_at, success_pattern)
              SELECT r.e, r.c, r.ev, r.st, r.k, r.m, r.u, r.b,
                     CASE WHEN r.err IS NULL THEN 'pending' ELSE 'dead' END,
-                    CASE WHEN r.err IS NOT NULL THEN now() END, r.err
+                    CASE WHEN r.err IS NOT NULL THEN now() END, r.err,
+                    CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat
                FROM (SELECT unnest($1) AS e, unnest($2) AS c, unnest($3) AS ev, unnest($4) AS st,
                             unnest($5) AS k, unnest($6) AS m, unnest($7) AS u, unnest($8) AS b,
-                            unnest($9) AS err) AS r"
+                            unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat) AS r"
         }
     }
 
@@ -242,6 +255,8 @@ impl Pending {
         let text = PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID);
         let mut types = vec![PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID); 2];
         types.extend(std::iter::repeat_n(text, 7));
+        types.push(PgOid::BuiltIn(PgBuiltInOids::FLOAT8ARRAYOID));
+        types.push(text);
         types
     }
 
@@ -252,7 +267,7 @@ impl Pending {
         self.live += self.error.iter().filter(|e| e.is_none()).count() as u64;
         let taken = std::mem::take(self);
         self.live = taken.live;
-        let args: [pgrx::datum::DatumWithOid; 9] = [
+        let args: [pgrx::datum::DatumWithOid; 11] = [
             taken.endpoint_id.into(),
             taken.conversion_id.into(),
             taken.event.into(),
@@ -262,6 +277,8 @@ impl Pending {
             taken.url.into(),
             taken.body.into(),
             taken.error.into(),
+            taken.delay.into(),
+            taken.pattern.into(),
         ];
         client.update(plan, None, &args)?;
         Ok(())
@@ -363,6 +380,27 @@ fn enqueue_conversions<'a>(
     Ok(None)
 }
 
+/// An endpoint's success_body_pattern with this delivery's values, regex-escaped.
+fn render_pattern(pattern: &str, conversion: &Conversion, e: &EndpointRow) -> String {
+    let vars_of = |template| {
+        let endpoint = Endpoint {
+            name: &e.name,
+            kind: &e.kind,
+            url_template: template,
+            url_template_trusted: false,
+            body_template: None,
+            status_map: e.status_map.as_ref(),
+            drop_empty_params: false,
+        };
+        let vars = request::ConversionVars::new(conversion, &endpoint);
+        crate::template::render_pattern(pattern, &vars)
+    };
+    match Rc::as_ref(&e.url_template) {
+        Ok((t, _)) => vars_of(t),
+        Err(_) => vars_of(&crate::template::Template { tokens: Vec::new() }),
+    }
+}
+
 fn render(
     conversion: &Conversion,
     e: &EndpointRow,
@@ -452,7 +490,7 @@ fn invalid(message: impl Into<String>) -> ! {
 /// (`TEST-CLICK-…`, amount 0.00, the endpoint's first partner and event),
 /// each overridable by a key of `sample` (click_id, transaction_id, event,
 /// status, amount, currency, partner, attributes, click).
-/// Returns `{idempotency_key, url, body, error, event, status}`.
+/// Returns `{idempotency_key, url, body, error, event, status, success_pattern}`.
 #[pg_extern(volatile)]
 fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
     let Value::Object(sample) = sample.0 else { invalid("sample must be a JSON object") };
@@ -500,9 +538,10 @@ fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
         let conversion = c.as_conversion();
         let key = format!("test.{}.{marker}", e.id);
         let rendered = render(&conversion, e, &key, now, crate::gucs::request_limits());
+        let pattern = e.pattern.as_deref().map(|p| render_pattern(p, &conversion, e));
         Ok::<_, pgrx::spi::Error>(match rendered {
-            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(event), Some(status)],
-            Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status)],
+            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(event), Some(status), pattern],
+            Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status), pattern],
         })
     })
     .unwrap_or_else(|e| pgrx::error!("rendering a test request: {e}"))

@@ -8,6 +8,7 @@ use pgrx::prelude::*;
 pub mod target_policy;
 pub mod conversion_rules;
 pub mod health;
+pub mod filters;
 pub mod http;
 pub mod outgoing;
 pub mod request;
@@ -29,7 +30,7 @@ pgrx::extension_sql_file!("../sql/views.sql", name = "views", requires = ["schem
 pgrx::extension_sql_file!(
     "../sql/enqueue.sql",
     name = "enqueue",
-    requires = ["schema", render_request, render_preview, finalize_request, conversions_validate, enqueue_conversions, validate_headers, validate_partners, validate_conditions]
+    requires = ["schema", render_request, render_preview, finalize_request, conversions_validate, enqueue_conversions, validate_headers, validate_partners, validate_conditions, validate_statuses]
 );
 pgrx::extension_sql_file!(
     "../sql/operations.sql",

@@ -115,7 +115,7 @@ pub struct ConversionVars<'a> {
 }
 
 impl<'a> ConversionVars<'a> {
-    pub fn new(conv: &'a Conversion<'a>, endpoint: &'a Endpoint<'a>) -> ConversionVars<'a> {
+    pub fn new(conv: &'a Conversion<'a>, endpoint: &Endpoint<'a>) -> ConversionVars<'a> {
         let status = match endpoint.status_map.and_then(|m| m.get(conv.status)) {
             Some(Value::String(s)) => Cow::Borrowed(s.as_str()),
             Some(v) if !v.is_null() => Cow::Owned(v.to_string()),
@@ -235,7 +235,7 @@ pub fn render(
         endpoint.url_template,
         &vars,
         RenderOptions { drop_empty_params: endpoint.drop_empty_params },
-    );
+    )?;
     if url.len() > limits.url_bytes {
         return Err(format!("rendered URL is {} bytes; the limit is {} (postback.max_url_bytes)", url.len(), limits.url_bytes));
     }

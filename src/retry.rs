@@ -24,31 +24,82 @@ pub enum Verdict {
     Dead { error: String },
 }
 
-/// Decides success, retry or dead for one attempt, before limits are applied.
+/// Which status codes count as success and which are retried, per endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusRules {
+    pub success: Vec<(u16, u16)>,
+    pub retry: Vec<(u16, u16)>,
+}
+
+impl Default for StatusRules {
+    fn default() -> StatusRules {
+        StatusRules { success: vec![(200, 299)], retry: vec![(408, 408), (425, 425), (429, 429), (500, 599)] }
+    }
+}
+
+fn within(ranges: &[(u16, u16)], status: u16) -> bool {
+    ranges.iter().any(|(lo, hi)| (*lo..=*hi).contains(&status))
+}
+
+/// Parses a list of status codes and ranges, e.g. `["200-302"]` or `["408", "500-599"]`.
+pub fn parse_statuses(items: &[String], what: &str) -> Result<Vec<(u16, u16)>, String> {
+    if items.is_empty() {
+        return Err(format!("{what}: the list is empty (use NULL for the default)"));
+    }
+    items
+        .iter()
+        .map(|item| {
+            let (lo, hi) = item.split_once('-').unwrap_or((item, item));
+            let code = |t: &str| t.trim().parse::<u16>().ok().filter(|c| (100..=599).contains(c));
+            match (code(lo), code(hi)) {
+                (Some(lo), Some(hi)) if lo <= hi => Ok((lo, hi)),
+                _ => Err(format!("{what}: \"{item}\" is not a status code (100-599) or a range such as 200-302")),
+            }
+        })
+        .collect()
+}
+
+/// Decides success, retry or dead for one attempt, before limits are applied,
+/// with the default status rules.
 pub fn classify(result: &AttemptResult, success_body: Option<&Regex>) -> Verdict {
+    classify_with(result, success_body, &StatusRules::default())
+}
+
+/// Decides success, retry or dead for one attempt with an endpoint's rules:
+/// a success status (whose body must match the pattern, if any) succeeds,
+/// another 3xx is a redirect not followed, a retry status is retried, the
+/// rest is dead at once.
+pub fn classify_with(result: &AttemptResult, success_body: Option<&Regex>, rules: &StatusRules) -> Verdict {
     match result {
         AttemptResult::Transient(e) => Verdict::Retry { error: e.clone(), retry_after: None },
         AttemptResult::Permanent(e) => Verdict::Dead { error: e.clone() },
-        AttemptResult::Response { status, body, retry_after, location } => match status {
-            200..=299 => match success_body {
-                Some(re) if !re.is_match(body) => Verdict::Retry {
-                    error: format!("HTTP {status} but the body does not match success_body_pattern /{}/", re.as_str()),
-                    retry_after: None,
-                },
-                _ => Verdict::Succeeded,
-            },
-            300..=399 => Verdict::Dead {
-                error: format!(
-                    "HTTP {status} redirect not followed (Location: {})",
-                    location.as_deref().unwrap_or("none")
-                ),
-            },
-            408 | 425 | 429 | 500..=599 => Verdict::Retry {
-                error: format!("HTTP {status}"),
-                retry_after: retry_after.as_deref().and_then(parse_retry_after),
-            },
-            _ => Verdict::Dead { error: format!("HTTP {status}") },
-        },
+        AttemptResult::Response { status, body, retry_after, location } => {
+            let status = *status;
+            if within(&rules.success, status) {
+                return match success_body {
+                    Some(re) if !re.is_match(body) => Verdict::Retry {
+                        error: format!("HTTP {status} but the body does not match success_body_pattern /{}/", re.as_str()),
+                        retry_after: None,
+                    },
+                    _ => Verdict::Succeeded,
+                };
+            }
+            if within(&rules.retry, status) {
+                return Verdict::Retry {
+                    error: format!("HTTP {status}"),
+                    retry_after: retry_after.as_deref().and_then(parse_retry_after),
+                };
+            }
+            if (300..=399).contains(&status) {
+                return Verdict::Dead {
+                    error: format!(
+                        "HTTP {status} redirect not followed (Location: {})",
+                        location.as_deref().unwrap_or("none")
+                    ),
+                };
+            }
+            Verdict::Dead { error: format!("HTTP {status}") }
+        }
     }
 }
 
@@ -175,6 +226,21 @@ mod tests {
     fn transport_failures() {
         assert!(matches!(classify(&AttemptResult::Transient("timed out".into()), None), Verdict::Retry { .. }));
         assert!(matches!(classify(&AttemptResult::Permanent("refused".into()), None), Verdict::Dead { .. }));
+    }
+
+    #[test]
+    fn per_endpoint_success_and_retry_statuses() {
+        let chartboost = StatusRules { success: parse_statuses(&["200-302".into()], "s").unwrap(), ..Default::default() };
+        assert_eq!(classify_with(&resp(302, ""), None, &chartboost), Verdict::Succeeded);
+        assert!(matches!(classify(&resp(302, ""), None), Verdict::Dead { .. }));
+        let leanplum = StatusRules { retry: parse_statuses(&["409".into(), "500-599".into()], "r").unwrap(), ..Default::default() };
+        assert!(matches!(classify_with(&resp(409, ""), None, &leanplum), Verdict::Retry { .. }));
+        assert!(matches!(classify_with(&resp(429, ""), None, &leanplum), Verdict::Dead { .. }), "429 left out of the list");
+        let tapjoy = StatusRules::default();
+        assert!(matches!(classify_with(&resp(403, ""), None, &tapjoy), Verdict::Dead { .. }));
+        assert!(parse_statuses(&["99".into()], "x").is_err());
+        assert!(parse_statuses(&["302-200".into()], "x").is_err());
+        assert!(parse_statuses(&[], "x").is_err());
     }
 
     #[test]

@@ -14,6 +14,8 @@ use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::fmt;
 
+use crate::filters::Filter;
+
 pub const MAX_TEMPLATE_BYTES: usize = 8192;
 
 /// The variables a conversion provides (besides `attributes.KEY`).
@@ -63,24 +65,43 @@ pub enum Part {
     Fragment,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Macro {
     pub name: String,
+    /// inserted unencoded (the `raw` filter is in the chain)
     pub raw: bool,
-    pub default: Option<String>,
+    /// the filters after `|`, applied left to right (crate::filters)
+    pub filters: Vec<Filter>,
     /// 1-based character position of the opening brace
     pub position: usize,
     pub part: Part,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+impl Macro {
+    /// The value to insert: the variable through the filters. `Err` when a
+    /// filter cannot apply to the value (e.g. arithmetic on a non-number).
+    pub fn value<V: Vars + ?Sized>(&self, vars: &V) -> Result<Option<String>, String> {
+        let start = if self.filters.is_empty() {
+            return Ok(vars.text(&self.name).map(Cow::into_owned));
+        } else if crate::filters::wants_json(&self.filters) {
+            vars.json(&self.name).map(crate::filters::Val::Json)
+        } else {
+            vars.text(&self.name).map(|t| crate::filters::Val::Text(t.into_owned()))
+        };
+        crate::filters::apply(&self.filters, start)
+            .map(|(v, _)| v)
+            .map_err(|e| format!("{{{}}}: {e}", self.name))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub enum Token {
     Literal(String),
     Macro(Macro),
 }
 
 /// A parsed template.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Template {
     pub tokens: Vec<Token>,
 }
@@ -111,8 +132,29 @@ impl Template {
             let c = chars[i];
             match c {
                 '{' if chars.get(i + 1) == Some(&'{') => {
-                    literal.push('{');
-                    i += 2;
+                    // `{{name}}` is the same macro as `{name}` (Singular, GoAffPro
+                    // and others document their macros so); otherwise `{{` is a
+                    // literal brace
+                    let close = chars[i + 2..]
+                        .iter()
+                        .position(|&c| c == '}' || c == '{')
+                        .map(|off| i + 2 + off)
+                        .filter(|&j| chars[j] == '}' && chars.get(j + 1) == Some(&'}'));
+                    let inner: Option<String> = close.map(|j| chars[i + 2..j].iter().collect());
+                    match inner.as_deref().map(|t| (t, parse_macro(t, i + 1, part))) {
+                        Some((_, Ok(m))) => {
+                            if !literal.is_empty() {
+                                tokens.push(Token::Literal(std::mem::take(&mut literal)));
+                            }
+                            tokens.push(Token::Macro(m));
+                            i = close.expect("found") + 2;
+                        }
+                        Some((t, Err(e))) if t.chars().next().is_some_and(valid_name_char) => return Err(e),
+                        _ => {
+                            literal.push('{');
+                            i += 2;
+                        }
+                    }
                 }
                 '}' if chars.get(i + 1) == Some(&'}') => {
                     literal.push('}');
@@ -169,8 +211,10 @@ impl Template {
 }
 
 fn parse_macro(inner: &str, position: usize, part: Part) -> Result<Macro, TemplateError> {
-    let mut pieces = inner.split('|');
-    let name = pieces.next().unwrap_or("").trim().to_string();
+    let (name, chain) = match inner.split_once('|') {
+        Some((n, c)) => (n.trim().to_string(), Some(c)),
+        None => (inner.trim().to_string(), None),
+    };
     if name.is_empty() {
         return Err(err(Some(position), "empty variable name"));
     }
@@ -180,20 +224,17 @@ fn parse_macro(inner: &str, position: usize, part: Part) -> Result<Macro, Templa
             format!("variable name \"{name}\" has '{bad}'; names hold letters, digits, '_' and '.'"),
         ));
     }
-    let mut m = Macro { name, raw: false, default: None, position, part };
-    for filter in pieces {
-        if filter.trim() == "raw" {
-            m.raw = true;
-        } else if let Some(d) = filter.strip_prefix("default:") {
-            m.default = Some(d.to_string());
-        } else {
-            return Err(err(
-                Some(position),
-                format!("unknown filter \"{}\" (known: raw, default:TEXT)", filter.trim()),
-            ));
-        }
+    let mut filters = Vec::new();
+    for piece in chain.map(|c| split_filters(c)).unwrap_or_default() {
+        filters.push(crate::filters::parse(&piece).map_err(|e| err(Some(position), e))?);
     }
-    Ok(m)
+    let raw = filters.iter().any(|f| matches!(f, Filter::Raw));
+    Ok(Macro { name, raw, filters, position, part })
+}
+
+/// Splits a filter chain at `|`; a `map:` argument keeps its commas and `=`.
+fn split_filters(chain: &str) -> Vec<String> {
+    chain.split('|').map(str::to_string).collect()
 }
 
 /// Looks a variable up: the flat key first, then a dotted path (`attributes.sub1`
@@ -223,6 +264,10 @@ pub fn value_text(value: Option<&Value>) -> Option<String> {
 pub trait Vars {
     /// The text of a variable; None when missing or null.
     fn text(&self, name: &str) -> Option<Cow<'_, str>>;
+    /// The variable as JSON (objects whole), for the `json` filter.
+    fn json(&self, name: &str) -> Option<Value> {
+        self.text(name).map(|t| Value::String(t.into_owned()))
+    }
 }
 
 impl Vars for Map<String, Value> {
@@ -231,6 +276,10 @@ impl Vars for Map<String, Value> {
             Some(Value::String(s)) => Some(Cow::Borrowed(s)),
             other => value_text(other).map(Cow::Owned),
         }
+    }
+
+    fn json(&self, name: &str) -> Option<Value> {
+        lookup(self, name).filter(|v| !v.is_null()).cloned()
     }
 }
 
@@ -270,7 +319,7 @@ struct Param {
 }
 
 /// Renders a URL template: values are encoded for the part they stand in.
-pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: RenderOptions) -> String {
+pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: RenderOptions) -> Result<String, String> {
     let mut head = String::with_capacity(256);
     let mut query: Option<Vec<Param>> = None;
     let mut fragment: Option<String> = None;
@@ -289,7 +338,7 @@ pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: Rend
                 }
             }
             Token::Macro(m) => {
-                let value = vars.text(&m.name).or_else(|| m.default.as_deref().map(Cow::Borrowed));
+                let value = m.value(vars)?;
                 let present = value.is_some();
                 let value = value.unwrap_or_default();
                 let target = match (&mut query, &mut fragment) {
@@ -326,44 +375,48 @@ pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: Rend
         out.push('#');
         out.push_str(&frag);
     }
-    out
+    Ok(out)
 }
 
 /// Renders a template as plain text (no URL encoding), e.g. a string inside a
 /// JSON body template.
-pub fn render_text(template: &Template, vars: &Map<String, Value>) -> String {
+pub fn render_text(template: &Template, vars: &Map<String, Value>) -> Result<String, String> {
     let mut out = String::new();
     for token in &template.tokens {
         match token {
             Token::Literal(text) => out.push_str(text),
-            Token::Macro(m) => {
-                let value = value_text(lookup(vars, &m.name)).or_else(|| m.default.clone());
-                out.push_str(&value.unwrap_or_default());
-            }
+            Token::Macro(m) => out.push_str(&m.value(vars)?.unwrap_or_default()),
         }
     }
-    out
+    Ok(out)
 }
 
 /// Renders a JSON body template: every string may hold macros; a string that
-/// is exactly one macro keeps the variable's JSON type (`"{amount}"` → `12.5`).
-pub fn render_json(body: &Value, vars: &Map<String, Value>) -> Result<Value, TemplateError> {
+/// is exactly one macro without filters keeps the variable's JSON type
+/// (`"{amount}"` → `12.5`).
+pub fn render_json(body: &Value, vars: &Map<String, Value>) -> Result<Value, String> {
     Ok(match body {
         Value::String(s) => {
-            let t = Template::parse(s)?;
+            let t = Template::parse(s).map_err(|e| e.to_string())?;
             match t.tokens.as_slice() {
-                [Token::Macro(m)] if !m.raw => match lookup(vars, &m.name) {
+                [Token::Macro(m)] if m.filters.is_empty() => match lookup(vars, &m.name) {
                     Some(v) if !v.is_null() => v.clone(),
-                    _ => m.default.clone().map(Value::String).unwrap_or(Value::Null),
+                    _ => Value::Null,
                 },
-                _ => Value::String(render_text(&t, vars)),
+                [Token::Macro(m)] if m.filters.iter().all(|f| matches!(f, Filter::Default(_))) => {
+                    match lookup(vars, &m.name) {
+                        Some(v) if !v.is_null() => v.clone(),
+                        _ => m.value(vars)?.map(Value::String).unwrap_or(Value::Null),
+                    }
+                }
+                _ => Value::String(render_text(&t, vars)?),
             }
         }
         Value::Array(items) => Value::Array(items.iter().map(|v| render_json(v, vars)).collect::<Result<_, _>>()?),
         Value::Object(map) => Value::Object(
             map.iter()
                 .map(|(k, v)| Ok((k.clone(), render_json(v, vars)?)))
-                .collect::<Result<_, TemplateError>>()?,
+                .collect::<Result<_, String>>()?,
         ),
         other => other.clone(),
     })
@@ -426,7 +479,7 @@ pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
         }
     }
     vars.insert("click".into(), Value::Object(click));
-    let rendered = render_url(&template, &vars, RenderOptions::default());
+    let rendered = render_url(&template, &vars, RenderOptions::default()).unwrap_or_else(|_| sample_fallback(&template));
     let first = check_url(&rendered)?;
     // A second rendering with different, hostile-looking values must land on
     // the same scheme, host and port: no value can move the request elsewhere.
@@ -443,7 +496,9 @@ pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
             }
         }
     }
-    let second = check_url(&render_url(&template, &other, RenderOptions::default()))?;
+    let second = check_url(
+        &render_url(&template, &other, RenderOptions::default()).unwrap_or_else(|_| sample_fallback(&template)),
+    )?;
     for parsed in [&first, &second] {
         if Origin::of(parsed) != origin {
             return Err(err(
@@ -453,6 +508,19 @@ pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
         }
     }
     Ok(template)
+}
+
+/// The template with every macro left out: what validation checks when a
+/// filter cannot apply to sample values (arithmetic on a sample text).
+fn sample_fallback(template: &Template) -> String {
+    template
+        .tokens
+        .iter()
+        .map(|t| match t {
+            Token::Literal(l) => l.clone(),
+            Token::Macro(_) => "x".to_string(),
+        })
+        .collect()
 }
 
 /// Scheme, host and port of a URL: what a delivery may never change.
@@ -538,6 +606,42 @@ pub fn check_url(rendered: &str) -> Result<url::Url, TemplateError> {
     Ok(parsed)
 }
 
+/// Fills the `{variable}` macros of a success_body_pattern with the
+/// delivery's values, regex-escaped (`^{transaction_id}:OK$`). Braces that do
+/// not name a known variable are left alone: they are regex syntax (`\\d{3}`).
+pub fn render_pattern<V: Vars + ?Sized>(pattern: &str, vars: &V) -> String {
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut rest = pattern;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let close = after.find('}');
+        let name = close.map(|c| after[..c].trim());
+        let known = name.filter(|n| {
+            !n.is_empty()
+                && n.chars().all(valid_name_char)
+                && check_variable(&Macro { name: n.to_string(), raw: false, filters: vec![], position: 0, part: Part::Path }).is_ok()
+        });
+        match (known, close) {
+            (Some(n), Some(c)) => {
+                out.push_str(&regex::escape(&vars.text(n).unwrap_or_default()));
+                rest = &after[c + 1..];
+            }
+            _ => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether a success_body_pattern uses the delivery's variables.
+pub fn pattern_has_variables(pattern: &str) -> bool {
+    render_pattern(pattern, &Map::new()) != pattern
+}
+
 /// Validates a JSON body template: every string's macros must be known.
 pub fn validate_body_template(body: &Value) -> Result<(), TemplateError> {
     match body {
@@ -564,7 +668,7 @@ mod tests {
     }
 
     fn url(t: &str, v: Value) -> String {
-        render_url(&Template::parse(t).unwrap(), &vars(v), RenderOptions::default())
+        render_url(&Template::parse(t).unwrap(), &vars(v), RenderOptions::default()).unwrap()
     }
 
     fn decode(s: &str) -> String {
@@ -624,13 +728,13 @@ mod tests {
         let t = Template::parse("https://n.test/pb?cid={click_id}&amount={amount}&cur={currency}&x=1#frag").unwrap();
         let opts = RenderOptions { drop_empty_params: true };
         let v = vars(json!({"click_id": "c1", "currency": "EUR"}));
-        assert_eq!(render_url(&t, &v, opts), "https://n.test/pb?cid=c1&cur=EUR&x=1#frag");
+        assert_eq!(render_url(&t, &v, opts).unwrap(), "https://n.test/pb?cid=c1&cur=EUR&x=1#frag");
         let v = vars(json!({"amount": "5"}));
-        assert_eq!(render_url(&t, &v, opts), "https://n.test/pb?amount=5&x=1#frag");
+        assert_eq!(render_url(&t, &v, opts).unwrap(), "https://n.test/pb?amount=5&x=1#frag");
         let t = Template::parse("https://n.test/pb?amount={amount}").unwrap();
-        assert_eq!(render_url(&t, &Map::new(), opts), "https://n.test/pb");
+        assert_eq!(render_url(&t, &Map::new(), opts).unwrap(), "https://n.test/pb");
         let t = Template::parse("https://n.test/pb?a={amount}&b={currency}").unwrap();
-        assert_eq!(render_url(&t, &vars(json!({"currency": "X"})), opts), "https://n.test/pb?b=X");
+        assert_eq!(render_url(&t, &vars(json!({"currency": "X"})), opts).unwrap(), "https://n.test/pb?b=X");
     }
 
     #[test]
@@ -649,7 +753,7 @@ mod tests {
         assert!(e.message.contains("unclosed"));
         assert!(Template::parse("a={}").unwrap_err().message.contains("empty variable name"));
         assert!(Template::parse("a={a-b}").unwrap_err().message.contains("has '-'"));
-        assert!(Template::parse("a={a|upper}").unwrap_err().message.contains("unknown filter"));
+        assert!(Template::parse("a={a|shout}").unwrap_err().message.contains("unknown filter"));
         assert_eq!(url("https://n.test/?j={{\"a\"}}", json!({})), "https://n.test/?j={\"a\"}");
     }
 
@@ -674,6 +778,42 @@ mod tests {
         assert!(validate_url_template("not a url {click_id}").is_err());
         assert!(validate_url_template("https://user:pw@n.test/").is_err());
         assert!(validate_url_template("https://n.test:8080/p/{click_id}?t={transaction_id}&a={amount|default:0}").is_ok());
+    }
+
+    #[test]
+    fn double_braces_are_the_same_macro_and_filters_chain() {
+        let v = json!({"app_id": "a 1", "order": {"number": 42}, "amount": "49.90", "status": "sale"});
+        assert_eq!(url("https://n.test/?a={{app_id}}&n={{order.number}}", v.clone()), "https://n.test/?a=a%201&n=42");
+        assert_eq!(url("https://n.test/?p={amount|mul:0.5|round:2}&s={status|map:lead=0,sale=1}", v.clone()), "https://n.test/?p=24.95&s=1");
+        assert_eq!(url("https://n.test/?x={{ amount | mul:2 }}", v.clone()), "https://n.test/?x=99.8");
+        // literal braces that are no macro stay literal; a broken double-brace macro is refused
+        assert_eq!(url("https://n.test/?j={{\"a\"}}", json!({})), "https://n.test/?j={\"a\"}");
+        assert!(Template::parse("https://n.test/?a={{app_id|nope}}").unwrap_err().message.contains("unknown filter"));
+        // a filter that cannot apply is an error at render time, naming the macro
+        let t = Template::parse("https://n.test/?p={status|mul:2}").unwrap();
+        let e = render_url(&t, &vars(v), RenderOptions::default()).unwrap_err();
+        assert!(e.contains("{status}: arithmetic: \"sale\" is not a number"), "{e}");
+        // validation accepts filters on sample values it cannot compute
+        assert!(validate_url_template("https://n.test/?p={amount|mul:0.5|round:2}&t={occurred_at|tz:Europe/Kyiv|format:%Y-%m-%d %H:%M:%S}").is_ok());
+        assert!(validate_url_template("https://n.test/?p={{clickid}}").unwrap_err().message.contains("unknown variable"));
+    }
+
+    #[test]
+    fn success_patterns_take_the_delivery_values_regex_escaped() {
+        let v = vars(json!({"transaction_id": "tx.1+2"}));
+        assert_eq!(render_pattern("^{transaction_id}:OK$", &v), "^tx\\.1\\+2:OK$");
+        assert_eq!(render_pattern("^\\d{3}:{transaction_id}$", &v), "^\\d{3}:tx\\.1\\+2$");
+        assert!(pattern_has_variables("^{transaction_id}:OK$"));
+        assert!(!pattern_has_variables("^\\d{3}$"));
+        let re = regex::Regex::new(&render_pattern("^{transaction_id}:OK$", &v)).unwrap();
+        assert!(re.is_match("tx.1+2:OK") && !re.is_match("txa1+2:OK"));
+    }
+
+    #[test]
+    fn nested_urls_are_encoded_twice_and_json_is_encoded_once() {
+        let v = json!({"cb": "https://x.test/?a=1&b=2", "attributes": {"k": "v", "n": [1, 2]}});
+        assert_eq!(url("https://n.test/?callback={cb|twice}", v.clone()), "https://n.test/?callback=https%253A%252F%252Fx.test%252F%253Fa%253D1%2526b%253D2");
+        assert_eq!(url("https://n.test/?d={attributes|json}", v), "https://n.test/?d=%7B%22k%22%3A%22v%22%2C%22n%22%3A%5B1%2C2%5D%7D");
     }
 
     #[test]

@@ -14,6 +14,8 @@ CREATE FUNCTION postback."render_preview"("endpoint_id" bigint, "conversion_id" 
 STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'render_preview_wrapper';
 CREATE FUNCTION postback."enqueue_conversions"() RETURNS TRIGGER
 LANGUAGE c AS 'MODULE_PATHNAME', 'enqueue_conversions_wrapper';
+CREATE FUNCTION postback."validate_statuses"("statuses" TEXT[], "column" TEXT) RETURNS bool
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_statuses_wrapper';
 CREATE FUNCTION postback."render_test"("endpoint_id" bigint, "sample" jsonb) RETURNS TEXT[]
 STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'render_test_wrapper';
 
@@ -36,7 +38,12 @@ ALTER TABLE postback.endpoints
             CHECK (max_in_flight BETWEEN 1 AND 256),
     ADD COLUMN rate_limit numeric
         CONSTRAINT endpoint_rate_limit_must_be_positive_requests_per_second
-            CHECK (rate_limit > 0 AND rate_limit <= 100000);
+            CHECK (rate_limit > 0 AND rate_limit <= 100000),
+    ADD COLUMN success_statuses text[],
+    ADD COLUMN retry_statuses text[],
+    ADD COLUMN initial_delay interval NOT NULL DEFAULT '0'
+        CONSTRAINT endpoint_initial_delay_must_be_between_0_and_1_day
+            CHECK (initial_delay BETWEEN '0' AND '1 day');
 
 CREATE OR REPLACE FUNCTION postback.endpoints_fill_defaults() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
@@ -56,6 +63,12 @@ BEGIN
     END IF;
     IF NEW.conditions IS NOT NULL THEN
         PERFORM postback.validate_conditions(NEW.conditions);
+    END IF;
+    IF NEW.success_statuses IS NOT NULL THEN
+        PERFORM postback.validate_statuses(NEW.success_statuses, 'success_statuses');
+    END IF;
+    IF NEW.retry_statuses IS NOT NULL THEN
+        PERFORM postback.validate_statuses(NEW.retry_statuses, 'retry_statuses');
     END IF;
     IF NEW.success_body_pattern IS NOT NULL THEN
         PERFORM postback.validate_success_pattern(NEW.success_body_pattern);
@@ -140,7 +153,8 @@ ALTER TABLE postback.deliveries
     ALTER COLUMN conversion_id DROP NOT NULL,
     ADD COLUMN attempt_offset integer NOT NULL DEFAULT 0,
     ADD COLUMN age_credit interval,
-    ADD COLUMN leased_by integer;
+    ADD COLUMN leased_by integer,
+    ADD COLUMN success_pattern text;
 -- Time windows (health, metrics, replay, retention) over an append-mostly table:
 -- BRIN indexes cost almost nothing to maintain.
 CREATE INDEX deliveries_created_at ON postback.deliveries USING brin (created_at);
@@ -349,9 +363,10 @@ BEGIN
     SELECT * INTO e FROM postback.endpoints WHERE id = postback.endpoint_id(endpoint);
     r := postback.render_test(e.id, sample);
     INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
-                                     state, completed_at, last_error)
+                                     state, completed_at, last_error, success_pattern)
     VALUES (e.id, NULL, r[5], r[6], r[1], e.method, coalesce(r[2], e.url_template), r[3],
-            CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r[4] IS NOT NULL THEN now() END, r[4])
+            CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r[4] IS NOT NULL THEN now() END, r[4],
+            r[7])
     RETURNING id INTO made;
     PERFORM postback.wake_worker();
     RETURN made;
@@ -717,3 +732,8 @@ COMMENT ON COLUMN postback.endpoint_state.breaker_reason IS 'Why it changed (fai
 COMMENT ON COLUMN postback.endpoint_health.breaker IS 'Circuit breaker state: closed, open or half_open.';
 COMMENT ON COLUMN postback.endpoint_health.breaker_since IS 'When the breaker last changed state.';
 COMMENT ON COLUMN postback.endpoint_health.breaker_reason IS 'Why it changed.';
+COMMENT ON COLUMN postback.endpoints.success_statuses IS 'Status codes and ranges that count as success, e.g. {200-302}; NULL = 200-299. A 3xx listed here is success, not a redirect.';
+COMMENT ON COLUMN postback.endpoints.retry_statuses IS 'Status codes and ranges that are retried, e.g. {409,500-599}; NULL = 408, 425, 429, 500-599. Any other failure is dead at once.';
+COMMENT ON COLUMN postback.endpoints.initial_delay IS 'How long after enqueue the first attempt is due (0 to 1 day); lifecycle ordering still holds.';
+COMMENT ON COLUMN postback.deliveries.success_pattern IS 'The endpoint''s success_body_pattern with this delivery''s values filled in (regex-escaped), when the pattern uses {variables}.';
+COMMENT ON FUNCTION postback.validate_statuses(text[], text) IS 'Raises an error naming the column if a success_statuses or retry_statuses list holds anything but status codes (100-599) and ranges such as 200-302; true otherwise.';

@@ -188,6 +188,7 @@ fn note_error(message: &str) {
 /// A request on the wire: what is needed to judge and record its result.
 struct InFlight {
     claimed: Claimed,
+    rules: Arc<crate::retry::StatusRules>,
     pattern: Option<Arc<Regex>>,
     schedule: Arc<Vec<Duration>>,
     max_attempts: i32,
@@ -216,6 +217,7 @@ struct Worker {
 
 /// What a queued delivery needs once it goes on the wire.
 struct InFlightMeta {
+    rules: Arc<crate::retry::StatusRules>,
     pattern: Option<Arc<Regex>>,
     schedule: Arc<Vec<Duration>>,
     max_attempts: i32,
@@ -374,7 +376,7 @@ impl Worker {
                 max_attempts: f.max_attempts,
                 remaining_age: Duration::from_millis(c.remaining_age_ms.max(0) as u64),
             };
-            let verdict = retry::classify(&sent.result, f.pattern.as_deref());
+            let verdict = retry::classify_with(&sent.result, f.pattern.as_deref(), &f.rules);
             let health = match (&sent.result, &verdict) {
                 (_, Verdict::Succeeded) => Health::Success,
                 (AttemptResult::Transient(_), _) => Health::Failure,
@@ -488,11 +490,12 @@ impl Worker {
             return;
         }
         let now_unix = now / 1_000_000;
-        let mut metas: HashMap<i64, (Option<Arc<Regex>>, Arc<Vec<Duration>>, i32)> = HashMap::new();
+        type Meta = (Arc<crate::retry::StatusRules>, Option<Arc<Regex>>, Arc<Vec<Duration>>, i32);
+        let mut metas: HashMap<i64, Meta> = HashMap::new();
         for (id, e) in &endpoints {
             self.scheduler.set_limits(*id, e.limits, now);
             let pattern = e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok()).map(Arc::new);
-            metas.insert(*id, (pattern, Arc::new(e.schedule.clone()), e.max_attempts));
+            metas.insert(*id, (Arc::new(e.status_rules.clone()), pattern, Arc::new(e.schedule.clone()), e.max_attempts));
         }
         let mut release = Vec::new();
         for c in claimed {
@@ -500,11 +503,15 @@ impl Worker {
                 self.records.push(dead_record(&c, "endpoint no longer exists".into()));
                 continue;
             };
-            let (pattern, schedule, max_attempts) = metas[&c.endpoint_id].clone();
+            let (rules, mut pattern, schedule, max_attempts) = metas[&c.endpoint_id].clone();
+            if let Some(p) = &c.success_pattern {
+                // the pattern holds this delivery's values
+                pattern = Regex::new(p).ok().map(Arc::new);
+            }
             let job = build_job(&c, endpoint, now_unix);
             let endpoint_id = c.endpoint_id;
             if let Err((c, _, _)) =
-                self.scheduler.offer(endpoint_id, (c, job, InFlightMeta { pattern, schedule, max_attempts }), now)
+                self.scheduler.offer(endpoint_id, (c, job, InFlightMeta { rules, pattern, schedule, max_attempts }), now)
             {
                 release.push(c.id);
             }
@@ -528,7 +535,13 @@ impl Worker {
                     self.next_key += 1;
                     self.in_flight.insert(
                         key,
-                        InFlight { claimed: c, pattern: meta.pattern, schedule: meta.schedule, max_attempts: meta.max_attempts },
+                        InFlight {
+                            claimed: c,
+                            rules: meta.rules,
+                            pattern: meta.pattern,
+                            schedule: meta.schedule,
+                            max_attempts: meta.max_attempts,
+                        },
                     );
                     self.pool.submit(key, job);
                 }

@@ -23,10 +23,13 @@ pub struct Claimed {
     pub idempotency_key: String,
     /// how long until created_at + max_age
     pub remaining_age_ms: i64,
+    /// the endpoint's success_body_pattern with this delivery's values
+    pub success_pattern: Option<String>,
 }
 
 pub struct EndpointConfig {
     pub kind: String,
+    pub status_rules: crate::retry::StatusRules,
     pub limits: crate::scheduler::Limits,
     /// scheme, host and port every delivery URL of the endpoint must have
     pub origin: Result<crate::template::Origin, String>,
@@ -93,7 +96,7 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                         (SELECT (extract(epoch FROM d.created_at + e.max_age + coalesce(d.age_credit, interval '0')
                                                     - now()) * 1000.0)::bigint
                            FROM postback.endpoints e WHERE e.id = d.endpoint_id),
-                        d.attempts - d.attempt_offset"
+                        d.attempts - d.attempt_offset, d.success_pattern"
             ),
             None,
             &[limit.into(), blocked.to_vec().into(), room_ids.into(), room_sizes.into()],
@@ -110,6 +113,7 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                 idempotency_key: row.get::<String>(7)?.unwrap_or_default(),
                 remaining_age_ms: row.get::<i64>(8)?.unwrap_or(0),
                 budget_no: row.get::<i32>(9)?.unwrap_or(1),
+                success_pattern: row.get::<String>(10)?,
             });
         }
         Ok(out)
@@ -167,7 +171,8 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     ARRAY(SELECT k.secret FROM postback.endpoint_secrets k
                            WHERE k.endpoint_id = e.id AND (k.expires_at IS NULL OR k.expires_at > now())
                            ORDER BY k.created_at DESC, k.id DESC),
-                    e.url_template, e.headers::text, e.max_in_flight, e.rate_limit::float8
+                    e.url_template, e.headers::text, e.max_in_flight, e.rate_limit::float8,
+                    e.success_statuses, e.retry_statuses
                FROM postback.endpoints e WHERE e.id = ANY ($1::bigint[])",
             None,
             &[ids.into()],
@@ -193,6 +198,16 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     headers: crate::outgoing::header_pairs(
                         row.get::<String>(13)?.and_then(|t| serde_json::from_str(&t).ok()),
                     ),
+                    status_rules: {
+                        let defaults = crate::retry::StatusRules::default();
+                        let parse = |v: Option<Vec<String>>, d: Vec<(u16, u16)>| {
+                            v.and_then(|v| crate::retry::parse_statuses(&v, "statuses").ok()).unwrap_or(d)
+                        };
+                        crate::retry::StatusRules {
+                            success: parse(row.get::<Vec<String>>(16)?, defaults.success),
+                            retry: parse(row.get::<Vec<String>>(17)?, defaults.retry),
+                        }
+                    },
                     limits: crate::scheduler::Limits {
                         max_in_flight: row.get::<i32>(14)?.unwrap_or(8).max(1) as u32,
                         rate_per_sec: row.get::<f64>(15)?,
