@@ -164,12 +164,35 @@ impl Vars for ConversionVars<'_> {
             "conversion_id" => Some(Cow::Owned(c.id.to_string())),
             "endpoint" => Some(Cow::Borrowed(self.endpoint)),
             "partner" => c.partner.map(Cow::Borrowed),
+            "attributes" => Some(Cow::Owned(Value::Object(c.attributes.clone()).to_string())),
+            "click" => c.click.as_ref().map(|k| Cow::Owned(Value::Object(k.attributes.clone()).to_string())),
             "click.clicked_at" => c.click.as_ref().map(|k| Cow::Owned(iso_utc(k.clicked_at_unix_micros))),
             _ => match name.strip_prefix("attributes.") {
                 Some(key) => c.attributes.text(key),
                 None => name
                     .strip_prefix("click.")
                     .and_then(|key| c.click.as_ref().and_then(|k| k.attributes.text(key))),
+            },
+        }
+    }
+
+    fn json(&self, name: &str) -> Option<Value> {
+        let c = self.conv;
+        match name {
+            "attributes" => Some(Value::Object(c.attributes.clone())),
+            "click" => c.click.as_ref().map(|k| Value::Object(k.attributes.clone())),
+            "amount" => Some(amount_value(c.amount)).filter(|v| !v.is_null()),
+            _ => match name.strip_prefix("attributes.") {
+                Some(key) => crate::template::lookup(&c.attributes, key).filter(|v| !v.is_null()).cloned(),
+                None => match name.strip_prefix("click.") {
+                    Some(key) => c
+                        .click
+                        .as_ref()
+                        .and_then(|k| crate::template::lookup(&k.attributes, key))
+                        .filter(|v| !v.is_null())
+                        .cloned(),
+                    None => self.text(name).map(|t| Value::String(t.into_owned())),
+                },
             },
         }
     }

@@ -617,7 +617,7 @@ mod tests {
             ("partners = ARRAY[repeat('p', 101)]", "must be 1 to 100 characters (got 101)"),
             ("conditions = '[1]'", "invalid conditions: must be a JSON object"),
             ("conditions = '{}'", "invalid conditions: must not be empty"),
-            ("url_template = 'https://n.test/?x={click}'", "unknown variable \"click\""),
+            ("url_template = 'https://n.test/?x={clck.sub1}'", "unknown variable \"clck.sub1\""),
         ] {
             let id = insert_endpoint(&format!("ep-{}", set.len()));
             assert_refused(&format!("UPDATE postback.endpoints SET {set} WHERE id = {id}"), expected);
@@ -663,5 +663,96 @@ mod tests {
             count("SELECT count(*) FROM postback.deliveries WHERE url = 'https://aff7.test/pb?c=k6&s=6'"),
             1
         );
+    }
+
+    fn url_for(endpoint: &str, transaction_id: &str) -> String {
+        Spi::get_one_with_args::<String>(
+            "SELECT d.url FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id
+               JOIN postback.conversions c ON c.id = d.conversion_id WHERE e.name = $1 AND c.transaction_id = $2",
+            &[endpoint.into(), transaction_id.into()],
+        )
+        .unwrap()
+        .unwrap_or_default()
+    }
+
+    /// Real networks' documented conventions, each rendered exactly (expected URLs written by hand).
+    #[pg_test]
+    fn networks_conventions_render_exactly() {
+        Spi::run(
+            r#"INSERT INTO postback.endpoints (name, url_template, events) VALUES
+                 ('zeydoo', 'https://zeydoo.example/pb?subid={click_id}&payout={amount|mul:0.5|round:2}', '{conv}'),
+                 ('keitaro', 'https://keitaro.example/postback?subid={click_id}&status={status|map:pending=lead,approved=sale,*=rejected}&date={occurred_at|tz:Europe/Kyiv|format:%Y-%m-%d %H:%M:%S}', '{conv}'),
+                 ('branch', 'https://branch.example/v2/event?ts={occurred_at|unix_ms}&id={transaction_id|upper}', '{conv}'),
+                 ('adjust', 'https://adjust.example/callback?cb={attributes.cb|twice}', '{conv}'),
+                 ('pap', 'https://pap.example/scripts/sale.php?data={attributes|json}', '{conv}'),
+                 ('verifier', 'https://tapjoy.example/pb?id={transaction_id}&verifier={transaction_id|md5}', '{conv}'),
+                 ('singular', 'https://singular.example/api/v1/conv?app={{attributes.app_id}}&amount={{amount|default:0}}', '{conv}')"#,
+        )
+        .unwrap();
+        Spi::run(
+            r#"INSERT INTO postback.conversions (click_id, transaction_id, event, status, amount, currency, occurred_at, attributes)
+               VALUES ('clk 1', 'tx-1', 'conv', 'approved', 49.90, 'EUR', '2024-03-31 01:30:00+00',
+                       '{"cb": "https://x.test/?a=1&b=2", "app_id": "com.app", "n": 3}')"#,
+        )
+        .unwrap();
+        assert_eq!(url_for("zeydoo", "tx-1"), "https://zeydoo.example/pb?subid=clk%201&payout=24.95");
+        assert_eq!(
+            url_for("keitaro", "tx-1"),
+            "https://keitaro.example/postback?subid=clk%201&status=sale&date=2024-03-31%2004%3A30%3A00"
+        );
+        assert_eq!(url_for("branch", "tx-1"), "https://branch.example/v2/event?ts=1711848600000&id=TX-1");
+        assert_eq!(
+            url_for("adjust", "tx-1"),
+            "https://adjust.example/callback?cb=https%253A%252F%252Fx.test%252F%253Fa%253D1%2526b%253D2"
+        );
+        assert_eq!(
+            url_for("pap", "tx-1"),
+            "https://pap.example/scripts/sale.php?data=%7B%22app_id%22%3A%22com.app%22%2C%22cb%22%3A%22https%3A%2F%2Fx.test%2F%3Fa%3D1%26b%3D2%22%2C%22n%22%3A3%7D"
+        );
+        assert_eq!(url_for("verifier", "tx-1"), "https://tapjoy.example/pb?id=tx-1&verifier=81ef69113ef435274e91cda4e73c5058");
+        assert_eq!(url_for("singular", "tx-1"), "https://singular.example/api/v1/conv?app=com.app&amount=49.90");
+        // a filter that cannot apply: the delivery is dead with the reason, the insert succeeds
+        Spi::run("INSERT INTO postback.endpoints (name, url_template, events) VALUES ('bad', 'https://b.example/?p={currency|mul:2}', '{conv}')").unwrap();
+        Spi::run("INSERT INTO postback.conversions (click_id, transaction_id, event, currency) VALUES ('c', 'tx-2', 'conv', 'USD')").unwrap();
+        let reason = Spi::get_one::<String>(
+            "SELECT d.last_error FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id
+              JOIN postback.conversions c ON c.id = d.conversion_id WHERE e.name = 'bad' AND c.transaction_id = 'tx-2'",
+        )
+        .unwrap()
+        .unwrap_or_default();
+        assert!(reason.contains("{currency}: arithmetic: \"USD\" is not a number"), "{reason}");
+    }
+
+    #[pg_test]
+    fn filters_statuses_and_delays_are_checked_when_given() {
+        let id = insert_endpoint("chk");
+        for (set, expected) in [
+            ("url_template = 'https://n.test/?p={amount|mul:x}'", "mul: \"x\" is not a decimal number"),
+            ("url_template = 'https://n.test/?p={amount|div:0}'", "division by zero"),
+            ("url_template = 'https://n.test/?t={occurred_at|tz:Mars/Base}'", "not an IANA time zone"),
+            ("url_template = 'https://n.test/?t={occurred_at|format:%Q}'", "\"%Q\" is not a supported specifier"),
+            ("url_template = 'https://n.test/?t={{order.number}}'", "unknown variable \"order.number\""),
+            ("url_template = 'https://n.test/?t={click_id|shout}'", "unknown filter \"shout\""),
+            ("success_statuses = '{200-abc}'", "invalid success_statuses: \"200-abc\""),
+            ("retry_statuses = '{}'", "invalid retry_statuses: the list is empty"),
+            ("initial_delay = '2 days'", "endpoint_initial_delay_must_be_between_0_and_1_day"),
+            ("success_body_pattern = '^{transaction_id}:OK($'", "invalid regular expression"),
+        ] {
+            assert_refused(&format!("UPDATE postback.endpoints SET {set} WHERE id = {id}"), expected);
+        }
+        assert_eq!(
+            error_of(&format!(
+                "UPDATE postback.endpoints SET success_statuses = '{{200-302}}', retry_statuses = '{{409,500-599}}',
+                        initial_delay = '10 minutes', success_body_pattern = '^{{transaction_id}}:OK$' WHERE id = {id}"
+            )),
+            None
+        );
+        Spi::run("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'a.b+c')").unwrap();
+        let (pattern, delayed) = Spi::get_two::<String, bool>(
+            "SELECT success_pattern, next_attempt_at > now() + interval '9 minutes' FROM postback.deliveries",
+        )
+        .unwrap();
+        assert_eq!(pattern.as_deref(), Some("^a\\.b\\+c:OK$"));
+        assert_eq!(delayed, Some(true));
     }
 }

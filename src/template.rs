@@ -425,6 +425,8 @@ pub fn render_json(body: &Value, vars: &Map<String, Value>) -> Result<Value, Str
 /// Checks a variable name against what a conversion provides.
 pub fn check_variable(m: &Macro) -> Result<(), TemplateError> {
     let known = CONVERSION_VARIABLES.contains(&m.name.as_str())
+        || m.name == "attributes"
+        || m.name == "click"
         || m.name.strip_prefix("attributes.").is_some_and(|k| !k.is_empty())
         || m.name.strip_prefix("click.").is_some_and(|k| !k.is_empty());
     if known {
@@ -433,7 +435,7 @@ pub fn check_variable(m: &Macro) -> Result<(), TemplateError> {
         Err(err(
             Some(m.position),
             format!(
-                "unknown variable \"{}\" (known: {}, attributes.KEY, click.KEY, click.clicked_at)",
+                "unknown variable \"{}\" (known: {}, attributes, attributes.KEY, click, click.KEY, click.clicked_at)",
                 m.name,
                 CONVERSION_VARIABLES.join(", ")
             ),

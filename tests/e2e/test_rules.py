@@ -1,0 +1,84 @@
+"""Per-endpoint success and retry statuses, a body pattern with the delivery's values, a first-attempt delay."""
+
+import itertools
+import time
+
+import pytest
+
+from receiver import Receiver
+
+counter = itertools.count()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+def endpoint(conn, url, **options):
+    name = f"rule{next(counter)}"
+    cols = ["name", "url_template", "events"] + list(options)
+    vals = [name, url, [name]] + list(options.values())
+    conn.execute(f"INSERT INTO postback.endpoints ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(vals))})", vals)
+    return name
+
+
+def convert(conn, event, tx=None):
+    tx = tx or f"{event}-{next(counter)}"
+    conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event) VALUES ('c', %s, %s)", (tx, event))
+    return tx
+
+
+def outcomes(cluster, conn, name, n=1):
+    def done():
+        rows = conn.execute(
+            "SELECT a.status_code, a.outcome FROM postback.attempts a JOIN postback.deliveries d ON d.id = a.delivery_id "
+            "JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE e.name = %s ORDER BY a.id", (name,)).fetchall()
+        final = conn.execute(
+            "SELECT count(*) FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id "
+            "WHERE e.name = %s AND d.state IN ('succeeded', 'dead')", (name,)).fetchone()[0]
+        return rows if final == n else None
+    return cluster.wait_for(done, what=f"{name} to settle")
+
+
+def test_success_and_retry_statuses_per_endpoint(cluster, receiver):
+    receiver.script("/cb", {"status": 302, "headers": {"Location": "/elsewhere"}})
+    receiver.script("/lp", {"status": 409}, {"status": 200})
+    receiver.script("/tj", {"status": 403})
+    with cluster.connect() as conn:
+        chartboost = endpoint(conn, receiver.url("/cb?c={click_id}"), success_statuses=["200-302"])
+        leanplum = endpoint(conn, receiver.url("/lp?c={click_id}"), retry_statuses=["409", "500-599"],
+                            retry_schedule=["100 ms"])
+        tapjoy = endpoint(conn, receiver.url("/tj?c={click_id}"), retry_schedule=["100 ms"])
+        for name in (chartboost, leanplum, tapjoy):
+            convert(conn, name)
+        assert outcomes(cluster, conn, chartboost) == [(302, "succeeded")]
+        assert outcomes(cluster, conn, leanplum) == [(409, "retry"), (200, "succeeded")]
+        assert outcomes(cluster, conn, tapjoy) == [(403, "dead")]
+    assert receiver.seen("/elsewhere") == []
+
+
+def test_body_pattern_with_the_deliverys_own_id(cluster, receiver):
+    """ironSource acknowledges with `<EVENT_ID>:OK`: another delivery's OK must not count."""
+    with cluster.connect() as conn:
+        name = endpoint(conn, receiver.url("/is?e={transaction_id}"), success_body_pattern="^{transaction_id}:OK$",
+                        retry_schedule=["100 ms"], max_attempts=2)
+        receiver.script("/is", {"body": "ev.1:OK"})
+        convert(conn, name, "ev.1")
+        assert outcomes(cluster, conn, name) == [(200, "succeeded")]
+        receiver.script("/is", {"body": "evX1:OK"})  # '.' must match literally, not any character
+        convert(conn, name, "ev.2")
+        rows = outcomes(cluster, conn, name, 2)
+    assert rows[1:] == [(200, "retry"), (200, "dead")]
+
+
+def test_initial_delay_holds_the_first_attempt(cluster, receiver):
+    with cluster.connect() as conn:
+        name = endpoint(conn, receiver.url("/k?c={click_id}"), initial_delay="1.5 seconds")
+        committed = time.time()
+        convert(conn, name)
+        outcomes(cluster, conn, name)
+    [first] = receiver.seen("/k")
+    assert first["time"] - committed >= 1.4, first["time"] - committed
