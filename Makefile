@@ -5,7 +5,7 @@ DEMO_DIR    ?= /tmp/pg_postback_demo
 DEMO_PORT   ?= 54329
 PYTEST_ARGS ?=
 
-.PHONY: deps unit pgtest install install-release install-upgrades e2e test demo demo-stop bench
+.PHONY: deps unit pgtest install install-release install-upgrades e2e test demo demo-stop bench bench-quick bench-tools faults faults-quick
 
 deps:
 	scripts/install-deps.sh
@@ -40,7 +40,15 @@ install-upgrades:
 e2e: install
 	cd tests/e2e && python3 -m pytest -q $(PYTEST_ARGS)
 
-test: unit pgtest e2e
+# Fault scenarios (crashes, broken receivers) and every bad-input case; the
+# quick subset runs in `make test`, the whole suite (under 20 minutes) here.
+faults: install
+	python3 tests/faults/run.py
+
+faults-quick: install
+	python3 tests/faults/run.py --quick
+
+test: unit pgtest e2e faults-quick
 
 demo: install-release
 	DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) scripts/demo.sh
@@ -48,8 +56,13 @@ demo: install-release
 demo-stop:
 	scripts/demo-stop.sh $(DEMO_DIR)
 
-# Benchmarks (release build); figures in the README and the issue notes.
-bench: install-release
+# Benchmarks (release build): every figure side by side in one run, printed
+# beside its goal and written to target/bench/summary.json.
+bench-tools: install-release
 	cargo build --release --example bench_receiver --example bench_client
-	python3 bench/enqueue.py
-	python3 bench/throughput.py 20000
+
+bench: bench-tools
+	python3 bench/run.py
+
+bench-quick: bench-tools
+	python3 bench/run.py --quick

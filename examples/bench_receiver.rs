@@ -1,7 +1,8 @@
 //! A fast loopback HTTP/1.1 receiver for benchmarks (std only, keep-alive,
 //! a thread per connection). Answers `200 ok` to everything and remembers when
 //! each request arrived; `GET /__arrivals` returns "unix_micros path?query"
-//! lines, `GET /__reset` forgets them.
+//! lines, `GET /__reset` forgets them. Under `/fail20` the first request of
+//! every fifth transaction (`t=…5`, `t=…10`, …) is answered 500.
 //!
 //! usage: bench_receiver PORT
 
@@ -11,12 +12,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 type Arrivals = Arc<Mutex<Vec<(i64, String)>>>;
+type Failed = Arc<Mutex<std::collections::HashSet<String>>>;
 
 fn now_micros() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as i64
 }
 
-fn serve(stream: TcpStream, arrivals: Arrivals) -> std::io::Result<()> {
+/// `/fail20…?…t=N…`: the first request for every fifth N is answered 500.
+fn fails_once(target: &str, failed: &Failed) -> bool {
+    if !target.starts_with("/fail20") {
+        return false;
+    }
+    let n: u64 = target.rsplit(['=', '-']).next().and_then(|d| d.parse().ok()).unwrap_or(1);
+    n % 5 == 0 && failed.lock().unwrap().insert(target.to_string())
+}
+
+fn serve(stream: TcpStream, arrivals: Arrivals, failed: Failed) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut writer = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -54,6 +65,10 @@ fn serve(stream: TcpStream, arrivals: Arrivals) -> std::io::Result<()> {
                 arrivals.lock().unwrap().clear();
                 "reset".to_string()
             }
+            _ if fails_once(&target, &failed) => {
+                write!(writer, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail")?;
+                continue;
+            }
             _ => {
                 arrivals.lock().unwrap().push((now_micros(), target));
                 "ok".to_string()
@@ -67,8 +82,10 @@ fn main() {
     let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).unwrap_or(18100);
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
     let arrivals: Arrivals = Arc::new(Mutex::new(Vec::with_capacity(100_000)));
+    let failed: Failed = Arc::new(Mutex::new(std::collections::HashSet::new()));
     for stream in listener.incoming().flatten() {
         let arrivals = Arc::clone(&arrivals);
-        std::thread::spawn(move || serve(stream, arrivals));
+        let failed = Arc::clone(&failed);
+        std::thread::spawn(move || serve(stream, arrivals, failed));
     }
 }

@@ -46,6 +46,7 @@ class Receiver:
                     receiver.requests.append(record)
                     script = receiver.scripts.get(parsed.path) or [{}]
                     response = script.pop(0) if len(script) > 1 else script[0]
+                    record["status"] = 0 if response.get("reset") else response.get("status", 200)
                     active = receiver.active.get(parsed.path, 0) + 1
                     receiver.active[parsed.path] = active
                     receiver.max_active[parsed.path] = max(receiver.max_active.get(parsed.path, 0), active)
@@ -58,13 +59,38 @@ class Receiver:
             def respond(self, response):
                 if response.get("delay"):
                     time.sleep(response["delay"])
+                if response.get("reset"):
+                    # drop the connection with a RST, mid-response
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                    self.wfile.flush()
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                if response.get("endless"):
+                    # a body that never ends (until the client gives up)
+                    self.send_response(200)
+                    self.end_headers()
+                    try:
+                        while True:
+                            self.wfile.write(b"x" * 65536)
+                    except OSError:
+                        self.close_connection = True
+                        return
+                if response.get("close"):
+                    self.close_connection = True
                 payload = response.get("body", "ok").encode()
                 self.send_response(response.get("status", 200))
                 for name, value in response.get("headers", {}).items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", str(len(payload)))
+                if response.get("close"):
+                    self.send_header("Connection", "close")
                 self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.wfile.write(payload)
+                except OSError:
+                    self.close_connection = True
 
             do_GET = do_POST = do_PUT = do_PATCH = handle_any
 
