@@ -5,6 +5,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cluster import Cluster  # noqa: E402
+from receiver import Hanging, Receiver  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +38,19 @@ def make_cluster():
     yield make
     for c in made:
         c.destroy()
+
+
+@pytest.fixture
+def receiver():
+    """A loopback HTTP receiver that records what it gets and answers as scripted."""
+    r = Receiver().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def hanging():
+    """A loopback receiver that accepts connections and never answers."""
+    h = Hanging().start()
+    yield h
+    h.stop()

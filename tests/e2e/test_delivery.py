@@ -5,7 +5,6 @@ import os
 import signal
 import time
 
-import pytest
 from standardwebhooks.webhooks import Webhook
 
 from receiver import Receiver
@@ -14,11 +13,6 @@ SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 counter = itertools.count()
 
 
-@pytest.fixture
-def receiver():
-    r = Receiver().start()
-    yield r
-    r.stop()
 
 
 def endpoint(conn, url, **options):

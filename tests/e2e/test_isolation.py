@@ -1,45 +1,20 @@
 """A slow, hanging or failing partner never delays the others; per-endpoint limits and the breaker."""
 
-import itertools
 import json
 import os
 import signal
 import time
 
-import psycopg
-import pytest
 
-from receiver import Hanging, Receiver
-
-counter = itertools.count()
-
-
-@pytest.fixture
-def receiver():
-    r = Receiver().start()
-    yield r
-    r.stop()
-
-
-@pytest.fixture
-def hanging():
-    h = Hanging().start()
-    yield h
-    h.stop()
+from helpers import convert_for, scoped_endpoint
 
 
 def endpoint(conn, url, **options):
-    name = f"iso{next(counter)}"
-    cols = ["name", "url_template", "events"] + list(options)
-    vals = [name, url, [name]] + list(options.values())
-    conn.execute(f"INSERT INTO postback.endpoints ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(vals))})", vals)
-    return name
+    return scoped_endpoint(conn, url, "iso", **options)
 
 
 def convert(conn, event, n=1):
-    conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event) "
-                 "SELECT 'c' || g, %s || '-' || g, %s FROM generate_series(1, %s) g",
-                 (f"{event}-{next(counter)}", event, n))
+    return convert_for(conn, event, n)
 
 
 def count(conn, name, states):
@@ -131,7 +106,6 @@ def test_breaker_opens_probes_closes_and_announces_each_change(make_cluster, rec
     assert all(e["endpoint"] == name for e in events)
     assert "3 consecutive failures" in events[0]["reason"] and events[0]["pending"] == 5
     assert {"since", "last_error", "pending"} <= set(events[0])
-    total = conn_attempts = None
     with c.connect() as conn:
         total = conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0]
     # 3 failures + failed probe + successful probe + the 4 others: nothing spent while open

@@ -1,36 +1,20 @@
 """Operating from SQL: retry, replay, send_test, pause/resume, purge, the views, and who may call what."""
 
-import itertools
 import json
 import time
 
 import psycopg
 import pytest
 
-from receiver import Receiver
-
-counter = itertools.count()
-
-
-@pytest.fixture
-def receiver():
-    r = Receiver().start()
-    yield r
-    r.stop()
+from helpers import convert_for, scoped_endpoint
 
 
 def endpoint(conn, url, **options):
-    name = f"op{next(counter)}"
-    cols = ["name", "url_template", "events"] + list(options)
-    vals = [name, url, [name]] + list(options.values())
-    conn.execute(f"INSERT INTO postback.endpoints ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(vals))})", vals)
-    return name
+    return scoped_endpoint(conn, url, "op", **options)
 
 
 def convert(conn, event, n=1):
-    conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event, amount, currency) "
-                 "SELECT 'c' || g, %s || '-' || g, %s, 10, 'EUR' FROM generate_series(1, %s) g",
-                 (f"{event}-{next(counter)}", event, n))
+    return convert_for(conn, event, n)
 
 
 def states(conn, name):

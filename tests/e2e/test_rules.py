@@ -1,34 +1,17 @@
 """Per-endpoint success and retry statuses, a body pattern with the delivery's values, a first-attempt delay."""
 
-import itertools
 import time
 
-import pytest
 
-from receiver import Receiver
-
-counter = itertools.count()
-
-
-@pytest.fixture
-def receiver():
-    r = Receiver().start()
-    yield r
-    r.stop()
+from helpers import convert_for, scoped_endpoint
 
 
 def endpoint(conn, url, **options):
-    name = f"rule{next(counter)}"
-    cols = ["name", "url_template", "events"] + list(options)
-    vals = [name, url, [name]] + list(options.values())
-    conn.execute(f"INSERT INTO postback.endpoints ({', '.join(cols)}) VALUES ({', '.join(['%s'] * len(vals))})", vals)
-    return name
+    return scoped_endpoint(conn, url, "rule", **options)
 
 
 def convert(conn, event, tx=None):
-    tx = tx or f"{event}-{next(counter)}"
-    conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event) VALUES ('c', %s, %s)", (tx, event))
-    return tx
+    return convert_for(conn, event, tx=tx)
 
 
 def outcomes(cluster, conn, name, n=1):

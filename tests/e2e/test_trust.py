@@ -2,7 +2,6 @@
 
 import itertools
 import json
-import subprocess
 import time
 
 import psycopg
@@ -16,11 +15,6 @@ API_KEY = "Bearer api-key-7f3a9c"
 counter = itertools.count()
 
 
-@pytest.fixture
-def receiver():
-    r = Receiver().start()
-    yield r
-    r.stop()
 
 
 def is_superuser(conn, role):
