@@ -194,8 +194,23 @@ struct InFlight {
     max_attempts: i32,
 }
 
+/// An endpoint's settings as last read, and what the worker derived from them.
+struct CachedEndpoint {
+    read_at: Instant,
+    config: EndpointConfig,
+    rules: Arc<crate::retry::StatusRules>,
+    pattern: Option<Arc<Regex>>,
+    schedule: Arc<Vec<Duration>>,
+    max_attempts: i32,
+}
+
+/// How long the worker uses an endpoint's settings (and live secrets) before
+/// reading them again: a change applies to requests sent after that.
+const ENDPOINT_TTL: Duration = Duration::from_secs(1);
+
 /// The worker's state between passes of its loop.
 struct Worker {
+    endpoints: HashMap<i64, CachedEndpoint>,
     pool: Pool,
     rebuild_pool: bool,
     scheduler: Scheduler<(Claimed, Result<Job, String>, InFlightMeta)>,
@@ -245,6 +260,7 @@ fn build_pool() -> Pool {
 impl Worker {
     fn new() -> Worker {
         Worker {
+            endpoints: HashMap::new(),
             pool: build_pool(),
             rebuild_pool: false,
             scheduler: Scheduler::new(breaker_settings()),
@@ -456,15 +472,22 @@ impl Worker {
         let now = now_us();
         let blocked = self.scheduler.blocked(now);
         let rooms = self.scheduler.rooms(now);
+        let now_instant = Instant::now();
+        let cache = &self.endpoints;
         let claimed_and_endpoints = txn::run("claiming deliveries", || {
             let claimed = queue::claim(limit as i32, &blocked, &rooms)?;
-            let mut ids: Vec<i64> = claimed.iter().map(|c| c.endpoint_id).collect();
+            // endpoints are read again once their cached settings are ENDPOINT_TTL old
+            let mut ids: Vec<i64> = claimed
+                .iter()
+                .map(|c| c.endpoint_id)
+                .filter(|id| cache.get(id).is_none_or(|e| now_instant.duration_since(e.read_at) >= ENDPOINT_TTL))
+                .collect();
             ids.sort_unstable();
             ids.dedup();
-            let endpoints = if ids.is_empty() { HashMap::new() } else { queue::endpoints(ids)? };
-            Ok((claimed, endpoints))
+            let fresh = if ids.is_empty() { HashMap::new() } else { queue::endpoints(ids.clone())? };
+            Ok((claimed, ids, fresh))
         });
-        let (claimed, endpoints) = match claimed_and_endpoints {
+        let (claimed, refreshed, fresh) = match claimed_and_endpoints {
             Ok(c) => c,
             Err(e) => {
                 // the leases bring anything claimed back; nothing is lost
@@ -473,6 +496,29 @@ impl Worker {
                 return;
             }
         };
+        for id in refreshed {
+            match fresh.get(&id) {
+                Some(_) => {}
+                None => {
+                    self.endpoints.remove(&id);
+                }
+            }
+        }
+        for (id, e) in fresh {
+            self.scheduler.set_limits(id, e.limits, now);
+            let pattern = e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok()).map(Arc::new);
+            self.endpoints.insert(
+                id,
+                CachedEndpoint {
+                    read_at: now_instant,
+                    rules: Arc::new(e.status_rules.clone()),
+                    pattern,
+                    schedule: Arc::new(e.schedule.clone()),
+                    max_attempts: e.max_attempts,
+                    config: e,
+                },
+            );
+        }
         // more may be due if the claim was full or left endpoints out
         self.maybe_due = claimed.len() >= limit;
         if !blocked.is_empty() && !claimed.is_empty() {
@@ -490,25 +536,19 @@ impl Worker {
             return;
         }
         let now_unix = now / 1_000_000;
-        type Meta = (Arc<crate::retry::StatusRules>, Option<Arc<Regex>>, Arc<Vec<Duration>>, i32);
-        let mut metas: HashMap<i64, Meta> = HashMap::new();
-        for (id, e) in &endpoints {
-            self.scheduler.set_limits(*id, e.limits, now);
-            let pattern = e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok()).map(Arc::new);
-            metas.insert(*id, (Arc::new(e.status_rules.clone()), pattern, Arc::new(e.schedule.clone()), e.max_attempts));
-        }
         let mut release = Vec::new();
         for c in claimed {
-            let Some(endpoint) = endpoints.get(&c.endpoint_id) else {
+            let Some(endpoint) = self.endpoints.get(&c.endpoint_id) else {
                 self.records.push(dead_record(&c, "endpoint no longer exists".into()));
                 continue;
             };
-            let (rules, mut pattern, schedule, max_attempts) = metas[&c.endpoint_id].clone();
+            let (rules, mut pattern, schedule, max_attempts) =
+                (endpoint.rules.clone(), endpoint.pattern.clone(), endpoint.schedule.clone(), endpoint.max_attempts);
             if let Some(p) = &c.success_pattern {
                 // the pattern holds this delivery's values
                 pattern = Regex::new(p).ok().map(Arc::new);
             }
-            let job = build_job(&c, endpoint, now_unix);
+            let job = build_job(&c, &endpoint.config, now_unix);
             let endpoint_id = c.endpoint_id;
             if let Err((c, _, _)) =
                 self.scheduler.offer(endpoint_id, (c, job, InFlightMeta { rules, pattern, schedule, max_attempts }), now)

@@ -57,15 +57,20 @@ pub fn installed_version() -> SpiResult<Option<String>> {
 /// `rooms` for the endpoints the worker already holds requests of, else its
 /// max_in_flight. The lease names this worker.
 pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec<Claimed>> {
-    let room_ids: Vec<i64> = rooms.iter().map(|r| r.0).collect();
-    let room_sizes: Vec<i32> = rooms.iter().map(|r| r.1).collect();
+    // as jsonb objects keyed by endpoint id: a lookup per candidate is a binary
+    // search, not a scan of 1,000 array elements
+    let blocked: serde_json::Map<String, serde_json::Value> =
+        blocked.iter().map(|id| (id.to_string(), serde_json::Value::Bool(true))).collect();
+    let rooms: serde_json::Map<String, serde_json::Value> =
+        rooms.iter().map(|(id, room)| (id.to_string(), (*room).into())).collect();
+    let (blocked, rooms) = (pgrx::JsonB(blocked.into()), pgrx::JsonB(rooms.into()));
     Spi::connect_mut(|client| {
         let rows = client.update(
             &format!(
                 "WITH candidates AS (
                      SELECT d.id, d.endpoint_id, d.next_attempt_at FROM postback.deliveries d
                       WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-                        AND d.endpoint_id <> ALL ($2::bigint[])
+                        AND NOT ($2::jsonb ? d.endpoint_id::text)
                         -- a scalar subquery: one index probe per candidate, never a hash of every pending row
                         AND (d.predecessor_id IS NULL
                              OR coalesce((SELECT p.state FROM postback.deliveries p WHERE p.id = d.predecessor_id),
@@ -75,11 +80,10 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                  ranked AS (
                      SELECT c.id, c.next_attempt_at,
                             row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at) AS n,
-                            coalesce(r.room, least(greatest(e.max_in_flight * 16, e.max_in_flight + 64), 1024)) AS room
+                            coalesce(($3::jsonb ->> c.endpoint_id::text)::int,
+                                     least(greatest(e.max_in_flight * 16, e.max_in_flight + 64), 1024)) AS room
                        FROM candidates c
-                       JOIN postback.endpoints e ON e.id = c.endpoint_id AND e.active AND e.paused_at IS NULL
-                       LEFT JOIN unnest($3::bigint[], $4::int[]) AS r(endpoint_id, room)
-                              ON r.endpoint_id = c.endpoint_id),
+                       JOIN postback.endpoints e ON e.id = c.endpoint_id AND e.active AND e.paused_at IS NULL),
                  due AS (
                      SELECT d.id FROM postback.deliveries d
                       WHERE d.id IN (SELECT r.id FROM ranked r WHERE r.n <= r.room
@@ -99,7 +103,7 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                         d.attempts - d.attempt_offset, d.success_pattern"
             ),
             None,
-            &[limit.into(), blocked.to_vec().into(), room_ids.into(), room_sizes.into()],
+            &[limit.into(), blocked.into(), rooms.into()],
         )?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
