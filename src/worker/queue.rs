@@ -84,17 +84,17 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                                      least(greatest(e.max_in_flight * 16, e.max_in_flight + 64), 1024)) AS room
                        FROM candidates c
                        JOIN postback.endpoints e ON e.id = c.endpoint_id AND e.active AND e.paused_at IS NULL),
+                 -- = ANY (ARRAY(…)): primary-key probes, never a scan of the whole table
                  due AS (
                      SELECT d.id FROM postback.deliveries d
-                      WHERE d.id IN (SELECT r.id FROM ranked r WHERE r.n <= r.room
-                                      ORDER BY r.next_attempt_at LIMIT $1)
+                      WHERE d.id = ANY (ARRAY(SELECT r.id FROM ranked r WHERE r.n <= r.room
+                                               ORDER BY r.next_attempt_at LIMIT $1))
                         AND d.state = 'pending'
                       FOR UPDATE OF d SKIP LOCKED)
                  UPDATE postback.deliveries d
                     SET state = 'in_flight', lease_expires_at = now() + interval '{LEASE}',
                         attempts = d.attempts + 1, leased_by = pg_backend_pid()
-                   FROM due
-                  WHERE d.id = due.id
+                  WHERE d.id = ANY (ARRAY(SELECT due.id FROM due))
               RETURNING d.id, d.endpoint_id, d.attempts, d.method, d.url, d.body,
                         d.idempotency_key,
                         (SELECT (extract(epoch FROM d.created_at + e.max_age + coalesce(d.age_credit, interval '0')
