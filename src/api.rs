@@ -263,7 +263,11 @@ fn finalize_request(
 ) -> TableIterator<'static, (name!(url, String), name!(headers, JsonB))> {
     let signing = outgoing::Signing {
         scheme: signing_scheme.to_string(),
-        secrets: if signing_scheme == "none" { Vec::new() } else { live_secrets(endpoint_id) },
+        secrets: if signing_scheme == "none" && !url.contains(template::HASH_MARK) {
+            Vec::new()
+        } else {
+            live_secrets(endpoint_id)
+        },
         header: signature_header.map(str::to_string),
         ts_param: timestamp_param.to_string(),
         sig_param: signature_param.to_string(),

@@ -97,6 +97,45 @@ pub fn check_method(method: &str) -> Result<(), String> {
     }
 }
 
+/// Replaces each `{hash:…}` marker of a rendered URL by its digest, computed
+/// with the endpoint's newest live secret.
+pub fn expand_hashes(url: &str, secrets: &[String]) -> Result<String, String> {
+    use base64::Engine;
+    use sha2::Digest;
+    let mark = crate::template::HASH_MARK;
+    if !url.contains(mark) {
+        return Ok(url.to_string());
+    }
+    let secret = secrets.first().ok_or("the URL template hashes with the secret but the endpoint has no live secret in postback.endpoint_secrets")?;
+    let mut out = String::with_capacity(url.len());
+    let mut rest = url;
+    while let Some(at) = rest.find(mark) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + mark.len()..];
+        let mut fields = after.splitn(3, '~');
+        let (algorithm, payload, tail) = match (fields.next(), fields.next(), fields.next()) {
+            (Some(a), Some(p), Some(t)) => (a, p, t),
+            _ => return Err("a hash marker in the URL is malformed".into()),
+        };
+        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Vec<Option<String>>>(&b).ok())
+            .ok_or("a hash marker in the URL is malformed")?;
+        let input: String = json.into_iter().map(|p| p.unwrap_or_else(|| secret.clone())).collect();
+        let digest: Vec<u8> = match algorithm {
+            "md5" => md5::Md5::digest(input.as_bytes()).to_vec(),
+            "sha1" => sha1::Sha1::digest(input.as_bytes()).to_vec(),
+            "sha256" => sha2::Sha256::digest(input.as_bytes()).to_vec(),
+            other => return Err(format!("hash algorithm \"{other}\" is not supported")),
+        };
+        out.extend(digest.iter().map(|b| format!("{b:02x}")));
+        rest = tail;
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// Builds the URL and full header list of one attempt.
 #[allow(clippy::too_many_arguments)]
 pub fn finalize(
@@ -109,7 +148,7 @@ pub fn finalize(
     now_unix: i64,
 ) -> Result<Outgoing, String> {
     let mut headers: Vec<(String, String)> = vec![("User-Agent".into(), USER_AGENT.into())];
-    let mut url = url.to_string();
+    let mut url = expand_hashes(url, &signing.secrets)?;
     if kind == "webhook" {
         headers.push(("Content-Type".into(), "application/json".into()));
         headers.push(("Idempotency-Key".into(), idempotency_key.into()));
@@ -213,6 +252,22 @@ mod tests {
         assert!(check_method("GET").is_ok());
         assert!(check_method("GET / HTTP/1.1\r\nX: y").is_err());
         assert!(check_method("get").is_err());
+    }
+
+    #[test]
+    fn hash_markers_are_computed_with_the_newest_secret() {
+        let t = crate::template::validate_url_template(
+            "https://n.test/pb?id={transaction_id}&v={hash:md5:transaction_id,':',attributes.snuid,':',currency,':',secret}",
+        )
+        .unwrap();
+        let vars = serde_json::json!({"transaction_id": "tx-1", "currency": "EUR", "attributes": {"snuid": "u9"}});
+        let url = crate::template::render_url(&t, vars.as_object().unwrap(), Default::default()).unwrap();
+        let s = Signing { scheme: "none".into(), secrets: vec!["k2".into(), "k1".into()], ..Default::default() };
+        let o = finalize("postback", &url, &[], None, "k", &s, 0).unwrap();
+        // md5("tx-1:u9:EUR:k2")
+        assert_eq!(o.url, "https://n.test/pb?id=tx-1&v=1cb5416805278a478e2115b6889bc9c1");
+        let none = Signing { scheme: "none".into(), ..Default::default() };
+        assert!(finalize("postback", &url, &[], None, "k", &none, 0).unwrap_err().contains("no live secret"));
     }
 
     #[test]

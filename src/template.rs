@@ -75,12 +75,83 @@ pub struct Macro {
     /// 1-based character position of the opening brace
     pub position: usize,
     pub part: Part,
+    /// `{hash:ALG:part,part,…}`: a digest over values and the endpoint's secret
+    pub hash: Option<HashSpec>,
+}
+
+/// A digest computed at send time over literal text, variables and the
+/// endpoint's live secret (Tapjoy's verifier: md5 of `id:snuid:currency:secret`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HashSpec {
+    pub algorithm: String,
+    pub parts: Vec<HashPart>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashPart {
+    Var(String),
+    Literal(String),
+    Secret,
+}
+
+/// Marks, in a stored URL, a digest the worker computes when it sends
+/// (the secret never reaches the stored row): `~pgpb-hash~ALG~PAYLOAD~`.
+pub const HASH_MARK: &str = "~pgpb-hash~";
+
+impl HashSpec {
+    fn parse(spec: &str, position: usize) -> Result<HashSpec, TemplateError> {
+        let (algorithm, list) = spec
+            .split_once(':')
+            .ok_or_else(|| err(Some(position), "hash needs an algorithm and parts: {hash:md5:transaction_id,':',secret}"))?;
+        let algorithm = algorithm.trim().to_string();
+        if !["md5", "sha1", "sha256"].contains(&algorithm.as_str()) {
+            return Err(err(Some(position), format!("hash algorithm \"{algorithm}\" is not md5, sha1 or sha256")));
+        }
+        let mut parts = Vec::new();
+        for piece in list.split(',') {
+            let t = piece.trim();
+            let part = if t == "secret" {
+                HashPart::Secret
+            } else if t.len() >= 2 && t.starts_with('\'') && t.ends_with('\'') {
+                HashPart::Literal(t[1..t.len() - 1].to_string())
+            } else if !t.is_empty() && t.chars().all(valid_name_char) {
+                HashPart::Var(t.to_string())
+            } else {
+                return Err(err(Some(position), format!("hash part \"{t}\" is not a variable, 'literal text' or secret")));
+            };
+            parts.push(part);
+        }
+        if !parts.contains(&HashPart::Secret) {
+            return Err(err(Some(position), "a hash without the secret is a plain filter: write {name|md5}"));
+        }
+        Ok(HashSpec { algorithm, parts })
+    }
+
+    /// The marker stored in the URL: the values (never the secret), to be
+    /// hashed with the secret at send time.
+    fn marker<V: Vars + ?Sized>(&self, vars: &V) -> String {
+        use base64::Engine;
+        let values: Vec<Value> = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                HashPart::Var(n) => Value::String(vars.text(n).map(Cow::into_owned).unwrap_or_default()),
+                HashPart::Literal(l) => Value::String(l.clone()),
+                HashPart::Secret => Value::Null,
+            })
+            .collect();
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Value::Array(values).to_string());
+        format!("{HASH_MARK}{}~{payload}~", self.algorithm)
+    }
 }
 
 impl Macro {
     /// The value to insert: the variable through the filters. `Err` when a
     /// filter cannot apply to the value (e.g. arithmetic on a non-number).
     pub fn value<V: Vars + ?Sized>(&self, vars: &V) -> Result<Option<String>, String> {
+        if let Some(h) = &self.hash {
+            return Ok(Some(h.marker(vars)));
+        }
         let start = if self.filters.is_empty() {
             return Ok(vars.text(&self.name).map(Cow::into_owned));
         } else if crate::filters::wants_json(&self.filters) {
@@ -211,6 +282,10 @@ impl Template {
 }
 
 fn parse_macro(inner: &str, position: usize, part: Part) -> Result<Macro, TemplateError> {
+    if let Some(spec) = inner.trim().strip_prefix("hash:") {
+        let hash = HashSpec::parse(spec, position)?;
+        return Ok(Macro { name: "hash".into(), raw: false, filters: Vec::new(), position, part, hash: Some(hash) });
+    }
     let (name, chain) = match inner.split_once('|') {
         Some((n, c)) => (n.trim().to_string(), Some(c)),
         None => (inner.trim().to_string(), None),
@@ -229,7 +304,7 @@ fn parse_macro(inner: &str, position: usize, part: Part) -> Result<Macro, Templa
         filters.push(crate::filters::parse(&piece).map_err(|e| err(Some(position), e))?);
     }
     let raw = filters.iter().any(|f| matches!(f, Filter::Raw));
-    Ok(Macro { name, raw, filters, position, part })
+    Ok(Macro { name, raw, filters, position, part, hash: None })
 }
 
 /// Splits a filter chain at `|`; a `map:` argument keeps its commas and `=`.
@@ -424,6 +499,15 @@ pub fn render_json(body: &Value, vars: &Map<String, Value>) -> Result<Value, Str
 
 /// Checks a variable name against what a conversion provides.
 pub fn check_variable(m: &Macro) -> Result<(), TemplateError> {
+    if let Some(h) = &m.hash {
+        for p in &h.parts {
+            if let HashPart::Var(n) = p {
+                let part = Macro { name: n.clone(), raw: false, filters: vec![], position: m.position, part: m.part, hash: None };
+                check_variable(&part)?;
+            }
+        }
+        return Ok(());
+    }
     let known = CONVERSION_VARIABLES.contains(&m.name.as_str())
         || m.name == "attributes"
         || m.name == "click"
@@ -622,7 +706,8 @@ pub fn render_pattern<V: Vars + ?Sized>(pattern: &str, vars: &V) -> String {
         let known = name.filter(|n| {
             !n.is_empty()
                 && n.chars().all(valid_name_char)
-                && check_variable(&Macro { name: n.to_string(), raw: false, filters: vec![], position: 0, part: Part::Path }).is_ok()
+                && check_variable(&Macro { name: n.to_string(), raw: false, filters: vec![], position: 0, part: Part::Path, hash: None })
+                    .is_ok()
         });
         match (known, close) {
             (Some(n), Some(c)) => {
@@ -650,6 +735,9 @@ pub fn validate_body_template(body: &Value) -> Result<(), TemplateError> {
         Value::String(s) => {
             let t = Template::parse(s).map_err(|e| err(None, format!("in body string \"{s}\": {e}")))?;
             for m in t.macros() {
+                if m.hash.is_some() {
+                    return Err(err(None, format!("in body string \"{s}\": a {{hash:…}} with the secret is for URL templates; sign webhooks with signing_scheme")));
+                }
                 check_variable(m).map_err(|e| err(None, format!("in body string \"{s}\": {e}")))?;
             }
             Ok(())
@@ -798,6 +886,20 @@ mod tests {
         // validation accepts filters on sample values it cannot compute
         assert!(validate_url_template("https://n.test/?p={amount|mul:0.5|round:2}&t={occurred_at|tz:Europe/Kyiv|format:%Y-%m-%d %H:%M:%S}").is_ok());
         assert!(validate_url_template("https://n.test/?p={{clickid}}").unwrap_err().message.contains("unknown variable"));
+    }
+
+    #[test]
+    fn a_hash_over_values_and_the_secret_is_left_for_send_time() {
+        let t = validate_url_template("https://n.test/pb?id={transaction_id}&v={hash:md5:transaction_id,':',attributes.snuid,':',currency,':',secret}").unwrap();
+        let v = vars(json!({"transaction_id": "tx-1", "currency": "EUR", "attributes": {"snuid": "u 9"}}));
+        let out = render_url(&t, &v, RenderOptions::default()).unwrap();
+        assert!(out.contains(&format!("&v={HASH_MARK}md5~")), "{out}");
+        assert!(!out.contains("secret"));
+        let e = validate_url_template("https://n.test/?v={hash:md5:transaction_id}").unwrap_err();
+        assert!(e.message.contains("without the secret"), "{e}");
+        assert!(validate_url_template("https://n.test/?v={hash:crc32:transaction_id,secret}").is_err());
+        assert!(validate_url_template("https://n.test/?v={hash:md5:txid,secret}").unwrap_err().message.contains("unknown variable"));
+        assert!(validate_body_template(&json!({"v": "{hash:md5:transaction_id,secret}"})).is_err());
     }
 
     #[test]

@@ -65,3 +65,21 @@ def test_initial_delay_holds_the_first_attempt(cluster, receiver):
         outcomes(cluster, conn, name)
     [first] = receiver.seen("/k")
     assert first["time"] - committed >= 1.4, first["time"] - committed
+
+
+def test_a_verifier_hashed_with_the_secret_is_computed_at_send_time(cluster, receiver):
+    """Tapjoy's verifier: md5 of id:snuid:currency:secret; the secret never reaches a stored row."""
+    import hashlib
+    with cluster.connect() as conn:
+        name = endpoint(conn, receiver.url(
+            "/tj?id={transaction_id}&verifier={hash:md5:transaction_id,':',attributes.snuid,':',currency,':',secret}"))
+        conn.execute("INSERT INTO postback.endpoint_secrets (endpoint_id, secret) "
+                     "SELECT id, 'tj-s3cret' FROM postback.endpoints WHERE name = %s", (name,))
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event, currency, attributes) "
+                     "VALUES ('c', 'tj-1', %s, 'USD', '{\"snuid\": \"user 7\"}')", (name,))
+        assert outcomes(cluster, conn, name) == [(200, "succeeded")]
+        stored = conn.execute("SELECT d.url FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id "
+                              "WHERE e.name = %s", (name,)).fetchone()[0]
+    [got] = receiver.seen("/tj")
+    assert got["query"]["verifier"] == hashlib.md5(b"tj-1:user 7:USD:tj-s3cret").hexdigest()
+    assert "tj-s3cret" not in stored and got["query"]["verifier"] not in stored
