@@ -270,8 +270,7 @@ pub fn apply(filters: &[Filter], value: Option<Val>) -> Result<(Option<String>, 
 
 /// Whether the filters need the value as JSON (objects kept whole).
 pub fn wants_json(filters: &[Filter]) -> bool {
-    filters.first().is_some_and(|f| matches!(f, Filter::Json))
-        || filters.iter().any(|f| matches!(f, Filter::Json))
+    filters.iter().any(|f| matches!(f, Filter::Json))
 }
 
 #[cfg(test)]

@@ -300,16 +300,11 @@ fn parse_macro(inner: &str, position: usize, part: Part) -> Result<Macro, Templa
         ));
     }
     let mut filters = Vec::new();
-    for piece in chain.map(|c| split_filters(c)).unwrap_or_default() {
-        filters.push(crate::filters::parse(&piece).map_err(|e| err(Some(position), e))?);
+    for piece in chain.map(|c| c.split('|')).into_iter().flatten() {
+        filters.push(crate::filters::parse(piece).map_err(|e| err(Some(position), e))?);
     }
     let raw = filters.iter().any(|f| matches!(f, Filter::Raw));
     Ok(Macro { name, raw, filters, position, part, hash: None })
-}
-
-/// Splits a filter chain at `|`; a `map:` argument keeps its commas and `=`.
-fn split_filters(chain: &str) -> Vec<String> {
-    chain.split('|').map(str::to_string).collect()
 }
 
 /// Looks a variable up: the flat key first, then a dotted path (`attributes.sub1`
