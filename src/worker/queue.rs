@@ -83,7 +83,13 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                             coalesce(($3::jsonb ->> c.endpoint_id::text)::int,
                                      least(greatest(e.max_in_flight * 16, e.max_in_flight + 64), 1024)) AS room
                        FROM candidates c
-                       JOIN postback.endpoints e ON e.id = c.endpoint_id AND e.active AND e.paused_at IS NULL),
+                       -- LATERAL … LIMIT 1 (never pulled up into a join): one primary-key probe
+                       -- per candidate, whatever the planner believes of a freshly filled
+                       -- endpoints table (a nested loop the other way round rescans every
+                       -- candidate per endpoint: 0.5 s per claim with 1,000 endpoints)
+                       CROSS JOIN LATERAL (SELECT x.max_in_flight FROM postback.endpoints x
+                                            WHERE x.id = c.endpoint_id AND x.active AND x.paused_at IS NULL
+                                            LIMIT 1) e),
                  -- = ANY (ARRAY(…)): primary-key probes, never a scan of the whole table
                  due AS (
                      SELECT d.id FROM postback.deliveries d

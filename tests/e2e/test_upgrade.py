@@ -114,7 +114,8 @@ def test_data_and_pending_deliveries_survive_the_update_and_are_delivered(make_c
             assert conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0] == 100
             # and new conversions flow through the 0.2.0 triggers
             conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('n', 'after')")
-            c.wait_for(lambda: len(r.seen("/pb")) == 51, what="a conversion inserted after the update")
+            c.wait_for(lambda: len(r.seen("/pb")) == 51 and len(r.seen("/hook")) == 51,
+                       what="a conversion inserted after the update")
         gets = r.seen("/pb")
         assert {g["headers"].get("authorization") for g in gets} == {"Bearer k-1"}
         assert sorted(g["query"]["tx"] for g in gets) == sorted([f"up-{i}" for i in range(1, 51)] + ["after"])
