@@ -43,6 +43,21 @@ struct EndpointRow {
     delay_secs: f64,
 }
 
+impl EndpointRow {
+    /// The endpoint as the renderer sees it, with its parsed URL template.
+    fn endpoint<'a>(&'a self, url_template: &'a crate::template::Template, trusted: bool) -> Endpoint<'a> {
+        Endpoint {
+            name: &self.name,
+            kind: &self.kind,
+            url_template,
+            url_template_trusted: trusted,
+            body_template: self.body_template.as_ref(),
+            status_map: self.status_map.as_ref(),
+            drop_empty_params: self.drop_empty_params,
+        }
+    }
+}
+
 fn object(v: Option<JsonB>) -> Option<Map<String, Value>> {
     match v.map(|j| j.0) {
         Some(Value::Object(m)) => Some(m),
@@ -382,23 +397,10 @@ fn enqueue_conversions<'a>(
 
 /// An endpoint's success_body_pattern with this delivery's values, regex-escaped.
 fn render_pattern(pattern: &str, conversion: &Conversion, e: &EndpointRow) -> String {
-    let vars_of = |template| {
-        let endpoint = Endpoint {
-            name: &e.name,
-            kind: &e.kind,
-            url_template: template,
-            url_template_trusted: false,
-            body_template: None,
-            status_map: e.status_map.as_ref(),
-            drop_empty_params: false,
-        };
-        let vars = request::ConversionVars::new(conversion, &endpoint);
-        crate::template::render_pattern(pattern, &vars)
-    };
-    match Rc::as_ref(&e.url_template) {
-        Ok((t, _)) => vars_of(t),
-        Err(_) => vars_of(&crate::template::Template { tokens: Vec::new() }),
-    }
+    let empty = crate::template::Template { tokens: Vec::new() };
+    let template = Rc::as_ref(&e.url_template).as_ref().map_or(&empty, |(t, _)| t);
+    let endpoint = e.endpoint(template, false);
+    crate::template::render_pattern(pattern, &request::ConversionVars::new(conversion, &endpoint))
 }
 
 fn render(
@@ -408,20 +410,8 @@ fn render(
     now: i64,
     limits: request::Limits,
 ) -> Result<request::Request, String> {
-    let (template, trusted) = match Rc::as_ref(&e.url_template) {
-        Ok((t, trusted)) => (t, *trusted),
-        Err(err) => return Err(err.clone()),
-    };
-    let endpoint = Endpoint {
-        name: &e.name,
-        kind: &e.kind,
-        url_template: template,
-        url_template_trusted: trusted,
-        body_template: e.body_template.as_ref(),
-        status_map: e.status_map.as_ref(),
-        drop_empty_params: e.drop_empty_params,
-    };
-    request::render(conversion, &endpoint, key, now, limits)
+    let (template, trusted) = Rc::as_ref(&e.url_template).as_ref().map_err(Clone::clone)?;
+    request::render(conversion, &e.endpoint(template, *trusted), key, now, limits)
 }
 
 /// What `postback.preview` shows: the request one endpoint would get for one

@@ -103,6 +103,20 @@ pub fn classify_with(result: &AttemptResult, success_body: Option<&Regex>, rules
     }
 }
 
+/// What an attempt says of its endpoint, for the circuit breaker: a timeout,
+/// a refused or reset connection and HTTP 408, 429 and 5xx say it is
+/// unavailable; a success that it works; anything else (a 4xx for one
+/// delivery, a policy refusal, a body that did not match) says nothing.
+pub fn endpoint_health(result: &AttemptResult, verdict: &Verdict) -> crate::scheduler::Health {
+    use crate::scheduler::Health;
+    match (result, verdict) {
+        (_, Verdict::Succeeded) => Health::Success,
+        (AttemptResult::Transient(_), _) => Health::Failure,
+        (AttemptResult::Response { status: 408 | 429 | 500..=599, .. }, _) => Health::Failure,
+        _ => Health::Neutral,
+    }
+}
+
 /// `Retry-After` as delay-seconds or as an HTTP date (RFC 9110: IMF-fixdate,
 /// and the obsolete RFC 850 and asctime forms), capped at one hour; a date in
 /// the past means no extra wait.
@@ -226,6 +240,18 @@ mod tests {
     fn transport_failures() {
         assert!(matches!(classify(&AttemptResult::Transient("timed out".into()), None), Verdict::Retry { .. }));
         assert!(matches!(classify(&AttemptResult::Permanent("refused".into()), None), Verdict::Dead { .. }));
+    }
+
+    #[test]
+    fn what_an_attempt_says_of_its_endpoint() {
+        use crate::scheduler::Health;
+        let health = |r: AttemptResult| endpoint_health(&r, &classify(&r, None));
+        assert_eq!(health(resp(200, "")), Health::Success);
+        assert_eq!(health(resp(503, "")), Health::Failure);
+        assert_eq!(health(resp(429, "")), Health::Failure);
+        assert_eq!(health(AttemptResult::Transient("timed out".into())), Health::Failure);
+        assert_eq!(health(resp(404, "")), Health::Neutral);
+        assert_eq!(health(AttemptResult::Permanent("refused to connect".into())), Health::Neutral);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use regex::Regex;
 use crate::gucs;
 use crate::http::{self, Client, Job, Sent};
 use crate::outgoing::{self, Signing};
-use crate::retry::{self, AttemptResult, Decision, Jitter, Limits, Verdict};
+use crate::retry::{self, AttemptResult, Decision, Jitter, Limits};
 use crate::scheduler::{BreakerSettings, BreakerState, Health, Scheduler, Transition};
 
 mod pool;
@@ -185,23 +185,26 @@ fn note_error(message: &str) {
     shared::SHARED.exclusive().set_last_error(message, http::unix_micros_now());
 }
 
-/// A request on the wire: what is needed to judge and record its result.
-struct InFlight {
-    claimed: Claimed,
+/// What judging a delivery's result needs from its endpoint (shared, cheap to clone).
+#[derive(Clone)]
+struct Judging {
     rules: Arc<crate::retry::StatusRules>,
     pattern: Option<Arc<Regex>>,
     schedule: Arc<Vec<Duration>>,
     max_attempts: i32,
 }
 
+/// A request on the wire: what is needed to judge and record its result.
+struct InFlight {
+    claimed: Claimed,
+    judging: Judging,
+}
+
 /// An endpoint's settings as last read, and what the worker derived from them.
 struct CachedEndpoint {
     read_at: Instant,
     config: EndpointConfig,
-    rules: Arc<crate::retry::StatusRules>,
-    pattern: Option<Arc<Regex>>,
-    schedule: Arc<Vec<Duration>>,
-    max_attempts: i32,
+    judging: Judging,
 }
 
 /// How long the worker uses an endpoint's settings (and live secrets) before
@@ -213,7 +216,7 @@ struct Worker {
     endpoints: HashMap<i64, CachedEndpoint>,
     pool: Pool,
     rebuild_pool: bool,
-    scheduler: Scheduler<(Claimed, Result<Job, String>, InFlightMeta)>,
+    scheduler: Scheduler<(Claimed, Result<Job, String>, Judging)>,
     in_flight: HashMap<u64, InFlight>,
     next_key: u64,
     finished: Vec<(u64, Sent)>,
@@ -228,14 +231,6 @@ struct Worker {
     next_due: Option<Instant>,
     /// the schema speaks this library's version and leases were reclaimed
     ready: bool,
-}
-
-/// What a queued delivery needs once it goes on the wire.
-struct InFlightMeta {
-    rules: Arc<crate::retry::StatusRules>,
-    pattern: Option<Arc<Regex>>,
-    schedule: Arc<Vec<Duration>>,
-    max_attempts: i32,
 }
 
 fn now_us() -> i64 {
@@ -357,7 +352,7 @@ impl Worker {
             // the last claim was full: go on at once
         } else {
             // a commit sets the latch; the poll interval is only the fallback
-                wait_latch(wait.max(Duration::from_millis(1)));
+            wait_latch(wait.max(Duration::from_millis(1)));
             self.maybe_due = true;
         }
     }
@@ -386,19 +381,14 @@ impl Worker {
         let (mut ok, mut failed) = (0i64, 0i64);
         for (key, sent) in std::mem::take(&mut self.finished) {
             let Some(f) = self.in_flight.remove(&key) else { continue };
-            let c = &f.claimed;
+            let (c, j) = (&f.claimed, &f.judging);
             let limits = Limits {
-                schedule: &f.schedule,
-                max_attempts: f.max_attempts,
+                schedule: &j.schedule,
+                max_attempts: j.max_attempts,
                 remaining_age: Duration::from_millis(c.remaining_age_ms.max(0) as u64),
             };
-            let verdict = retry::classify_with(&sent.result, f.pattern.as_deref(), &f.rules);
-            let health = match (&sent.result, &verdict) {
-                (_, Verdict::Succeeded) => Health::Success,
-                (AttemptResult::Transient(_), _) => Health::Failure,
-                (AttemptResult::Response { status, .. }, _) if matches!(status, 408 | 429 | 500..=599) => Health::Failure,
-                _ => Health::Neutral,
-            };
+            let verdict = retry::classify_with(&sent.result, j.pattern.as_deref(), &j.rules);
+            let health = retry::endpoint_health(&sent.result, &verdict);
             let decision = retry::decide(verdict, c.budget_no, &limits, self.jitter.next_unit());
             let (status_code, body) = match &sent.result {
                 AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(body.clone())),
@@ -496,28 +486,18 @@ impl Worker {
                 return;
             }
         };
-        for id in refreshed {
-            match fresh.get(&id) {
-                Some(_) => {}
-                None => {
-                    self.endpoints.remove(&id);
-                }
-            }
+        for id in refreshed.iter().filter(|id| !fresh.contains_key(id)) {
+            self.endpoints.remove(id); // deleted since
         }
         for (id, e) in fresh {
             self.scheduler.set_limits(id, e.limits, now);
-            let pattern = e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok()).map(Arc::new);
-            self.endpoints.insert(
-                id,
-                CachedEndpoint {
-                    read_at: now_instant,
-                    rules: Arc::new(e.status_rules.clone()),
-                    pattern,
-                    schedule: Arc::new(e.schedule.clone()),
-                    max_attempts: e.max_attempts,
-                    config: e,
-                },
-            );
+            let judging = Judging {
+                rules: Arc::new(e.status_rules.clone()),
+                pattern: e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok()).map(Arc::new),
+                schedule: Arc::new(e.schedule.clone()),
+                max_attempts: e.max_attempts,
+            };
+            self.endpoints.insert(id, CachedEndpoint { read_at: now_instant, config: e, judging });
         }
         // more may be due if the claim was full or left endpoints out
         self.maybe_due = claimed.len() >= limit;
@@ -542,17 +522,14 @@ impl Worker {
                 self.records.push(dead_record(&c, "endpoint no longer exists".into()));
                 continue;
             };
-            let (rules, mut pattern, schedule, max_attempts) =
-                (endpoint.rules.clone(), endpoint.pattern.clone(), endpoint.schedule.clone(), endpoint.max_attempts);
+            let mut judging = endpoint.judging.clone();
             if let Some(p) = &c.success_pattern {
                 // the pattern holds this delivery's values
-                pattern = Regex::new(p).ok().map(Arc::new);
+                judging.pattern = Regex::new(p).ok().map(Arc::new);
             }
             let job = build_job(&c, &endpoint.config, now_unix);
             let endpoint_id = c.endpoint_id;
-            if let Err((c, _, _)) =
-                self.scheduler.offer(endpoint_id, (c, job, InFlightMeta { rules, pattern, schedule, max_attempts }), now)
-            {
+            if let Err((c, _, _)) = self.scheduler.offer(endpoint_id, (c, job, judging), now) {
                 release.push(c.id);
             }
         }
@@ -568,21 +545,12 @@ impl Worker {
     fn send(&mut self) {
         let now = now_us();
         while self.slots_free() > 0 {
-            let Some((endpoint_id, (c, job, meta))) = self.scheduler.next_ready(now) else { break };
+            let Some((endpoint_id, (c, job, judging))) = self.scheduler.next_ready(now) else { break };
             match job {
                 Ok(job) => {
                     let key = self.next_key;
                     self.next_key += 1;
-                    self.in_flight.insert(
-                        key,
-                        InFlight {
-                            claimed: c,
-                            rules: meta.rules,
-                            pattern: meta.pattern,
-                            schedule: meta.schedule,
-                            max_attempts: meta.max_attempts,
-                        },
-                    );
+                    self.in_flight.insert(key, InFlight { claimed: c, judging });
                     self.pool.submit(key, job);
                 }
                 Err(e) => {
