@@ -33,7 +33,9 @@ def test_gucs_are_registered_with_descriptions(cluster):
             "SELECT name, short_desc FROM pg_settings WHERE name LIKE 'postback.%'").fetchall())
     assert set(rows) >= {"postback.database_name", "postback.poll_interval", "postback.batch_size",
                          "postback.concurrency", "postback.max_response_bytes",
-                         "postback.allowed_targets"}
+                         "postback.allowed_targets", "postback.max_url_bytes", "postback.max_body_bytes",
+                         "postback.retention", "postback.breaker_failures", "postback.breaker_cooldown",
+                         "postback.disable_after"}
     assert all(desc for desc in rows.values())
 
 
