@@ -1,3 +1,11 @@
+-- Attributes nest at most 32 levels of arrays and objects: a deeper value is
+-- refused when its row is written (naming the column), never when an import
+-- that reads it later would fail as a whole.
+ALTER TABLE postback.conversions ADD CONSTRAINT attributes_nest_at_most_32_levels
+    CHECK (postback.check_json_nesting(attributes::text, 'conversions.attributes'));
+ALTER TABLE postback.clicks ADD CONSTRAINT click_attributes_nest_at_most_32_levels
+    CHECK (postback.check_json_nesting(attributes::text, 'clicks.attributes'));
+
 -- Enqueue: conversions become deliveries in the same transaction.
 
 CREATE TRIGGER conversions_validate
@@ -58,9 +66,9 @@ BEGIN
            r[3], r[4], r[5]::boolean
       FROM postback.endpoints e
      CROSS JOIN LATERAL (SELECT postback.render_preview(e.id, preview.conversion_id) AS r) AS rendered
-      LEFT JOIN LATERAL postback.finalize_request(
+      LEFT JOIN LATERAL postback.sign_request(
            e.id, e.kind, e.signing_scheme, e.signature_header, e.timestamp_param, e.signature_param,
-           r[2], nullif(e.headers, '{}'), r[3], r[1]) f ON r[4] IS NULL
+           r[2], r[6]::jsonb, nullif(e.headers, '{}'), r[3], r[1]) f ON true
      WHERE e.name = preview.endpoint;
 END
 $$;

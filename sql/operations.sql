@@ -31,7 +31,7 @@ BEGIN
     UPDATE postback.deliveries d
        SET state = 'pending', next_attempt_at = now(), completed_at = NULL, last_error = NULL,
            attempt_offset = d.attempts, age_credit = now() - d.created_at
-     WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead');
+     WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead') AND d.rendered;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
         PERFORM postback.wake_worker();
@@ -44,13 +44,20 @@ CREATE FUNCTION postback.retry(delivery_id bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     current text;
+    was_rendered boolean;
+    why text;
 BEGIN
-    SELECT d.state INTO current FROM postback.deliveries d WHERE d.id = retry.delivery_id FOR UPDATE;
+    SELECT d.state, d.rendered, d.last_error INTO current, was_rendered, why
+      FROM postback.deliveries d WHERE d.id = retry.delivery_id FOR UPDATE;
     IF current IS NULL THEN
         RAISE EXCEPTION 'unknown delivery id %', delivery_id USING ERRCODE = 'no_data_found';
     ELSIF current NOT IN ('succeeded', 'dead') THEN
         RAISE EXCEPTION 'delivery % is % already; only succeeded or dead deliveries are retried', delivery_id, current
             USING ERRCODE = 'object_not_in_prerequisite_state';
+    ELSIF NOT was_rendered THEN
+        RAISE EXCEPTION 'delivery % was never rendered, so there is nothing to send: %', delivery_id, why
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Fix the endpoint or the conversion; postback.preview(endpoint, conversion_id) shows what would be sent now.';
     END IF;
     PERFORM postback.resend(ARRAY[delivery_id]);
     RETURN delivery_id;
@@ -103,11 +110,13 @@ BEGIN
     END IF;
     SELECT * INTO e FROM postback.endpoints WHERE id = postback.endpoint_id(endpoint);
     r := postback.render_test(e.id, sample);
+    -- a request that could not be rendered is kept dead with its reason and
+    -- nothing to send (rendered = false: no retry can ever send it)
     INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
-                                     state, completed_at, last_error, success_pattern)
-    VALUES (e.id, NULL, r[5], r[6], r[1], e.method, coalesce(r[2], e.url_template), r[3],
+                                     state, completed_at, last_error, success_pattern, url_hashes, rendered)
+    VALUES (e.id, NULL, r[5], r[6], r[1], e.method, coalesce(r[2], ''), r[3],
             CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r[4] IS NOT NULL THEN now() END, r[4],
-            r[7])
+            r[7], r[8]::jsonb, r[4] IS NULL)
     RETURNING id INTO made;
     PERFORM postback.wake_worker();
     RETURN made;

@@ -4,10 +4,10 @@
 -- grants, through the functions below (so that later versions can extend them).
 
 -- Internal functions: only the owner (and the SECURITY DEFINER triggers and
--- functions, which run as the owner) may call them. finalize_request signs
+-- functions, which run as the owner) may call them. sign_request signs
 -- with an endpoint's live secrets, so it is a signing oracle for anyone else.
 REVOKE EXECUTE ON FUNCTION postback.render_request(bigint, text, text, text, jsonb, jsonb, boolean, bigint, text, text, text, text, text, text, jsonb, timestamptz) FROM PUBLIC;
-REVOKE EXECUTE ON FUNCTION postback.finalize_request(bigint, text, text, text, text, text, text, jsonb, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.sign_request(bigint, text, text, text, text, text, text, jsonb, jsonb, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.take_proposed_conversions() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.wake_worker() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.worker_stats() FROM PUBLIC;

@@ -268,6 +268,10 @@ CREATE TABLE postback.deliveries (
     age_credit       interval,
     leased_by        integer,
     success_pattern  text,
+    url_hashes       jsonb,
+    rendered         boolean     NOT NULL DEFAULT true,
+    CONSTRAINT delivery_never_rendered_stays_dead
+        CHECK (rendered OR state = 'dead'),
     CONSTRAINT delivery_in_flight_has_a_lease
         CHECK ((state = 'in_flight') = (lease_expires_at IS NOT NULL)),
     CONSTRAINT delivery_completed_at_set_when_finished

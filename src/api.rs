@@ -58,6 +58,23 @@ fn validate_body_template(body: JsonB) -> bool {
     true
 }
 
+/// Checks that a JSON value (as text) nests arrays and objects at most
+/// `conversion_rules::MAX_JSON_NESTING` deep; raises an error naming `column`.
+/// Used by CHECK constraints, so that a value every reader cannot handle is
+/// refused when its row is written, never when a later import reads it.
+#[pg_extern(immutable, parallel_safe)]
+fn check_json_nesting(value: &str, column: &str) -> bool {
+    if let Err(e) = crate::conversion_rules::check_nesting(value, column) {
+        ereport!(
+            ERROR,
+            PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+            e,
+            "Store deeply nested data elsewhere; attributes are read by routing and templates."
+        );
+    }
+    true
+}
+
 /// Checks an endpoint's headers: a JSON object of strings, each name an HTTP
 /// token that does not frame the request, each value free of control characters.
 #[pg_extern(immutable, parallel_safe)]
@@ -245,38 +262,64 @@ pub fn live_secrets(endpoint_id: i64) -> Vec<String> {
     .unwrap_or_else(|e| invalid(format!("reading secrets: {e}")))
 }
 
-/// The URL and complete headers a delivery would be sent with now
-/// (signature headers included). Used by `postback.preview`.
+/// The URL and complete headers a delivery would be sent with now (signature
+/// headers and `{hash:…}` digests included, computed at the positions in
+/// `url_hashes` only). Used by `postback.preview`. No row when `url` is NULL
+/// (the request could not be rendered; the caller shows why).
 #[pg_extern(volatile)]
 #[allow(clippy::too_many_arguments)]
-fn finalize_request(
+fn sign_request(
     endpoint_id: i64,
     kind: &str,
     signing_scheme: &str,
     signature_header: Option<&str>,
     timestamp_param: &str,
     signature_param: &str,
-    url: &str,
+    url: Option<&str>,
+    url_hashes: Option<JsonB>,
     headers: Option<JsonB>,
     body: Option<&str>,
     idempotency_key: &str,
 ) -> TableIterator<'static, (name!(url, String), name!(headers, JsonB))> {
+    let Some(url) = url else { return TableIterator::new(std::iter::empty()) };
+    let hashes = crate::url_hash::from_json(url_hashes.map(|h| h.0.to_string()).as_deref()).unwrap_or_else(|e| invalid(e));
     let signing = outgoing::Signing {
         scheme: signing_scheme.to_string(),
-        secrets: if signing_scheme == "none" && !url.contains(template::HASH_MARK) {
-            Vec::new()
-        } else {
-            live_secrets(endpoint_id)
-        },
+        secrets: if signing_scheme == "none" && hashes.is_empty() { Vec::new() } else { live_secrets(endpoint_id) },
         header: signature_header.map(str::to_string),
         ts_param: timestamp_param.to_string(),
         sig_param: signature_param.to_string(),
     };
     let stored = outgoing::header_pairs(headers.map(|h| h.0));
     let now = now_unix_micros().div_euclid(1_000_000);
-    let out = outgoing::finalize(kind, url, &stored, body, idempotency_key, &signing, now).unwrap_or_else(|e| invalid(e));
+    let out = outgoing::finalize(kind, url, &hashes, &stored, body, idempotency_key, &signing, now).unwrap_or_else(|e| invalid(e));
     let headers: Map<String, Value> = out.headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
     TableIterator::once((out.url, JsonB(Value::Object(headers))))
+}
+
+/// 0.2.0's `postback.finalize_request`, kept only so that its install script
+/// still loads beside this library: it expanded hash markers found in the URL
+/// text, which a value could forge. It refuses to run; 0.3.0 has sign_request.
+#[pg_extern(volatile, sql = false)]
+#[allow(clippy::too_many_arguments)]
+fn finalize_request(
+    _endpoint_id: i64,
+    _kind: &str,
+    _signing_scheme: &str,
+    _signature_header: Option<&str>,
+    _timestamp_param: &str,
+    _signature_param: &str,
+    _url: &str,
+    _headers: Option<JsonB>,
+    _body: Option<&str>,
+    _idempotency_key: &str,
+) -> TableIterator<'static, (name!(url, String), name!(headers, JsonB))> {
+    ereport!(
+        ERROR,
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        "postback.finalize_request belongs to pg_postback 0.2.0 and no longer runs",
+        "Run ALTER EXTENSION pg_postback UPDATE."
+    );
 }
 
 

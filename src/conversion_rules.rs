@@ -120,3 +120,63 @@ mod tests {
         assert!(msg.contains("got 513"), "{msg}");
     }
 }
+
+/// Deepest nesting of arrays and objects a stored attributes value may have:
+/// every reader (routing, templates, the worker) handles this depth without
+/// hitting a parser's recursion limit.
+pub const MAX_JSON_NESTING: usize = 32;
+
+/// How deeply arrays and objects nest in a JSON text (0 for a scalar);
+/// brackets inside strings do not count. Linear, no recursion.
+pub fn json_nesting(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// `Err` names the column and the limit when a value nests too deeply.
+pub fn check_nesting(text: &str, column: &str) -> Result<(), String> {
+    let depth = json_nesting(text);
+    if depth > MAX_JSON_NESTING {
+        return Err(format!(
+            "column {column} nests {depth} levels of arrays and objects; the limit is {MAX_JSON_NESTING}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod nesting_tests {
+    use super::*;
+
+    #[test]
+    fn nesting_counts_brackets_outside_strings() {
+        assert_eq!(json_nesting("1"), 0);
+        assert_eq!(json_nesting(r#"{"a": [1, {"b": "[[[{"}]}"#), 3);
+        assert_eq!(json_nesting(r#"{"a": "\"[[["}"#), 1);
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(json_nesting(&deep), 200);
+        let e = check_nesting(&format!("{{\"a\":{deep}}}"), "clicks.attributes").unwrap_err();
+        assert!(e.contains("clicks.attributes") && e.contains("201") && e.contains("32"), "{e}");
+        assert!(check_nesting(&format!("{}{}", "[".repeat(32), "]".repeat(32)), "x").is_ok());
+    }
+}

@@ -32,7 +32,6 @@ struct EndpointRow {
     name: String,
     kind: String,
     method: String,
-    url_template_text: String,
     url_template: CachedTemplate,
     body_template: Option<Value>,
     status_map: Option<Map<String, Value>>,
@@ -85,7 +84,6 @@ fn load_endpoints(client: &SpiClient, filter: &str, endpoint_id: Option<i64>) ->
             kind: row.get::<String>(3)?.unwrap_or_default(),
             method: row.get::<String>(4)?.unwrap_or_else(|| "GET".into()),
             url_template: cached_template(&url_template_text),
-            url_template_text,
             body_template: row.get::<JsonB>(6)?.map(|b| b.0),
             status_map: object(row.get::<JsonB>(7)?),
             drop_empty_params: row.get::<bool>(8)?.unwrap_or(false),
@@ -197,6 +195,8 @@ struct Pending {
     error: Vec<Option<String>>,
     delay: Vec<f64>,
     pattern: Vec<Option<String>>,
+    /// where the URL's {hash:…} digests go (jsonb text), out of band
+    hashes: Vec<Option<String>>,
     /// deliveries written that are pending (not dead at enqueue)
     live: u64,
 }
@@ -208,7 +208,12 @@ impl Pending {
 
     fn push(&mut self, e: &EndpointRow, c: &Conversion, key: String, rendered: Result<request::Request, String>) {
         self.delay.push(e.delay_secs);
-        self.pattern.push(e.pattern.as_deref().map(|p| render_pattern(p, c, e)));
+        let pattern = e.pattern.as_deref().map(|p| render_pattern(p, c, e)).transpose();
+        let rendered = match (rendered, &pattern) {
+            (Ok(_), Err(why)) => Err(why.clone()),
+            (r, _) => r,
+        };
+        self.pattern.push(pattern.ok().flatten());
         self.endpoint_id.push(e.id);
         self.conversion_id.push(c.id);
         self.event.push(c.event.to_string());
@@ -218,11 +223,15 @@ impl Pending {
             Ok(r) => {
                 self.url.push(r.url);
                 self.body.push(r.body);
+                self.hashes.push(crate::url_hash::to_json(&r.hashes));
                 self.error.push(None);
             }
             Err(err) => {
-                self.url.push(e.url_template_text.clone());
+                // nothing was rendered: the row is dead with its reason, and
+                // `rendered = false` keeps a retry from ever sending it
+                self.url.push(String::new());
                 self.body.push(None);
+                self.hashes.push(None);
                 self.error.push(Some(err));
             }
         }
@@ -237,7 +246,7 @@ impl Pending {
         if lifecycle {
             "INSERT INTO postback.deliveries
                     (endpoint_id, conversion_id, event, status, idempotency_key, predecessor_id, method, url,
-                     body, state, completed_at, last_error, next_attempt_at, success_pattern)
+                     body, state, completed_at, last_error, next_attempt_at, success_pattern, url_hashes, rendered)
              SELECT r.e, r.c, r.ev, r.st, r.k,
                     (SELECT max(p.id) FROM postback.deliveries p
                       WHERE p.idempotency_key >= (r.c::text || '.' || r.e::text || '.') COLLATE \"C\"
@@ -245,24 +254,27 @@ impl Pending {
                     r.m, r.u, r.b,
                     CASE WHEN r.err IS NULL THEN 'pending' ELSE 'dead' END,
                     CASE WHEN r.err IS NOT NULL THEN now() END, r.err,
-                    CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat
+                    CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat,
+                    r.h::jsonb, r.err IS NULL
                FROM (SELECT unnest($1) AS e, unnest($2) AS c, unnest($3) AS ev, unnest($4) AS st,
                             unnest($5) AS k, unnest($6) AS m, unnest($7) AS u, unnest($8) AS b,
-                            unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat) AS r
+                            unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat, unnest($12) AS h) AS r
                  ON CONFLICT (idempotency_key) DO NOTHING"
         } else {
-            // new conversions have new ids: their keys cannot exist yet, and a
-            // plain INSERT (the unique index still guards it) is cheaper than ON CONFLICT
+            // new conversions have new ids, but a restore may have brought their
+            // deliveries already: a key that exists is skipped, never an error
             "INSERT INTO postback.deliveries
                     (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
-                     state, completed_at, last_error, next_attempt_at, success_pattern)
+                     state, completed_at, last_error, next_attempt_at, success_pattern, url_hashes, rendered)
              SELECT r.e, r.c, r.ev, r.st, r.k, r.m, r.u, r.b,
                     CASE WHEN r.err IS NULL THEN 'pending' ELSE 'dead' END,
                     CASE WHEN r.err IS NOT NULL THEN now() END, r.err,
-                    CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat
+                    CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat,
+                    r.h::jsonb, r.err IS NULL
                FROM (SELECT unnest($1) AS e, unnest($2) AS c, unnest($3) AS ev, unnest($4) AS st,
                             unnest($5) AS k, unnest($6) AS m, unnest($7) AS u, unnest($8) AS b,
-                            unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat) AS r"
+                            unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat, unnest($12) AS h) AS r
+                 ON CONFLICT (idempotency_key) DO NOTHING"
         }
     }
 
@@ -271,6 +283,7 @@ impl Pending {
         let mut types = vec![PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID); 2];
         types.extend(std::iter::repeat_n(text, 7));
         types.push(PgOid::BuiltIn(PgBuiltInOids::FLOAT8ARRAYOID));
+        types.push(text);
         types.push(text);
         types
     }
@@ -282,7 +295,7 @@ impl Pending {
         self.live += self.error.iter().filter(|e| e.is_none()).count() as u64;
         let taken = std::mem::take(self);
         self.live = taken.live;
-        let args: [pgrx::datum::DatumWithOid; 11] = [
+        let args: [pgrx::datum::DatumWithOid; 12] = [
             taken.endpoint_id.into(),
             taken.conversion_id.into(),
             taken.event.into(),
@@ -294,6 +307,7 @@ impl Pending {
             taken.error.into(),
             taken.delay.into(),
             taken.pattern.into(),
+            taken.hashes.into(),
         ];
         client.update(plan, None, &args)?;
         Ok(())
@@ -312,6 +326,11 @@ fn enqueue_conversions<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, pgrx::spi::Error> {
     let lifecycle = matches!(trigger.op(), Ok(pgrx::PgTriggerOperation::Update));
     let proposed = if lifecycle { 0 } else { crate::api::take_proposed() };
+    if !lifecycle && restoring_a_dump() {
+        // the dump holds the deliveries of these conversions already (pg_restore -j
+        // loads tables in any order): enqueueing them again would collide
+        return Ok(None);
+    }
     let trigger_data = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
     let (conversions, live) = Spi::connect_mut(|client| {
         // SAFETY: the pointer is this trigger call's own TriggerData; registering
@@ -395,12 +414,31 @@ fn enqueue_conversions<'a>(
     Ok(None)
 }
 
-/// An endpoint's success_body_pattern with this delivery's values, regex-escaped.
-fn render_pattern(pattern: &str, conversion: &Conversion, e: &EndpointRow) -> String {
+/// Whether this statement is pg_restore loading table data (a COPY in a session
+/// pg_restore named): restored conversions bring their deliveries with them.
+fn restoring_a_dump() -> bool {
+    // SAFETY: debug_query_string is the backend's current statement text (or NULL)
+    let query = unsafe {
+        let q = pg_sys::debug_query_string;
+        if q.is_null() { None } else { Some(std::ffi::CStr::from_ptr(q).to_string_lossy()) }
+    };
+    let is_copy = query.is_some_and(|q| q.trim_start().get(..5).is_some_and(|w| w.eq_ignore_ascii_case("copy ")));
+    is_copy
+        && Spi::get_one::<String>("SELECT pg_catalog.current_setting('application_name')")
+            .ok()
+            .flatten()
+            .is_some_and(|name| name == "pg_restore")
+}
+
+/// An endpoint's success_body_pattern with this delivery's values, regex-escaped;
+/// an error (the delivery is dead with it) when it outgrows the bound.
+fn render_pattern(pattern: &str, conversion: &Conversion, e: &EndpointRow) -> Result<String, String> {
     let empty = crate::template::Template { tokens: Vec::new() };
     let template = Rc::as_ref(&e.url_template).as_ref().map_or(&empty, |(t, _)| t);
     let endpoint = e.endpoint(template, false);
-    crate::template::render_pattern(pattern, &request::ConversionVars::new(conversion, &endpoint))
+    let rendered = crate::template::render_pattern(pattern, &request::ConversionVars::new(conversion, &endpoint));
+    crate::retry::check_success_pattern_size(&rendered)?;
+    Ok(rendered)
 }
 
 fn render(
@@ -417,7 +455,7 @@ fn render(
 /// What `postback.preview` shows: the request one endpoint would get for one
 /// conversion, rendered as the enqueue trigger would, with whether the
 /// endpoint's filters route the conversion to it.
-/// Returns `{idempotency_key, url, body, error, routed}`.
+/// Returns `{idempotency_key, url, body, error, routed, url_hashes}`.
 #[pg_extern(volatile)]
 fn render_preview(endpoint_id: i64, conversion_id: i64) -> Vec<Option<String>> {
     Spi::connect(|client| {
@@ -444,8 +482,8 @@ fn render_preview(endpoint_id: i64, conversion_id: i64) -> Vec<Option<String>> {
         let key = request::idempotency_key(conversion.id, e.id, conversion.event, conversion.status);
         let rendered = render(&conversion, e, &key, now_unix_micros(), crate::gucs::request_limits());
         Ok(match rendered {
-            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(routed.into())],
-            Err(err) => vec![Some(key), None, None, Some(err), Some(routed.into())],
+            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(routed.into()), crate::url_hash::to_json(&r.hashes)],
+            Err(err) => vec![Some(key), None, None, Some(err), Some(routed.into()), None],
         })
     })
     .unwrap_or_else(|e| pgrx::error!("rendering a preview: {e}"))
@@ -480,7 +518,7 @@ fn invalid(message: impl Into<String>) -> ! {
 /// (`TEST-CLICK-…`, amount 0.00, the endpoint's first partner and event),
 /// each overridable by a key of `sample` (click_id, transaction_id, event,
 /// status, amount, currency, partner, attributes, click).
-/// Returns `{idempotency_key, url, body, error, event, status, success_pattern}`.
+/// Returns `{idempotency_key, url, body, error, event, status, success_pattern, url_hashes}`.
 #[pg_extern(volatile)]
 fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
     let Value::Object(sample) = sample.0 else { invalid("sample must be a JSON object") };
@@ -528,10 +566,15 @@ fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
         let conversion = c.as_conversion();
         let key = format!("test.{}.{marker}", e.id);
         let rendered = render(&conversion, e, &key, now, crate::gucs::request_limits());
-        let pattern = e.pattern.as_deref().map(|p| render_pattern(p, &conversion, e));
+        let pattern = e.pattern.as_deref().map(|p| render_pattern(p, &conversion, e)).transpose();
+        let rendered = match (rendered, &pattern) {
+            (Ok(_), Err(why)) => Err(why.clone()),
+            (r, _) => r,
+        };
+        let pattern = pattern.ok().flatten();
         Ok::<_, pgrx::spi::Error>(match rendered {
-            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(event), Some(status), pattern],
-            Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status), pattern],
+            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(event), Some(status), pattern, crate::url_hash::to_json(&r.hashes)],
+            Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status), pattern, None],
         })
     })
     .unwrap_or_else(|e| pgrx::error!("rendering a test request: {e}"))

@@ -139,7 +139,21 @@ fn check_format(pattern: &str) -> Result<(), String> {
             }
         }
     }
-    Ok(())
+    // chrono's own reading (padding and width modifiers such as %4, %.x, %:x,
+    // %3x are checked there), then a real timestamp formatted with it
+    if chrono::format::StrftimeItems::new(pattern).any(|i| matches!(i, chrono::format::Item::Error)) {
+        return Err(format!("format: \"{pattern}\" is not a valid strftime pattern"));
+    }
+    let sample = chrono::DateTime::from_timestamp(1_711_845_000, 123_456_789).expect("a valid timestamp").fixed_offset();
+    format_time(&sample, pattern).map(|_| ())
+}
+
+/// Formats a timestamp; an error (never a panic) when the pattern cannot be applied.
+fn format_time(t: &chrono::DateTime<chrono::FixedOffset>, pattern: &str) -> Result<String, String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", t.format(pattern)).map_err(|_| format!("format: \"{pattern}\" cannot format this timestamp"))?;
+    Ok(out)
 }
 
 /// A value on its way through the filters: text, or JSON kept whole (for `json`).
@@ -235,7 +249,7 @@ pub fn apply(filters: &[Filter], value: Option<Val>) -> Result<(Option<String>, 
             Filter::Format(pattern) => {
                 let t = zoned.map_or_else(|| timestamp(&text), Ok)?;
                 zoned = None;
-                Val::Text(t.format(pattern).to_string())
+                Val::Text(format_time(&t, pattern)?)
             }
             Filter::Unix => Val::Text(zoned.map_or_else(|| timestamp(&text), Ok)?.timestamp().to_string()),
             Filter::UnixMs => Val::Text(zoned.map_or_else(|| timestamp(&text), Ok)?.timestamp_millis().to_string()),
@@ -315,6 +329,10 @@ mod tests {
         assert_eq!(ok("format:%Y", "1711845000"), "2024");
         assert!(parse("tz:Mars/Olympus").unwrap_err().contains("IANA"));
         assert!(parse("format:%Q").unwrap_err().contains("%Q"));
+        // accepted by the specifier list, refused by chrono: refused when the template is defined
+        for bad in ["format:%4", "format:%.x", "format:%:x", "format:%3x", "format:%Y%4"] {
+            assert!(parse(bad).is_err(), "{bad} accepted");
+        }
         assert!(run("unix", Some("yesterday")).is_err());
     }
 

@@ -17,6 +17,7 @@ pub mod routing;
 pub mod scheduler;
 pub mod signing;
 pub mod template;
+pub mod url_hash;
 
 mod api;
 mod enqueue;
@@ -30,7 +31,7 @@ pgrx::extension_sql_file!("../sql/views.sql", name = "views", requires = ["schem
 pgrx::extension_sql_file!(
     "../sql/enqueue.sql",
     name = "enqueue",
-    requires = ["schema", render_request, render_preview, finalize_request, conversions_validate, enqueue_conversions, validate_headers, validate_partners, validate_conditions, validate_statuses]
+    requires = ["schema", render_request, render_preview, sign_request, check_json_nesting, conversions_validate, enqueue_conversions, validate_headers, validate_partners, validate_conditions, validate_statuses]
 );
 pgrx::extension_sql_file!(
     "../sql/operations.sql",
@@ -40,7 +41,7 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/privileges.sql",
     name = "privileges",
-    requires = ["enqueue", "views", "operations", render_request, render_preview, enqueue_conversions, finalize_request, take_proposed_conversions, wake_worker, worker_stats]
+    requires = ["enqueue", "views", "operations", render_request, render_preview, enqueue_conversions, sign_request, take_proposed_conversions, wake_worker, worker_stats]
 );
 pgrx::extension_sql_file!("../sql/comments.sql", name = "comments", finalize);
 

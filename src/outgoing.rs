@@ -40,6 +40,25 @@ pub fn header_pairs(headers: Option<serde_json::Value>) -> Vec<(String, String)>
     }
 }
 
+/// A stored headers object (JSON text) as (name, value) pairs, each checked;
+/// anything else is an error naming the problem (never a request without them).
+pub fn parse_stored_headers(text: &str) -> Result<Vec<(String, String)>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|_| "the endpoint's headers do not parse as JSON".to_string())?;
+    let serde_json::Value::Object(map) = value else {
+        return Err("the endpoint's headers are not a JSON object".into());
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (name, value) in map {
+        let serde_json::Value::String(value) = value else {
+            return Err(format!("the endpoint's header \"{}\" is not a string", name.escape_default()));
+        };
+        check_header(&name, &value)?;
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
 /// Header names an endpoint may not set: they frame the request, so a stored
 /// value could smuggle a second request or redirect the first.
 pub const FORBIDDEN_HEADERS: &[&str] = &[
@@ -97,50 +116,12 @@ pub fn check_method(method: &str) -> Result<(), String> {
     }
 }
 
-/// Replaces each `{hash:…}` marker of a rendered URL by its digest, computed
-/// with the endpoint's newest live secret.
-pub fn expand_hashes(url: &str, secrets: &[String]) -> Result<String, String> {
-    use base64::Engine;
-    use sha2::Digest;
-    let mark = crate::template::HASH_MARK;
-    if !url.contains(mark) {
-        return Ok(url.to_string());
-    }
-    let secret = secrets.first().ok_or("the URL template hashes with the secret but the endpoint has no live secret in postback.endpoint_secrets")?;
-    let mut out = String::with_capacity(url.len());
-    let mut rest = url;
-    while let Some(at) = rest.find(mark) {
-        out.push_str(&rest[..at]);
-        let after = &rest[at + mark.len()..];
-        let mut fields = after.splitn(3, '~');
-        let (algorithm, payload, tail) = match (fields.next(), fields.next(), fields.next()) {
-            (Some(a), Some(p), Some(t)) => (a, p, t),
-            _ => return Err("a hash marker in the URL is malformed".into()),
-        };
-        let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Vec<Option<String>>>(&b).ok())
-            .ok_or("a hash marker in the URL is malformed")?;
-        let input: String = json.into_iter().map(|p| p.unwrap_or_else(|| secret.clone())).collect();
-        let digest: Vec<u8> = match algorithm {
-            "md5" => md5::Md5::digest(input.as_bytes()).to_vec(),
-            "sha1" => sha1::Sha1::digest(input.as_bytes()).to_vec(),
-            "sha256" => sha2::Sha256::digest(input.as_bytes()).to_vec(),
-            other => return Err(format!("hash algorithm \"{other}\" is not supported")),
-        };
-        out.extend(digest.iter().map(|b| format!("{b:02x}")));
-        rest = tail;
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
 /// Builds the URL and full header list of one attempt.
 #[allow(clippy::too_many_arguments)]
 pub fn finalize(
     kind: &str,
     url: &str,
+    hashes: &[crate::url_hash::HashSlot],
     stored_headers: &[(String, String)],
     body: Option<&str>,
     idempotency_key: &str,
@@ -148,7 +129,7 @@ pub fn finalize(
     now_unix: i64,
 ) -> Result<Outgoing, String> {
     let mut headers: Vec<(String, String)> = vec![("User-Agent".into(), USER_AGENT.into())];
-    let mut url = expand_hashes(url, &signing.secrets)?;
+    let mut url = crate::url_hash::expand(url, hashes, signing.secrets.first().map(String::as_str))?;
     if kind == "webhook" {
         headers.push(("Content-Type".into(), "application/json".into()));
         headers.push(("Idempotency-Key".into(), idempotency_key.into()));
@@ -197,7 +178,7 @@ mod tests {
             secrets: vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
             ..Default::default()
         };
-        let o = finalize("webhook", "https://n.test/h", &[], Some("{}"), "1.2.sale.approved", &s, 1700000000).unwrap();
+        let o = finalize("webhook", "https://n.test/h", &[], &[], Some("{}"), "1.2.sale.approved", &s, 1700000000).unwrap();
         assert_eq!(header(&o, "webhook-id"), Some("1.2.sale.approved"));
         assert_eq!(header(&o, "webhook-timestamp"), Some("1700000000"));
         assert_eq!(header(&o, "Idempotency-Key"), Some("1.2.sale.approved"));
@@ -211,7 +192,7 @@ mod tests {
     #[test]
     fn header_name_override_and_endpoint_headers_win() {
         let s = Signing { scheme: "stripe".into(), secrets: vec!["k".into()], header: Some("X-Sig".into()), ..Default::default() };
-        let o = finalize("webhook", "https://n.test/h", &[("user-agent".into(), "custom".into())], Some("{}"), "k", &s, 5).unwrap();
+        let o = finalize("webhook", "https://n.test/h", &[], &[("user-agent".into(), "custom".into())], Some("{}"), "k", &s, 5).unwrap();
         assert!(header(&o, "X-Sig").unwrap().starts_with("t=5,v1="));
         assert_eq!(header(&o, "User-Agent"), Some("custom"));
         assert_eq!(o.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("user-agent")).count(), 1);
@@ -220,7 +201,7 @@ mod tests {
     #[test]
     fn postback_url_is_signed_with_query_parameters() {
         let s = Signing { scheme: "hmac-sha256-hex".into(), secrets: vec!["k".into()], ts_param: "ts".into(), sig_param: "sig".into(), header: None };
-        let o = finalize("postback", "https://n.test/pb?c=1", &[], None, "k", &s, 7).unwrap();
+        let o = finalize("postback", "https://n.test/pb?c=1", &[], &[], None, "k", &s, 7).unwrap();
         assert!(o.url.starts_with("https://n.test/pb?c=1&ts=7&sig="), "{}", o.url);
         assert_eq!(header(&o, "Idempotency-Key"), None);
     }
@@ -243,7 +224,7 @@ mod tests {
             ("X-\r\nKey", "v"),
         ] {
             assert!(check_header(name, value).is_err(), "{name:?}: {value:?} accepted");
-            let e = finalize("postback", "https://n.test/", &[(name.into(), value.into())], None, "k", &Signing { scheme: "none".into(), ..Default::default() }, 0);
+            let e = finalize("postback", "https://n.test/", &[], &[(name.into(), value.into())], None, "k", &Signing { scheme: "none".into(), ..Default::default() }, 0);
             assert!(e.is_err(), "{name:?} reached the wire");
         }
         assert!(check_header("Authorization", "Bearer abc\tdef").is_ok());
@@ -261,19 +242,27 @@ mod tests {
         )
         .unwrap();
         let vars = serde_json::json!({"transaction_id": "tx-1", "currency": "EUR", "attributes": {"snuid": "u9"}});
-        let url = crate::template::render_url(&t, vars.as_object().unwrap(), Default::default()).unwrap();
+        let (url, hashes) = crate::template::render_url_hashed(&t, vars.as_object().unwrap(), Default::default()).unwrap();
         let s = Signing { scheme: "none".into(), secrets: vec!["k2".into(), "k1".into()], ..Default::default() };
-        let o = finalize("postback", &url, &[], None, "k", &s, 0).unwrap();
+        let o = finalize("postback", &url, &hashes, &[], None, "k", &s, 0).unwrap();
         // md5("tx-1:u9:EUR:k2")
         assert_eq!(o.url, "https://n.test/pb?id=tx-1&v=1cb5416805278a478e2115b6889bc9c1");
         let none = Signing { scheme: "none".into(), ..Default::default() };
-        assert!(finalize("postback", &url, &[], None, "k", &none, 0).unwrap_err().contains("no live secret"));
+        assert!(finalize("postback", &url, &hashes, &[], None, "k", &none, 0).unwrap_err().contains("no live secret"));
+    }
+
+    #[test]
+    fn stored_headers_that_do_not_parse_are_an_error_not_an_empty_list() {
+        assert_eq!(parse_stored_headers(r#"{"X-Key": "v"}"#).unwrap(), vec![("X-Key".to_string(), "v".to_string())]);
+        for bad in ["[]", "\"x\"", r#"{"X-Key": 1}"#, r#"{"X-Key": "a\r\nb"}"#, "{", r#"{"Host": "x"}"#] {
+            assert!(parse_stored_headers(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn signing_without_a_secret_is_an_error() {
         let s = Signing { scheme: "github".into(), ..Default::default() };
-        let e = finalize("webhook", "https://n.test/h", &[], Some("{}"), "k", &s, 0).unwrap_err();
+        let e = finalize("webhook", "https://n.test/h", &[], &[], Some("{}"), "k", &s, 0).unwrap_err();
         assert!(e.contains("no live secret"), "{e}");
     }
 }

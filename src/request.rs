@@ -74,6 +74,8 @@ pub struct Endpoint<'a> {
 pub struct Request {
     pub url: String,
     pub body: Option<String>,
+    /// where the URL's `{hash:…}` digests go (computed at send time with the secret)
+    pub hashes: Vec<crate::url_hash::HashSlot>,
 }
 
 /// `2024-03-01T12:34:56Z` (or with `.123456` when there are fractional seconds).
@@ -254,7 +256,7 @@ pub fn render(
     limits: Limits,
 ) -> Result<Request, String> {
     let vars = ConversionVars::new(conv, endpoint);
-    let url = template::render_url(
+    let (url, hashes) = template::render_url_hashed(
         endpoint.url_template,
         &vars,
         RenderOptions { drop_empty_params: endpoint.drop_empty_params },
@@ -281,7 +283,7 @@ pub fn render(
             return Err(format!("rendered body is {} bytes; the limit is {} (postback.max_body_bytes)", b.len(), limits.body_bytes));
         }
     }
-    Ok(Request { url, body })
+    Ok(Request { url, body, hashes })
 }
 
 /// The deterministic idempotency key of (conversion, endpoint, event, status).

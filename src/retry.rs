@@ -59,6 +59,65 @@ pub fn parse_statuses(items: &[String], what: &str) -> Result<Vec<(u16, u16)>, S
         .collect()
 }
 
+/// Longest error stored for an attempt (attempts.error, deliveries.last_error,
+/// endpoint_state): a partner's long answer never grows the rows operators read.
+pub const MAX_ERROR_BYTES: usize = 2000;
+
+/// An error cut to [`MAX_ERROR_BYTES`] on a character boundary, marked when cut.
+pub fn cap_error(error: String) -> String {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error;
+    }
+    format!("{}… ({} bytes, cut)", crate::http::truncate_utf8(&error, MAX_ERROR_BYTES), error.len())
+}
+
+/// Longest success_body_pattern, once filled with a delivery's values.
+pub const MAX_SUCCESS_PATTERN_BYTES: usize = 8192;
+/// Compiled-size limit of a success_body_pattern (the regex crate's own bound).
+const SUCCESS_PATTERN_SIZE_LIMIT: usize = 1 << 20;
+
+/// A filled success_body_pattern within [`MAX_SUCCESS_PATTERN_BYTES`], or why not.
+pub fn check_success_pattern_size(pattern: &str) -> Result<(), String> {
+    if pattern.len() > MAX_SUCCESS_PATTERN_BYTES {
+        return Err(format!(
+            "success_body_pattern filled with this delivery's values is {} bytes; the limit is {MAX_SUCCESS_PATTERN_BYTES}",
+            pattern.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Compiles a success_body_pattern, bounded in size. An error names the
+/// problem: the delivery fails with it (a rule that cannot be built is never
+/// dropped, which would let any 2xx count as success).
+pub fn compile_success_pattern(pattern: &str) -> Result<Regex, String> {
+    check_success_pattern_size(pattern)?;
+    regex::RegexBuilder::new(pattern)
+        .size_limit(SUCCESS_PATTERN_SIZE_LIMIT)
+        .build()
+        .map_err(|e| format!("success_body_pattern cannot be used: {}", crate::http::truncate_utf8(&e.to_string(), 300)))
+}
+
+/// What a success_body_pattern said of a response body (computed on the
+/// sending thread, where compiling and matching cost what the values weigh).
+#[derive(Debug, Clone, PartialEq)]
+pub enum BodyCheck {
+    Matched,
+    NotMatched { pattern: String },
+    /// the pattern cannot be built: the delivery fails with this reason
+    Unusable(String),
+}
+
+impl BodyCheck {
+    pub fn of(pattern: &str, body: &str) -> BodyCheck {
+        match compile_success_pattern(pattern) {
+            Ok(re) if re.is_match(body) => BodyCheck::Matched,
+            Ok(_) => BodyCheck::NotMatched { pattern: pattern.to_string() },
+            Err(e) => BodyCheck::Unusable(e),
+        }
+    }
+}
+
 /// Decides success, retry or dead for one attempt, before limits are applied,
 /// with the default status rules.
 pub fn classify(result: &AttemptResult, success_body: Option<&Regex>) -> Verdict {
@@ -70,17 +129,40 @@ pub fn classify(result: &AttemptResult, success_body: Option<&Regex>) -> Verdict
 /// another 3xx is a redirect not followed, a retry status is retried, the
 /// rest is dead at once.
 pub fn classify_with(result: &AttemptResult, success_body: Option<&Regex>, rules: &StatusRules) -> Verdict {
+    let check = match (success_body, result) {
+        (Some(re), AttemptResult::Response { body, .. }) if re.is_match(body) => Some(BodyCheck::Matched),
+        (Some(re), _) => Some(BodyCheck::NotMatched { pattern: re.as_str().to_string() }),
+        (None, _) => None,
+    };
+    judge(result, check.as_ref(), rules)
+}
+
+/// Whether a response's status line carries a real HTTP status (100-599).
+pub fn is_http_status(status: u16) -> bool {
+    (100..=599).contains(&status)
+}
+
+/// Decides success, retry or dead with the body check done where the request was sent.
+pub fn judge(result: &AttemptResult, body_check: Option<&BodyCheck>, rules: &StatusRules) -> Verdict {
     match result {
         AttemptResult::Transient(e) => Verdict::Retry { error: e.clone(), retry_after: None },
         AttemptResult::Permanent(e) => Verdict::Dead { error: e.clone() },
-        AttemptResult::Response { status, body, retry_after, location } => {
+        AttemptResult::Response { status, .. } if !is_http_status(*status) => Verdict::Retry {
+            error: format!("the response's status line has {status}, which is not an HTTP status (100-599)"),
+            retry_after: None,
+        },
+        AttemptResult::Response { status, body: _, retry_after, location } => {
             let status = *status;
             if within(&rules.success, status) {
-                return match success_body {
-                    Some(re) if !re.is_match(body) => Verdict::Retry {
-                        error: format!("HTTP {status} but the body does not match success_body_pattern /{}/", re.as_str()),
+                return match body_check {
+                    Some(BodyCheck::NotMatched { pattern }) => Verdict::Retry {
+                        error: format!(
+                            "HTTP {status} but the body does not match success_body_pattern /{}/",
+                            crate::http::truncate_utf8(pattern, 200)
+                        ),
                         retry_after: None,
                     },
+                    Some(BodyCheck::Unusable(e)) => Verdict::Dead { error: e.clone() },
                     _ => Verdict::Succeeded,
                 };
             }
@@ -91,10 +173,12 @@ pub fn classify_with(result: &AttemptResult, success_body: Option<&Regex>, rules
                 };
             }
             if (300..=399).contains(&status) {
+                // the Location of an http→https redirect echoes the whole signed
+                // URL: its query string never reaches a stored row or an alert
                 return Verdict::Dead {
                     error: format!(
                         "HTTP {status} redirect not followed (Location: {})",
-                        location.as_deref().unwrap_or("none")
+                        location.as_deref().map(crate::http::without_query).as_deref().unwrap_or("none")
                     ),
                 };
             }
@@ -112,6 +196,7 @@ pub fn endpoint_health(result: &AttemptResult, verdict: &Verdict) -> crate::sche
     match (result, verdict) {
         (_, Verdict::Succeeded) => Health::Success,
         (AttemptResult::Transient(_), _) => Health::Failure,
+        (AttemptResult::Response { status, .. }, _) if !is_http_status(*status) => Health::Failure,
         (AttemptResult::Response { status: 408 | 429 | 500..=599, .. }, _) => Health::Failure,
         _ => Health::Neutral,
     }
@@ -228,6 +313,41 @@ mod tests {
         let v = classify(&resp(200, "success=false;"), Some(&re));
         assert!(matches!(v, Verdict::Retry { ref error, .. } if error.contains("success_body_pattern")), "{v:?}");
         assert!(matches!(classify(&resp(500, "success=true"), Some(&re)), Verdict::Retry { .. }));
+    }
+
+    #[test]
+    fn a_pattern_that_cannot_be_built_fails_the_delivery_and_never_passes_a_2xx() {
+        let long = format!("ok {}", "x".repeat(300_000));
+        let check = BodyCheck::of(&long, "ok");
+        assert!(matches!(&check, BodyCheck::Unusable(e) if e.contains("limit is 8192")), "{check:?}");
+        let v = judge(&resp(200, "ok"), Some(&check), &StatusRules::default());
+        assert!(matches!(&v, Verdict::Dead { error } if error.contains("success_body_pattern")), "{v:?}");
+        let broken = BodyCheck::of("(unclosed", "ok");
+        assert!(matches!(judge(&resp(200, "ok"), Some(&broken), &StatusRules::default()), Verdict::Dead { .. }));
+        // a pattern too big for the compiled-size bound is refused, not dropped
+        let huge = BodyCheck::of(&"\\w{500}".repeat(16), "ok");
+        assert!(matches!(huge, BodyCheck::Unusable(_)), "{huge:?}");
+        assert_eq!(BodyCheck::of("^ok$", "ok"), BodyCheck::Matched);
+    }
+
+    #[test]
+    fn a_status_beyond_599_is_a_recorded_failure() {
+        for s in [600, 777, 999] {
+            let v = classify(&resp(s, ""), None);
+            assert!(matches!(&v, Verdict::Retry { error, .. } if error.contains("not an HTTP status")), "{s}: {v:?}");
+            assert_eq!(endpoint_health(&resp(s, ""), &v), crate::scheduler::Health::Failure);
+        }
+    }
+
+    #[test]
+    fn a_redirect_never_stores_the_query_string_it_echoes() {
+        let r = AttemptResult::Response {
+            status: 301, body: String::new(), retry_after: None,
+            location: Some("https://n.test/pb?cid=1&ts=5&sig=deadbeef".into()),
+        };
+        let Verdict::Dead { error } = classify(&r, None) else { panic!() };
+        assert!(!error.contains("deadbeef") && !error.contains("cid=1"), "{error}");
+        assert!(error.contains("https://n.test/pb?…"), "{error}");
     }
 
     #[test]

@@ -127,14 +127,37 @@ impl Router {
     }
 }
 
+/// A JSON number's exact value as (negative, significant digits, exponent):
+/// `1.50`, `15e-1` and `1.5` give the same triple; zero is (false, "", 0).
+fn exact(number: &str) -> Option<(bool, String, i64)> {
+    let (negative, rest) = match number.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, number),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(i) => (&rest[..i], rest[i + 1..].parse::<i64>().ok()?),
+        None => (rest, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = format!("{int}{frac}");
+    let exponent = exponent.checked_sub(frac.len() as i64)?;
+    let trimmed_end = digits.trim_end_matches('0');
+    let exponent = exponent.checked_add((digits.len() - trimmed_end.len()) as i64)?;
+    let significant = trimmed_end.trim_start_matches('0');
+    if significant.is_empty() {
+        return Some((false, String::new(), 0));
+    }
+    Some((negative, significant.to_string(), exponent))
+}
+
+/// Numbers are equal as PostgreSQL's numeric compares them: exactly, never
+/// through f64 (9007199254740992 and …993 differ).
 fn numbers_equal(a: &serde_json::Number, b: &serde_json::Number) -> bool {
-    if a.to_string() == b.to_string() {
-        return true;
-    }
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => x == y,
-        _ => false,
-    }
+    let (a, b) = (a.to_string(), b.to_string());
+    a == b || matches!((exact(&a), exact(&b)), (Some(x), Some(y)) if x == y)
 }
 
 /// `container @> contained` for JSON values, as PostgreSQL's jsonb defines it:
@@ -282,5 +305,16 @@ mod tests {
         assert!(check_conditions(&json!({"offer_id": "12"})).is_ok());
         assert!(check_conditions(&json!({})).is_err());
         assert!(check_conditions(&json!(["x"])).unwrap_err().contains("an array"));
+    }
+
+    #[test]
+    fn numbers_compare_exactly_as_numeric_does() {
+        let n = |t: &str| serde_json::from_str::<Value>(t).unwrap();
+        assert!(!contains(&n(r#"{"id": 9007199254740993}"#), &n(r#"{"id": 9007199254740992}"#)));
+        assert!(contains(&n(r#"{"a": 1.50}"#), &n(r#"{"a": 1.5}"#)));
+        assert!(contains(&n(r#"{"a": 100}"#), &n(r#"{"a": 1e2}"#)));
+        assert!(contains(&n(r#"{"a": 0.0}"#), &n(r#"{"a": -0}"#)));
+        assert!(!contains(&n(r#"{"a": 0.1}"#), &n(r#"{"a": 0.10000000000000001}"#)));
+        assert!(!contains(&n(r#"{"a": -5}"#), &n(r#"{"a": 5}"#)));
     }
 }

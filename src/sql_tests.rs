@@ -412,7 +412,7 @@ mod tests {
     #[pg_test]
     fn internal_functions_are_not_executable_by_public() {
         for f in [
-            "postback.finalize_request(bigint, text, text, text, text, text, text, jsonb, text, text)",
+            "postback.sign_request(bigint, text, text, text, text, text, text, jsonb, jsonb, text, text)",
             "postback.render_request(bigint, text, text, text, jsonb, jsonb, boolean, bigint, text, text, text, text, text, text, jsonb, timestamptz)",
             "postback.preview(text, bigint)",
             "postback.grant_operator(regrole)",

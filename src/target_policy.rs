@@ -39,8 +39,11 @@ fn prefix_match(net: u128, addr: u128, prefix: u8, bits: u8) -> bool {
     if prefix == 0 {
         return true;
     }
-    let shift = bits - prefix;
-    (net >> shift) == (addr >> shift)
+    // checked: a prefix longer than the family never matches (and never panics)
+    match bits.checked_sub(prefix) {
+        Some(shift) if shift < 128 => (net >> shift) == (addr >> shift),
+        _ => false,
+    }
 }
 
 /// An IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) is judged as the IPv4
@@ -81,7 +84,16 @@ pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
             .filter(|p| *p <= max)
             .ok_or_else(|| format!("\"{text}\" has an invalid prefix length (0 to {max})"))?,
     };
-    Ok(Cidr { network: canonical(network), prefix })
+    let canon = canonical(network);
+    let prefix = match (network, canon) {
+        // `::ffff:10.1.2.3/120` is the IPv4 block 10.1.2.0/24: the mapped
+        // prefix counts the 96 bits of the IPv6 wrapper
+        (IpAddr::V6(_), IpAddr::V4(_)) => prefix.checked_sub(96).ok_or_else(|| {
+            format!("\"{text}\" is an IPv4-mapped block; its prefix length must be 96 to 128 (that is, /0 to /32 of the IPv4 address)")
+        })?,
+        _ => prefix,
+    };
+    Ok(Cidr { network: canon, prefix })
 }
 
 /// Parses the comma-separated `postback.allowed_targets` value.
@@ -236,6 +248,25 @@ mod tests {
         let e = parse_allowlist("localhost").unwrap_err();
         assert!(e.contains("not an IP address"), "{e}");
         assert_eq!(parse_cidr("0.0.0.0/0").unwrap().to_string(), "0.0.0.0/0");
+    }
+
+    #[test]
+    fn an_ipv4_mapped_entry_opens_only_its_own_ipv4_block() {
+        let allow = parse_allowlist("::ffff:127.0.0.2").unwrap();
+        assert_eq!(allow[0].to_string(), "127.0.0.2/32");
+        assert_eq!(check_address(ip("127.0.0.2"), &allow), Ok(()));
+        assert!(check_address(ip("127.0.0.3"), &allow).is_err());
+        assert!(check_address(ip("::ffff:127.0.0.3"), &allow).is_err());
+        let block = parse_allowlist("::ffff:127.0.0.0/120").unwrap();
+        assert_eq!(block[0].to_string(), "127.0.0.0/24");
+        assert!(block[0].contains(ip("127.0.0.9")));
+        assert!(!block[0].contains(ip("127.0.1.9")));
+        let e = parse_allowlist("::ffff:127.0.0.2/64").unwrap_err();
+        assert!(e.contains("96 to 128"), "{e}");
+        // the arithmetic itself never underflows, whatever a Cidr holds
+        let odd = Cidr { network: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), prefix: 128 };
+        assert!(!odd.contains(ip("127.0.0.3")));
+        assert!(!odd.contains(ip("127.0.0.2")));
     }
 
     #[test]

@@ -94,17 +94,13 @@ pub enum HashPart {
     Secret,
 }
 
-/// Marks, in a stored URL, a digest the worker computes when it sends
-/// (the secret never reaches the stored row): `~pgpb-hash~ALG~PAYLOAD~`.
-pub const HASH_MARK: &str = "~pgpb-hash~";
-
 impl HashSpec {
     fn parse(spec: &str, position: usize) -> Result<HashSpec, TemplateError> {
         let (algorithm, list) = spec
             .split_once(':')
             .ok_or_else(|| err(Some(position), "hash needs an algorithm and parts: {hash:md5:transaction_id,':',secret}"))?;
         let algorithm = algorithm.trim().to_string();
-        if !["md5", "sha1", "sha256"].contains(&algorithm.as_str()) {
+        if !crate::url_hash::ALGORITHMS.contains(&algorithm.as_str()) {
             return Err(err(Some(position), format!("hash algorithm \"{algorithm}\" is not md5, sha1 or sha256")));
         }
         let mut parts = Vec::new();
@@ -127,21 +123,16 @@ impl HashSpec {
         Ok(HashSpec { algorithm, parts })
     }
 
-    /// The marker stored in the URL: the values (never the secret), to be
-    /// hashed with the secret at send time.
-    fn marker<V: Vars + ?Sized>(&self, vars: &V) -> String {
-        use base64::Engine;
-        let values: Vec<Value> = self
-            .parts
+    /// The text to hash, in order: values and literals, `None` for the secret.
+    pub fn parts<V: Vars + ?Sized>(&self, vars: &V) -> Vec<Option<String>> {
+        self.parts
             .iter()
             .map(|p| match p {
-                HashPart::Var(n) => Value::String(vars.text(n).map(Cow::into_owned).unwrap_or_default()),
-                HashPart::Literal(l) => Value::String(l.clone()),
-                HashPart::Secret => Value::Null,
+                HashPart::Var(n) => Some(vars.text(n).map(Cow::into_owned).unwrap_or_default()),
+                HashPart::Literal(l) => Some(l.clone()),
+                HashPart::Secret => None,
             })
-            .collect();
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Value::Array(values).to_string());
-        format!("{HASH_MARK}{}~{payload}~", self.algorithm)
+            .collect()
     }
 }
 
@@ -149,8 +140,8 @@ impl Macro {
     /// The value to insert: the variable through the filters. `Err` when a
     /// filter cannot apply to the value (e.g. arithmetic on a non-number).
     pub fn value<V: Vars + ?Sized>(&self, vars: &V) -> Result<Option<String>, String> {
-        if let Some(h) = &self.hash {
-            return Ok(Some(h.marker(vars)));
+        if self.hash.is_some() {
+            return Err("a {hash:…} digest is computed only in a URL template".into());
         }
         let start = if self.filters.is_empty() {
             return Ok(vars.text(&self.name).map(Cow::into_owned));
@@ -389,7 +380,25 @@ struct Param {
 }
 
 /// Renders a URL template: values are encoded for the part they stand in.
+/// A `{hash:…}` leaves nothing in the URL (see [`render_url_hashed`]).
 pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: RenderOptions) -> Result<String, String> {
+    render_url_hashed(template, vars, options).map(|(url, _)| url)
+}
+
+/// Stands, while one URL is rendered, where a `{hash:…}` goes. No value can
+/// produce it: encoded values are printable ASCII, and a raw value with a
+/// control character is refused.
+const SLOT: char = '\u{1}';
+
+/// Renders a URL template and says where its `{hash:…}` digests go: the URL
+/// has nothing at those positions, and the slots (out of band) carry the
+/// offsets and the values to hash with the secret when the request is sent.
+pub fn render_url_hashed<V: Vars + ?Sized>(
+    template: &Template,
+    vars: &V,
+    options: RenderOptions,
+) -> Result<(String, Vec<crate::url_hash::HashSlot>), String> {
+    let mut slots: Vec<crate::url_hash::HashSlot> = Vec::new();
     let mut head = String::with_capacity(256);
     let mut query: Option<Vec<Param>> = None;
     let mut fragment: Option<String> = None;
@@ -408,7 +417,16 @@ pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: Rend
                 }
             }
             Token::Macro(m) => {
-                let value = m.value(vars)?;
+                let value = match &m.hash {
+                    Some(h) => {
+                        slots.push(crate::url_hash::HashSlot { at: 0, algorithm: h.algorithm.clone(), parts: h.parts(vars) });
+                        Some(SLOT.to_string())
+                    }
+                    None => m.value(vars)?,
+                };
+                if m.raw && value.as_deref().is_some_and(|v| v.contains(char::is_control)) {
+                    return Err(format!("{{{}|raw}}: the value has a control character", m.name));
+                }
                 let present = value.is_some();
                 let value = value.unwrap_or_default();
                 let target = match (&mut query, &mut fragment) {
@@ -421,7 +439,7 @@ pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: Rend
                     }
                     (None, None) => &mut head,
                 };
-                if m.raw {
+                if m.raw || m.hash.is_some() {
                     target.push_str(&value);
                 } else {
                     push_encoded(target, &value);
@@ -445,7 +463,24 @@ pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: Rend
         out.push('#');
         out.push_str(&frag);
     }
-    Ok(out)
+    if slots.is_empty() {
+        return Ok((out, slots));
+    }
+    let mut url = String::with_capacity(out.len());
+    let mut n = 0;
+    for c in out.chars() {
+        if c == SLOT {
+            let slot = slots.get_mut(n).ok_or("a {hash:…} position was lost while rendering")?;
+            slot.at = url.len();
+            n += 1;
+        } else {
+            url.push(c);
+        }
+    }
+    if n != slots.len() {
+        return Err("a {hash:…} position was lost while rendering".into());
+    }
+    Ok((url, slots))
 }
 
 /// Renders a template as plain text (no URL encoding), e.g. a string inside a
@@ -887,9 +922,20 @@ mod tests {
     fn a_hash_over_values_and_the_secret_is_left_for_send_time() {
         let t = validate_url_template("https://n.test/pb?id={transaction_id}&v={hash:md5:transaction_id,':',attributes.snuid,':',currency,':',secret}").unwrap();
         let v = vars(json!({"transaction_id": "tx-1", "currency": "EUR", "attributes": {"snuid": "u 9"}}));
-        let out = render_url(&t, &v, RenderOptions::default()).unwrap();
-        assert!(out.contains(&format!("&v={HASH_MARK}md5~")), "{out}");
-        assert!(!out.contains("secret"));
+        let (out, slots) = render_url_hashed(&t, &v, RenderOptions::default()).unwrap();
+        assert_eq!(out, "https://n.test/pb?id=tx-1&v=");
+        assert_eq!(slots.len(), 1);
+        assert_eq!(slots[0].at, out.len());
+        let parts: Vec<Option<&str>> = slots[0].parts.iter().map(Option::as_deref).collect();
+        assert_eq!(parts, vec![Some("tx-1"), Some(":"), Some("u 9"), Some(":"), Some("EUR"), Some(":"), None]);
+        // a value shaped like the marker of 0.2.0 is only text, percent-encoded where needed
+        let hostile = vars(json!({"transaction_id": "~pgpb-hash~sha256~W251bGxd~", "currency": "{hash}"}));
+        let (out, slots) = render_url_hashed(&t, &hostile, RenderOptions::default()).unwrap();
+        assert_eq!(out, "https://n.test/pb?id=~pgpb-hash~sha256~W251bGxd~&v=");
+        assert_eq!(slots.len(), 1);
+        // a raw value may not smuggle the slot character
+        let raw = Template::parse("https://n.test/pb?r={click_id|raw}&v={hash:md5:click_id,secret}").unwrap();
+        assert!(render_url_hashed(&raw, &vars(json!({"click_id": "a\u{1}b"})), RenderOptions::default()).is_err());
         let e = validate_url_template("https://n.test/?v={hash:md5:transaction_id}").unwrap_err();
         assert!(e.message.contains("without the secret"), "{e}");
         assert!(validate_url_template("https://n.test/?v={hash:crc32:transaction_id,secret}").is_err());

@@ -15,20 +15,19 @@ use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use regex::Regex;
 
 use crate::gucs;
-use crate::http::{self, Client, Job, Sent};
+use crate::http::{self, Client, Job};
 use crate::outgoing::{self, Signing};
 use crate::retry::{self, AttemptResult, Decision, Jitter, Limits};
-use crate::scheduler::{BreakerSettings, BreakerState, Health, Scheduler, Transition};
+use crate::scheduler::{BreakerSettings, BreakerState, Scheduler, Transition};
 
 mod pool;
 mod queue;
 pub mod shared;
 mod txn;
 
-use pool::Pool;
+use pool::{Done, Pool, Work};
 use queue::{Claimed, EndpointConfig, Record};
 
 pub const WORKER_TYPE: &str = "pg_postback worker";
@@ -189,7 +188,8 @@ fn note_error(message: &str) {
 #[derive(Clone)]
 struct Judging {
     rules: Arc<crate::retry::StatusRules>,
-    pattern: Option<Arc<Regex>>,
+    /// compiled and matched on the sending thread (its cost grows with the values in it)
+    pattern: Option<Arc<str>>,
     schedule: Arc<Vec<Duration>>,
     max_attempts: i32,
 }
@@ -203,7 +203,7 @@ struct InFlight {
 /// An endpoint's settings as last read, and what the worker derived from them.
 struct CachedEndpoint {
     read_at: Instant,
-    config: EndpointConfig,
+    config: Arc<EndpointConfig>,
     judging: Judging,
 }
 
@@ -216,10 +216,10 @@ struct Worker {
     endpoints: HashMap<i64, CachedEndpoint>,
     pool: Pool,
     rebuild_pool: bool,
-    scheduler: Scheduler<(Claimed, Result<Job, String>, Judging)>,
+    scheduler: Scheduler<(Claimed, Arc<EndpointConfig>, Judging)>,
     in_flight: HashMap<u64, InFlight>,
     next_key: u64,
-    finished: Vec<(u64, Sent)>,
+    finished: Vec<(u64, Done)>,
     /// when the oldest result not yet recorded came back
     first_finished: Option<Instant>,
     records: Vec<Record>,
@@ -379,7 +379,8 @@ impl Worker {
         }
         let now = now_us();
         let (mut ok, mut failed) = (0i64, 0i64);
-        for (key, sent) in std::mem::take(&mut self.finished) {
+        for (key, done) in std::mem::take(&mut self.finished) {
+            let sent = done.sent;
             let Some(f) = self.in_flight.remove(&key) else { continue };
             let (c, j) = (&f.claimed, &f.judging);
             let limits = Limits {
@@ -387,17 +388,20 @@ impl Worker {
                 max_attempts: j.max_attempts,
                 remaining_age: Duration::from_millis(c.remaining_age_ms.max(0) as u64),
             };
-            let verdict = retry::classify_with(&sent.result, j.pattern.as_deref(), &j.rules);
+            let verdict = retry::judge(&sent.result, done.body_check.as_ref(), &j.rules);
             let health = retry::endpoint_health(&sent.result, &verdict);
             let decision = retry::decide(verdict, c.budget_no, &limits, self.jitter.next_unit());
             let (status_code, body) = match &sent.result {
-                AttemptResult::Response { status, body, .. } => (Some(*status as i32), Some(body.clone())),
+                // a status line beyond 100-599 is recorded without a code (the error says which)
+                AttemptResult::Response { status, body, .. } => {
+                    (retry::is_http_status(*status).then_some(*status as i32), Some(body.clone()))
+                }
                 _ => (None, None),
             };
             let (outcome, error, retry_in_ms) = match decision {
                 Decision::Succeeded => ("succeeded", None, None),
-                Decision::RetryIn(d, e) => ("retry", Some(e), Some(d.as_millis() as i64)),
-                Decision::Dead(e) => ("dead", Some(e), None),
+                Decision::RetryIn(d, e) => ("retry", Some(retry::cap_error(e)), Some(d.as_millis() as i64)),
+                Decision::Dead(e) => ("dead", Some(retry::cap_error(e)), None),
             };
             if outcome == "succeeded" {
                 ok += 1
@@ -492,12 +496,12 @@ impl Worker {
         for (id, e) in fresh {
             self.scheduler.set_limits(id, e.limits, now);
             let judging = Judging {
-                rules: Arc::new(e.status_rules.clone()),
-                pattern: e.success_body_pattern.as_deref().and_then(|p| Regex::new(p).ok()).map(Arc::new),
+                rules: Arc::new(e.status_rules.clone().unwrap_or_default()),
+                pattern: e.success_body_pattern.as_deref().map(Arc::from),
                 schedule: Arc::new(e.schedule.clone()),
                 max_attempts: e.max_attempts,
             };
-            self.endpoints.insert(id, CachedEndpoint { read_at: now_instant, config: e, judging });
+            self.endpoints.insert(id, CachedEndpoint { read_at: now_instant, config: Arc::new(e), judging });
         }
         // more may be due if the claim was full or left endpoints out
         self.maybe_due = claimed.len() >= limit;
@@ -515,21 +519,20 @@ impl Worker {
             };
             return;
         }
-        let now_unix = now / 1_000_000;
         let mut release = Vec::new();
-        for c in claimed {
+        for mut c in claimed {
             let Some(endpoint) = self.endpoints.get(&c.endpoint_id) else {
                 self.records.push(dead_record(&c, "endpoint no longer exists".into()));
                 continue;
             };
             let mut judging = endpoint.judging.clone();
-            if let Some(p) = &c.success_pattern {
+            if let Some(p) = c.success_pattern.take() {
                 // the pattern holds this delivery's values
-                judging.pattern = Regex::new(p).ok().map(Arc::new);
+                judging.pattern = Some(Arc::from(p));
             }
-            let job = build_job(&c, &endpoint.config, now_unix);
+            let config = Arc::clone(&endpoint.config);
             let endpoint_id = c.endpoint_id;
-            if let Err((c, _, _)) = self.scheduler.offer(endpoint_id, (c, job, judging), now) {
+            if let Err((c, _, _)) = self.scheduler.offer(endpoint_id, (c, config, judging), now) {
                 release.push(c.id);
             }
         }
@@ -545,20 +548,14 @@ impl Worker {
     fn send(&mut self) {
         let now = now_us();
         while self.slots_free() > 0 {
-            let Some((endpoint_id, (c, job, judging))) = self.scheduler.next_ready(now) else { break };
-            match job {
-                Ok(job) => {
-                    let key = self.next_key;
-                    self.next_key += 1;
-                    self.in_flight.insert(key, InFlight { claimed: c, judging });
-                    self.pool.submit(key, job);
-                }
-                Err(e) => {
-                    // could not even be built: dead at once, and says nothing of the endpoint
-                    self.scheduler.finished(endpoint_id, Health::Neutral, now, "");
-                    self.records.push(dead_record(&c, e));
-                }
-            }
+            let Some((_, (mut c, config, judging))) = self.scheduler.next_ready(now) else { break };
+            let payload = Payload::take(&mut c);
+            let pattern = judging.pattern.clone();
+            let work: Work = Box::new(move |client: &Client| send_one(client, &payload, &config, pattern.as_deref()));
+            let key = self.next_key;
+            self.next_key += 1;
+            self.in_flight.insert(key, InFlight { claimed: c, judging });
+            self.pool.submit(key, work);
         }
         self.transitions.extend(self.scheduler.take_probes());
         if (!self.records.is_empty() || !self.transitions.is_empty()) && self.first_finished.is_none() {
@@ -645,16 +642,60 @@ fn dead_record(c: &Claimed, error: String) -> Record {
     }
 }
 
-fn build_job(c: &Claimed, endpoint: &EndpointConfig, now_unix: i64) -> Result<Job, String> {
-    outgoing::check_method(&c.method)?;
+/// What goes on the wire for one delivery, moved off the main thread with it.
+struct Payload {
+    method: String,
+    url: String,
+    url_hashes: Option<String>,
+    body: Option<String>,
+    idempotency_key: String,
+}
+
+impl Payload {
+    fn take(c: &mut Claimed) -> Payload {
+        Payload {
+            method: std::mem::take(&mut c.method),
+            url: std::mem::take(&mut c.url),
+            url_hashes: c.url_hashes.take(),
+            body: c.body.take(),
+            idempotency_key: std::mem::take(&mut c.idempotency_key),
+        }
+    }
+}
+
+/// On a sending thread: build the request, send it, check the body. A request
+/// that cannot be built is a permanent failure (dead with the reason).
+fn send_one(client: &Client, p: &Payload, endpoint: &EndpointConfig, pattern: Option<&str>) -> Done {
+    let job = match build_job(p, endpoint, http::unix_micros_now() / 1_000_000) {
+        Ok(job) => job,
+        Err(e) => {
+            return Done {
+                sent: http::Sent { started_unix_micros: http::unix_micros_now(), duration_ms: 0.0, result: AttemptResult::Permanent(e) },
+                body_check: None,
+            };
+        }
+    };
+    let sent = client.send(&job);
+    let body_check = match (&sent.result, pattern) {
+        (AttemptResult::Response { body, .. }, Some(p)) => Some(retry::BodyCheck::of(p, body)),
+        _ => None,
+    };
+    Done { sent, body_check }
+}
+
+fn build_job(p: &Payload, endpoint: &EndpointConfig, now_unix: i64) -> Result<Job, String> {
+    outgoing::check_method(&p.method)?;
     // defence in depth: whatever is stored, a delivery only goes where its
     // endpoint's template says (the endpoint's credentials go with it)
     let origin = endpoint.origin.as_ref().map_err(Clone::clone)?;
-    let url = url::Url::parse(&c.url).map_err(|e| format!("delivery URL does not parse: {e}"))?;
+    let url = url::Url::parse(&p.url).map_err(|e| format!("delivery URL does not parse: {e}"))?;
     let actual = crate::template::Origin::of(&url);
     if &actual != origin {
         return Err(format!("delivery URL goes to {actual}, not to its endpoint's {origin}; refused"));
     }
+    let headers = endpoint.headers.as_ref().map_err(Clone::clone)?;
+    // judged with the default rules only if sent, and a broken list never is
+    endpoint.status_rules.as_ref().map_err(Clone::clone)?;
     let signing = Signing {
         scheme: endpoint.signing_scheme.clone(),
         secrets: endpoint.secrets.clone(),
@@ -662,8 +703,9 @@ fn build_job(c: &Claimed, endpoint: &EndpointConfig, now_unix: i64) -> Result<Jo
         ts_param: endpoint.timestamp_param.clone(),
         sig_param: endpoint.signature_param.clone(),
     };
-    let out = outgoing::finalize(&endpoint.kind, &c.url, &endpoint.headers, c.body.as_deref(), &c.idempotency_key, &signing, now_unix)?;
-    Ok(Job { method: c.method.clone(), url: out.url, headers: out.headers, body: c.body.clone(), timeout: endpoint.timeout })
+    let hashes = crate::url_hash::from_json(p.url_hashes.as_deref())?;
+    let out = outgoing::finalize(&endpoint.kind, &p.url, &hashes, headers, p.body.as_deref(), &p.idempotency_key, &signing, now_unix)?;
+    Ok(Job { method: p.method.clone(), url: out.url, headers: out.headers, body: p.body.clone(), timeout: endpoint.timeout })
 }
 
 /// Records finished attempts, breaker transitions and unsent deliveries in

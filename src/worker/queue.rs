@@ -19,6 +19,8 @@ pub struct Claimed {
     pub budget_no: i32,
     pub method: String,
     pub url: String,
+    /// where the URL's {hash:…} digests go (jsonb text, out of band)
+    pub url_hashes: Option<String>,
     pub body: Option<String>,
     pub idempotency_key: String,
     /// how long until created_at + max_age
@@ -29,12 +31,14 @@ pub struct Claimed {
 
 pub struct EndpointConfig {
     pub kind: String,
-    pub status_rules: crate::retry::StatusRules,
+    /// an error when a stored list does not parse (deliveries fail with it)
+    pub status_rules: Result<crate::retry::StatusRules, String>,
     pub limits: crate::scheduler::Limits,
     /// scheme, host and port every delivery URL of the endpoint must have
     pub origin: Result<crate::template::Origin, String>,
-    /// the endpoint's own headers (credentials): read at send time, never stored per delivery
-    pub headers: Vec<(String, String)>,
+    /// the endpoint's own headers (credentials): read at send time, never stored
+    /// per delivery; an error when the stored value does not parse (deliveries fail with it)
+    pub headers: Result<Vec<(String, String)>, String>,
     pub timeout: Duration,
     pub schedule: Vec<Duration>,
     pub max_attempts: i32,
@@ -106,7 +110,7 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                         (SELECT (extract(epoch FROM d.created_at + e.max_age + coalesce(d.age_credit, interval '0')
                                                     - now()) * 1000.0)::bigint
                            FROM postback.endpoints e WHERE e.id = d.endpoint_id),
-                        d.attempts - d.attempt_offset, d.success_pattern"
+                        d.attempts - d.attempt_offset, d.success_pattern, d.url_hashes::text"
             ),
             None,
             &[limit.into(), blocked.into(), rooms.into()],
@@ -124,6 +128,7 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                 remaining_age_ms: row.get::<i64>(8)?.unwrap_or(0),
                 budget_no: row.get::<i32>(9)?.unwrap_or(1),
                 success_pattern: row.get::<String>(10)?,
+                url_hashes: row.get::<String>(11)?,
             });
         }
         Ok(out)
@@ -205,17 +210,24 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     secrets: row.get::<Vec<String>>(11)?.unwrap_or_default(),
                     origin: crate::template::literal_origin(&row.get::<String>(12)?.unwrap_or_default())
                         .map_err(|e| format!("the endpoint's url_template is no longer valid: {e}")),
-                    headers: crate::outgoing::header_pairs(
-                        row.get::<String>(13)?.and_then(|t| serde_json::from_str(&t).ok()),
-                    ),
+                    headers: match row.get::<String>(13)? {
+                        None => Ok(Vec::new()),
+                        Some(t) => crate::outgoing::parse_stored_headers(&t),
+                    },
                     status_rules: {
                         let defaults = crate::retry::StatusRules::default();
-                        let parse = |v: Option<Vec<String>>, d: Vec<(u16, u16)>| {
-                            v.and_then(|v| crate::retry::parse_statuses(&v, "statuses").ok()).unwrap_or(d)
+                        // a stored list that does not parse fails its deliveries with the
+                        // reason: NULL means the default, a broken list never does
+                        let parse = |v: Option<Vec<String>>, d: Vec<(u16, u16)>, what: &str| match v {
+                            None => Ok(d),
+                            Some(v) => crate::retry::parse_statuses(&v, what),
                         };
-                        crate::retry::StatusRules {
-                            success: parse(row.get::<Vec<String>>(16)?, defaults.success),
-                            retry: parse(row.get::<Vec<String>>(17)?, defaults.retry),
+                        match (
+                            parse(row.get::<Vec<String>>(16)?, defaults.success, "success_statuses"),
+                            parse(row.get::<Vec<String>>(17)?, defaults.retry, "retry_statuses"),
+                        ) {
+                            (Ok(success), Ok(retry)) => Ok(crate::retry::StatusRules { success, retry }),
+                            (Err(e), _) | (_, Err(e)) => Err(e),
                         }
                     },
                     limits: crate::scheduler::Limits {
@@ -407,13 +419,9 @@ pub fn record_transitions(transitions: &[crate::scheduler::Transition]) -> SpiRe
                            breaker_reason = excluded.breaker_reason, updated_at = now())
          SELECT pg_notify('postback_alerts', x.payload)
            FROM (SELECT json_build_object(
-                    'endpoint', e.name, 'endpoint_id', e.id, 'state', t.state, 'previous', t.previous,
-                    'since', to_timestamp(t.at), 'reason', t.reason,
-                    'last_error', (SELECT st.last_error FROM postback.endpoint_state st WHERE st.endpoint_id = e.id),
-                    'pending', (SELECT count(*) FROM postback.deliveries d
-                                 WHERE d.endpoint_id = e.id AND d.state IN ('pending', 'in_flight')))::text AS payload
-                   FROM t JOIN postback.endpoints e ON e.id = t.e
-                  ORDER BY t.at OFFSET 0) AS x",
+                    'endpoint_id', t.e, 'state', t.state, 'previous', t.previous,
+                    'since', to_timestamp(t.at), 'worker_pid', pg_backend_pid())::text AS payload
+                   FROM t ORDER BY t.at OFFSET 0) AS x",
         &[ids.into(), to.into(), from.into(), at.into(), reasons.into()],
     )
 }
@@ -427,14 +435,10 @@ pub fn disable_failing(after_secs: i64) -> SpiResult<i64> {
                FROM postback.endpoint_state s
               WHERE s.endpoint_id = e.id AND e.active
                 AND s.failing_since < now() - make_interval(secs => $1::float8)
-          RETURNING e.id, e.name, s.failing_since, s.last_error)
+          RETURNING e.id)
          SELECT count(pg_notify('postback_alerts', json_build_object(
-                    'endpoint', off.name, 'endpoint_id', off.id, 'state', 'disabled', 'previous', 'open',
-                    'since', now(), 'reason', 'failing since ' || off.failing_since::text
-                        || ', longer than postback.disable_after; set active = true to enable it again',
-                    'last_error', off.last_error,
-                    'pending', (SELECT count(*) FROM postback.deliveries d
-                                 WHERE d.endpoint_id = off.id AND d.state IN ('pending', 'in_flight')))::text))
+                    'endpoint_id', off.id, 'state', 'disabled', 'previous', 'open',
+                    'since', now(), 'worker_pid', pg_backend_pid())::text))
            FROM off",
         &[(after_secs as f64).into()],
     )
