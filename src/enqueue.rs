@@ -199,6 +199,8 @@ struct Pending {
     hashes: Vec<Option<String>>,
     /// deliveries written that are pending (not dead at enqueue)
     live: u64,
+    /// writing into a 0.2.0 schema (see `Pending::statement`)
+    legacy: bool,
 }
 
 impl Pending {
@@ -220,6 +222,14 @@ impl Pending {
         self.status.push(c.status.to_string());
         self.method.push(e.method.clone());
         match rendered {
+            Ok(r) if self.legacy => {
+                // 0.2.0's schema: its in-band form, which nothing sends before the
+                // update and the update moves out of band (counting them)
+                self.url.push(crate::url_hash::legacy_marked(&r.url, &r.hashes));
+                self.body.push(r.body);
+                self.hashes.push(None);
+                self.error.push(None);
+            }
             Ok(r) => {
                 self.url.push(r.url);
                 self.body.push(r.body);
@@ -238,44 +248,39 @@ impl Pending {
         self.key.push(key);
     }
 
-    /// The INSERT that writes a chunk; prepared once per statement.
-    fn statement(lifecycle: bool) -> &'static str {
+    /// The INSERT that writes a chunk; prepared once per statement. `legacy`:
+    /// the schema is still 0.2.0's (library upgraded, ALTER EXTENSION … UPDATE
+    /// not yet run), which has no url_hashes or rendered column.
+    fn statement(lifecycle: bool, legacy: bool) -> String {
         // A status can come back (approved → pending → approved): its key
         // exists then, and the repeated announcement is a no-op. A lifecycle
-        // delivery waits behind the latest earlier one of its pair.
-        if lifecycle {
-            "INSERT INTO postback.deliveries
-                    (endpoint_id, conversion_id, event, status, idempotency_key, predecessor_id, method, url,
-                     body, state, completed_at, last_error, next_attempt_at, success_pattern, url_hashes, rendered)
-             SELECT r.e, r.c, r.ev, r.st, r.k,
-                    (SELECT max(p.id) FROM postback.deliveries p
+        // delivery waits behind the latest earlier one of its pair. New
+        // conversions have new ids, but a restore may have brought their
+        // deliveries already: a key that exists is skipped, never an error.
+        let (predecessor_column, predecessor) = if lifecycle {
+            (
+                " predecessor_id,",
+                " (SELECT max(p.id) FROM postback.deliveries p
                       WHERE p.idempotency_key >= (r.c::text || '.' || r.e::text || '.') COLLATE \"C\"
-                        AND p.idempotency_key <  (r.c::text || '.' || r.e::text || '/') COLLATE \"C\"),
-                    r.m, r.u, r.b,
-                    CASE WHEN r.err IS NULL THEN 'pending' ELSE 'dead' END,
-                    CASE WHEN r.err IS NOT NULL THEN now() END, r.err,
-                    CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat,
-                    r.h::jsonb, r.err IS NULL
-               FROM (SELECT unnest($1) AS e, unnest($2) AS c, unnest($3) AS ev, unnest($4) AS st,
-                            unnest($5) AS k, unnest($6) AS m, unnest($7) AS u, unnest($8) AS b,
-                            unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat, unnest($12) AS h) AS r
-                 ON CONFLICT (idempotency_key) DO NOTHING"
+                        AND p.idempotency_key <  (r.c::text || '.' || r.e::text || '/') COLLATE \"C\"),",
+            )
         } else {
-            // new conversions have new ids, but a restore may have brought their
-            // deliveries already: a key that exists is skipped, never an error
+            ("", "")
+        };
+        let (hash_columns, hashes) = if legacy { ("", "") } else { (", url_hashes, rendered", ", r.h::jsonb, r.err IS NULL") };
+        format!(
             "INSERT INTO postback.deliveries
-                    (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
-                     state, completed_at, last_error, next_attempt_at, success_pattern, url_hashes, rendered)
-             SELECT r.e, r.c, r.ev, r.st, r.k, r.m, r.u, r.b,
+                    (endpoint_id, conversion_id, event, status, idempotency_key,{predecessor_column} method, url,
+                     body, state, completed_at, last_error, next_attempt_at, success_pattern{hash_columns})
+             SELECT r.e, r.c, r.ev, r.st, r.k,{predecessor} r.m, r.u, r.b,
                     CASE WHEN r.err IS NULL THEN 'pending' ELSE 'dead' END,
                     CASE WHEN r.err IS NOT NULL THEN now() END, r.err,
-                    CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat,
-                    r.h::jsonb, r.err IS NULL
+                    CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat{hashes}
                FROM (SELECT unnest($1) AS e, unnest($2) AS c, unnest($3) AS ev, unnest($4) AS st,
                             unnest($5) AS k, unnest($6) AS m, unnest($7) AS u, unnest($8) AS b,
                             unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat, unnest($12) AS h) AS r
                  ON CONFLICT (idempotency_key) DO NOTHING"
-        }
+        )
     }
 
     fn argument_types() -> Vec<PgOid> {
@@ -295,6 +300,7 @@ impl Pending {
         self.live += self.error.iter().filter(|e| e.is_none()).count() as u64;
         let taken = std::mem::take(self);
         self.live = taken.live;
+        self.legacy = taken.legacy;
         let args: [pgrx::datum::DatumWithOid; 12] = [
             taken.endpoint_id.into(),
             taken.conversion_id.into(),
@@ -358,8 +364,9 @@ fn enqueue_conversions<'a>(
         };
         let now = now_unix_micros();
         let limits = crate::gucs::request_limits();
-        let plan = client.prepare_mut(Pending::statement(lifecycle), &Pending::argument_types())?;
-        let mut pending = Pending::default();
+        let legacy = schema_is_0_2_0(client)?;
+        let plan = client.prepare_mut(Pending::statement(lifecycle, legacy).as_str(), &Pending::argument_types())?;
+        let mut pending = Pending { legacy, ..Pending::default() };
         let mut matched = Vec::new();
         let mut seen = 0i64;
         let mut cursor = client.open_cursor(query.as_str(), &[]);
@@ -412,6 +419,16 @@ fn enqueue_conversions<'a>(
         )?;
     }
     Ok(None)
+}
+
+/// Whether the installed schema is still 0.2.0's: the library was upgraded and
+/// `ALTER EXTENSION pg_postback UPDATE` has not run yet (inserts keep working).
+fn schema_is_0_2_0(client: &SpiClient) -> SpiResult<bool> {
+    let version = client
+        .select("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_postback'", Some(1), &[])?
+        .first()
+        .get_one::<String>()?;
+    Ok(version.as_deref() == Some("0.2.0"))
 }
 
 /// Whether this statement is pg_restore loading table data (a COPY in a session
@@ -573,6 +590,10 @@ fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
         };
         let pattern = pattern.ok().flatten();
         Ok::<_, pgrx::spi::Error>(match rendered {
+            // a 0.2.0 schema's send_test stores the URL as it is (see Pending::statement)
+            Ok(r) if schema_is_0_2_0(client)? => {
+                vec![Some(key), Some(crate::url_hash::legacy_marked(&r.url, &r.hashes)), r.body, None, Some(event), Some(status), pattern]
+            }
             Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(event), Some(status), pattern, crate::url_hash::to_json(&r.hashes)],
             Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status), pattern, None],
         })

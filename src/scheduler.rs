@@ -335,6 +335,11 @@ impl<T> Scheduler<T> {
         self.slots.values_mut().flat_map(|s| s.queue.drain(..)).collect()
     }
 
+    /// Everything waiting here, without taking it.
+    pub fn queued_items(&self) -> impl Iterator<Item = &T> {
+        self.slots.values().flat_map(|s| s.queue.iter())
+    }
+
     /// Deliveries waiting here, all endpoints.
     pub fn queued(&self) -> usize {
         self.slots.values().map(|s| s.queue.len()).sum()

@@ -107,6 +107,27 @@ pub fn expand(url: &str, slots: &[HashSlot], secret: Option<&str>) -> Result<Str
     Ok(out)
 }
 
+/// 0.2.0's in-band form of the slots (`~pgpb-hash~ALG~base64url(json)~` at
+/// each position). Written only into a 0.2.0 schema, between a library upgrade
+/// and `ALTER EXTENSION pg_postback UPDATE`: the worker sends nothing before the
+/// update, and the update turns markers back into slots only when their number
+/// is the template's (so none came from a value). Never read by this library.
+pub fn legacy_marked(url: &str, slots: &[HashSlot]) -> String {
+    use base64::Engine;
+    let mut out = String::with_capacity(url.len() + slots.len() * 64);
+    let mut from = 0;
+    for slot in slots {
+        let at = slot.at.clamp(from, url.len());
+        out.push_str(&url[from..at]);
+        let parts = Value::Array(slot.parts.iter().map(|p| p.clone().map_or(Value::Null, Value::String)).collect());
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(parts.to_string());
+        out.push_str(&format!("~pgpb-hash~{}~{payload}~", slot.algorithm));
+        from = at;
+    }
+    out.push_str(&url[from..]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +146,12 @@ mod tests {
         assert!(out.contains("~pgpb-hash~sha256~W251bGxd~"));
         // without slots nothing in the text is expanded, secret or not
         assert_eq!(expand(url, &[], Some("k")).unwrap(), url);
+    }
+
+    #[test]
+    fn the_legacy_form_is_the_0_2_0_marker() {
+        let s = vec![slot(3, &[None])];
+        assert_eq!(legacy_marked("a=&b", &s), "a=&~pgpb-hash~md5~W251bGxd~b");
     }
 
     #[test]

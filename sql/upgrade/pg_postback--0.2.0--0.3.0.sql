@@ -40,7 +40,7 @@ DO $$
 DECLARE
     d record;
     rest text;
-    url text;
+    rebuilt text;
     slots jsonb;
     algorithm text;
     payload text;
@@ -61,12 +61,12 @@ BEGIN
                 RAISE EXCEPTION 'the URL holds % hash markers but the template has % {hash:…}', d.found, d.wanted;
             END IF;
             rest := d.url;
-            url := '';
+            rebuilt := '';
             slots := '[]';
             LOOP
                 i := pg_catalog.strpos(rest, '~pgpb-hash~');
                 EXIT WHEN i = 0;
-                url := url || pg_catalog.substr(rest, 1, i - 1);
+                rebuilt := rebuilt || pg_catalog.substr(rest, 1, i - 1);
                 rest := pg_catalog.substr(rest, i + 11);
                 algorithm := pg_catalog.split_part(rest, '~', 1);
                 payload := pg_catalog.split_part(rest, '~', 2);
@@ -77,10 +77,10 @@ BEGIN
                 payload := pg_catalog.translate(payload, '-_', '+/');
                 payload := payload || pg_catalog.repeat('=', (4 - pg_catalog.length(payload) % 4) % 4);
                 slots := slots || pg_catalog.jsonb_build_array(pg_catalog.jsonb_build_object(
-                    'at', pg_catalog.octet_length(url), 'alg', algorithm,
+                    'at', pg_catalog.octet_length(rebuilt), 'alg', algorithm,
                     'parts', pg_catalog.convert_from(pg_catalog.decode(payload, 'base64'), 'UTF8')::jsonb));
             END LOOP;
-            UPDATE postback.deliveries SET url = url || rest, url_hashes = slots WHERE id = d.id;
+            UPDATE postback.deliveries SET url = rebuilt || rest, url_hashes = slots WHERE id = d.id;
             moved := moved + 1;
         EXCEPTION WHEN OTHERS THEN
             UPDATE postback.deliveries
@@ -93,7 +93,7 @@ BEGIN
         END;
     END LOOP;
     IF moved + held > 0 THEN
-        RAISE NOTICE 'pg_postback 0.3.0: % unsent deliveries with {hash:…} digests moved to url_hashes, % held dead (see last_error)', moved, held;
+        RAISE WARNING 'pg_postback 0.3.0: % unsent deliveries with {hash:…} digests moved to url_hashes, % held dead (see last_error)', moved, held;
     END IF;
 END
 $$;
@@ -289,7 +289,7 @@ BEGIN
             PERFORM postback.grant_analyst(g.grantee::pg_catalog.regrole);
         END IF;
         IF pg_catalog.cardinality(lost) > 0 THEN
-            RAISE NOTICE 'pg_postback 0.3.0: role % lost %; %', who, pg_catalog.array_to_string(lost, ', '),
+            RAISE WARNING 'pg_postback 0.3.0: role % lost %; %', who, pg_catalog.array_to_string(lost, ', '),
                 CASE WHEN g.grantee <> 0 AND writer THEN 'it writes conversions, so it now has postback.grant_operator'
                      WHEN g.grantee <> 0 AND reader THEN 'it reads the tables, so it now has postback.grant_analyst'
                      ELSE 'nothing was granted in its place' END;

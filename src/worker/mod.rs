@@ -275,7 +275,7 @@ impl Worker {
     /// The schema is ready: take back leases no live worker holds and restore
     /// the breakers a previous worker left open.
     fn start(&mut self) {
-        match txn::run("reclaiming leases", || queue::reclaim_leases(true)) {
+        match txn::run("reclaiming leases", || queue::reclaim_leases(true, &[])) {
             Ok(n) if n > 0 => log!("pg_postback worker: retrying {n} deliveries interrupted by a restart"),
             Ok(_) => {}
             Err(e) => note_error(&e),
@@ -566,8 +566,16 @@ impl Worker {
 
     /// Expired leases, long-failing endpoints, a schema that changed version.
     fn housekeeping(&mut self) {
-        if let Err(e) = txn::run("reclaiming expired leases", || queue::reclaim_leases(false)) {
-            note_error(&e);
+        let holding: Vec<i64> = self
+            .in_flight
+            .values()
+            .map(|f| f.claimed.id)
+            .chain(self.scheduler.queued_items().map(|(c, _, _)| c.id))
+            .collect();
+        match txn::run("reclaiming expired leases", || queue::reclaim_leases(false, &holding)) {
+            Ok(n) if n > 0 => log!("pg_postback worker: {n} deliveries whose lease expired are due again"),
+            Ok(_) => {}
+            Err(e) => note_error(&e),
         }
         let disable_after = gucs::DISABLE_AFTER_S.get() as i64;
         if disable_after > 0 {

@@ -365,20 +365,24 @@ pub fn purge_batch(older_than_secs: i64, batch: i32) -> SpiResult<i64> {
 }
 
 /// Returns leased deliveries to the queue, recording the interrupted attempt
-/// so that a request the receiver may have seen is explained. Only leases of
-/// a worker that no longer runs are taken (a live worker's lease, this one's
-/// included, stands however long its endpoint hangs): at start all of them,
-/// later only expired ones.
-pub fn reclaim_leases(at_start: bool) -> SpiResult<u64> {
+/// so that a request the receiver may have seen is explained. Leases of a
+/// worker that no longer runs are taken: at start all of them, later only
+/// expired ones. Another live worker's lease stands however long its endpoint
+/// hangs; this worker's own expired leases are taken unless the delivery is
+/// one it still holds (`holding`: on the wire or waiting in its scheduler), so
+/// a delivery this worker lost track of comes back.
+pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
     Spi::connect_mut(|client| {
         let result = client.update(
             &format!("WITH expired AS (
                  SELECT d.id FROM postback.deliveries d
                   WHERE d.state = 'in_flight'
                     AND ($1 OR d.lease_expires_at < now())
-                    AND d.leased_by IS DISTINCT FROM pg_backend_pid()
-                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                                     WHERE a.pid = d.leased_by AND a.backend_type = 'pg_postback worker')
+                    AND CASE WHEN d.leased_by = pg_backend_pid()
+                             THEN d.id <> ALL ($2::bigint[])
+                             ELSE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                                               WHERE a.pid = d.leased_by AND a.backend_type = 'pg_postback worker')
+                        END
                   FOR UPDATE SKIP LOCKED),
              a AS (
                  INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, error, outcome)
@@ -392,7 +396,7 @@ pub fn reclaim_leases(at_start: bool) -> SpiResult<u64> {
                     last_error = 'interrupted attempt; retried'
                FROM expired WHERE d.id = expired.id"),
             None,
-            &[at_start.into()],
+            &[at_start.into(), holding.to_vec().into()],
         )?;
         Ok(result.len() as u64)
     })

@@ -79,7 +79,8 @@ class Receiver:
                         return
                 if response.get("close"):
                     self.close_connection = True
-                payload = response.get("body", "ok").encode()
+                # "echo": the body repeats the request line's target, as some partners do
+                payload = (self.path if response.get("echo") else response.get("body", "ok")).encode()
                 self.send_response(response.get("status", 200))
                 for name, value in response.get("headers", {}).items():
                     self.send_header(name, value)

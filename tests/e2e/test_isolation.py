@@ -98,16 +98,23 @@ def test_breaker_opens_probes_closes_and_announces_each_change(make_cluster, rec
             c.wait_for(lambda: events.extend(alerts(listener)) or [e["state"] for e in events][-1:] == ["closed"],
                        timeout=10, what="the closing alert")
         except AssertionError:
-            raise AssertionError(f"alerts: {[(e['state'], e['reason']) for e in events]}; "
+            raise AssertionError(f"alerts: {[e['state'] for e in events]}; "
                                  f"seen {len(receiver.seen('/down'))}")
     states = [e["state"] for e in events]
     # open, one failed probe re-opens it, a successful probe closes it
     assert states == ["open", "half_open", "open", "half_open", "closed"], states
-    assert all(e["endpoint"] == name for e in events)
-    assert "3 consecutive failures" in events[0]["reason"] and events[0]["pending"] == 5
-    assert {"since", "last_error", "pending"} <= set(events[0])
     with c.connect() as conn:
+        eid, pid = conn.execute("SELECT e.id, (SELECT pid FROM postback.worker_status()) "
+                                "FROM postback.endpoints e WHERE e.name = %s", (name,)).fetchone()
         total = conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0]
+        # the reason is in endpoint_state, for the roles that may read it
+        reason = conn.execute("SELECT breaker_reason FROM postback.endpoint_state WHERE endpoint_id = %s",
+                              (eid,)).fetchone()[0]
+        assert reason, reason
+    # the broadcast holds ids and states only (any connected role may LISTEN),
+    # and the worker's pid, which tells its alerts from forged ones
+    assert all(set(e) == {"endpoint_id", "state", "previous", "since", "worker_pid"} for e in events), events[0]
+    assert all(e["endpoint_id"] == eid and e["worker_pid"] == pid for e in events)
     # 3 failures + failed probe + successful probe + the 4 others: nothing spent while open
     assert total == len(receiver.seen("/down")) == 3 + 1 + 1 + 4, total
 
@@ -118,12 +125,21 @@ def test_an_endpoint_failing_too_long_is_deactivated(make_cluster):
         conn.execute("CREATE EXTENSION pg_postback")
         listener.execute("LISTEN postback_alerts")
         name = endpoint(conn, "http://127.0.0.1:9/gone?c={click_id}", retry_schedule=["200 ms"], max_attempts=100)
+        # another endpoint failing for long with a 10 kB last error: more than a
+        # NOTIFY may carry, which once stopped every endpoint from being disabled
+        other = endpoint(conn, "http://127.0.0.1:9/other?c={click_id}")
+        conn.execute("INSERT INTO postback.endpoint_state (endpoint_id, failing_since, last_error) "
+                     "SELECT id, now() - interval '1 hour', repeat('e', 10000) FROM postback.endpoints WHERE name = %s",
+                     (other,))
         convert(conn, name, 1)
-        c.wait_for(lambda: not conn.execute("SELECT active FROM postback.endpoints WHERE name = %s",
-                                            (name,)).fetchone()[0], timeout=20, what="the endpoint to be deactivated")
+        active = "SELECT active FROM postback.endpoints WHERE name = %s"
+        c.wait_for(lambda: not conn.execute(active, (name,)).fetchone()[0] and not conn.execute(active, (other,)).fetchone()[0],
+                   timeout=20, what="both endpoints to be deactivated")
+        ids = {r[0] for r in conn.execute("SELECT id FROM postback.endpoints WHERE name IN (%s, %s)", (name, other))}
         events = []
-        c.wait_for(lambda: events.extend(alerts(listener)) or any(e["state"] == "disabled" for e in events),
-                   what="the disabled alert")
+        c.wait_for(lambda: events.extend(alerts(listener)) or
+                   {e["endpoint_id"] for e in events if e["state"] == "disabled"} == ids,
+                   what="a disabled alert for each")
         assert conn.execute("SELECT count(*) FROM postback.deliveries WHERE state = 'pending'").fetchone()[0] == 1
 
 

@@ -1,10 +1,17 @@
-"""0.1.0 → 0.2.0: an upgraded database equals a fresh one, and its data and pending deliveries survive.
+"""0.1.0 → 0.2.0 → 0.3.0 and 0.2.0 → 0.3.0: an upgraded database equals a fresh one, its
+data and pending deliveries survive, and grants the new model no longer gives are revoked.
 
-The frozen 0.1.0 install script (sql/releases/) is installed beside the current one, so a
-cluster running the new library can still CREATE EXTENSION pg_postback VERSION '0.1.0'.
+The frozen install scripts of 0.1.0 and 0.2.0 (sql/releases/) are installed beside the
+current one, so a cluster running the new library can still CREATE EXTENSION pg_postback
+VERSION '0.1.0' or '0.2.0'.
 """
 
+import hashlib
+import json
 import time
+
+import psycopg
+import pytest
 
 from receiver import Receiver
 
@@ -58,20 +65,25 @@ def catalog(conn):
     return {name: sorted(map(repr, conn.execute(sql).fetchall())) for name, sql in CATALOG.items()}
 
 
-def test_upgraded_database_equals_a_fresh_install(make_cluster):
+CURRENT = "0.3.0"
+
+
+@pytest.mark.parametrize("start", ["0.1.0", "0.2.0"])
+def test_upgraded_database_equals_a_fresh_install(make_cluster, start):
     c = make_cluster()
     with c.connect() as conn:
         conn.execute("CREATE DATABASE fresh")
         conn.execute("CREATE DATABASE upgraded")
     with c.connect("fresh") as conn:
         conn.execute("CREATE EXTENSION pg_postback")
-        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_postback'").fetchone()[0] == "0.2.0"
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_postback'").fetchone()[0] == CURRENT
         fresh = catalog(conn)
     with c.connect("upgraded") as conn:
-        conn.execute("CREATE EXTENSION pg_postback VERSION '0.1.0'")
+        conn.execute(f"CREATE EXTENSION pg_postback VERSION '{start}'")
         old = catalog(conn)
+        # 0.1.0 goes through 0.2.0: ALTER EXTENSION runs the chain of upgrade scripts
         conn.execute("ALTER EXTENSION pg_postback UPDATE")
-        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_postback'").fetchone()[0] == "0.2.0"
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_postback'").fetchone()[0] == CURRENT
         upgraded = catalog(conn)
     assert old != fresh  # the comparison can tell versions apart
     for part in CATALOG:
@@ -102,7 +114,7 @@ def test_data_and_pending_deliveries_survive_the_update_and_are_delivered(make_c
             # the new library's worker does not touch a schema it does not speak
             time.sleep(1.5)
             assert r.seen() == []
-            assert "extension is at version 0.1.0 but the library is 0.2.0" in c.log()
+            assert f"extension is at version 0.1.0 but the library is {CURRENT}" in c.log()
             before = conn.execute(
                 "SELECT count(*), count(*) FILTER (WHERE state = 'pending') FROM postback.deliveries").fetchone()
             assert before == (100, 100)
@@ -112,7 +124,7 @@ def test_data_and_pending_deliveries_survive_the_update_and_are_delivered(make_c
                 what="the 0.1.0 deliveries to be delivered after the update")
             assert conn.execute("SELECT count(*) FROM postback.conversions").fetchone()[0] == 50
             assert conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0] == 100
-            # and new conversions flow through the 0.2.0 triggers
+            # and new conversions flow through the new triggers
             conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('n', 'after')")
             c.wait_for(lambda: len(r.seen("/pb")) == 51 and len(r.seen("/hook")) == 51,
                        what="a conversion inserted after the update")
@@ -123,3 +135,68 @@ def test_data_and_pending_deliveries_survive_the_update_and_are_delivered(make_c
         assert all(h["headers"]["x-hub-signature-256"].startswith("sha256=") for h in r.seen("/hook"))
     finally:
         r.stop()
+
+
+def test_the_update_revokes_what_0_1_0_needed_and_reapplies_the_roles(make_cluster, receiver):
+    """A working 0.1.0 deployment: the application inserted conversions (and, as 0.1.0's
+    enqueue ran as the caller, deliveries, reading endpoints); analysts read the tables."""
+    c = make_cluster()
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_postback VERSION '0.1.0'")
+        conn.execute("INSERT INTO postback.endpoints (name, url_template, headers) VALUES (%s, %s, %s)",
+                     ("net", receiver.url("/pb?c={click_id}"), '{"Authorization": "Bearer partner-key"}'))
+        for role in ("app", "analyst"):
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+            conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute("""
+            GRANT USAGE ON SCHEMA postback TO app;
+            GRANT INSERT, UPDATE (status, amount, currency, attributes) ON postback.conversions TO app;
+            GRANT INSERT ON postback.deliveries TO app;
+            GRANT USAGE ON ALL SEQUENCES IN SCHEMA postback TO app;
+            GRANT SELECT ON postback.endpoints TO app;
+            GRANT USAGE ON SCHEMA postback TO analyst;
+            GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts,
+                            postback.endpoints, postback.delivery_summary TO analyst;""")
+        notices = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        conn.execute("ALTER EXTENSION pg_postback UPDATE")
+        text = "\n".join(notices)
+        assert 'role app lost' in text and "INSERT on postback.deliveries" in text and "SELECT on postback.endpoints" in text, text
+        assert "grant_operator" in text and 'role analyst lost SELECT on postback.endpoints' in text, text
+    dsn = c.dsn()
+    with psycopg.connect(dsn, user="analyst", autocommit=True) as analyst:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            analyst.execute("SELECT headers FROM postback.endpoints")
+        assert analyst.execute("SELECT name FROM postback.endpoints").fetchone()[0] == "net"
+        assert analyst.execute("SELECT count(*) FROM postback.deliveries").fetchone()[0] == 0
+    with psycopg.connect(dsn, user="app", autocommit=True) as app:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("INSERT INTO postback.deliveries (endpoint_id, event, status, idempotency_key, method, url) "
+                        "SELECT id, 'x', 'x', 'forged', 'PUT', %s FROM postback.endpoints", (receiver.url("/any"),))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute("SELECT headers FROM postback.endpoints")
+        # what the application does keeps working, through the enqueue trigger
+        app.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c1', 'app-1')")
+    c.wait_for(lambda: len(receiver.seen("/pb")) == 1, what="the application's conversion to be delivered")
+    assert receiver.seen("/any") == []
+
+
+def test_unsent_0_2_0_hash_markers_move_out_of_band_and_forged_ones_are_held(make_cluster, receiver):
+    secret = "s" * 80
+    c = make_cluster()
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_postback VERSION '0.2.0'")
+        conn.execute("INSERT INTO postback.endpoints (name, url_template, paused_at) VALUES ('h', %s, now())",
+                     (receiver.url("/h?tx={transaction_id}&v={hash:md5:transaction_id,':',secret}"),))
+        conn.execute("INSERT INTO postback.endpoint_secrets (endpoint_id, secret) SELECT id, %s FROM postback.endpoints",
+                     (secret,))
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'plain'), "
+                     "('c', '~pgpb-hash~sha256~W251bGxd~')")
+        conn.execute("ALTER EXTENSION pg_postback UPDATE")
+        rows = dict(conn.execute("SELECT c.transaction_id, d.state FROM postback.deliveries d "
+                                 "JOIN postback.conversions c ON c.id = d.conversion_id").fetchall())
+        assert rows == {"plain": "pending", "~pgpb-hash~sha256~W251bGxd~": "dead"}, rows
+        conn.execute("SELECT postback.resume('h')")
+        c.wait_for(lambda: len(receiver.seen("/h")) == 1, what="the moved delivery")
+    (got,) = receiver.seen("/h")
+    assert got["query"] == {"tx": "plain", "v": hashlib.md5(f"plain:{secret}".encode()).hexdigest()}, got["query"]
