@@ -13,6 +13,13 @@ Scenarios:
   clicks1m   as partners1k, with 1,000,000 clicks in postback.clicks, against the same
              insert whose conversions carry their partner and no clicks table rows
 
+Lifecycle (a status UPDATE of 2,000 conversions, 2 matching endpoints, best of two):
+  T_empty    the UPDATE with no other deliveries in the table
+  T_history  the same UPDATE with HISTORY finished deliveries of other conversions
+             written after these conversions (as on day 300: the pending deliveries
+             being followed are old, the history is newer)
+  T_plain    the same UPDATE (with history) with every trigger of ours disabled
+
 The cluster runs without the worker so nothing else competes. Writes
 target/bench/enqueue.json with the figures.
 """
@@ -43,6 +50,8 @@ WITH_PARTNER = ("INSERT INTO postback.conversions (click_id, transaction_id, eve
                 "FROM generate_series(1, %(n)s) g")
 
 RESET = "TRUNCATE postback.conversions, postback.deliveries, postback.attempts"
+LIFECYCLE_N = 2000
+HISTORY = 1_000_000 if BIG >= 100_000 else 200_000
 run_no = [0]
 
 
@@ -72,6 +81,36 @@ def measure(conn, insert, n, per_conversion, extra=None):
         t_rows.append(timed(conn, "INSERT INTO public.deliveries_copy SELECT * FROM postback.deliveries"))
     on, off, rows = min(t_on), min(t_off), min(t_rows)
     return {"n": n, "t_on": on, "t_off": off, "t_rows": rows, "ratio": on / off, "overhead": on / (off + rows)}
+
+
+def lifecycle(conn, history, triggers=True):
+    """Best-of-two time of a status UPDATE of LIFECYCLE_N conversions whose first
+    deliveries are older than `history` finished deliveries."""
+    times = []
+    for _ in range(2):
+        conn.execute(RESET)
+        run_no[0] += 1
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event, status) "
+                     "SELECT 'clk-' || g, %s || g, 'sale', 'pending' FROM generate_series(1, %s) g",
+                     (f"lc{run_no[0]}-", LIFECYCLE_N))
+        if history:
+            conn.execute(
+                "INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, "
+                "                                 url, state, completed_at) "
+                "SELECT e.id, 2000000000 + g, 'sale', 'approved', 'hist.' || g, 'GET', 'https://n.example/', "
+                "       'succeeded', now() "
+                "FROM generate_series(1, %s) g, (SELECT min(id) AS id FROM postback.endpoints) e", (history,))
+        conn.execute("VACUUM ANALYZE postback.conversions, postback.deliveries")
+        if not triggers:
+            conn.execute("ALTER TABLE postback.conversions DISABLE TRIGGER USER")
+        times.append(timed(conn, "UPDATE postback.conversions SET status = 'approved'"))
+        if not triggers:
+            conn.execute("ALTER TABLE postback.conversions ENABLE TRIGGER USER")
+        else:
+            made = conn.execute("SELECT count(*) FROM postback.deliveries WHERE status = 'approved' "
+                                "AND predecessor_id IS NOT NULL").fetchone()[0]
+            assert made == 2 * LIFECYCLE_N, made
+    return min(times)
 
 
 def show(name, m):
@@ -124,6 +163,14 @@ def main():
                 results[f"two_{n}"] = m = measure(conn, PLAIN, n, 2)
                 show("two", m)
 
+            t_empty = lifecycle(conn, 0)
+            t_history = lifecycle(conn, HISTORY)
+            t_plain = lifecycle(conn, HISTORY, triggers=False)
+            results["lifecycle"] = {"n": LIFECYCLE_N, "history": HISTORY, "t_empty": t_empty,
+                                    "t_history": t_history, "t_plain": t_plain}
+            print(f"lifecycle: UPDATE of {LIFECYCLE_N} conversions, 2 endpoints: {t_empty:.3f} s empty, "
+                  f"{t_history:.3f} s beside {HISTORY:,} deliveries, {t_plain:.3f} s without our triggers", flush=True)
+
             endpoints(conn, 1)
             clicks(conn, BIG, 1)
             results["partners3"] = m = measure(conn, VIA_CLICK, BIG, 3)
@@ -155,6 +202,8 @@ def main():
         "fanout_1000_endpoints_overhead": results["partners1k"]["overhead"],
         "many_partners_overhead_ratio": results["partners1k"]["overhead"] / results["partners3"]["overhead"],
         "clicks_1m_ratio": results["clicks1m"]["t_on"] / results["no_clicks"]["t_on"],
+        "lifecycle_history_ratio": results["lifecycle"]["t_history"] / results["lifecycle"]["t_empty"],
+        "lifecycle_vs_plain_ratio": results["lifecycle"]["t_history"] / results["lifecycle"]["t_plain"],
         "rows": BIG,
         "scenarios": results,
     }
@@ -164,6 +213,8 @@ def main():
     print(f"fanout_1000_endpoints_overhead                   {summary['fanout_1000_endpoints_overhead']:.2f}   goal <= 1.2")
     print(f"1,000 endpoints ÷ 3 endpoints (overhead)         {summary['many_partners_overhead_ratio']:.2f}   goal <= 1.1")
     print(f"T_on with 1M clicks ÷ T_on without clicks       {summary['clicks_1m_ratio']:.2f}   goal <= 1.15")
+    print(f"lifecycle_history_ratio (history ÷ empty)        {summary['lifecycle_history_ratio']:.2f}   goal <= 1.2")
+    print(f"lifecycle_vs_plain_ratio (ours ÷ no triggers)    {summary['lifecycle_vs_plain_ratio']:.2f}   goal <= 3.0")
     out = os.path.join(ROOT, "target", "bench")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "enqueue.json"), "w") as f:

@@ -32,6 +32,7 @@ GOALS = {
     "fanout_ratio": ("<=", 3.0), "fanout_overhead": ("<=", 1.2), "fanout_1000_endpoints_overhead": ("<=", 1.2),
     "noisy_drain_ratio": ("<=", 1.5), "noisy_p99_ms": ("<=", 50), "many_endpoints_ratio": (">=", 0.8),
     "depth_ratio": ("<=", 1.2), "worker_rss_mib": ("<=", 64),
+    "lifecycle_history_ratio": ("<=", 1.2), "lifecycle_vs_plain_ratio": ("<=", 3.0),
 }
 
 
@@ -160,7 +161,7 @@ def main():
     with open(os.path.join(ROOT, "target", "bench", "enqueue.json")) as f:
         enq = json.load(f)
     for key in ("fanout_ratio", "fanout_overhead", "fanout_1000_endpoints_overhead", "many_partners_overhead_ratio",
-                "clicks_1m_ratio"):
+                "clicks_1m_ratio", "lifecycle_history_ratio", "lifecycle_vs_plain_ratio"):
         results[key] = enq[key]
 
     port = free_port()

@@ -289,6 +289,11 @@ CREATE INDEX deliveries_created_at ON postback.deliveries USING brin (created_at
 CREATE INDEX deliveries_completed_at ON postback.deliveries USING brin (completed_at);
 -- Dead letters are few and reviewed often.
 CREATE INDEX deliveries_dead ON postback.deliveries (endpoint_id, completed_at) WHERE state = 'dead';
+-- A lifecycle delivery's predecessor (the latest earlier delivery of the same
+-- conversion and endpoint) and the conversion delete guard are probes of this
+-- index: their cost does not grow with the history.
+CREATE INDEX deliveries_conversion ON postback.deliveries (conversion_id, endpoint_id, id)
+    WHERE conversion_id IS NOT NULL;
 
 -- ---------------------------------------------------------------------------
 -- attempts: every HTTP attempt, recorded in the same transaction as the

@@ -260,9 +260,12 @@ impl Pending {
         let (predecessor_column, predecessor) = if lifecycle {
             (
                 " predecessor_id,",
-                " (SELECT max(p.id) FROM postback.deliveries p
-                      WHERE p.idempotency_key >= (r.c::text || '.' || r.e::text || '.') COLLATE \"C\"
-                        AND p.idempotency_key <  (r.c::text || '.' || r.e::text || '/') COLLATE \"C\"),",
+                // ordered as deliveries_conversion is: one backward probe of that
+                // index per delivery, whatever the history (never a scan of the
+                // primary key filtering every row)
+                " (SELECT p.id FROM postback.deliveries p
+                      WHERE p.conversion_id = r.c AND p.endpoint_id = r.e
+                      ORDER BY p.conversion_id DESC, p.endpoint_id DESC, p.id DESC LIMIT 1),",
             )
         } else {
             ("", "")

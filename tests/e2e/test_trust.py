@@ -160,8 +160,8 @@ def test_roles_work_and_give_no_signing_oracle(cluster, receiver):
                 f"UPDATE postback.endpoints SET url_template = 'https://evil.test/' WHERE id = {endpoint_id}",
                 "SELECT secret FROM postback.endpoint_secrets",
                 "SELECT headers FROM postback.endpoints",
-                f"SELECT * FROM postback.finalize_request({endpoint_id}, 'webhook', 'standard-webhooks', NULL, 'ts', "
-                f"'sig', 'http://127.0.0.1:1/', NULL, '{{\"forged\": 1}}', 'k')",
+                f"SELECT * FROM postback.sign_request({endpoint_id}, 'webhook', 'standard-webhooks', NULL, 'ts', "
+                f"'sig', 'http://127.0.0.1:1/', NULL, NULL, '{{\"forged\": 1}}', 'k')",
                 "SELECT postback.grant_operator('bi_reader')",
                 "DELETE FROM postback.attempts",
             ]:

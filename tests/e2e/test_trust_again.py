@@ -172,7 +172,8 @@ def test_a_delivery_that_died_at_enqueue_is_never_sent_by_retry_and_preview_says
                      "VALUES ('c', 'never-2', %s, '{\"n\": \"many\"}')", (name,))
         (did, state, rendered, why, url) = conn.execute(
             "SELECT d.id, d.state, d.rendered, d.last_error, d.url FROM postback.deliveries d "
-            "JOIN postback.conversions c ON c.id = d.conversion_id WHERE c.transaction_id = 'never-2'").fetchone()
+            "JOIN postback.conversions c ON c.id = d.conversion_id JOIN postback.endpoints e ON e.id = d.endpoint_id "
+            "WHERE c.transaction_id = 'never-2' AND e.name = %s", (name,)).fetchone()
         assert (state, rendered, url) == ("dead", False, ""), (state, rendered, url)
         assert "not a number" in why, why
         with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as e:
