@@ -5,10 +5,15 @@ DEMO_DIR    ?= /tmp/pg_postback_demo
 DEMO_PORT   ?= 54329
 PYTEST_ARGS ?=
 
-.PHONY: deps unit pgtest install install-release install-upgrades e2e test demo demo-stop bench bench-quick bench-tools faults faults-quick
+.PHONY: deps lint unit pgtest install install-release install-upgrades e2e test demo demo-stop bench bench-quick bench-tools faults faults-quick
 
 deps:
 	scripts/install-deps.sh
+
+# Formatting (rustfmt.toml) and every clippy warning are errors.
+lint: deps
+	cargo fmt --check
+	cargo clippy --all-targets --features pg15 -- -D warnings
 
 # Pure Rust modules (no Postgres needed); the #[pg_test]s run under `pgtest`.
 unit: deps
@@ -48,7 +53,7 @@ faults: install
 faults-quick: install
 	python3 tests/faults/run.py --quick
 
-test: unit pgtest e2e faults-quick
+test: lint unit pgtest e2e faults-quick
 
 demo: install-release
 	DEMO_DIR=$(DEMO_DIR) DEMO_PORT=$(DEMO_PORT) scripts/demo.sh

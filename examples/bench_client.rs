@@ -12,10 +12,8 @@ fn main() {
     let url = args.get(1).cloned().unwrap_or_else(|| "http://127.0.0.1:18100/x".into());
     let total: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(20_000);
     let threads: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(16);
-    let agent = ureq::AgentBuilder::new()
-        .max_idle_connections_per_host(threads)
-        .timeout(Duration::from_secs(10))
-        .build();
+    let agent =
+        ureq::AgentBuilder::new().max_idle_connections_per_host(threads).timeout(Duration::from_secs(10)).build();
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)

@@ -24,7 +24,7 @@ fn fails_once(target: &str, failed: &Failed) -> bool {
         return false;
     }
     let n: u64 = target.rsplit(['=', '-']).next().and_then(|d| d.parse().ok()).unwrap_or(1);
-    n % 5 == 0 && failed.lock().unwrap().insert(target.to_string())
+    n.is_multiple_of(5) && failed.lock().unwrap().insert(target.to_string())
 }
 
 fn serve(stream: TcpStream, arrivals: Arrivals, failed: Failed) -> std::io::Result<()> {

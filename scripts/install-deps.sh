@@ -17,6 +17,11 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+if ! cargo clippy --version >/dev/null 2>&1 || ! cargo fmt --version >/dev/null 2>&1; then
+    echo "==> rustup component add clippy rustfmt"
+    rustup component add clippy rustfmt
+fi
+
 if ! cargo pgrx --version 2>/dev/null | grep -q " $PGRX_VERSION\$"; then
     echo "==> cargo install cargo-pgrx $PGRX_VERSION (takes a few minutes, once)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked

@@ -79,7 +79,9 @@ fn check_json_nesting(value: &str, column: &str) -> bool {
 /// token that does not frame the request, each value free of control characters.
 #[pg_extern(immutable, parallel_safe)]
 fn validate_headers(headers: JsonB) -> bool {
-    let Value::Object(map) = headers.0 else { invalid("invalid headers: must be a JSON object of header name to string value") };
+    let Value::Object(map) = headers.0 else {
+        invalid("invalid headers: must be a JSON object of header name to string value")
+    };
     for (name, value) in &map {
         let Value::String(value) = value else {
             invalid(format!("invalid headers: the value of \"{}\" must be a string", name.escape_default()))
@@ -282,7 +284,8 @@ fn sign_request(
     idempotency_key: &str,
 ) -> TableIterator<'static, (name!(url, String), name!(headers, JsonB))> {
     let Some(url) = url else { return TableIterator::new(std::iter::empty()) };
-    let hashes = crate::url_hash::from_json(url_hashes.map(|h| h.0.to_string()).as_deref()).unwrap_or_else(|e| invalid(e));
+    let hashes =
+        crate::url_hash::from_json(url_hashes.map(|h| h.0.to_string()).as_deref()).unwrap_or_else(|e| invalid(e));
     let signing = outgoing::Signing {
         scheme: signing_scheme.to_string(),
         secrets: if signing_scheme == "none" && hashes.is_empty() { Vec::new() } else { live_secrets(endpoint_id) },
@@ -292,7 +295,8 @@ fn sign_request(
     };
     let stored = outgoing::header_pairs(headers.map(|h| h.0));
     let now = now_unix_micros().div_euclid(1_000_000);
-    let out = outgoing::finalize(kind, url, &hashes, &stored, body, idempotency_key, &signing, now).unwrap_or_else(|e| invalid(e));
+    let out = outgoing::finalize(kind, url, &hashes, &stored, body, idempotency_key, &signing, now)
+        .unwrap_or_else(|e| invalid(e));
     let headers: Map<String, Value> = out.headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
     TableIterator::once((out.url, JsonB(Value::Object(headers))))
 }
@@ -321,7 +325,6 @@ fn finalize_request(
         "Run ALTER EXTENSION pg_postback UPDATE."
     );
 }
-
 
 thread_local! {
     /// Rows proposed to INSERT on postback.conversions by the current statement
@@ -366,9 +369,11 @@ fn conversions_validate<'a>(
     }
     if !inserting {
         // a conversion's history stays with one partner
-        let old_partner = trigger.old().and_then(|o| o.get_by_name::<&str>("partner").ok().flatten().map(str::to_string));
+        let old_partner =
+            trigger.old().and_then(|o| o.get_by_name::<&str>("partner").ok().flatten().map(str::to_string));
         if old_partner.as_deref() != partner {
-            let message = crate::conversion_rules::partner_change_message(transaction_id, old_partner.as_deref(), partner);
+            let message =
+                crate::conversion_rules::partner_change_message(transaction_id, old_partner.as_deref(), partner);
             ereport!(ERROR, PgSqlErrorCode::ERRCODE_RESTRICT_VIOLATION, message);
         }
         return Ok(Some(row.into_owned()));
@@ -464,9 +469,7 @@ fn wake_worker() {
 }
 
 fn timestamp(unix_micros: i64) -> Option<TimestampWithTimeZone> {
-    (unix_micros != 0)
-        .then(|| TimestampWithTimeZone::try_from(unix_micros - PG_EPOCH_OFFSET_MICROS).ok())
-        .flatten()
+    (unix_micros != 0).then(|| TimestampWithTimeZone::try_from(unix_micros - PG_EPOCH_OFFSET_MICROS).ok()).flatten()
 }
 
 /// The worker's own figures from shared memory (empty when not preloaded).

@@ -90,7 +90,14 @@ mod tests {
     use super::*;
 
     fn ok() -> Fields<'static> {
-        Fields { click_id: Some("c"), transaction_id: Some("t-1"), event: Some("sale"), status: Some("approved"), currency: Some("EUR"), partner: Some("net-a") }
+        Fields {
+            click_id: Some("c"),
+            transaction_id: Some("t-1"),
+            event: Some("sale"),
+            status: Some("approved"),
+            currency: Some("EUR"),
+            partner: Some("net-a"),
+        }
     }
 
     #[test]
@@ -103,14 +110,23 @@ mod tests {
     fn errors_name_column_and_transaction_id() {
         let (col, msg) = check(&Fields { status: Some("paid"), ..ok() }).unwrap_err();
         assert_eq!(col, "status");
-        assert!(msg.contains("transaction_id \"t-1\"") && msg.contains("column status") && msg.contains("\"paid\""), "{msg}");
+        assert!(
+            msg.contains("transaction_id \"t-1\"") && msg.contains("column status") && msg.contains("\"paid\""),
+            "{msg}"
+        );
         assert_eq!(check(&Fields { currency: Some("eur"), ..ok() }).unwrap_err().0, "currency");
         assert_eq!(check(&Fields { click_id: Some(""), ..ok() }).unwrap_err().0, "click_id");
         assert_eq!(check(&Fields { transaction_id: Some(""), ..ok() }).unwrap_err().0, "transaction_id");
         assert_eq!(check(&Fields { event: Some("Big Sale"), ..ok() }).unwrap_err().0, "event");
         assert_eq!(check(&Fields { partner: None, ..ok() }), Ok(()));
         let (col, msg) = check(&Fields { partner: Some(""), ..ok() }).unwrap_err();
-        assert_eq!((col, msg.as_str()), ("partner", "conversion with transaction_id \"t-1\": column partner \"\" must be 1 to 100 characters (got 0)"));
+        assert_eq!(
+            (col, msg.as_str()),
+            (
+                "partner",
+                "conversion with transaction_id \"t-1\": column partner \"\" must be 1 to 100 characters (got 0)"
+            )
+        );
         assert_eq!(check(&Fields { partner: Some("a\tb"), ..ok() }).unwrap_err().0, "partner");
         let m = partner_change_message(Some("t-1"), Some("net-a"), None);
         assert!(m.contains("column partner cannot change after insert (from \"net-a\" to NULL)"), "{m}");

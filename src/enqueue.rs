@@ -161,7 +161,12 @@ impl ConversionRow {
     }
 
     fn subject(&self) -> Subject<'_> {
-        Subject { partner: self.partner.as_deref(), event: &self.event, status: &self.status, attributes: &self.attributes }
+        Subject {
+            partner: self.partner.as_deref(),
+            event: &self.event,
+            status: &self.status,
+            attributes: &self.attributes,
+        }
     }
 
     fn as_conversion(&mut self) -> Conversion<'_> {
@@ -273,7 +278,8 @@ impl Pending {
         } else {
             ("", "")
         };
-        let (hash_columns, hashes) = if legacy { ("", "") } else { (", url_hashes, rendered", ", r.h::jsonb, r.err IS NULL") };
+        let (hash_columns, hashes) =
+            if legacy { ("", "") } else { (", url_hashes, rendered", ", r.h::jsonb, r.err IS NULL") };
         format!(
             "INSERT INTO postback.deliveries
                     (endpoint_id, conversion_id, event, status, idempotency_key,{predecessor_column} method, url,
@@ -299,7 +305,11 @@ impl Pending {
         types
     }
 
-    fn flush<'conn>(&mut self, client: &mut SpiClient<'conn>, plan: &pgrx::spi::PreparedStatement<'conn>) -> SpiResult<()> {
+    fn flush<'conn>(
+        &mut self,
+        client: &mut SpiClient<'conn>,
+        plan: &pgrx::spi::PreparedStatement<'conn>,
+    ) -> SpiResult<()> {
         if self.len() == 0 {
             return Ok(());
         }
@@ -443,7 +453,11 @@ fn restoring_a_dump() -> bool {
     // SAFETY: debug_query_string is the backend's current statement text (or NULL)
     let query = unsafe {
         let q = pg_sys::debug_query_string;
-        if q.is_null() { None } else { Some(std::ffi::CStr::from_ptr(q).to_string_lossy()) }
+        if q.is_null() {
+            None
+        } else {
+            Some(std::ffi::CStr::from_ptr(q).to_string_lossy())
+        }
     };
     let is_copy = query.is_some_and(|q| q.trim_start().get(..5).is_some_and(|w| w.eq_ignore_ascii_case("copy ")));
     is_copy
@@ -484,7 +498,13 @@ fn render_preview(endpoint_id: i64, conversion_id: i64) -> Vec<Option<String>> {
     Spi::connect(|client| {
         let (endpoints, router) = load_endpoints(client, "id = $1", Some(endpoint_id))?;
         let Some(e) = endpoints.first() else {
-            return Ok::<_, pgrx::spi::Error>(vec![None, None, None, Some(format!("unknown endpoint id {endpoint_id}")), None]);
+            return Ok::<_, pgrx::spi::Error>(vec![
+                None,
+                None,
+                None,
+                Some(format!("unknown endpoint id {endpoint_id}")),
+                None,
+            ]);
         };
         let rows = client.select(
             &format!(
@@ -505,7 +525,9 @@ fn render_preview(endpoint_id: i64, conversion_id: i64) -> Vec<Option<String>> {
         let key = request::idempotency_key(conversion.id, e.id, conversion.event, conversion.status);
         let rendered = render(&conversion, e, &key, now_unix_micros(), crate::gucs::request_limits());
         Ok(match rendered {
-            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(routed.into()), crate::url_hash::to_json(&r.hashes)],
+            Ok(r) => {
+                vec![Some(key), Some(r.url), r.body, None, Some(routed.into()), crate::url_hash::to_json(&r.hashes)]
+            }
             Err(err) => vec![Some(key), None, None, Some(err), Some(routed.into()), None],
         })
     })
@@ -598,9 +620,26 @@ fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
         Ok::<_, pgrx::spi::Error>(match rendered {
             // a 0.2.0 schema's send_test stores the URL as it is (see Pending::statement)
             Ok(r) if schema_is_0_2_0(client)? => {
-                vec![Some(key), Some(crate::url_hash::legacy_marked(&r.url, &r.hashes)), r.body, None, Some(event), Some(status), pattern]
+                vec![
+                    Some(key),
+                    Some(crate::url_hash::legacy_marked(&r.url, &r.hashes)),
+                    r.body,
+                    None,
+                    Some(event),
+                    Some(status),
+                    pattern,
+                ]
             }
-            Ok(r) => vec![Some(key), Some(r.url), r.body, None, Some(event), Some(status), pattern, crate::url_hash::to_json(&r.hashes)],
+            Ok(r) => vec![
+                Some(key),
+                Some(r.url),
+                r.body,
+                None,
+                Some(event),
+                Some(status),
+                pattern,
+                crate::url_hash::to_json(&r.hashes),
+            ],
             Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status), pattern, None],
         })
     })

@@ -77,20 +77,18 @@ pub fn parse(text: &str) -> Result<Filter, String> {
         }
         "add" => Filter::Add(decimal(need("F")?, name)?),
         "sub" => Filter::Sub(decimal(need("F")?, name)?),
-        "round" => Filter::Round(
-            need("N")?
-                .trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|n| *n <= 18)
-                .ok_or_else(|| format!("round: \"{}\" is not a number of decimals from 0 to 18", arg.unwrap_or("")))?,
-        ),
-        "tz" => Filter::Tz(
-            need("ZONE")?
-                .trim()
-                .parse::<chrono_tz::Tz>()
-                .map_err(|_| format!("tz: \"{}\" is not an IANA time zone name such as Europe/Kyiv", arg.unwrap_or("")))?,
-        ),
+        "round" => {
+            Filter::Round(
+                need("N")?.trim().parse::<u32>().ok().filter(|n| *n <= 18).ok_or_else(|| {
+                    format!("round: \"{}\" is not a number of decimals from 0 to 18", arg.unwrap_or(""))
+                })?,
+            )
+        }
+        "tz" => {
+            Filter::Tz(need("ZONE")?.trim().parse::<chrono_tz::Tz>().map_err(|_| {
+                format!("tz: \"{}\" is not an IANA time zone name such as Europe/Kyiv", arg.unwrap_or(""))
+            })?)
+        }
         "format" => {
             let pattern = need("PATTERN")?;
             check_format(pattern)?;
@@ -144,7 +142,8 @@ fn check_format(pattern: &str) -> Result<(), String> {
     if chrono::format::StrftimeItems::new(pattern).any(|i| matches!(i, chrono::format::Item::Error)) {
         return Err(format!("format: \"{pattern}\" is not a valid strftime pattern"));
     }
-    let sample = chrono::DateTime::from_timestamp(1_711_845_000, 123_456_789).expect("a valid timestamp").fixed_offset();
+    let sample =
+        chrono::DateTime::from_timestamp(1_711_845_000, 123_456_789).expect("a valid timestamp").fixed_offset();
     format_time(&sample, pattern).map(|_| ())
 }
 

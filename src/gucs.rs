@@ -3,8 +3,8 @@
 use std::ffi::{CStr, CString};
 
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
-use pgrx::pg_sys;
 use pgrx::pg_guard;
+use pgrx::pg_sys;
 
 use crate::target_policy;
 
@@ -182,10 +182,7 @@ unsafe extern "C-unwind" fn check_allowed_targets(
 }
 
 pub fn database_name() -> String {
-    DATABASE_NAME
-        .get()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "postgres".to_string())
+    DATABASE_NAME.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".to_string())
 }
 
 pub fn allowed_targets() -> Vec<target_policy::Cidr> {

@@ -189,10 +189,15 @@ mod tests {
         let client = Client::new(allow.clone(), 5, 1);
         let port = serve_once("HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world");
         let sent = client.send(&job(format!("http://127.0.0.1:{port}/")));
-        assert_eq!(sent.result, AttemptResult::Response { status: 200, body: "hello".into(), retry_after: None, location: None });
+        assert_eq!(
+            sent.result,
+            AttemptResult::Response { status: 200, body: "hello".into(), retry_after: None, location: None }
+        );
         let port = serve_once("HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/next\r\nContent-Length: 0\r\n\r\n");
         let sent = client.send(&job(format!("http://127.0.0.1:{port}/")));
-        assert!(matches!(sent.result, AttemptResult::Response { status: 302, location: Some(ref l), .. } if l.ends_with("/next")));
+        assert!(
+            matches!(sent.result, AttemptResult::Response { status: 302, location: Some(ref l), .. } if l.ends_with("/next"))
+        );
     }
 
     #[test]
@@ -203,7 +208,10 @@ mod tests {
         let sent = Client::new(allow, 5, 1).send(&job(url));
         let AttemptResult::Transient(message) = sent.result else { panic!("{:?}", sent.result) };
         assert!(!message.contains("deadbeef") && !message.contains("cid=1"), "{message}");
-        assert_eq!(redact_url("GET https://n.test/a?sig=x: refused", "https://n.test/a?sig=x"), "GET https://n.test/a?…: refused");
+        assert_eq!(
+            redact_url("GET https://n.test/a?sig=x: refused", "https://n.test/a?sig=x"),
+            "GET https://n.test/a?…: refused"
+        );
     }
 
     #[test]

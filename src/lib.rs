@@ -5,10 +5,9 @@
 
 use pgrx::prelude::*;
 
-pub mod target_policy;
 pub mod conversion_rules;
-pub mod health;
 pub mod filters;
+pub mod health;
 pub mod http;
 pub mod outgoing;
 pub mod request;
@@ -16,6 +15,7 @@ pub mod retry;
 pub mod routing;
 pub mod scheduler;
 pub mod signing;
+pub mod target_policy;
 pub mod template;
 pub mod url_hash;
 
@@ -31,7 +31,19 @@ pgrx::extension_sql_file!("../sql/views.sql", name = "views", requires = ["schem
 pgrx::extension_sql_file!(
     "../sql/enqueue.sql",
     name = "enqueue",
-    requires = ["schema", render_request, render_preview, sign_request, check_json_nesting, conversions_validate, enqueue_conversions, validate_headers, validate_partners, validate_conditions, validate_statuses]
+    requires = [
+        "schema",
+        render_request,
+        render_preview,
+        sign_request,
+        check_json_nesting,
+        conversions_validate,
+        enqueue_conversions,
+        validate_headers,
+        validate_partners,
+        validate_conditions,
+        validate_statuses
+    ]
 );
 pgrx::extension_sql_file!(
     "../sql/operations.sql",
@@ -41,7 +53,18 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/privileges.sql",
     name = "privileges",
-    requires = ["enqueue", "views", "operations", render_request, render_preview, enqueue_conversions, sign_request, take_proposed_conversions, wake_worker, worker_stats]
+    requires = [
+        "enqueue",
+        "views",
+        "operations",
+        render_request,
+        render_preview,
+        enqueue_conversions,
+        sign_request,
+        take_proposed_conversions,
+        wake_worker,
+        worker_stats
+    ]
 );
 pgrx::extension_sql_file!("../sql/comments.sql", name = "comments", finalize);
 

@@ -137,7 +137,10 @@ pub fn finalize(
     if signing.scheme != "none" {
         let scheme = Scheme::parse(&signing.scheme).map_err(|e| e.to_string())?;
         if signing.secrets.is_empty() {
-            return Err(format!("endpoint signs with {} but has no live secret in postback.endpoint_secrets", signing.scheme));
+            return Err(format!(
+                "endpoint signs with {} but has no live secret in postback.endpoint_secrets",
+                signing.scheme
+            ));
         }
         if kind == "webhook" {
             let payload = body.unwrap_or("");
@@ -178,21 +181,46 @@ mod tests {
             secrets: vec!["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()],
             ..Default::default()
         };
-        let o = finalize("webhook", "https://n.test/h", &[], &[], Some("{}"), "1.2.sale.approved", &s, 1700000000).unwrap();
+        let o =
+            finalize("webhook", "https://n.test/h", &[], &[], Some("{}"), "1.2.sale.approved", &s, 1700000000).unwrap();
         assert_eq!(header(&o, "webhook-id"), Some("1.2.sale.approved"));
         assert_eq!(header(&o, "webhook-timestamp"), Some("1700000000"));
         assert_eq!(header(&o, "Idempotency-Key"), Some("1.2.sale.approved"));
         assert_eq!(header(&o, "Content-Type"), Some("application/json"));
         assert!(header(&o, "User-Agent").unwrap().starts_with("pg_postback/"));
         let sig = header(&o, "webhook-signature").unwrap();
-        let ok = signing::verify("{}", &s.secrets[0], Scheme::StandardWebhooks, sig, Some("1.2.sale.approved"), Some(1700000000), 300, 1700000000);
+        let ok = signing::verify(
+            "{}",
+            &s.secrets[0],
+            Scheme::StandardWebhooks,
+            sig,
+            Some("1.2.sale.approved"),
+            Some(1700000000),
+            300,
+            1700000000,
+        );
         assert_eq!(ok, Ok(true));
     }
 
     #[test]
     fn header_name_override_and_endpoint_headers_win() {
-        let s = Signing { scheme: "stripe".into(), secrets: vec!["k".into()], header: Some("X-Sig".into()), ..Default::default() };
-        let o = finalize("webhook", "https://n.test/h", &[], &[("user-agent".into(), "custom".into())], Some("{}"), "k", &s, 5).unwrap();
+        let s = Signing {
+            scheme: "stripe".into(),
+            secrets: vec!["k".into()],
+            header: Some("X-Sig".into()),
+            ..Default::default()
+        };
+        let o = finalize(
+            "webhook",
+            "https://n.test/h",
+            &[],
+            &[("user-agent".into(), "custom".into())],
+            Some("{}"),
+            "k",
+            &s,
+            5,
+        )
+        .unwrap();
         assert!(header(&o, "X-Sig").unwrap().starts_with("t=5,v1="));
         assert_eq!(header(&o, "User-Agent"), Some("custom"));
         assert_eq!(o.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case("user-agent")).count(), 1);
@@ -200,7 +228,13 @@ mod tests {
 
     #[test]
     fn postback_url_is_signed_with_query_parameters() {
-        let s = Signing { scheme: "hmac-sha256-hex".into(), secrets: vec!["k".into()], ts_param: "ts".into(), sig_param: "sig".into(), header: None };
+        let s = Signing {
+            scheme: "hmac-sha256-hex".into(),
+            secrets: vec!["k".into()],
+            ts_param: "ts".into(),
+            sig_param: "sig".into(),
+            header: None,
+        };
         let o = finalize("postback", "https://n.test/pb?c=1", &[], &[], None, "k", &s, 7).unwrap();
         assert!(o.url.starts_with("https://n.test/pb?c=1&ts=7&sig="), "{}", o.url);
         assert_eq!(header(&o, "Idempotency-Key"), None);
@@ -224,7 +258,16 @@ mod tests {
             ("X-\r\nKey", "v"),
         ] {
             assert!(check_header(name, value).is_err(), "{name:?}: {value:?} accepted");
-            let e = finalize("postback", "https://n.test/", &[], &[(name.into(), value.into())], None, "k", &Signing { scheme: "none".into(), ..Default::default() }, 0);
+            let e = finalize(
+                "postback",
+                "https://n.test/",
+                &[],
+                &[(name.into(), value.into())],
+                None,
+                "k",
+                &Signing { scheme: "none".into(), ..Default::default() },
+                0,
+            );
             assert!(e.is_err(), "{name:?} reached the wire");
         }
         assert!(check_header("Authorization", "Bearer abc\tdef").is_ok());
@@ -242,7 +285,8 @@ mod tests {
         )
         .unwrap();
         let vars = serde_json::json!({"transaction_id": "tx-1", "currency": "EUR", "attributes": {"snuid": "u9"}});
-        let (url, hashes) = crate::template::render_url_hashed(&t, vars.as_object().unwrap(), Default::default()).unwrap();
+        let (url, hashes) =
+            crate::template::render_url_hashed(&t, vars.as_object().unwrap(), Default::default()).unwrap();
         let s = Signing { scheme: "none".into(), secrets: vec!["k2".into(), "k1".into()], ..Default::default() };
         let o = finalize("postback", &url, &hashes, &[], None, "k", &s, 0).unwrap();
         // md5("tx-1:u9:EUR:k2")

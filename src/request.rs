@@ -171,9 +171,9 @@ impl Vars for ConversionVars<'_> {
             "click.clicked_at" => c.click.as_ref().map(|k| Cow::Owned(iso_utc(k.clicked_at_unix_micros))),
             _ => match name.strip_prefix("attributes.") {
                 Some(key) => c.attributes.text(key),
-                None => name
-                    .strip_prefix("click.")
-                    .and_then(|key| c.click.as_ref().and_then(|k| k.attributes.text(key))),
+                None => {
+                    name.strip_prefix("click.").and_then(|key| c.click.as_ref().and_then(|k| k.attributes.text(key)))
+                }
             },
         }
     }
@@ -262,7 +262,11 @@ pub fn render(
         RenderOptions { drop_empty_params: endpoint.drop_empty_params },
     )?;
     if url.len() > limits.url_bytes {
-        return Err(format!("rendered URL is {} bytes; the limit is {} (postback.max_url_bytes)", url.len(), limits.url_bytes));
+        return Err(format!(
+            "rendered URL is {} bytes; the limit is {} (postback.max_url_bytes)",
+            url.len(),
+            limits.url_bytes
+        ));
     }
     if !endpoint.url_template_trusted {
         template::check_url(&url).map_err(|e| format!("rendered URL is not valid: {e}"))?;
@@ -280,7 +284,11 @@ pub fn render(
     };
     if let Some(b) = &body {
         if b.len() > limits.body_bytes {
-            return Err(format!("rendered body is {} bytes; the limit is {} (postback.max_body_bytes)", b.len(), limits.body_bytes));
+            return Err(format!(
+                "rendered body is {} bytes; the limit is {} (postback.max_body_bytes)",
+                b.len(),
+                limits.body_bytes
+            ));
         }
     }
     Ok(Request { url, body, hashes })
@@ -352,14 +360,18 @@ mod tests {
             attributes: json!({"sub1": "x&y", "aff_id": 7}).as_object().unwrap().clone(),
             clicked_at_unix_micros: 1_709_290_000_000_000,
         });
-        let e = endpoint("postback", "https://n.test/pb?p={partner}&s={click.sub1}&a={click.aff_id}&t={click.clicked_at}&m={click.missing}");
+        let e = endpoint(
+            "postback",
+            "https://n.test/pb?p={partner}&s={click.sub1}&a={click.aff_id}&t={click.clicked_at}&m={click.missing}",
+        );
         let r = render(&c, &e, "k", 0, Limits::default()).unwrap();
         assert_eq!(r.url, "https://n.test/pb?p=net%20a&s=x%26y&a=7&t=2024-03-01T10%3A46%3A40Z&m=");
         // no click known: click variables render empty (or their default)
         c.click = None;
         let e = endpoint("postback", "https://n.test/pb?s={click.sub1|default:none}");
         assert_eq!(render(&c, &e, "k", 0, Limits::default()).unwrap().url, "https://n.test/pb?s=none");
-        let body = render(&c, &endpoint("webhook", "https://n.test/h"), "k", 0, Limits::default()).unwrap().body.unwrap();
+        let body =
+            render(&c, &endpoint("webhook", "https://n.test/h"), "k", 0, Limits::default()).unwrap().body.unwrap();
         assert!(body.contains(r#""partner":"net a""#), "{body}");
     }
 
@@ -378,7 +390,14 @@ mod tests {
 
     #[test]
     fn webhook_envelope_is_standard_webhooks_shaped() {
-        let r = render(&conv(), &endpoint("webhook", "https://n.test/hook"), "42.1.sale.approved", 1_709_296_500_250_000, Limits::default()).unwrap();
+        let r = render(
+            &conv(),
+            &endpoint("webhook", "https://n.test/hook"),
+            "42.1.sale.approved",
+            1_709_296_500_250_000,
+            Limits::default(),
+        )
+        .unwrap();
         let body: Value = serde_json::from_str(&r.body.unwrap()).unwrap();
         assert_eq!(body["id"], "42.1.sale.approved");
         assert_eq!(body["type"], "sale");

@@ -10,7 +10,12 @@ pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
 /// How an attempt ended, as seen by the HTTP layer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttemptResult {
-    Response { status: u16, body: String, retry_after: Option<String>, location: Option<String> },
+    Response {
+        status: u16,
+        body: String,
+        retry_after: Option<String>,
+        location: Option<String>,
+    },
     /// a transport failure worth retrying (timeout, refused, reset, DNS)
     Transient(String),
     /// a failure retrying cannot fix (refused by the address policy, bad URL)
@@ -92,10 +97,9 @@ pub fn check_success_pattern_size(pattern: &str) -> Result<(), String> {
 /// dropped, which would let any 2xx count as success).
 pub fn compile_success_pattern(pattern: &str) -> Result<Regex, String> {
     check_success_pattern_size(pattern)?;
-    regex::RegexBuilder::new(pattern)
-        .size_limit(SUCCESS_PATTERN_SIZE_LIMIT)
-        .build()
-        .map_err(|e| format!("success_body_pattern cannot be used: {}", crate::http::truncate_utf8(&e.to_string(), 300)))
+    regex::RegexBuilder::new(pattern).size_limit(SUCCESS_PATTERN_SIZE_LIMIT).build().map_err(|e| {
+        format!("success_body_pattern cannot be used: {}", crate::http::truncate_utf8(&e.to_string(), 300))
+    })
 }
 
 /// What a success_body_pattern said of a response body (computed on the
@@ -103,7 +107,9 @@ pub fn compile_success_pattern(pattern: &str) -> Result<Regex, String> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum BodyCheck {
     Matched,
-    NotMatched { pattern: String },
+    NotMatched {
+        pattern: String,
+    },
     /// the pattern cannot be built: the delivery fails with this reason
     Unusable(String),
 }
@@ -342,7 +348,9 @@ mod tests {
     #[test]
     fn a_redirect_never_stores_the_query_string_it_echoes() {
         let r = AttemptResult::Response {
-            status: 301, body: String::new(), retry_after: None,
+            status: 301,
+            body: String::new(),
+            retry_after: None,
             location: Some("https://n.test/pb?cid=1&ts=5&sig=deadbeef".into()),
         };
         let Verdict::Dead { error } = classify(&r, None) else { panic!() };
@@ -352,8 +360,16 @@ mod tests {
 
     #[test]
     fn redirects_are_dead_with_location() {
-        let r = AttemptResult::Response { status: 302, body: String::new(), retry_after: None, location: Some("https://x.test/".into()) };
-        assert_eq!(classify(&r, None), Verdict::Dead { error: "HTTP 302 redirect not followed (Location: https://x.test/)".into() });
+        let r = AttemptResult::Response {
+            status: 302,
+            body: String::new(),
+            retry_after: None,
+            location: Some("https://x.test/".into()),
+        };
+        assert_eq!(
+            classify(&r, None),
+            Verdict::Dead { error: "HTTP 302 redirect not followed (Location: https://x.test/)".into() }
+        );
     }
 
     #[test]
@@ -376,12 +392,19 @@ mod tests {
 
     #[test]
     fn per_endpoint_success_and_retry_statuses() {
-        let chartboost = StatusRules { success: parse_statuses(&["200-302".into()], "s").unwrap(), ..Default::default() };
+        let chartboost =
+            StatusRules { success: parse_statuses(&["200-302".into()], "s").unwrap(), ..Default::default() };
         assert_eq!(classify_with(&resp(302, ""), None, &chartboost), Verdict::Succeeded);
         assert!(matches!(classify(&resp(302, ""), None), Verdict::Dead { .. }));
-        let leanplum = StatusRules { retry: parse_statuses(&["409".into(), "500-599".into()], "r").unwrap(), ..Default::default() };
+        let leanplum = StatusRules {
+            retry: parse_statuses(&["409".into(), "500-599".into()], "r").unwrap(),
+            ..Default::default()
+        };
         assert!(matches!(classify_with(&resp(409, ""), None, &leanplum), Verdict::Retry { .. }));
-        assert!(matches!(classify_with(&resp(429, ""), None, &leanplum), Verdict::Dead { .. }), "429 left out of the list");
+        assert!(
+            matches!(classify_with(&resp(429, ""), None, &leanplum), Verdict::Dead { .. }),
+            "429 left out of the list"
+        );
         let tapjoy = StatusRules::default();
         assert!(matches!(classify_with(&resp(403, ""), None, &tapjoy), Verdict::Dead { .. }));
         assert!(parse_statuses(&["99".into()], "x").is_err());
@@ -402,13 +425,22 @@ mod tests {
 
     #[test]
     fn retry_after_is_honoured_and_capped() {
-        let r = AttemptResult::Response { status: 429, body: String::new(), retry_after: Some("2".into()), location: None };
-        assert_eq!(classify(&r, None), Verdict::Retry { error: "HTTP 429".into(), retry_after: Some(Duration::from_secs(2)) });
+        let r =
+            AttemptResult::Response { status: 429, body: String::new(), retry_after: Some("2".into()), location: None };
+        assert_eq!(
+            classify(&r, None),
+            Verdict::Retry { error: "HTTP 429".into(), retry_after: Some(Duration::from_secs(2)) }
+        );
         assert_eq!(parse_retry_after("999999"), Some(RETRY_AFTER_CAP));
         // a date in the past: no extra wait
         assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
-        let limits = Limits { schedule: &[Duration::from_millis(200)], max_attempts: 5, remaining_age: Duration::from_secs(3600) };
-        let d = decide(Verdict::Retry { error: "x".into(), retry_after: Some(Duration::from_secs(2)) }, 1, &limits, 0.5);
+        let limits = Limits {
+            schedule: &[Duration::from_millis(200)],
+            max_attempts: 5,
+            remaining_age: Duration::from_secs(3600),
+        };
+        let d =
+            decide(Verdict::Retry { error: "x".into(), retry_after: Some(Duration::from_secs(2)) }, 1, &limits, 0.5);
         assert_eq!(d, Decision::RetryIn(Duration::from_secs(2), "x".into()));
     }
 

@@ -271,11 +271,15 @@ mod tests {
         let mut out = Vec::new();
         router.route(&Subject { partner: Some("p7"), event: "sale", status: "approved", attributes: &attrs }, &mut out);
         assert_eq!(out, vec![0, 8, 1001, 1002]);
-        router.route(&Subject { partner: Some("p999"), event: "lead", status: "approved", attributes: &attrs }, &mut out);
+        router
+            .route(&Subject { partner: Some("p999"), event: "lead", status: "approved", attributes: &attrs }, &mut out);
         assert_eq!(out, vec![0, 1000]);
         router.route(&Subject { partner: None, event: "sale", status: "approved", attributes: &attrs }, &mut out);
         assert_eq!(out, vec![0, 1001]);
-        router.route(&Subject { partner: Some("unknown"), event: "lead", status: "approved", attributes: &attrs }, &mut out);
+        router.route(
+            &Subject { partner: Some("unknown"), event: "lead", status: "approved", attributes: &attrs },
+            &mut out,
+        );
         assert_eq!(out, vec![0]);
         // the router answers exactly what checking every endpoint would
         for partner in [Some("p7"), Some("p8"), Some("p500"), None, Some("x")] {
@@ -292,7 +296,8 @@ mod tests {
     fn a_partner_listed_twice_routes_once() {
         let router = Router::new(vec![Filters { partners: list(&["a", "a"]), ..Default::default() }]);
         let mut out = Vec::new();
-        router.route(&Subject { partner: Some("a"), event: "e", status: "approved", attributes: &Map::new() }, &mut out);
+        router
+            .route(&Subject { partner: Some("a"), event: "e", status: "approved", attributes: &Map::new() }, &mut out);
         assert_eq!(out, vec![0]);
     }
 

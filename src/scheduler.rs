@@ -182,7 +182,14 @@ impl<T> Scheduler<T> {
     }
 
     /// Restores a breaker from its recorded state (at worker start).
-    pub fn restore_breaker(&mut self, endpoint_id: i64, state: BreakerState, failures: u32, since_us: i64, now_us: i64) {
+    pub fn restore_breaker(
+        &mut self,
+        endpoint_id: i64,
+        state: BreakerState,
+        failures: u32,
+        since_us: i64,
+        now_us: i64,
+    ) {
         let cooldown = self.settings.cooldown_us;
         let slot = self.slot(endpoint_id, now_us);
         slot.breaker = Breaker { state, failures, since_us, cooldown_us: cooldown };
@@ -287,7 +294,13 @@ impl<T> Scheduler<T> {
                 b.state = BreakerState::Closed;
                 b.since_us = now_us;
                 b.cooldown_us = settings.cooldown_us;
-                Some(Transition { endpoint_id, from, to: BreakerState::Closed, at_us: now_us, reason: "probe succeeded".into() })
+                Some(Transition {
+                    endpoint_id,
+                    from,
+                    to: BreakerState::Closed,
+                    at_us: now_us,
+                    reason: "probe succeeded".into(),
+                })
             }
             Health::Failure => {
                 b.failures = b.failures.saturating_add(1);

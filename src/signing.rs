@@ -25,8 +25,7 @@ pub enum Scheme {
     StandardWebhooks,
 }
 
-pub const SCHEME_NAMES: &[&str] =
-    &["hmac-sha256-hex", "hmac-sha256-base64", "github", "stripe", "standard-webhooks"];
+pub const SCHEME_NAMES: &[&str] = &["hmac-sha256-hex", "hmac-sha256-base64", "github", "stripe", "standard-webhooks"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignError(pub String);
@@ -52,12 +51,7 @@ impl Scheme {
             "stripe" => Scheme::Stripe,
             "standard-webhooks" => Scheme::StandardWebhooks,
             "none" => return fail("signing scheme \"none\" does not sign"),
-            other => {
-                return fail(format!(
-                    "unknown signing scheme \"{other}\" (known: {})",
-                    SCHEME_NAMES.join(", ")
-                ))
-            }
+            other => return fail(format!("unknown signing scheme \"{other}\" (known: {})", SCHEME_NAMES.join(", "))),
         })
     }
 
@@ -107,7 +101,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 || !text.is_ascii() {
+    if !text.len().is_multiple_of(2) || !text.is_ascii() {
         return None;
     }
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
@@ -147,14 +141,18 @@ pub fn sign(payload: &str, secret: &str, scheme: Scheme, msg_id: Option<&str>, t
 /// Signs with every secret and joins the results the way the scheme carries
 /// several signatures (used while a key rotates). Schemes without a list form
 /// sign with the first (newest) secret only.
-pub fn sign_all(payload: &str, secrets: &[String], scheme: Scheme, msg_id: Option<&str>, ts: i64) -> Result<String, SignError> {
+pub fn sign_all(
+    payload: &str,
+    secrets: &[String],
+    scheme: Scheme,
+    msg_id: Option<&str>,
+    ts: i64,
+) -> Result<String, SignError> {
     let first = secrets.first().ok_or_else(|| SignError("no live signing secret".into()))?;
     match scheme {
-        Scheme::StandardWebhooks => Ok(secrets
-            .iter()
-            .map(|s| sign(payload, s, scheme, msg_id, ts))
-            .collect::<Result<Vec<_>, _>>()?
-            .join(" ")),
+        Scheme::StandardWebhooks => {
+            Ok(secrets.iter().map(|s| sign(payload, s, scheme, msg_id, ts)).collect::<Result<Vec<_>, _>>()?.join(" "))
+        }
         Scheme::Stripe => {
             let mut out = format!("t={ts}");
             for s in secrets {
@@ -170,6 +168,7 @@ pub fn sign_all(payload: &str, secrets: &[String], scheme: Scheme, msg_id: Optio
 /// Verifies a signature header. Accepts when any of the signatures it holds
 /// matches (key rotation); compares in constant time; for timestamped schemes
 /// refuses timestamps further than `tolerance_secs` from `now`.
+#[allow(clippy::too_many_arguments)] // the inputs a receiver has; a struct would only rename them
 pub fn verify(
     payload: &str,
     secret: &str,
@@ -185,13 +184,9 @@ pub fn verify(
     let (ts, candidates): (i64, Vec<Vec<u8>>) = match scheme {
         Scheme::HmacHex => (0, signature.split_whitespace().filter_map(unhex).collect()),
         Scheme::HmacBase64 => (0, signature.split_whitespace().filter_map(|s| B64.decode(s).ok()).collect()),
-        Scheme::Github => (
-            0,
-            signature
-                .split_whitespace()
-                .filter_map(|s| s.strip_prefix("sha256=").and_then(unhex))
-                .collect(),
-        ),
+        Scheme::Github => {
+            (0, signature.split_whitespace().filter_map(|s| s.strip_prefix("sha256=").and_then(unhex)).collect())
+        }
         Scheme::Stripe => {
             let mut t = None;
             let mut sigs = Vec::new();
@@ -228,7 +223,14 @@ pub fn verify(
 /// Signs a GET postback URL: appends `ts_param=<ts>` and then `sig_param=<sig>`,
 /// the signature being HMAC-SHA256 over the whole URL up to (not including)
 /// `&sig_param=`.
-pub fn sign_url(url: &str, secret: &str, scheme: Scheme, ts: i64, ts_param: &str, sig_param: &str) -> Result<String, SignError> {
+pub fn sign_url(
+    url: &str,
+    secret: &str,
+    scheme: Scheme,
+    ts: i64,
+    ts_param: &str,
+    sig_param: &str,
+) -> Result<String, SignError> {
     let (base, fragment) = match url.split_once('#') {
         Some((b, f)) => (b, Some(f)),
         None => (url, None),
@@ -264,13 +266,24 @@ mod tests {
     fn standard_webhooks_vector() {
         let sig = sign(SW_PAYLOAD, SW_SECRET, Scheme::StandardWebhooks, Some(SW_ID), SW_TS).unwrap();
         assert_eq!(sig, SW_SIG);
-        let ok = |sig: &str, now| verify(SW_PAYLOAD, SW_SECRET, Scheme::StandardWebhooks, sig, Some(SW_ID), Some(SW_TS), 300, now);
+        let ok = |sig: &str, now| {
+            verify(SW_PAYLOAD, SW_SECRET, Scheme::StandardWebhooks, sig, Some(SW_ID), Some(SW_TS), 300, now)
+        };
         assert_eq!(ok(SW_SIG, SW_TS), Ok(true));
         assert_eq!(ok(&format!("v1,bm90IHRoaXM= {SW_SIG}"), SW_TS + 299), Ok(true));
         assert_eq!(ok(SW_SIG, SW_TS + 301), Ok(false), "replay outside tolerance");
         assert_eq!(ok(SW_SIG, SW_TS - 301), Ok(false), "timestamp from the future");
         assert_eq!(ok("v1,bm90IHRoaXM=", SW_TS), Ok(false));
-        let tampered = verify(r#"{"test": 2432232315}"#, SW_SECRET, Scheme::StandardWebhooks, SW_SIG, Some(SW_ID), Some(SW_TS), 300, SW_TS);
+        let tampered = verify(
+            r#"{"test": 2432232315}"#,
+            SW_SECRET,
+            Scheme::StandardWebhooks,
+            SW_SIG,
+            Some(SW_ID),
+            Some(SW_TS),
+            300,
+            SW_TS,
+        );
         assert_eq!(tampered, Ok(false));
     }
 
@@ -288,7 +301,10 @@ mod tests {
         let b64 = sign("Hello, World!", GH_SECRET, Scheme::HmacBase64, None, 0).unwrap();
         assert_eq!(B64.decode(&b64).unwrap(), unhex(&hex_sig).unwrap());
         assert_eq!(verify("Hello, World!", GH_SECRET, Scheme::HmacBase64, &b64, None, None, 300, 0), Ok(true));
-        assert_eq!(verify("Hello, World!", GH_SECRET, Scheme::HmacHex, &hex_sig.to_uppercase(), None, None, 300, 0), Ok(true));
+        assert_eq!(
+            verify("Hello, World!", GH_SECRET, Scheme::HmacHex, &hex_sig.to_uppercase(), None, None, 300, 0),
+            Ok(true)
+        );
     }
 
     #[test]
@@ -307,7 +323,10 @@ mod tests {
         let header = sign_all(SW_PAYLOAD, &secrets, Scheme::StandardWebhooks, Some(SW_ID), SW_TS).unwrap();
         assert_eq!(header.split(' ').count(), 2);
         for s in &secrets {
-            assert_eq!(verify(SW_PAYLOAD, s, Scheme::StandardWebhooks, &header, Some(SW_ID), Some(SW_TS), 300, SW_TS), Ok(true));
+            assert_eq!(
+                verify(SW_PAYLOAD, s, Scheme::StandardWebhooks, &header, Some(SW_ID), Some(SW_TS), 300, SW_TS),
+                Ok(true)
+            );
         }
         let stripe = sign_all("{}", &["a".into(), "b".into()], Scheme::Stripe, None, 5).unwrap();
         assert!(stripe.starts_with("t=5,v1=") && stripe.matches(",v1=").count() == 2, "{stripe}");
@@ -323,7 +342,10 @@ mod tests {
         assert!(sign("x", "MfKQ", Scheme::StandardWebhooks, Some("m"), 0).unwrap_err().0.contains("whsec_"));
         assert!(sign("x", "whsec_!!!", Scheme::StandardWebhooks, Some("m"), 0).unwrap_err().0.contains("base64"));
         assert!(sign("x", SW_SECRET, Scheme::StandardWebhooks, None, 0).unwrap_err().0.contains("message id"));
-        assert!(verify("x", SW_SECRET, Scheme::StandardWebhooks, SW_SIG, Some("m"), None, 300, 0).unwrap_err().0.contains("timestamp"));
+        assert!(verify("x", SW_SECRET, Scheme::StandardWebhooks, SW_SIG, Some("m"), None, 300, 0)
+            .unwrap_err()
+            .0
+            .contains("timestamp"));
     }
 
     #[test]

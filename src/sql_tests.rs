@@ -1,6 +1,5 @@
 //! SQL-level tests run by `cargo pgrx test` inside a transaction that is rolled back.
 
-
 #[pgrx::pg_schema]
 mod tests {
     use pgrx::prelude::*;
@@ -37,11 +36,17 @@ mod tests {
         let ok = "INSERT INTO postback.conversions (click_id, transaction_id, status, currency)";
         assert_eq!(error_of(&format!("{ok} VALUES ('c1', 't1', 'approved', 'EUR')")), None);
         for (values, expected) in [
-            ("('c', 't2', 'paid', 'EUR')", "conversion with transaction_id \"t2\": column status \"paid\" must be one of"),
+            (
+                "('c', 't2', 'paid', 'EUR')",
+                "conversion with transaction_id \"t2\": column status \"paid\" must be one of",
+            ),
             ("('c', 't3', 'approved', 'eur')", "transaction_id \"t3\": column currency \"eur\""),
             ("('', 't5', 'approved', 'EUR')", "transaction_id \"t5\": column click_id must be 1 to 512 characters"),
             ("('c', '', 'approved', 'EUR')", "column transaction_id must be 1 to 256 characters"),
-            ("(repeat('x', 600), 't6', 'approved', 'EUR')", "transaction_id \"t6\": column click_id must be 1 to 512 characters (got 600)"),
+            (
+                "(repeat('x', 600), 't6', 'approved', 'EUR')",
+                "transaction_id \"t6\": column click_id must be 1 to 512 characters (got 600)",
+            ),
         ] {
             assert_refused(&format!("{ok} VALUES {values}"), expected);
         }
@@ -62,10 +67,19 @@ mod tests {
         Spi::run("ALTER TABLE postback.conversions DISABLE TRIGGER conversions_validate").unwrap();
         let ok = "INSERT INTO postback.conversions (click_id, transaction_id, status, currency)";
         assert_refused(&format!("{ok} VALUES ('c', 't2', 'paid', 'EUR')"), "status_must_be_a_known_conversion_status");
-        assert_refused(&format!("{ok} VALUES ('c', 't3', 'approved', 'eur')"), "currency_must_be_an_iso_4217_uppercase_code");
-        assert_refused(&format!("{ok} VALUES ('c', 't4', 'approved', 'EURO')"), "currency_must_be_an_iso_4217_uppercase_code");
+        assert_refused(
+            &format!("{ok} VALUES ('c', 't3', 'approved', 'eur')"),
+            "currency_must_be_an_iso_4217_uppercase_code",
+        );
+        assert_refused(
+            &format!("{ok} VALUES ('c', 't4', 'approved', 'EURO')"),
+            "currency_must_be_an_iso_4217_uppercase_code",
+        );
         assert_refused(&format!("{ok} VALUES ('', 't5', 'approved', 'EUR')"), "click_id_must_be_1_to_512_characters");
-        assert_refused(&format!("{ok} VALUES ('c', '', 'approved', 'EUR')"), "transaction_id_must_be_1_to_256_characters");
+        assert_refused(
+            &format!("{ok} VALUES ('c', '', 'approved', 'EUR')"),
+            "transaction_id_must_be_1_to_256_characters",
+        );
         assert_refused(
             "INSERT INTO postback.conversions (click_id, transaction_id, event) VALUES ('c', 't6', 'Big Sale')",
             "event_must_be_a_lowercase_word_of_1_to_64_characters",
@@ -83,8 +97,14 @@ mod tests {
     #[pg_test]
     fn endpoint_constraints_refuse_bad_rows() {
         let ins = "INSERT INTO postback.endpoints (name, kind, url_template, signing_scheme)";
-        assert_refused(&format!("{ins} VALUES ('a', 'sms', 'https://x.test/', 'none')"), "endpoint_kind_must_be_postback_or_webhook");
-        assert_refused(&format!("{ins} VALUES ('b', 'webhook', 'https://x.test/', 'md5')"), "endpoint_signing_scheme_must_be_known");
+        assert_refused(
+            &format!("{ins} VALUES ('a', 'sms', 'https://x.test/', 'none')"),
+            "endpoint_kind_must_be_postback_or_webhook",
+        );
+        assert_refused(
+            &format!("{ins} VALUES ('b', 'webhook', 'https://x.test/', 'md5')"),
+            "endpoint_signing_scheme_must_be_known",
+        );
         assert_refused(
             "INSERT INTO postback.endpoints (name, url_template, statuses) VALUES ('c', 'https://x.test/', '{approved,paid}')",
             "endpoint_statuses_must_be_known_conversion_statuses",
@@ -112,9 +132,11 @@ mod tests {
                   VALUES ('wh', 'webhook', 'https://x.test/', '{1 second,2 seconds}')",
         )
         .unwrap();
-        let pb = Spi::get_two::<String, i32>("SELECT method, max_attempts FROM postback.endpoints WHERE name = 'pb'").unwrap();
+        let pb = Spi::get_two::<String, i32>("SELECT method, max_attempts FROM postback.endpoints WHERE name = 'pb'")
+            .unwrap();
         assert_eq!(pb, (Some("GET".into()), Some(6)));
-        let wh = Spi::get_two::<String, i32>("SELECT method, max_attempts FROM postback.endpoints WHERE name = 'wh'").unwrap();
+        let wh = Spi::get_two::<String, i32>("SELECT method, max_attempts FROM postback.endpoints WHERE name = 'wh'")
+            .unwrap();
         assert_eq!(wh, (Some("POST".into()), Some(3)));
     }
 
@@ -134,10 +156,12 @@ mod tests {
         .unwrap();
         assert_refused("DELETE FROM postback.endpoints WHERE name = 'guarded'", "it still has deliveries");
         assert_refused("DELETE FROM postback.conversions WHERE transaction_id = 'guard-1'", "it still has deliveries");
-        Spi::run("INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, outcome)
+        Spi::run(
+            "INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, outcome)
                   SELECT id, 1, now(), 'retry' FROM postback.deliveries WHERE idempotency_key = 'k-guard';
-                  DELETE FROM postback.deliveries WHERE idempotency_key = 'k-guard'")
-            .unwrap();
+                  DELETE FROM postback.deliveries WHERE idempotency_key = 'k-guard'",
+        )
+        .unwrap();
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM postback.attempts").unwrap(), Some(0));
         assert_eq!(error_of("DELETE FROM postback.endpoints WHERE name = 'guarded'"), None);
     }
@@ -145,9 +169,18 @@ mod tests {
     #[pg_test]
     fn delivery_state_constraints_hold() {
         let ins = "INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, url, state";
-        assert_refused(&format!("{ins}) VALUES (1, 1, 'e', 'approved', 'k1', 'GET', 'u', 'sent')"), "delivery_state_must_be_pending_in_flight_succeeded_or_dead");
-        assert_refused(&format!("{ins}) VALUES (1, 1, 'e', 'approved', 'k2', 'GET', 'u', 'in_flight')"), "delivery_in_flight_has_a_lease");
-        assert_refused(&format!("{ins}) VALUES (1, 1, 'e', 'approved', 'k3', 'GET', 'u', 'succeeded')"), "delivery_completed_at_set_when_finished");
+        assert_refused(
+            &format!("{ins}) VALUES (1, 1, 'e', 'approved', 'k1', 'GET', 'u', 'sent')"),
+            "delivery_state_must_be_pending_in_flight_succeeded_or_dead",
+        );
+        assert_refused(
+            &format!("{ins}) VALUES (1, 1, 'e', 'approved', 'k2', 'GET', 'u', 'in_flight')"),
+            "delivery_in_flight_has_a_lease",
+        );
+        assert_refused(
+            &format!("{ins}) VALUES (1, 1, 'e', 'approved', 'k3', 'GET', 'u', 'succeeded')"),
+            "delivery_completed_at_set_when_finished",
+        );
     }
 
     /// Every table, view, column and function of the extension carries a COMMENT.
@@ -197,7 +230,10 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(url, "https://n.test/c/a%2Fb?v=x%26y%3Dz%20%23%25&d=0&r=a%20b");
-        assert_refused("SELECT postback.render('https://n.test/?a={x', '{}')", "unclosed '{' (write '{{' for a literal brace) at position 19");
+        assert_refused(
+            "SELECT postback.render('https://n.test/?a={x', '{}')",
+            "unclosed '{' (write '{{' for a literal brace) at position 19",
+        );
     }
 
     #[pg_test]
@@ -226,7 +262,10 @@ mod tests {
             "INSERT INTO postback.endpoints (name, url_template, success_body_pattern) VALUES ('q', 'https://n.test/', '(')",
             "invalid regular expression",
         );
-        assert_eq!(error_of("SELECT postback.validate_template('https://n.test/p?a={attributes.sub1}&b={amount|default:0}')"), None);
+        assert_eq!(
+            error_of("SELECT postback.validate_template('https://n.test/p?a={attributes.sub1}&b={amount|default:0}')"),
+            None
+        );
     }
 
     #[pg_test]
@@ -236,10 +275,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(sig.as_deref(), Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="));
-        let fresh = Spi::get_one::<bool>(
-            "SELECT postback.verify('p', 'k', 'stripe', postback.sign('p', 'k', 'stripe'))",
-        )
-        .unwrap();
+        let fresh =
+            Spi::get_one::<bool>("SELECT postback.verify('p', 'k', 'stripe', postback.sign('p', 'k', 'stripe'))")
+                .unwrap();
         assert_eq!(fresh, Some(true));
         let stale = Spi::get_one::<bool>(
             "SELECT postback.verify('p', 'k', 'stripe', postback.sign('p', 'k', 'stripe', ts => 1000), tolerance => '1 minute')",
@@ -249,7 +287,10 @@ mod tests {
         assert_refused("SELECT postback.sign('p', 'k', 'md5')", "unknown signing scheme \"md5\"");
         assert_refused("SELECT postback.sign('p', '', 'github')", "must not be empty");
         assert_refused("SELECT postback.sign('p', 'nope', 'standard-webhooks', 'm')", "whsec_");
-        assert_refused("SELECT postback.sign('p', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'standard-webhooks')", "message id");
+        assert_refused(
+            "SELECT postback.sign('p', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'standard-webhooks')",
+            "message id",
+        );
     }
 
     fn three_endpoints() {
@@ -305,7 +346,8 @@ mod tests {
         assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 1);
         Spi::run("UPDATE postback.conversions SET status = 'approved' WHERE transaction_id = 'lc'").unwrap();
         assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 3);
-        Spi::run("UPDATE postback.conversions SET status = 'approved', amount = 5 WHERE transaction_id = 'lc'").unwrap();
+        Spi::run("UPDATE postback.conversions SET status = 'approved', amount = 5 WHERE transaction_id = 'lc'")
+            .unwrap();
         assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 3, "a no-op status update announces nothing");
         Spi::run("UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id = 'lc'").unwrap();
         assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 5);
@@ -356,8 +398,12 @@ mod tests {
     #[pg_test]
     fn duplicates_error_by_default_and_are_counted_when_skipped() {
         insert_endpoint("dups");
-        Spi::run("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1'), ('c', 'd2')").unwrap();
-        assert_refused("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1')", "transaction_id_is_unique");
+        Spi::run("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1'), ('c', 'd2')")
+            .unwrap();
+        assert_refused(
+            "INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1')",
+            "transaction_id_is_unique",
+        );
         Spi::run(
             "INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1'), ('c', 'd2'), ('c', 'd3')
              ON CONFLICT (transaction_id) DO NOTHING",
@@ -365,7 +411,10 @@ mod tests {
         .unwrap();
         assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 3);
         assert_eq!(count("SELECT sum(duplicates)::bigint FROM postback.conversion_duplicates"), 2);
-        Spi::run("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1') ON CONFLICT DO NOTHING").unwrap();
+        Spi::run(
+            "INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1') ON CONFLICT DO NOTHING",
+        )
+        .unwrap();
         assert_eq!(count("SELECT sum(duplicates)::bigint FROM postback.conversion_duplicates"), 3);
         assert_eq!(count("SELECT count(*) FROM postback.deliveries"), 3);
     }
@@ -403,9 +452,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(unpinned, None, "functions without a pinned search_path");
-        let definers = count(
-            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'postback'::regnamespace AND prosecdef",
-        );
+        let definers =
+            count("SELECT count(*) FROM pg_proc WHERE pronamespace = 'postback'::regnamespace AND prosecdef");
         assert!(definers >= 3, "the enqueue triggers and preview run as the owner");
     }
 
@@ -453,7 +501,10 @@ mod tests {
             "UPDATE postback.endpoints SET headers = '{\"Upgrade\": \"h2c\"}' WHERE name = 'hdr'",
             "\"Upgrade\"",
         );
-        assert_eq!(error_of("UPDATE postback.endpoints SET headers = '{\"Authorization\": \"Bearer t\"}' WHERE name = 'hdr'"), None);
+        assert_eq!(
+            error_of("UPDATE postback.endpoints SET headers = '{\"Authorization\": \"Bearer t\"}' WHERE name = 'hdr'"),
+            None
+        );
     }
 
     #[pg_test]
@@ -498,7 +549,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(states.as_deref(), Some("large=dead,small=pending"));
-        let reason = Spi::get_one::<String>("SELECT last_error FROM postback.deliveries WHERE state = 'dead'").unwrap().unwrap();
+        let reason =
+            Spi::get_one::<String>("SELECT last_error FROM postback.deliveries WHERE state = 'dead'").unwrap().unwrap();
         assert!(reason.contains("the limit is 2048 (postback.max_body_bytes)"), "{reason}");
     }
 
@@ -557,7 +609,9 @@ mod tests {
         assert_eq!(delivered_to("tx"), "crm,net-a");
         // the partner came from the click, the sub-id from its attributes, encoded
         assert_eq!(
-            Spi::get_one::<String>("SELECT partner FROM postback.conversions WHERE transaction_id = 'ta'").unwrap().as_deref(),
+            Spi::get_one::<String>("SELECT partner FROM postback.conversions WHERE transaction_id = 'ta'")
+                .unwrap()
+                .as_deref(),
             Some("network-a")
         );
         assert_eq!(
@@ -583,8 +637,10 @@ mod tests {
         // a status change follows the partner, and the partner cannot change
         Spi::run("UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id = 'ta'").unwrap();
         assert_eq!(
-            count("SELECT count(*) FROM postback.deliveries d JOIN postback.conversions c ON c.id = d.conversion_id
-                    WHERE c.transaction_id = 'ta' AND d.status = 'reversed'"),
+            count(
+                "SELECT count(*) FROM postback.deliveries d JOIN postback.conversions c ON c.id = d.conversion_id
+                    WHERE c.transaction_id = 'ta' AND d.status = 'reversed'"
+            ),
             2
         );
         assert_eq!(delivered_to("ta"), "crm,crm,net-a,net-a");
@@ -597,9 +653,12 @@ mod tests {
             "(from NULL to \"network-b\")",
         );
         // the match rate: 3 of 5 conversions had a known click
-        let overall = Spi::get_two::<i64, i64>("SELECT matched, conversions FROM postback.match_rate WHERE overall").unwrap();
+        let overall =
+            Spi::get_two::<i64, i64>("SELECT matched, conversions FROM postback.match_rate WHERE overall").unwrap();
         assert_eq!(overall, (Some(3), Some(5)));
-        let b = Spi::get_one::<pgrx::AnyNumeric>("SELECT match_rate FROM postback.match_rate WHERE partner = 'network-b'").unwrap();
+        let b =
+            Spi::get_one::<pgrx::AnyNumeric>("SELECT match_rate FROM postback.match_rate WHERE partner = 'network-b'")
+                .unwrap();
         assert_eq!(b.map(|n| n.to_string()).as_deref(), Some("1.0000"));
         // preview knows partners, clicks and whether the endpoint is routed
         let (url, routed) = Spi::get_two::<String, bool>(
@@ -659,10 +718,7 @@ mod tests {
             count("SELECT count(*) FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE e.name = 'aff-7'"),
             5
         );
-        assert_eq!(
-            count("SELECT count(*) FROM postback.deliveries WHERE url = 'https://aff7.test/pb?c=k6&s=6'"),
-            1
-        );
+        assert_eq!(count("SELECT count(*) FROM postback.deliveries WHERE url = 'https://aff7.test/pb?c=k6&s=6'"), 1);
     }
 
     fn url_for(endpoint: &str, transaction_id: &str) -> String {
@@ -709,7 +765,10 @@ mod tests {
             url_for("pap", "tx-1"),
             "https://pap.example/scripts/sale.php?data=%7B%22app_id%22%3A%22com.app%22%2C%22cb%22%3A%22https%3A%2F%2Fx.test%2F%3Fa%3D1%26b%3D2%22%2C%22n%22%3A3%7D"
         );
-        assert_eq!(url_for("verifier", "tx-1"), "https://tapjoy.example/pb?id=tx-1&verifier=81ef69113ef435274e91cda4e73c5058");
+        assert_eq!(
+            url_for("verifier", "tx-1"),
+            "https://tapjoy.example/pb?id=tx-1&verifier=81ef69113ef435274e91cda4e73c5058"
+        );
         assert_eq!(url_for("singular", "tx-1"), "https://singular.example/api/v1/conv?app=com.app&amount=49.90");
         // a filter that cannot apply: the delivery is dead with the reason, the insert succeeds
         Spi::run("INSERT INTO postback.endpoints (name, url_template, events) VALUES ('bad', 'https://b.example/?p={currency|mul:2}', '{conv}')").unwrap();

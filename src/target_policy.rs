@@ -21,9 +21,7 @@ impl Cidr {
             (IpAddr::V4(net), IpAddr::V4(a)) => {
                 prefix_match(u32::from(net) as u128, u32::from(a) as u128, self.prefix, 32)
             }
-            (IpAddr::V6(net), IpAddr::V6(a)) => {
-                prefix_match(u128::from(net), u128::from(a), self.prefix, 128)
-            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => prefix_match(u128::from(net), u128::from(a), self.prefix, 128),
             _ => false,
         }
     }
@@ -72,9 +70,7 @@ pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
         Some((a, p)) => (a, Some(p)),
         None => (text, None),
     };
-    let network: IpAddr = addr
-        .parse()
-        .map_err(|_| format!("\"{text}\" is not an IP address or CIDR block"))?;
+    let network: IpAddr = addr.parse().map_err(|_| format!("\"{text}\" is not an IP address or CIDR block"))?;
     let max = if network.is_ipv4() { 32 } else { 128 };
     let prefix = match prefix {
         None => max,
@@ -98,11 +94,7 @@ pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
 
 /// Parses the comma-separated `postback.allowed_targets` value.
 pub fn parse_allowlist(text: &str) -> Result<Vec<Cidr>, String> {
-    text.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(parse_cidr)
-        .collect()
+    text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(parse_cidr).collect()
 }
 
 /// Why an address is not public, or `None` for an ordinary public address.
@@ -175,9 +167,9 @@ pub fn check_address(addr: IpAddr, allowlist: &[Cidr]) -> Result<(), String> {
     match non_public_reason(addr) {
         None => Ok(()),
         Some(_) if allowlist.iter().any(|c| c.contains(addr)) => Ok(()),
-        Some(reason) => Err(format!(
-            "refused to connect to {addr}: {reason}; add it to postback.allowed_targets to allow it"
-        )),
+        Some(reason) => {
+            Err(format!("refused to connect to {addr}: {reason}; add it to postback.allowed_targets to allow it"))
+        }
     }
 }
 
@@ -199,11 +191,31 @@ mod tests {
     #[test]
     fn internal_addresses_are_refused() {
         for a in [
-            "127.0.0.1", "127.0.0.2", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
-            "100.64.0.1", "0.0.0.0", "224.0.0.1", "255.255.255.255", "::1", "::", "fd00::1",
-            "fe80::1", "ff02::1", "::ffff:10.0.0.1", "::ffff:127.0.0.1",
-            "::127.0.0.1", "::10.0.0.1", "::ffff:0:127.0.0.1", "::ffff:0:169.254.169.254",
-            "fec0::1", "feff::1", "2001:0::5efe:7f00:1", "100::1",
+            "127.0.0.1",
+            "127.0.0.2",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:10.0.0.1",
+            "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::ffff:0:127.0.0.1",
+            "::ffff:0:169.254.169.254",
+            "fec0::1",
+            "feff::1",
+            "2001:0::5efe:7f00:1",
+            "100::1",
         ] {
             let err = check_address(ip(a), &[]).unwrap_err();
             assert!(err.contains("refused to connect"), "{a}: {err}");

@@ -96,9 +96,9 @@ pub enum HashPart {
 
 impl HashSpec {
     fn parse(spec: &str, position: usize) -> Result<HashSpec, TemplateError> {
-        let (algorithm, list) = spec
-            .split_once(':')
-            .ok_or_else(|| err(Some(position), "hash needs an algorithm and parts: {hash:md5:transaction_id,':',secret}"))?;
+        let (algorithm, list) = spec.split_once(':').ok_or_else(|| {
+            err(Some(position), "hash needs an algorithm and parts: {hash:md5:transaction_id,':',secret}")
+        })?;
         let algorithm = algorithm.trim().to_string();
         if !crate::url_hash::ALGORITHMS.contains(&algorithm.as_str()) {
             return Err(err(Some(position), format!("hash algorithm \"{algorithm}\" is not md5, sha1 or sha256")));
@@ -113,7 +113,10 @@ impl HashSpec {
             } else if !t.is_empty() && t.chars().all(valid_name_char) {
                 HashPart::Var(t.to_string())
             } else {
-                return Err(err(Some(position), format!("hash part \"{t}\" is not a variable, 'literal text' or secret")));
+                return Err(err(
+                    Some(position),
+                    format!("hash part \"{t}\" is not a variable, 'literal text' or secret"),
+                ));
             };
             parts.push(part);
         }
@@ -150,9 +153,7 @@ impl Macro {
         } else {
             vars.text(&self.name).map(|t| crate::filters::Val::Text(t.into_owned()))
         };
-        crate::filters::apply(&self.filters, start)
-            .map(|(v, _)| v)
-            .map_err(|e| format!("{{{}}}: {e}", self.name))
+        crate::filters::apply(&self.filters, start).map(|(v, _)| v).map_err(|e| format!("{{{}}}: {e}", self.name))
     }
 }
 
@@ -176,10 +177,7 @@ impl Template {
     /// Parses a template, tracking which part of a URL each macro stands in.
     pub fn parse(text: &str) -> Result<Template, TemplateError> {
         if text.len() > MAX_TEMPLATE_BYTES {
-            return Err(err(
-                None,
-                format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", text.len()),
-            ));
+            return Err(err(None, format!("template is {} bytes; the limit is {MAX_TEMPLATE_BYTES}", text.len())));
         }
         let chars: Vec<char> = text.chars().collect();
         if let Some(i) = chars.iter().position(|c| c.is_control()) {
@@ -242,7 +240,11 @@ impl Template {
                     part = match (part, c) {
                         (Part::Authority, '/') => {
                             slashes_after_scheme += 1;
-                            if slashes_after_scheme > 2 { Part::Path } else { Part::Authority }
+                            if slashes_after_scheme > 2 {
+                                Part::Path
+                            } else {
+                                Part::Authority
+                            }
                         }
                         (Part::Authority | Part::Path, '?') => Part::Query,
                         (Part::Authority | Part::Path | Part::Query, '#') => Part::Fragment,
@@ -419,7 +421,11 @@ pub fn render_url_hashed<V: Vars + ?Sized>(
             Token::Macro(m) => {
                 let value = match &m.hash {
                     Some(h) => {
-                        slots.push(crate::url_hash::HashSlot { at: 0, algorithm: h.algorithm.clone(), parts: h.parts(vars) });
+                        slots.push(crate::url_hash::HashSlot {
+                            at: 0,
+                            algorithm: h.algorithm.clone(),
+                            parts: h.parts(vars),
+                        });
                         Some(SLOT.to_string())
                     }
                     None => m.value(vars)?,
@@ -519,9 +525,7 @@ pub fn render_json(body: &Value, vars: &Map<String, Value>) -> Result<Value, Str
         }
         Value::Array(items) => Value::Array(items.iter().map(|v| render_json(v, vars)).collect::<Result<_, _>>()?),
         Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| Ok((k.clone(), render_json(v, vars)?)))
-                .collect::<Result<_, String>>()?,
+            map.iter().map(|(k, v)| Ok((k.clone(), render_json(v, vars)?))).collect::<Result<_, String>>()?,
         ),
         other => other.clone(),
     })
@@ -532,7 +536,14 @@ pub fn check_variable(m: &Macro) -> Result<(), TemplateError> {
     if let Some(h) = &m.hash {
         for p in &h.parts {
             if let HashPart::Var(n) = p {
-                let part = Macro { name: n.clone(), raw: false, filters: vec![], position: m.position, part: m.part, hash: None };
+                let part = Macro {
+                    name: n.clone(),
+                    raw: false,
+                    filters: vec![],
+                    position: m.position,
+                    part: m.part,
+                    hash: None,
+                };
                 check_variable(&part)?;
             }
         }
@@ -577,7 +588,10 @@ pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
         if m.part == Part::Authority {
             return Err(err(
                 Some(m.position),
-                format!("variable \"{}\" in the scheme or host; only the path, query and fragment may hold variables", m.name),
+                format!(
+                    "variable \"{}\" in the scheme or host; only the path, query and fragment may hold variables",
+                    m.name
+                ),
             ));
         }
     }
@@ -595,7 +609,8 @@ pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
         }
     }
     vars.insert("click".into(), Value::Object(click));
-    let rendered = render_url(&template, &vars, RenderOptions::default()).unwrap_or_else(|_| sample_fallback(&template));
+    let rendered =
+        render_url(&template, &vars, RenderOptions::default()).unwrap_or_else(|_| sample_fallback(&template));
     let first = check_url(&rendered)?;
     // A second rendering with different, hostile-looking values must land on
     // the same scheme, host and port: no value can move the request elsewhere.
@@ -619,7 +634,10 @@ pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
         if Origin::of(parsed) != origin {
             return Err(err(
                 None,
-                format!("a variable can change the scheme, host or port (renders to {}); they must be literal", parsed.origin().ascii_serialization()),
+                format!(
+                    "a variable can change the scheme, host or port (renders to {}); they must be literal",
+                    parsed.origin().ascii_serialization()
+                ),
             ));
         }
     }
@@ -671,7 +689,10 @@ impl fmt::Display for Origin {
 /// non-empty authority free of macros before the first `/`, `?` or `#`.
 pub fn literal_origin(text: &str) -> Result<Origin, TemplateError> {
     if let Some(i) = text.find('\\') {
-        return Err(err(Some(text[..i].chars().count() + 1), "backslash in the URL template (write %5C for a literal one)"));
+        return Err(err(
+            Some(text[..i].chars().count() + 1),
+            "backslash in the URL template (write %5C for a literal one)",
+        ));
     }
     let lower = text.get(..8).unwrap_or(text).to_ascii_lowercase();
     let rest_at = if lower.starts_with("https://") {
@@ -680,7 +701,9 @@ pub fn literal_origin(text: &str) -> Result<Origin, TemplateError> {
         7
     } else {
         let scheme = text.split(':').next().unwrap_or("");
-        let looks_like_scheme = !scheme.is_empty() && scheme.len() < text.len() && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c));
+        let looks_like_scheme = !scheme.is_empty()
+            && scheme.len() < text.len()
+            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c));
         return Err(err(
             Some(1),
             if looks_like_scheme && !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
@@ -708,8 +731,7 @@ pub fn literal_origin(text: &str) -> Result<Origin, TemplateError> {
 
 /// Checks a rendered URL: it parses, its scheme is http or https, it has a host.
 pub fn check_url(rendered: &str) -> Result<url::Url, TemplateError> {
-    let parsed = url::Url::parse(rendered)
-        .map_err(|e| err(None, format!("URL \"{rendered}\" does not parse: {e}")))?;
+    let parsed = url::Url::parse(rendered).map_err(|e| err(None, format!("URL \"{rendered}\" does not parse: {e}")))?;
     if parsed.scheme() != "http" && parsed.scheme() != "https" {
         return Err(err(None, format!("scheme \"{}\" is not allowed; use http or https", parsed.scheme())));
     }
@@ -736,8 +758,15 @@ pub fn render_pattern<V: Vars + ?Sized>(pattern: &str, vars: &V) -> String {
         let known = name.filter(|n| {
             !n.is_empty()
                 && n.chars().all(valid_name_char)
-                && check_variable(&Macro { name: n.to_string(), raw: false, filters: vec![], position: 0, part: Part::Path, hash: None })
-                    .is_ok()
+                && check_variable(&Macro {
+                    name: n.to_string(),
+                    raw: false,
+                    filters: vec![],
+                    position: 0,
+                    part: Part::Path,
+                    hash: None,
+                })
+                .is_ok()
         });
         match (known, close) {
             (Some(n), Some(c)) => {
@@ -839,7 +868,10 @@ mod tests {
     fn raw_inserts_unencoded_and_default_fills_missing() {
         let v = json!({"blob": "a%20b&c=d", "x": "has space"});
         assert_eq!(url("https://n.test/?{blob|raw}", v.clone()), "https://n.test/?a%20b&c=d");
-        assert_eq!(url("https://n.test/?a={nope|default:0}&b={x|default:z}", v.clone()), "https://n.test/?a=0&b=has%20space");
+        assert_eq!(
+            url("https://n.test/?a={nope|default:0}&b={x|default:z}", v.clone()),
+            "https://n.test/?a=0&b=has%20space"
+        );
         assert_eq!(url("https://n.test/?a={nope|default:a b}", v), "https://n.test/?a=a%20b");
     }
 
@@ -897,14 +929,19 @@ mod tests {
         assert!(validate_url_template("https://").is_err());
         assert!(validate_url_template("not a url {click_id}").is_err());
         assert!(validate_url_template("https://user:pw@n.test/").is_err());
-        assert!(validate_url_template("https://n.test:8080/p/{click_id}?t={transaction_id}&a={amount|default:0}").is_ok());
+        assert!(
+            validate_url_template("https://n.test:8080/p/{click_id}?t={transaction_id}&a={amount|default:0}").is_ok()
+        );
     }
 
     #[test]
     fn double_braces_are_the_same_macro_and_filters_chain() {
         let v = json!({"app_id": "a 1", "order": {"number": 42}, "amount": "49.90", "status": "sale"});
         assert_eq!(url("https://n.test/?a={{app_id}}&n={{order.number}}", v.clone()), "https://n.test/?a=a%201&n=42");
-        assert_eq!(url("https://n.test/?p={amount|mul:0.5|round:2}&s={status|map:lead=0,sale=1}", v.clone()), "https://n.test/?p=24.95&s=1");
+        assert_eq!(
+            url("https://n.test/?p={amount|mul:0.5|round:2}&s={status|map:lead=0,sale=1}", v.clone()),
+            "https://n.test/?p=24.95&s=1"
+        );
         assert_eq!(url("https://n.test/?x={{ amount | mul:2 }}", v.clone()), "https://n.test/?x=99.8");
         // literal braces that are no macro stay literal; a broken double-brace macro is refused
         assert_eq!(url("https://n.test/?j={{\"a\"}}", json!({})), "https://n.test/?j={\"a\"}");
@@ -914,8 +951,14 @@ mod tests {
         let e = render_url(&t, &vars(v), RenderOptions::default()).unwrap_err();
         assert!(e.contains("{status}: arithmetic: \"sale\" is not a number"), "{e}");
         // validation accepts filters on sample values it cannot compute
-        assert!(validate_url_template("https://n.test/?p={amount|mul:0.5|round:2}&t={occurred_at|tz:Europe/Kyiv|format:%Y-%m-%d %H:%M:%S}").is_ok());
-        assert!(validate_url_template("https://n.test/?p={{clickid}}").unwrap_err().message.contains("unknown variable"));
+        assert!(validate_url_template(
+            "https://n.test/?p={amount|mul:0.5|round:2}&t={occurred_at|tz:Europe/Kyiv|format:%Y-%m-%d %H:%M:%S}"
+        )
+        .is_ok());
+        assert!(validate_url_template("https://n.test/?p={{clickid}}")
+            .unwrap_err()
+            .message
+            .contains("unknown variable"));
     }
 
     #[test]
@@ -939,7 +982,10 @@ mod tests {
         let e = validate_url_template("https://n.test/?v={hash:md5:transaction_id}").unwrap_err();
         assert!(e.message.contains("without the secret"), "{e}");
         assert!(validate_url_template("https://n.test/?v={hash:crc32:transaction_id,secret}").is_err());
-        assert!(validate_url_template("https://n.test/?v={hash:md5:txid,secret}").unwrap_err().message.contains("unknown variable"));
+        assert!(validate_url_template("https://n.test/?v={hash:md5:txid,secret}")
+            .unwrap_err()
+            .message
+            .contains("unknown variable"));
         assert!(validate_body_template(&json!({"v": "{hash:md5:transaction_id,secret}"})).is_err());
     }
 
@@ -957,8 +1003,14 @@ mod tests {
     #[test]
     fn nested_urls_are_encoded_twice_and_json_is_encoded_once() {
         let v = json!({"cb": "https://x.test/?a=1&b=2", "attributes": {"k": "v", "n": [1, 2]}});
-        assert_eq!(url("https://n.test/?callback={cb|twice}", v.clone()), "https://n.test/?callback=https%253A%252F%252Fx.test%252F%253Fa%253D1%2526b%253D2");
-        assert_eq!(url("https://n.test/?d={attributes|json}", v), "https://n.test/?d=%7B%22k%22%3A%22v%22%2C%22n%22%3A%5B1%2C2%5D%7D");
+        assert_eq!(
+            url("https://n.test/?callback={cb|twice}", v.clone()),
+            "https://n.test/?callback=https%253A%252F%252Fx.test%252F%253Fa%253D1%2526b%253D2"
+        );
+        assert_eq!(
+            url("https://n.test/?d={attributes|json}", v),
+            "https://n.test/?d=%7B%22k%22%3A%22v%22%2C%22n%22%3A%5B1%2C2%5D%7D"
+        );
     }
 
     #[test]

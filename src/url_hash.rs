@@ -30,7 +30,13 @@ pub fn hex_digest(algorithm: &str, input: &[u8]) -> Result<String, String> {
         "md5" => md5::Md5::digest(input).to_vec(),
         "sha1" => sha1::Sha1::digest(input).to_vec(),
         "sha256" => sha2::Sha256::digest(input).to_vec(),
-        other => return Err(format!("hash algorithm \"{}\" is not one of {}", other.escape_default(), ALGORITHMS.join(", "))),
+        other => {
+            return Err(format!(
+                "hash algorithm \"{}\" is not one of {}",
+                other.escape_default(),
+                ALGORITHMS.join(", ")
+            ))
+        }
     };
     Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -88,7 +94,9 @@ pub fn expand(url: &str, slots: &[HashSlot], secret: Option<&str>) -> Result<Str
     if slots.is_empty() {
         return Ok(url.to_string());
     }
-    let secret = secret.ok_or("the URL template hashes with the secret but the endpoint has no live secret in postback.endpoint_secrets")?;
+    let secret = secret.ok_or(
+        "the URL template hashes with the secret but the endpoint has no live secret in postback.endpoint_secrets",
+    )?;
     let mut out = String::with_capacity(url.len() + slots.len() * 64);
     let mut from = 0;
     for slot in slots {
@@ -160,7 +168,13 @@ mod tests {
         assert_eq!(from_json(to_json(&s).as_deref()).unwrap(), s);
         assert_eq!(to_json(&[]), None);
         assert_eq!(from_json(None).unwrap(), vec![]);
-        for bad in ["{}", "[{\"at\":-1,\"alg\":\"md5\",\"parts\":[]}]", "[{\"at\":1,\"alg\":\"crc\",\"parts\":[]}]", "[{\"at\":1,\"alg\":\"md5\",\"parts\":[1]}]", "nope"] {
+        for bad in [
+            "{}",
+            "[{\"at\":-1,\"alg\":\"md5\",\"parts\":[]}]",
+            "[{\"at\":1,\"alg\":\"crc\",\"parts\":[]}]",
+            "[{\"at\":1,\"alg\":\"md5\",\"parts\":[1]}]",
+            "nope",
+        ] {
             assert!(from_json(Some(bad)).is_err(), "{bad}");
         }
         assert!(expand("abc", &[slot(9, &[None])], Some("k")).unwrap_err().contains("does not fit"));

@@ -84,7 +84,6 @@ fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
-
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
@@ -284,7 +283,13 @@ impl Worker {
             Ok(open) => {
                 let now = now_us();
                 for (endpoint, state, failures, since) in open {
-                    self.scheduler.restore_breaker(endpoint, BreakerState::parse(&state), failures.max(0) as u32, since, now);
+                    self.scheduler.restore_breaker(
+                        endpoint,
+                        BreakerState::parse(&state),
+                        failures.max(0) as u32,
+                        since,
+                        now,
+                    );
                 }
             }
             Err(e) => note_error(&e),
@@ -580,7 +585,9 @@ impl Worker {
         let disable_after = gucs::DISABLE_AFTER_S.get() as i64;
         if disable_after > 0 {
             match txn::run("disabling long-failing endpoints", || queue::disable_failing(disable_after)) {
-                Ok(n) if n > 0 => log!("pg_postback worker: deactivated {n} endpoints failing longer than postback.disable_after"),
+                Ok(n) if n > 0 => {
+                    log!("pg_postback worker: deactivated {n} endpoints failing longer than postback.disable_after")
+                }
                 Ok(_) => {}
                 Err(e) => note_error(&e),
             }
@@ -678,7 +685,11 @@ fn send_one(client: &Client, p: &Payload, endpoint: &EndpointConfig, pattern: Op
         Ok(job) => job,
         Err(e) => {
             return Done {
-                sent: http::Sent { started_unix_micros: http::unix_micros_now(), duration_ms: 0.0, result: AttemptResult::Permanent(e) },
+                sent: http::Sent {
+                    started_unix_micros: http::unix_micros_now(),
+                    duration_ms: 0.0,
+                    result: AttemptResult::Permanent(e),
+                },
                 body_check: None,
             };
         }
@@ -712,8 +723,23 @@ fn build_job(p: &Payload, endpoint: &EndpointConfig, now_unix: i64) -> Result<Jo
         sig_param: endpoint.signature_param.clone(),
     };
     let hashes = crate::url_hash::from_json(p.url_hashes.as_deref())?;
-    let out = outgoing::finalize(&endpoint.kind, &p.url, &hashes, headers, p.body.as_deref(), &p.idempotency_key, &signing, now_unix)?;
-    Ok(Job { method: p.method.clone(), url: out.url, headers: out.headers, body: p.body.clone(), timeout: endpoint.timeout })
+    let out = outgoing::finalize(
+        &endpoint.kind,
+        &p.url,
+        &hashes,
+        headers,
+        p.body.as_deref(),
+        &p.idempotency_key,
+        &signing,
+        now_unix,
+    )?;
+    Ok(Job {
+        method: p.method.clone(),
+        url: out.url,
+        headers: out.headers,
+        body: p.body.clone(),
+        timeout: endpoint.timeout,
+    })
 }
 
 /// Records finished attempts, breaker transitions and unsent deliveries in

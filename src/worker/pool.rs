@@ -143,10 +143,17 @@ mod tests {
         for key in 0..3 {
             pool.submit(key, Box::new(|_: &Client| -> Done { panic!("boom {}", 32 - 128i32) }));
         }
-        pool.submit(3, Box::new(|_: &Client| Done {
-            sent: Sent { started_unix_micros: 0, duration_ms: 1.0, result: AttemptResult::Permanent("fine".into()) },
-            body_check: None,
-        }));
+        pool.submit(
+            3,
+            Box::new(|_: &Client| Done {
+                sent: Sent {
+                    started_unix_micros: 0,
+                    duration_ms: 1.0,
+                    result: AttemptResult::Permanent("fine".into()),
+                },
+                body_check: None,
+            }),
+        );
         let mut got = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while got.len() < 4 && std::time::Instant::now() < deadline {

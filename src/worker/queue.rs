@@ -374,7 +374,8 @@ pub fn purge_batch(older_than_secs: i64, batch: i32) -> SpiResult<i64> {
 pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
     Spi::connect_mut(|client| {
         let result = client.update(
-            &format!("WITH expired AS (
+            &format!(
+                "WITH expired AS (
                  SELECT d.id FROM postback.deliveries d
                   WHERE d.state = 'in_flight'
                     AND ($1 OR d.lease_expires_at < now())
@@ -394,7 +395,8 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
              UPDATE postback.deliveries d
                 SET state = 'pending', lease_expires_at = NULL, leased_by = NULL, next_attempt_at = now(),
                     last_error = 'interrupted attempt; retried'
-               FROM expired WHERE d.id = expired.id"),
+               FROM expired WHERE d.id = expired.id"
+            ),
             None,
             &[at_start.into(), holding.to_vec().into()],
         )?;

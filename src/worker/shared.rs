@@ -53,8 +53,7 @@ impl WorkerShared {
     }
 
     pub fn last_error(&self) -> Option<String> {
-        (self.last_error_len > 0)
-            .then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len]).into_owned())
+        (self.last_error_len > 0).then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len]).into_owned())
     }
 }
 
@@ -105,10 +104,10 @@ static WAKE_AT_COMMIT: AtomicBool = AtomicBool::new(false);
 #[pg_guard]
 unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: *mut std::ffi::c_void) {
     match event {
-        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT => {
-            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) {
-                wake();
-            }
+        pg_sys::XactEvent::XACT_EVENT_COMMIT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_COMMIT
+            if WAKE_AT_COMMIT.swap(false, Ordering::Relaxed) =>
+        {
+            wake();
         }
         pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
