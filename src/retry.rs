@@ -22,6 +22,28 @@ pub enum AttemptResult {
     Permanent(String),
 }
 
+/// What an attempt's record says happened (`attempts.outcome`; the delivery
+/// becomes pending again on `Retry`, else takes the outcome as its state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Retry,
+    Dead,
+}
+
+impl Outcome {
+    /// Every outcome, in the order of the `attempt_outcome_must_be_…` CHECK constraint.
+    pub const ALL: [Outcome; 3] = [Outcome::Succeeded, Outcome::Retry, Outcome::Dead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Retry => "retry",
+            Outcome::Dead => "dead",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
     Succeeded,

@@ -11,11 +11,17 @@
 use std::collections::{HashMap, VecDeque};
 
 /// Deliveries a healthy endpoint may hold waiting beyond what it has in flight.
-const QUEUE_EXTRA: u32 = 64;
+pub const QUEUE_EXTRA: u32 = 64;
 /// ... or this many times its max_in_flight, whichever is more.
-const QUEUE_FACTOR: u32 = 16;
+pub const QUEUE_FACTOR: u32 = 16;
 /// Most deliveries held for one endpoint.
-const MAX_HELD: u32 = 1024;
+pub const MAX_HELD: u32 = 1024;
+
+/// How many deliveries a healthy endpoint may hold (in flight and waiting).
+/// The claim asks SQL for the same figure with these constants as parameters.
+pub fn healthy_capacity(max_in_flight: u32) -> u32 {
+    (max_in_flight * QUEUE_FACTOR).max(max_in_flight + QUEUE_EXTRA).min(MAX_HELD)
+}
 
 /// An endpoint's limits, read from postback.endpoints.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -118,7 +124,7 @@ impl<T> Slot<T> {
         match self.breaker.state {
             // while the last attempts failed, hold no more than can go out
             BreakerState::Closed if self.breaker.failures > 0 => allowed,
-            BreakerState::Closed => (allowed * QUEUE_FACTOR).max(allowed + QUEUE_EXTRA).min(MAX_HELD),
+            BreakerState::Closed => healthy_capacity(allowed),
             _ => allowed,
         }
     }
@@ -394,6 +400,14 @@ impl<T> Scheduler<T> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_healthy_endpoint_holds_sixteen_rounds_or_sixty_four_more_at_most_1024() {
+        assert_eq!(healthy_capacity(1), 65);
+        assert_eq!(healthy_capacity(8), 128);
+        assert_eq!(healthy_capacity(64), 1024);
+        assert_eq!(healthy_capacity(256), 1024);
+    }
+
     const S: i64 = 1_000_000;
 
     fn settings() -> BreakerSettings {
@@ -411,7 +425,7 @@ mod tests {
     #[test]
     fn an_endpoint_never_has_more_than_max_in_flight() {
         let mut s = sched(&[(1, 2, None)]);
-        // a healthy endpoint holds max_in_flight + 64 (or 4x) deliveries, sends max_in_flight
+        // a healthy endpoint holds max_in_flight + 64 (or 16x, at most 1024) deliveries, sends max_in_flight
         for i in 0..66 {
             assert_eq!(s.offer(1, i, 0), Ok(()));
         }

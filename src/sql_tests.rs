@@ -22,6 +22,48 @@ mod tests {
         }
     }
 
+    /// The quoted values of a CHECK constraint's `IN (…)` list, in order.
+    fn check_values(table: &str, constraint: &str) -> Vec<String> {
+        let def = Spi::get_one_with_args::<String>(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = $1::regclass AND conname = $2",
+            &[table.into(), constraint.into()],
+        )
+        .unwrap()
+        .unwrap_or_else(|| panic!("no constraint {constraint} on {table}"));
+        def.split('\'').skip(1).step_by(2).map(str::to_string).collect()
+    }
+
+    #[pg_test]
+    fn rust_enumerations_and_check_constraints_agree() {
+        let owned = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            check_values("postback.conversions", "status_must_be_a_known_conversion_status"),
+            owned(crate::conversion_rules::STATUSES)
+        );
+        assert_eq!(
+            check_values("postback.deliveries", "delivery_method_must_be_get_post_put_or_patch"),
+            owned(crate::outgoing::METHODS)
+        );
+        assert_eq!(
+            check_values("postback.endpoints", "endpoint_method_must_be_get_post_put_or_patch"),
+            owned(crate::outgoing::METHODS)
+        );
+        let mut schemes = vec!["none".to_string()];
+        schemes.extend(owned(crate::signing::SCHEME_NAMES));
+        assert_eq!(check_values("postback.endpoints", "endpoint_signing_scheme_must_be_known"), schemes);
+        for name in crate::signing::SCHEME_NAMES {
+            crate::signing::Scheme::parse(name).unwrap();
+        }
+        assert_eq!(
+            check_values("postback.deliveries", "delivery_state_must_be_pending_in_flight_succeeded_or_dead"),
+            owned(&["pending", "in_flight", "succeeded", "dead"])
+        );
+        assert_eq!(
+            check_values("postback.attempts", "attempt_outcome_must_be_succeeded_retry_or_dead"),
+            crate::retry::Outcome::ALL.iter().map(|o| o.as_str().to_string()).collect::<Vec<_>>()
+        );
+    }
+
     fn insert_endpoint(name: &str) -> i64 {
         Spi::get_one_with_args::<i64>(
             "INSERT INTO postback.endpoints (name, url_template) VALUES ($1, 'https://example.com/pb?cid={click_id}') RETURNING id",

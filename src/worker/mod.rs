@@ -19,7 +19,7 @@ use pgrx::prelude::*;
 use crate::gucs;
 use crate::http::{self, Client, Job};
 use crate::outgoing::{self, Signing};
-use crate::retry::{self, AttemptResult, Decision, Jitter, Limits};
+use crate::retry::{self, AttemptResult, Decision, Jitter, Limits, Outcome};
 use crate::scheduler::{BreakerSettings, BreakerState, Scheduler, Transition};
 
 mod pool;
@@ -30,6 +30,8 @@ mod txn;
 use pool::{Done, Pool, Work};
 use queue::{Claimed, EndpointConfig, Record};
 
+/// The worker's backend type and application name (`pg_stat_activity`); the
+/// SQL side (`worker_status`, lease reclaim) looks for it under this name.
 pub const WORKER_TYPE: &str = "pg_postback worker";
 /// How often finished deliveries older than postback.retention are deleted.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
@@ -91,7 +93,8 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     let database = gucs::database_name();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
     unsafe {
-        pg_sys::pgstat_report_appname(c"pg_postback worker".as_ptr());
+        let appname = std::ffi::CString::new(WORKER_TYPE).expect("no NUL in the worker type");
+        pg_sys::pgstat_report_appname(appname.as_ptr());
         // Only pg_catalog resolves unqualified names: an operator or function
         // planted in `public` or in a schema named after this role is never
         // found, whatever the database's or role's default search_path says.
@@ -404,11 +407,11 @@ impl Worker {
                 _ => (None, None),
             };
             let (outcome, error, retry_in_ms) = match decision {
-                Decision::Succeeded => ("succeeded", None, None),
-                Decision::RetryIn(d, e) => ("retry", Some(retry::cap_error(e)), Some(d.as_millis() as i64)),
-                Decision::Dead(e) => ("dead", Some(retry::cap_error(e)), None),
+                Decision::Succeeded => (Outcome::Succeeded, None, None),
+                Decision::RetryIn(d, e) => (Outcome::Retry, Some(retry::cap_error(e)), Some(d.as_millis() as i64)),
+                Decision::Dead(e) => (Outcome::Dead, Some(retry::cap_error(e)), None),
             };
-            if outcome == "succeeded" {
+            if outcome == Outcome::Succeeded {
                 ok += 1
             } else {
                 failed += 1
@@ -652,7 +655,7 @@ fn dead_record(c: &Claimed, error: String) -> Record {
         status_code: None,
         response_body: None,
         error: Some(error),
-        outcome: "dead",
+        outcome: Outcome::Dead,
         retry_in_ms: None,
     }
 }
@@ -703,6 +706,7 @@ fn send_one(client: &Client, p: &Payload, endpoint: &EndpointConfig, pattern: Op
 }
 
 fn build_job(p: &Payload, endpoint: &EndpointConfig, now_unix: i64) -> Result<Job, String> {
+    endpoint.missing.clone()?;
     outgoing::check_method(&p.method)?;
     // defence in depth: whatever is stored, a delivery only goes where its
     // endpoint's template says (the endpoint's credentials go with it)

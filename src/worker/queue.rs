@@ -30,6 +30,8 @@ pub struct Claimed {
 }
 
 pub struct EndpointConfig {
+    /// the NOT NULL settings that read NULL, if any (deliveries fail naming them)
+    pub missing: Result<(), String>,
     pub kind: String,
     /// an error when a stored list does not parse (deliveries fail with it)
     pub status_rules: Result<crate::retry::StatusRules, String>,
@@ -84,8 +86,9 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                  ranked AS (
                      SELECT c.id, c.next_attempt_at,
                             row_number() OVER (PARTITION BY c.endpoint_id ORDER BY c.next_attempt_at) AS n,
+                            -- scheduler::healthy_capacity, its constants passed as $4, $5, $6
                             coalesce(($3::jsonb ->> c.endpoint_id::text)::int,
-                                     least(greatest(e.max_in_flight * 16, e.max_in_flight + 64), 1024)) AS room
+                                     least(greatest(e.max_in_flight * $4, e.max_in_flight + $5), $6)) AS room
                        FROM candidates c
                        -- LATERAL … LIMIT 1 (never pulled up into a join): one primary-key probe
                        -- per candidate, whatever the planner believes of a freshly filled
@@ -113,7 +116,14 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                         d.attempts - d.attempt_offset, d.success_pattern, d.url_hashes::text"
             ),
             None,
-            &[limit.into(), blocked.into(), rooms.into()],
+            &[
+                limit.into(),
+                blocked.into(),
+                rooms.into(),
+                (crate::scheduler::QUEUE_FACTOR as i32).into(),
+                (crate::scheduler::QUEUE_EXTRA as i32).into(),
+                (crate::scheduler::MAX_HELD as i32).into(),
+            ],
         )?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -121,7 +131,8 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                 id: row.get::<i64>(1)?.unwrap_or_default(),
                 endpoint_id: row.get::<i64>(2)?.unwrap_or_default(),
                 attempt_no: row.get::<i32>(3)?.unwrap_or(1),
-                method: row.get::<String>(4)?.unwrap_or_else(|| "GET".into()),
+                // empty when NULL: the method check refuses it, naming the valid ones
+                method: row.get::<String>(4)?.unwrap_or_default(),
                 url: row.get::<String>(5)?.unwrap_or_default(),
                 body: row.get::<String>(6)?,
                 idempotency_key: row.get::<String>(7)?.unwrap_or_default(),
@@ -175,6 +186,14 @@ fn ms(v: i64) -> Duration {
     Duration::from_millis(v.max(0) as u64)
 }
 
+/// `value`, noting `column` in `missing` when it is NULL.
+fn need<T>(missing: &mut Vec<&'static str>, value: Option<T>, column: &'static str) -> Option<T> {
+    if value.is_none() {
+        missing.push(column);
+    }
+    value
+}
+
 /// Settings and live secrets of the endpoints of a batch.
 pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
     Spi::connect(|client| {
@@ -195,20 +214,38 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
         let mut out = HashMap::new();
         for row in rows {
             let id = row.get::<i64>(1)?.unwrap_or_default();
+            // the schema keeps these NOT NULL; should one read NULL anyway, the
+            // endpoint's deliveries fail naming it (no default stands in)
+            let mut missing = Vec::new();
+            let kind = need(&mut missing, row.get::<String>(2)?, "kind").unwrap_or_default();
+            let timeout = ms(need(&mut missing, row.get::<i64>(3)?, "timeout").unwrap_or_default());
+            let schedule = need(&mut missing, row.get::<Vec<i64>>(4)?, "retry_schedule").unwrap_or_default();
+            let max_attempts = need(&mut missing, row.get::<i32>(5)?, "max_attempts").unwrap_or_default();
+            let signing_scheme = need(&mut missing, row.get::<String>(7)?, "signing_scheme").unwrap_or_default();
+            let timestamp_param = need(&mut missing, row.get::<String>(9)?, "timestamp_param").unwrap_or_default();
+            let signature_param = need(&mut missing, row.get::<String>(10)?, "signature_param").unwrap_or_default();
+            let url_template = need(&mut missing, row.get::<String>(12)?, "url_template").unwrap_or_default();
+            let max_in_flight = need(&mut missing, row.get::<i32>(14)?, "max_in_flight").unwrap_or(1);
+            let missing = if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("the endpoint's settings have no value for {}", missing.join(", ")))
+            };
             out.insert(
                 id,
                 EndpointConfig {
-                    kind: row.get::<String>(2)?.unwrap_or_default(),
-                    timeout: ms(row.get::<i64>(3)?.unwrap_or(10_000)),
-                    schedule: row.get::<Vec<i64>>(4)?.unwrap_or_default().into_iter().map(ms).collect(),
-                    max_attempts: row.get::<i32>(5)?.unwrap_or(1),
+                    missing,
+                    kind,
+                    timeout,
+                    schedule: schedule.into_iter().map(ms).collect(),
+                    max_attempts,
                     success_body_pattern: row.get::<String>(6)?,
-                    signing_scheme: row.get::<String>(7)?.unwrap_or_else(|| "none".into()),
+                    signing_scheme,
                     signature_header: row.get::<String>(8)?,
-                    timestamp_param: row.get::<String>(9)?.unwrap_or_else(|| "ts".into()),
-                    signature_param: row.get::<String>(10)?.unwrap_or_else(|| "sig".into()),
+                    timestamp_param,
+                    signature_param,
                     secrets: row.get::<Vec<String>>(11)?.unwrap_or_default(),
-                    origin: crate::template::literal_origin(&row.get::<String>(12)?.unwrap_or_default())
+                    origin: crate::template::literal_origin(&url_template)
                         .map_err(|e| format!("the endpoint's url_template is no longer valid: {e}")),
                     headers: match row.get::<String>(13)? {
                         None => Ok(Vec::new()),
@@ -231,7 +268,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                         }
                     },
                     limits: crate::scheduler::Limits {
-                        max_in_flight: row.get::<i32>(14)?.unwrap_or(8).max(1) as u32,
+                        max_in_flight: max_in_flight.max(1) as u32,
                         rate_per_sec: row.get::<f64>(15)?,
                     },
                 },
@@ -253,7 +290,7 @@ pub struct Record {
     pub response_body: Option<String>,
     pub error: Option<String>,
     /// succeeded, retry or dead
-    pub outcome: &'static str,
+    pub outcome: crate::retry::Outcome,
     /// for retry: delay before the next attempt
     pub retry_in_ms: Option<i64>,
 }
@@ -270,7 +307,7 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
     let codes: Vec<Option<i32>> = records.iter().map(|r| r.status_code).collect();
     let bodies: Vec<Option<String>> = records.iter().map(|r| r.response_body.clone()).collect();
     let errors: Vec<Option<String>> = records.iter().map(|r| r.error.clone()).collect();
-    let outcomes: Vec<String> = records.iter().map(|r| r.outcome.to_string()).collect();
+    let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
     let retry_in: Vec<Option<f64>> = records.iter().map(|r| r.retry_in_ms.map(|ms| ms as f64)).collect();
     Spi::connect_mut(|client| {
         client.update(
@@ -323,7 +360,7 @@ fn record_endpoint_state(client: &mut pgrx::spi::SpiClient, records: &[Record]) 
             crate::health::Fold::default()
         });
         let at = r.started_unix_micros as f64 / 1e6;
-        f.add(r.outcome == "succeeded", at, r.error.as_deref());
+        f.add(r.outcome == crate::retry::Outcome::Succeeded, at, r.error.as_deref());
     }
     let folds: Vec<&crate::health::Fold> = order.iter().map(|id| &folded[id]).collect();
     client.update(
@@ -382,7 +419,7 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
                     AND CASE WHEN d.leased_by = pg_backend_pid()
                              THEN d.id <> ALL ($2::bigint[])
                              ELSE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                                               WHERE a.pid = d.leased_by AND a.backend_type = 'pg_postback worker')
+                                               WHERE a.pid = d.leased_by AND a.backend_type = $3)
                         END
                   FOR UPDATE SKIP LOCKED),
              a AS (
@@ -398,7 +435,7 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
                FROM expired WHERE d.id = expired.id"
             ),
             None,
-            &[at_start.into(), holding.to_vec().into()],
+            &[at_start.into(), holding.to_vec().into(), super::WORKER_TYPE.into()],
         )?;
         Ok(result.len() as u64)
     })
