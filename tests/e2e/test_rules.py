@@ -16,13 +16,14 @@ def convert(conn, event, tx=None):
 
 def outcomes(cluster, conn, name, n=1):
     def done():
-        rows = conn.execute(
-            "SELECT a.status_code, a.outcome FROM postback.attempts a JOIN postback.deliveries d ON d.id = a.delivery_id "
-            "JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE e.name = %s ORDER BY a.id", (name,)).fetchall()
-        final = conn.execute(
-            "SELECT count(*) FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id "
-            "WHERE e.name = %s AND d.state IN ('succeeded', 'dead')", (name,)).fetchone()[0]
-        return rows if final == n else None
+        # one statement, one snapshot: the attempts and the states it counts agree
+        rows, final = conn.execute(
+            "SELECT (SELECT coalesce(json_agg(json_build_array(a.status_code, a.outcome) ORDER BY a.id), '[]')"
+            "          FROM postback.attempts a JOIN postback.deliveries d ON d.id = a.delivery_id"
+            "          JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE e.name = %(n)s),"
+            "       (SELECT count(*) FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id"
+            "         WHERE e.name = %(n)s AND d.state IN ('succeeded', 'dead'))", {"n": name}).fetchone()
+        return [tuple(r) for r in rows] if final == n else None
     return cluster.wait_for(done, what=f"{name} to settle")
 
 
