@@ -9,10 +9,10 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{Map, Value};
 
-use crate::outgoing;
-use crate::request::{self, Conversion, Endpoint, PG_EPOCH_OFFSET_MICROS};
-use crate::signing::{self, Scheme};
-use crate::template::{self, RenderOptions, Template};
+use crate::rules::outgoing;
+use crate::rules::request::{self, Conversion, Endpoint, PG_EPOCH_OFFSET_MICROS};
+use crate::rules::signing::{self, Scheme};
+use crate::rules::template::{self, RenderOptions, Template};
 
 fn invalid(message: impl Into<String>) -> ! {
     ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message.into());
@@ -64,7 +64,7 @@ fn validate_body_template(body: JsonB) -> bool {
 /// refused when its row is written, never when a later import reads it.
 #[pg_extern(immutable, parallel_safe)]
 fn check_json_nesting(value: &str, column: &str) -> bool {
-    if let Err(e) = crate::conversion_rules::check_nesting(value, column) {
+    if let Err(e) = crate::rules::conversion_rules::check_nesting(value, column) {
         ereport!(
             ERROR,
             PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
@@ -108,7 +108,7 @@ fn validate_statuses(statuses: Vec<Option<String>>, column: &str) -> bool {
         .into_iter()
         .map(|s| s.unwrap_or_else(|| invalid(format!("invalid {column}: the list holds NULL"))))
         .collect();
-    crate::retry::parse_statuses(&items, column).unwrap_or_else(|e| invalid(format!("invalid {e}")));
+    crate::rules::retry::parse_statuses(&items, column).unwrap_or_else(|e| invalid(format!("invalid {e}")));
     true
 }
 
@@ -284,8 +284,8 @@ fn sign_request(
     idempotency_key: &str,
 ) -> TableIterator<'static, (name!(url, String), name!(headers, JsonB))> {
     let Some(url) = url else { return TableIterator::new(std::iter::empty()) };
-    let hashes =
-        crate::url_hash::from_json(url_hashes.map(|h| h.0.to_string()).as_deref()).unwrap_or_else(|e| invalid(e));
+    let hashes = crate::rules::url_hash::from_json(url_hashes.map(|h| h.0.to_string()).as_deref())
+        .unwrap_or_else(|e| invalid(e));
     let signing = outgoing::Signing {
         scheme: signing_scheme.to_string(),
         secrets: if signing_scheme == "none" && hashes.is_empty() { Vec::new() } else { live_secrets(endpoint_id) },
@@ -356,8 +356,8 @@ fn conversions_validate<'a>(
         Err(pgrx::datum::TryFromDatumError::NoSuchAttributeName(_)) => (false, None),
         Err(e) => return Err(e),
     };
-    let fields = crate::conversion_rules::Fields { click_id, transaction_id, event, status, currency, partner };
-    if let Err((_column, message)) = crate::conversion_rules::check(&fields) {
+    let fields = crate::rules::conversion_rules::Fields { click_id, transaction_id, event, status, currency, partner };
+    if let Err((_column, message)) = crate::rules::conversion_rules::check(&fields) {
         ereport!(ERROR, PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, message);
     }
     let inserting = matches!(trigger.op(), Ok(pgrx::PgTriggerOperation::Insert));
@@ -373,7 +373,7 @@ fn conversions_validate<'a>(
             trigger.old().and_then(|o| o.get_by_name::<&str>("partner").ok().flatten().map(str::to_string));
         if old_partner.as_deref() != partner {
             let message =
-                crate::conversion_rules::partner_change_message(transaction_id, old_partner.as_deref(), partner);
+                crate::rules::conversion_rules::partner_change_message(transaction_id, old_partner.as_deref(), partner);
             ereport!(ERROR, PgSqlErrorCode::ERRCODE_RESTRICT_VIOLATION, message);
         }
         return Ok(Some(row.into_owned()));

@@ -17,8 +17,8 @@ use pgrx::{JsonB, PgOid};
 use serde_json::{Map, Value};
 
 use crate::api::{cached_template, now_unix_micros, CachedTemplate};
-use crate::request::{self, Click, Conversion, Endpoint, PG_EPOCH_OFFSET_MICROS};
-use crate::routing::{Filters, Router, Subject};
+use crate::rules::request::{self, Click, Conversion, Endpoint, PG_EPOCH_OFFSET_MICROS};
+use crate::rules::routing::{Filters, Router, Subject};
 
 /// Conversions read from the transition table per fetch.
 const FETCH: i64 = 2_000;
@@ -44,7 +44,7 @@ struct EndpointRow {
 
 impl EndpointRow {
     /// The endpoint as the renderer sees it, with its parsed URL template.
-    fn endpoint<'a>(&'a self, url_template: &'a crate::template::Template, trusted: bool) -> Endpoint<'a> {
+    fn endpoint<'a>(&'a self, url_template: &'a crate::rules::template::Template, trusted: bool) -> Endpoint<'a> {
         Endpoint {
             name: &self.name,
             kind: &self.kind,
@@ -87,7 +87,7 @@ fn load_endpoints(client: &SpiClient, filter: &str, endpoint_id: Option<i64>) ->
             body_template: row.get::<JsonB>(6)?.map(|b| b.0),
             status_map: object(row.get::<JsonB>(7)?),
             drop_empty_params: row.get::<bool>(8)?.unwrap_or(false),
-            pattern: row.get::<String>(13)?.filter(|p| crate::template::pattern_has_variables(p)),
+            pattern: row.get::<String>(13)?.filter(|p| crate::rules::template::pattern_has_variables(p)),
             delay_secs: row.get::<f64>(14)?.unwrap_or(0.0),
         });
         filters.push(Filters {
@@ -230,7 +230,7 @@ impl Pending {
             Ok(r) if self.legacy => {
                 // 0.2.0's schema: its in-band form, which nothing sends before the
                 // update and the update moves out of band (counting them)
-                self.url.push(crate::url_hash::legacy_marked(&r.url, &r.hashes));
+                self.url.push(crate::rules::url_hash::legacy_marked(&r.url, &r.hashes));
                 self.body.push(r.body);
                 self.hashes.push(None);
                 self.error.push(None);
@@ -238,7 +238,7 @@ impl Pending {
             Ok(r) => {
                 self.url.push(r.url);
                 self.body.push(r.body);
-                self.hashes.push(crate::url_hash::to_json(&r.hashes));
+                self.hashes.push(crate::rules::url_hash::to_json(&r.hashes));
                 self.error.push(None);
             }
             Err(err) => {
@@ -470,11 +470,12 @@ fn restoring_a_dump() -> bool {
 /// An endpoint's success_body_pattern with this delivery's values, regex-escaped;
 /// an error (the delivery is dead with it) when it outgrows the bound.
 fn render_pattern(pattern: &str, conversion: &Conversion, e: &EndpointRow) -> Result<String, String> {
-    let empty = crate::template::Template { tokens: Vec::new() };
+    let empty = crate::rules::template::Template { tokens: Vec::new() };
     let template = Rc::as_ref(&e.url_template).as_ref().map_or(&empty, |(t, _)| t);
     let endpoint = e.endpoint(template, false);
-    let rendered = crate::template::render_pattern(pattern, &request::ConversionVars::new(conversion, &endpoint));
-    crate::retry::check_success_pattern_size(&rendered)?;
+    let rendered =
+        crate::rules::template::render_pattern(pattern, &request::ConversionVars::new(conversion, &endpoint));
+    crate::rules::retry::check_success_pattern_size(&rendered)?;
     Ok(rendered)
 }
 
@@ -526,7 +527,14 @@ fn render_preview(endpoint_id: i64, conversion_id: i64) -> Vec<Option<String>> {
         let rendered = render(&conversion, e, &key, now_unix_micros(), crate::gucs::request_limits());
         Ok(match rendered {
             Ok(r) => {
-                vec![Some(key), Some(r.url), r.body, None, Some(routed.into()), crate::url_hash::to_json(&r.hashes)]
+                vec![
+                    Some(key),
+                    Some(r.url),
+                    r.body,
+                    None,
+                    Some(routed.into()),
+                    crate::rules::url_hash::to_json(&r.hashes),
+                ]
             }
             Err(err) => vec![Some(key), None, None, Some(err), Some(routed.into()), None],
         })
@@ -542,7 +550,7 @@ fn validate_partners(partners: Vec<Option<String>>) -> bool {
     }
     for p in &partners {
         let Some(p) = p else { invalid("invalid partners: the list holds NULL") };
-        crate::routing::check_partner(p)
+        crate::rules::routing::check_partner(p)
             .unwrap_or_else(|e| invalid(format!("invalid partners: \"{}\" {e}", p.escape_default())));
     }
     true
@@ -551,7 +559,8 @@ fn validate_partners(partners: Vec<Option<String>>) -> bool {
 /// Checks an endpoint's `conditions` (a JSON object the attributes must contain).
 #[pg_extern(immutable, parallel_safe)]
 fn validate_conditions(conditions: JsonB) -> bool {
-    crate::routing::check_conditions(&conditions.0).unwrap_or_else(|e| invalid(format!("invalid conditions: {e}")));
+    crate::rules::routing::check_conditions(&conditions.0)
+        .unwrap_or_else(|e| invalid(format!("invalid conditions: {e}")));
     true
 }
 
@@ -622,7 +631,7 @@ fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
             Ok(r) if schema_is_0_2_0(client)? => {
                 vec![
                     Some(key),
-                    Some(crate::url_hash::legacy_marked(&r.url, &r.hashes)),
+                    Some(crate::rules::url_hash::legacy_marked(&r.url, &r.hashes)),
                     r.body,
                     None,
                     Some(event),
@@ -638,7 +647,7 @@ fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
                 Some(event),
                 Some(status),
                 pattern,
-                crate::url_hash::to_json(&r.hashes),
+                crate::rules::url_hash::to_json(&r.hashes),
             ],
             Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status), pattern, None],
         })

@@ -6,15 +6,15 @@ use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_guard;
 use pgrx::pg_sys;
 
-use crate::target_policy;
+use crate::rules::target_policy;
 
 pub static DATABASE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(64);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
-pub static MAX_URL_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::request::MAX_URL_BYTES as i32);
-pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::request::MAX_BODY_BYTES as i32);
+pub static MAX_URL_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::rules::request::MAX_URL_BYTES as i32);
+pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::rules::request::MAX_BODY_BYTES as i32);
 pub static BREAKER_FAILURES: GucSetting<i32> = GucSetting::<i32>::new(10);
 pub static BREAKER_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 pub static DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 24 * 3600);
@@ -192,8 +192,8 @@ pub fn allowed_targets() -> Vec<target_policy::Cidr> {
 }
 
 /// The size limits of rendered requests, as set now.
-pub fn request_limits() -> crate::request::Limits {
-    crate::request::Limits {
+pub fn request_limits() -> crate::rules::request::Limits {
+    crate::rules::request::Limits {
         url_bytes: MAX_URL_BYTES.get().max(1024) as usize,
         body_bytes: MAX_BODY_BYTES.get().max(1024) as usize,
     }

@@ -7,11 +7,12 @@
 
 use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use crate::outgoing::USER_AGENT;
-use crate::retry::AttemptResult;
-use crate::target_policy::{self, Cidr};
+use crate::rules::outgoing::USER_AGENT;
+use crate::rules::retry::AttemptResult;
+use crate::rules::target_policy::{self, Cidr};
+use crate::rules::text::{redact_url, truncate_utf8, unix_micros_now};
 
 const POLICY_MARKER: &str = "refused to connect to";
 
@@ -60,39 +61,6 @@ impl ureq::Resolver for GuardedResolver {
         }
         Ok(allowed)
     }
-}
-
-/// The longest prefix of `s` that is at most `max` bytes and ends on a character boundary.
-pub fn truncate_utf8(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
-}
-
-/// A URL without its query and fragment (which may carry a signature or a token).
-pub fn without_query(url: &str) -> String {
-    let cut = url.find(['?', '#']).unwrap_or(url.len());
-    let mut out = url[..cut].to_string();
-    if cut < url.len() {
-        out.push_str("?…");
-    }
-    out
-}
-
-/// Removes the query string of `url` from an error message, in the form the
-/// caller gave and in the normalised form the HTTP client prints.
-pub fn redact_url(message: &str, url: &str) -> String {
-    let mut out = message.replace(url, &without_query(url));
-    if let Ok(parsed) = url::Url::parse(url) {
-        out = out.replace(parsed.as_str(), &without_query(parsed.as_str()));
-    }
-    out
-}
-
-pub fn unix_micros_now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 impl Client {
@@ -212,13 +180,6 @@ mod tests {
             redact_url("GET https://n.test/a?sig=x: refused", "https://n.test/a?sig=x"),
             "GET https://n.test/a?…: refused"
         );
-    }
-
-    #[test]
-    fn truncation_keeps_whole_characters_within_the_cap() {
-        assert_eq!(truncate_utf8("héllo", 2), "h");
-        assert_eq!(truncate_utf8("héllo", 3), "hé");
-        assert_eq!(truncate_utf8("abc", 10), "abc");
     }
 
     #[test]

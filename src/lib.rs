@@ -1,23 +1,13 @@
 //! pg_postback: conversion postbacks and signed webhooks delivered from inside PostgreSQL.
 //!
-//! The pure modules (`target_policy`, …) hold the logic and have plain unit
-//! tests; `api` and `worker` are the thin layer that talks to Postgres.
+//! `rules` holds the logic, pure, with plain unit tests; `http` sends one
+//! request; `api`, `enqueue` and `gucs` are the SQL-facing layer and `worker`
+//! the background worker. No module is public: the compiler sees dead code.
 
 use pgrx::prelude::*;
 
-pub mod conversion_rules;
-pub mod filters;
-pub mod health;
-pub mod http;
-pub mod outgoing;
-pub mod request;
-pub mod retry;
-pub mod routing;
-pub mod scheduler;
-pub mod signing;
-pub mod target_policy;
-pub mod template;
-pub mod url_hash;
+mod http;
+mod rules;
 
 mod api;
 mod enqueue;

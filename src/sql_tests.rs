@@ -38,21 +38,21 @@ mod tests {
         let owned = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(
             check_values("postback.conversions", "status_must_be_a_known_conversion_status"),
-            owned(crate::conversion_rules::STATUSES)
+            owned(crate::rules::conversion_rules::STATUSES)
         );
         assert_eq!(
             check_values("postback.deliveries", "delivery_method_must_be_get_post_put_or_patch"),
-            owned(crate::outgoing::METHODS)
+            owned(crate::rules::outgoing::METHODS)
         );
         assert_eq!(
             check_values("postback.endpoints", "endpoint_method_must_be_get_post_put_or_patch"),
-            owned(crate::outgoing::METHODS)
+            owned(crate::rules::outgoing::METHODS)
         );
         let mut schemes = vec!["none".to_string()];
-        schemes.extend(owned(crate::signing::SCHEME_NAMES));
+        schemes.extend(owned(crate::rules::signing::SCHEME_NAMES));
         assert_eq!(check_values("postback.endpoints", "endpoint_signing_scheme_must_be_known"), schemes);
-        for name in crate::signing::SCHEME_NAMES {
-            crate::signing::Scheme::parse(name).unwrap();
+        for name in crate::rules::signing::SCHEME_NAMES {
+            crate::rules::signing::Scheme::parse(name).unwrap();
         }
         assert_eq!(
             check_values("postback.deliveries", "delivery_state_must_be_pending_in_flight_succeeded_or_dead"),
@@ -60,7 +60,7 @@ mod tests {
         );
         assert_eq!(
             check_values("postback.attempts", "attempt_outcome_must_be_succeeded_retry_or_dead"),
-            crate::retry::Outcome::ALL.iter().map(|o| o.as_str().to_string()).collect::<Vec<_>>()
+            crate::rules::retry::Outcome::ALL.iter().map(|o| o.as_str().to_string()).collect::<Vec<_>>()
         );
     }
 

@@ -18,9 +18,9 @@ use pgrx::prelude::*;
 
 use crate::gucs;
 use crate::http::{self, Client, Job};
-use crate::outgoing::{self, Signing};
-use crate::retry::{self, AttemptResult, Decision, Jitter, Limits, Outcome};
-use crate::scheduler::{BreakerSettings, BreakerState, Scheduler, Transition};
+use crate::rules::outgoing::{self, Signing};
+use crate::rules::retry::{self, AttemptResult, Decision, Jitter, Limits, Outcome};
+use crate::rules::scheduler::{BreakerSettings, BreakerState, Scheduler, Transition};
 
 mod pool;
 mod queue;
@@ -105,7 +105,7 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
             pg_sys::GucSource::PGC_S_OVERRIDE,
         );
     }
-    shared::register_self(http::unix_micros_now());
+    shared::register_self(crate::rules::text::unix_micros_now());
     log!("pg_postback worker started, connected to database \"{database}\"");
 
     let mut worker = Worker::new();
@@ -183,13 +183,13 @@ const RECORD_BATCH: usize = 256;
 
 fn note_error(message: &str) {
     warning!("pg_postback worker: {message}");
-    shared::SHARED.exclusive().set_last_error(message, http::unix_micros_now());
+    shared::SHARED.exclusive().set_last_error(message, crate::rules::text::unix_micros_now());
 }
 
 /// What judging a delivery's result needs from its endpoint (shared, cheap to clone).
 #[derive(Clone)]
 struct Judging {
-    rules: Arc<crate::retry::StatusRules>,
+    rules: Arc<crate::rules::retry::StatusRules>,
     /// compiled and matched on the sending thread (its cost grows with the values in it)
     pattern: Option<Arc<str>>,
     schedule: Arc<Vec<Duration>>,
@@ -236,7 +236,7 @@ struct Worker {
 }
 
 fn now_us() -> i64 {
-    http::unix_micros_now()
+    crate::rules::text::unix_micros_now()
 }
 
 fn breaker_settings() -> BreakerSettings {
@@ -267,7 +267,9 @@ impl Worker {
             first_finished: None,
             records: Vec::new(),
             transitions: Vec::new(),
-            jitter: Jitter::new(http::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32),
+            jitter: Jitter::new(
+                crate::rules::text::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32,
+            ),
             maybe_due: true,
             next_due: None,
             ready: false,
@@ -313,7 +315,7 @@ impl Worker {
 
     /// One pass: take finished results, record them, claim, send, wait.
     fn step(&mut self, poll: Duration) {
-        shared::SHARED.exclusive().last_wake = http::unix_micros_now();
+        shared::SHARED.exclusive().last_wake = crate::rules::text::unix_micros_now();
         // 1. results that finished, judged and recorded together: at once when
         //    nothing else is out, else once RECORD_WITHIN has passed or a
         //    batch has gathered (one transaction for many results)
@@ -650,7 +652,7 @@ fn dead_record(c: &Claimed, error: String) -> Record {
         delivery_id: c.id,
         endpoint_id: c.endpoint_id,
         attempt_no: c.attempt_no,
-        started_unix_micros: http::unix_micros_now(),
+        started_unix_micros: crate::rules::text::unix_micros_now(),
         duration_ms: Some(0.0),
         status_code: None,
         response_body: None,
@@ -684,12 +686,12 @@ impl Payload {
 /// On a sending thread: build the request, send it, check the body. A request
 /// that cannot be built is a permanent failure (dead with the reason).
 fn send_one(client: &Client, p: &Payload, endpoint: &EndpointConfig, pattern: Option<&str>) -> Done {
-    let job = match build_job(p, endpoint, http::unix_micros_now() / 1_000_000) {
+    let job = match build_job(p, endpoint, crate::rules::text::unix_micros_now() / 1_000_000) {
         Ok(job) => job,
         Err(e) => {
             return Done {
                 sent: http::Sent {
-                    started_unix_micros: http::unix_micros_now(),
+                    started_unix_micros: crate::rules::text::unix_micros_now(),
                     duration_ms: 0.0,
                     result: AttemptResult::Permanent(e),
                 },
@@ -712,7 +714,7 @@ fn build_job(p: &Payload, endpoint: &EndpointConfig, now_unix: i64) -> Result<Jo
     // endpoint's template says (the endpoint's credentials go with it)
     let origin = endpoint.origin.as_ref().map_err(Clone::clone)?;
     let url = url::Url::parse(&p.url).map_err(|e| format!("delivery URL does not parse: {e}"))?;
-    let actual = crate::template::Origin::of(&url);
+    let actual = crate::rules::template::Origin::of(&url);
     if &actual != origin {
         return Err(format!("delivery URL goes to {actual}, not to its endpoint's {origin}; refused"));
     }
@@ -726,7 +728,7 @@ fn build_job(p: &Payload, endpoint: &EndpointConfig, now_unix: i64) -> Result<Jo
         ts_param: endpoint.timestamp_param.clone(),
         sig_param: endpoint.signature_param.clone(),
     };
-    let hashes = crate::url_hash::from_json(p.url_hashes.as_deref())?;
+    let hashes = crate::rules::url_hash::from_json(p.url_hashes.as_deref())?;
     let out = outgoing::finalize(
         &endpoint.kind,
         &p.url,

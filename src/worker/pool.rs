@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::http::{Client, Sent};
-use crate::retry::{AttemptResult, BodyCheck};
+use crate::rules::retry::{AttemptResult, BodyCheck};
 
 /// One delivery's work on a sending thread: build the request (sign, fill the
 /// digests), send it, check the body against its success pattern. Everything
@@ -32,7 +32,7 @@ pub struct Done {
 /// Runs one delivery's work; a panic becomes a transient failure of that
 /// delivery (recorded and retried), and the thread lives on to take the next.
 pub fn run_guarded(work: Work, client: &Client) -> Done {
-    let started_unix_micros = crate::http::unix_micros_now();
+    let started_unix_micros = crate::rules::text::unix_micros_now();
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(client))) {
         Ok(done) => done,
         Err(panic) => {
@@ -47,7 +47,7 @@ pub fn run_guarded(work: Work, client: &Client) -> Done {
                     duration_ms: 0.0,
                     result: AttemptResult::Transient(format!(
                         "the sending thread failed while sending ({}); retried",
-                        crate::http::truncate_utf8(&what, 200)
+                        crate::rules::text::truncate_utf8(&what, 200)
                     )),
                 },
                 body_check: None,

@@ -34,10 +34,10 @@ pub struct EndpointConfig {
     pub missing: Result<(), String>,
     pub kind: String,
     /// an error when a stored list does not parse (deliveries fail with it)
-    pub status_rules: Result<crate::retry::StatusRules, String>,
-    pub limits: crate::scheduler::Limits,
+    pub status_rules: Result<crate::rules::retry::StatusRules, String>,
+    pub limits: crate::rules::scheduler::Limits,
     /// scheme, host and port every delivery URL of the endpoint must have
-    pub origin: Result<crate::template::Origin, String>,
+    pub origin: Result<crate::rules::template::Origin, String>,
     /// the endpoint's own headers (credentials): read at send time, never stored
     /// per delivery; an error when the stored value does not parse (deliveries fail with it)
     pub headers: Result<Vec<(String, String)>, String>,
@@ -120,9 +120,9 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                 limit.into(),
                 blocked.into(),
                 rooms.into(),
-                (crate::scheduler::QUEUE_FACTOR as i32).into(),
-                (crate::scheduler::QUEUE_EXTRA as i32).into(),
-                (crate::scheduler::MAX_HELD as i32).into(),
+                (crate::rules::scheduler::QUEUE_FACTOR as i32).into(),
+                (crate::rules::scheduler::QUEUE_EXTRA as i32).into(),
+                (crate::rules::scheduler::MAX_HELD as i32).into(),
             ],
         )?;
         let mut out = Vec::with_capacity(rows.len());
@@ -245,29 +245,29 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     timestamp_param,
                     signature_param,
                     secrets: row.get::<Vec<String>>(11)?.unwrap_or_default(),
-                    origin: crate::template::literal_origin(&url_template)
+                    origin: crate::rules::template::literal_origin(&url_template)
                         .map_err(|e| format!("the endpoint's url_template is no longer valid: {e}")),
                     headers: match row.get::<String>(13)? {
                         None => Ok(Vec::new()),
-                        Some(t) => crate::outgoing::parse_stored_headers(&t),
+                        Some(t) => crate::rules::outgoing::parse_stored_headers(&t),
                     },
                     status_rules: {
-                        let defaults = crate::retry::StatusRules::default();
+                        let defaults = crate::rules::retry::StatusRules::default();
                         // a stored list that does not parse fails its deliveries with the
                         // reason: NULL means the default, a broken list never does
                         let parse = |v: Option<Vec<String>>, d: Vec<(u16, u16)>, what: &str| match v {
                             None => Ok(d),
-                            Some(v) => crate::retry::parse_statuses(&v, what),
+                            Some(v) => crate::rules::retry::parse_statuses(&v, what),
                         };
                         match (
                             parse(row.get::<Vec<String>>(16)?, defaults.success, "success_statuses"),
                             parse(row.get::<Vec<String>>(17)?, defaults.retry, "retry_statuses"),
                         ) {
-                            (Ok(success), Ok(retry)) => Ok(crate::retry::StatusRules { success, retry }),
+                            (Ok(success), Ok(retry)) => Ok(crate::rules::retry::StatusRules { success, retry }),
                             (Err(e), _) | (_, Err(e)) => Err(e),
                         }
                     },
-                    limits: crate::scheduler::Limits {
+                    limits: crate::rules::scheduler::Limits {
                         max_in_flight: max_in_flight.max(1) as u32,
                         rate_per_sec: row.get::<f64>(15)?,
                     },
@@ -290,7 +290,7 @@ pub struct Record {
     pub response_body: Option<String>,
     pub error: Option<String>,
     /// succeeded, retry or dead
-    pub outcome: crate::retry::Outcome,
+    pub outcome: crate::rules::retry::Outcome,
     /// for retry: delay before the next attempt
     pub retry_in_ms: Option<i64>,
 }
@@ -353,16 +353,16 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
 /// failures (reset by a success), since when an endpoint fails, its last error.
 fn record_endpoint_state(client: &mut pgrx::spi::SpiClient, records: &[Record]) -> SpiResult<()> {
     let mut order: Vec<i64> = Vec::new();
-    let mut folded: HashMap<i64, crate::health::Fold> = HashMap::new();
+    let mut folded: HashMap<i64, crate::rules::health::Fold> = HashMap::new();
     for r in records {
         let f = folded.entry(r.endpoint_id).or_insert_with(|| {
             order.push(r.endpoint_id);
-            crate::health::Fold::default()
+            crate::rules::health::Fold::default()
         });
         let at = r.started_unix_micros as f64 / 1e6;
-        f.add(r.outcome == crate::retry::Outcome::Succeeded, at, r.error.as_deref());
+        f.add(r.outcome == crate::rules::retry::Outcome::Succeeded, at, r.error.as_deref());
     }
-    let folds: Vec<&crate::health::Fold> = order.iter().map(|id| &folded[id]).collect();
+    let folds: Vec<&crate::rules::health::Fold> = order.iter().map(|id| &folded[id]).collect();
     client.update(
         "INSERT INTO postback.endpoint_state AS s
                 (endpoint_id, consecutive_failures, last_success_at, last_failure_at, failing_since, last_error, updated_at)
@@ -443,7 +443,7 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
 
 /// Records breaker transitions on postback.endpoint_state and announces each
 /// one with NOTIFY postback_alerts (a JSON payload operators can page on).
-pub fn record_transitions(transitions: &[crate::scheduler::Transition]) -> SpiResult<()> {
+pub fn record_transitions(transitions: &[crate::rules::scheduler::Transition]) -> SpiResult<()> {
     if transitions.is_empty() {
         return Ok(());
     }

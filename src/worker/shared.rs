@@ -46,7 +46,7 @@ unsafe impl PGRXSharedMemory for WorkerShared {}
 
 impl WorkerShared {
     pub fn set_last_error(&mut self, message: &str, at: i64) {
-        let kept = crate::http::truncate_utf8(message, ERROR_BYTES).as_bytes();
+        let kept = crate::rules::text::truncate_utf8(message, ERROR_BYTES).as_bytes();
         self.last_error[..kept.len()].copy_from_slice(kept);
         self.last_error_len = kept.len();
         self.last_error_at = at;

@@ -14,7 +14,8 @@ use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::filters::Filter;
+use crate::rules::filters::Filter;
+use crate::rules::text::push_encoded;
 
 pub const MAX_TEMPLATE_BYTES: usize = 8192;
 
@@ -70,7 +71,7 @@ pub struct Macro {
     pub name: String,
     /// inserted unencoded (the `raw` filter is in the chain)
     pub raw: bool,
-    /// the filters after `|`, applied left to right (crate::filters)
+    /// the filters after `|`, applied left to right (crate::rules::filters)
     pub filters: Vec<Filter>,
     /// 1-based character position of the opening brace
     pub position: usize,
@@ -100,7 +101,7 @@ impl HashSpec {
             err(Some(position), "hash needs an algorithm and parts: {hash:md5:transaction_id,':',secret}")
         })?;
         let algorithm = algorithm.trim().to_string();
-        if !crate::url_hash::ALGORITHMS.contains(&algorithm.as_str()) {
+        if !crate::rules::url_hash::ALGORITHMS.contains(&algorithm.as_str()) {
             return Err(err(Some(position), format!("hash algorithm \"{algorithm}\" is not md5, sha1 or sha256")));
         }
         let mut parts = Vec::new();
@@ -148,12 +149,14 @@ impl Macro {
         }
         let start = if self.filters.is_empty() {
             return Ok(vars.text(&self.name).map(Cow::into_owned));
-        } else if crate::filters::wants_json(&self.filters) {
-            vars.json(&self.name).map(crate::filters::Val::Json)
+        } else if crate::rules::filters::wants_json(&self.filters) {
+            vars.json(&self.name).map(crate::rules::filters::Val::Json)
         } else {
-            vars.text(&self.name).map(|t| crate::filters::Val::Text(t.into_owned()))
+            vars.text(&self.name).map(|t| crate::rules::filters::Val::Text(t.into_owned()))
         };
-        crate::filters::apply(&self.filters, start).map(|(v, _)| v).map_err(|e| format!("{{{}}}: {e}", self.name))
+        crate::rules::filters::apply(&self.filters, start)
+            .map(|(v, _)| v)
+            .map_err(|e| format!("{{{}}}: {e}", self.name))
     }
 }
 
@@ -294,7 +297,7 @@ fn parse_macro(inner: &str, position: usize, part: Part) -> Result<Macro, Templa
     }
     let mut filters = Vec::new();
     for piece in chain.map(|c| c.split('|')).into_iter().flatten() {
-        filters.push(crate::filters::parse(piece).map_err(|e| err(Some(position), e))?);
+        filters.push(crate::rules::filters::parse(piece).map_err(|e| err(Some(position), e))?);
     }
     let raw = filters.iter().any(|f| matches!(f, Filter::Raw));
     Ok(Macro { name, raw, filters, position, part, hash: None })
@@ -346,27 +349,6 @@ impl Vars for Map<String, Value> {
     }
 }
 
-/// Appends `value` percent-encoding everything but RFC 3986 unreserved characters.
-pub fn push_encoded(out: &mut String, value: &str) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(HEX[(b >> 4) as usize] as char);
-            out.push(HEX[(b & 15) as usize] as char);
-        }
-    }
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-pub fn encode_component(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() + 8);
-    push_encoded(&mut out, value);
-    out
-}
-
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RenderOptions {
     /// Drop a `key=value` query parameter whose macros all came out missing.
@@ -399,8 +381,8 @@ pub fn render_url_hashed<V: Vars + ?Sized>(
     template: &Template,
     vars: &V,
     options: RenderOptions,
-) -> Result<(String, Vec<crate::url_hash::HashSlot>), String> {
-    let mut slots: Vec<crate::url_hash::HashSlot> = Vec::new();
+) -> Result<(String, Vec<crate::rules::url_hash::HashSlot>), String> {
+    let mut slots: Vec<crate::rules::url_hash::HashSlot> = Vec::new();
     let mut head = String::with_capacity(256);
     let mut query: Option<Vec<Param>> = None;
     let mut fragment: Option<String> = None;
@@ -421,7 +403,7 @@ pub fn render_url_hashed<V: Vars + ?Sized>(
             Token::Macro(m) => {
                 let value = match &m.hash {
                     Some(h) => {
-                        slots.push(crate::url_hash::HashSlot {
+                        slots.push(crate::rules::url_hash::HashSlot {
                             at: 0,
                             algorithm: h.algorithm.clone(),
                             parts: h.parts(vars),

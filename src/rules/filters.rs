@@ -255,7 +255,7 @@ pub fn apply(filters: &[Filter], value: Option<Val>) -> Result<(Option<String>, 
             Filter::Md5 => Val::Text(hex(&Md5::digest(text.as_bytes()))),
             Filter::Sha1 => Val::Text(hex(&Sha1::digest(text.as_bytes()))),
             Filter::Sha256 => Val::Text(hex(&Sha256::digest(text.as_bytes()))),
-            Filter::Twice => Val::Text(crate::template::encode_component(&text)),
+            Filter::Twice => Val::Text(crate::rules::text::encode_component(&text)),
             Filter::Json => Val::Text(match &v {
                 Val::Json(j) => j.to_string(),
                 Val::Text(s) => serde_json::Value::String(s.clone()).to_string(),

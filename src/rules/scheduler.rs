@@ -387,10 +387,12 @@ impl<T> Scheduler<T> {
             .min()
     }
 
+    #[cfg(test)]
     pub fn breaker(&self, endpoint_id: i64) -> Option<BreakerState> {
         self.slots.get(&endpoint_id).map(|s| s.breaker.state)
     }
 
+    #[cfg(test)]
     pub fn in_flight(&self, endpoint_id: i64) -> u32 {
         self.slots.get(&endpoint_id).map_or(0, |s| s.in_flight)
     }

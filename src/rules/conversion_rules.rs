@@ -65,7 +65,7 @@ pub fn check(f: &Fields) -> Result<(), (&'static str, String)> {
         }
     }
     if let Some(p) = f.partner {
-        if let Err(what) = crate::routing::check_partner(p) {
+        if let Err(what) = crate::rules::routing::check_partner(p) {
             return bad("partner", format!("\"{}\" {what}", shorten(p)));
         }
     }

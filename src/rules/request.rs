@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
-use crate::template::{self, RenderOptions, Template, Vars};
+use crate::rules::template::{self, RenderOptions, Template, Vars};
 
 /// Default longest URL a delivery may have (`postback.max_url_bytes`);
 /// receivers and proxies refuse longer ones.
@@ -75,7 +75,7 @@ pub struct Request {
     pub url: String,
     pub body: Option<String>,
     /// where the URL's `{hash:…}` digests go (computed at send time with the secret)
-    pub hashes: Vec<crate::url_hash::HashSlot>,
+    pub hashes: Vec<crate::rules::url_hash::HashSlot>,
 }
 
 /// `2024-03-01T12:34:56Z` (or with `.123456` when there are fractional seconds).
@@ -185,12 +185,12 @@ impl Vars for ConversionVars<'_> {
             "click" => c.click.as_ref().map(|k| Value::Object(k.attributes.clone())),
             "amount" => Some(amount_value(c.amount)).filter(|v| !v.is_null()),
             _ => match name.strip_prefix("attributes.") {
-                Some(key) => crate::template::lookup(&c.attributes, key).filter(|v| !v.is_null()).cloned(),
+                Some(key) => crate::rules::template::lookup(&c.attributes, key).filter(|v| !v.is_null()).cloned(),
                 None => match name.strip_prefix("click.") {
                     Some(key) => c
                         .click
                         .as_ref()
-                        .and_then(|k| crate::template::lookup(&k.attributes, key))
+                        .and_then(|k| crate::rules::template::lookup(&k.attributes, key))
                         .filter(|v| !v.is_null())
                         .cloned(),
                     None => self.text(name).map(|t| Value::String(t.into_owned())),

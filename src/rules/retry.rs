@@ -33,6 +33,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in the order of the `attempt_outcome_must_be_…` CHECK constraint.
+    #[cfg(any(test, feature = "pg_test"))]
     pub const ALL: [Outcome; 3] = [Outcome::Succeeded, Outcome::Retry, Outcome::Dead];
 
     pub fn as_str(self) -> &'static str {
@@ -95,7 +96,7 @@ pub fn cap_error(error: String) -> String {
     if error.len() <= MAX_ERROR_BYTES {
         return error;
     }
-    format!("{}… ({} bytes, cut)", crate::http::truncate_utf8(&error, MAX_ERROR_BYTES), error.len())
+    format!("{}… ({} bytes, cut)", crate::rules::text::truncate_utf8(&error, MAX_ERROR_BYTES), error.len())
 }
 
 /// Longest success_body_pattern, once filled with a delivery's values.
@@ -120,7 +121,7 @@ pub fn check_success_pattern_size(pattern: &str) -> Result<(), String> {
 pub fn compile_success_pattern(pattern: &str) -> Result<Regex, String> {
     check_success_pattern_size(pattern)?;
     regex::RegexBuilder::new(pattern).size_limit(SUCCESS_PATTERN_SIZE_LIMIT).build().map_err(|e| {
-        format!("success_body_pattern cannot be used: {}", crate::http::truncate_utf8(&e.to_string(), 300))
+        format!("success_body_pattern cannot be used: {}", crate::rules::text::truncate_utf8(&e.to_string(), 300))
     })
 }
 
@@ -147,7 +148,8 @@ impl BodyCheck {
 }
 
 /// Decides success, retry or dead for one attempt, before limits are applied,
-/// with the default status rules.
+/// with the default status rules (the tests' shorthand for `judge`).
+#[cfg(test)]
 pub fn classify(result: &AttemptResult, success_body: Option<&Regex>) -> Verdict {
     classify_with(result, success_body, &StatusRules::default())
 }
@@ -155,7 +157,8 @@ pub fn classify(result: &AttemptResult, success_body: Option<&Regex>) -> Verdict
 /// Decides success, retry or dead for one attempt with an endpoint's rules:
 /// a success status (whose body must match the pattern, if any) succeeds,
 /// another 3xx is a redirect not followed, a retry status is retried, the
-/// rest is dead at once.
+/// rest is dead at once. The tests' shorthand for `judge` with a compiled pattern.
+#[cfg(test)]
 pub fn classify_with(result: &AttemptResult, success_body: Option<&Regex>, rules: &StatusRules) -> Verdict {
     let check = match (success_body, result) {
         (Some(re), AttemptResult::Response { body, .. }) if re.is_match(body) => Some(BodyCheck::Matched),
@@ -186,7 +189,7 @@ pub fn judge(result: &AttemptResult, body_check: Option<&BodyCheck>, rules: &Sta
                     Some(BodyCheck::NotMatched { pattern }) => Verdict::Retry {
                         error: format!(
                             "HTTP {status} but the body does not match success_body_pattern /{}/",
-                            crate::http::truncate_utf8(pattern, 200)
+                            crate::rules::text::truncate_utf8(pattern, 200)
                         ),
                         retry_after: None,
                     },
@@ -206,7 +209,7 @@ pub fn judge(result: &AttemptResult, body_check: Option<&BodyCheck>, rules: &Sta
                 return Verdict::Dead {
                     error: format!(
                         "HTTP {status} redirect not followed (Location: {})",
-                        location.as_deref().map(crate::http::without_query).as_deref().unwrap_or("none")
+                        location.as_deref().map(crate::rules::text::without_query).as_deref().unwrap_or("none")
                     ),
                 };
             }
@@ -219,8 +222,8 @@ pub fn judge(result: &AttemptResult, body_check: Option<&BodyCheck>, rules: &Sta
 /// a refused or reset connection and HTTP 408, 429 and 5xx say it is
 /// unavailable; a success that it works; anything else (a 4xx for one
 /// delivery, a policy refusal, a body that did not match) says nothing.
-pub fn endpoint_health(result: &AttemptResult, verdict: &Verdict) -> crate::scheduler::Health {
-    use crate::scheduler::Health;
+pub fn endpoint_health(result: &AttemptResult, verdict: &Verdict) -> crate::rules::scheduler::Health {
+    use crate::rules::scheduler::Health;
     match (result, verdict) {
         (_, Verdict::Succeeded) => Health::Success,
         (AttemptResult::Transient(_), _) => Health::Failure,
@@ -363,7 +366,7 @@ mod tests {
         for s in [600, 777, 999] {
             let v = classify(&resp(s, ""), None);
             assert!(matches!(&v, Verdict::Retry { error, .. } if error.contains("not an HTTP status")), "{s}: {v:?}");
-            assert_eq!(endpoint_health(&resp(s, ""), &v), crate::scheduler::Health::Failure);
+            assert_eq!(endpoint_health(&resp(s, ""), &v), crate::rules::scheduler::Health::Failure);
         }
     }
 
@@ -402,7 +405,7 @@ mod tests {
 
     #[test]
     fn what_an_attempt_says_of_its_endpoint() {
-        use crate::scheduler::Health;
+        use crate::rules::scheduler::Health;
         let health = |r: AttemptResult| endpoint_health(&r, &classify(&r, None));
         assert_eq!(health(resp(200, "")), Health::Success);
         assert_eq!(health(resp(503, "")), Health::Failure);

@@ -241,7 +241,7 @@ pub fn sign_url(
         Scheme::HmacHex | Scheme::HmacBase64 => sign(&with_ts, secret, scheme, None, ts)?,
         _ => return fail("postback URLs are signed with hmac-sha256-hex or hmac-sha256-base64"),
     };
-    let mut out = format!("{with_ts}&{sig_param}={}", crate::template::encode_component(&sig));
+    let mut out = format!("{with_ts}&{sig_param}={}", crate::rules::text::encode_component(&sig));
     if let Some(f) = fragment {
         out.push('#');
         out.push_str(f);

@@ -2,7 +2,7 @@
 //! URLs and the fixed headers every request carries. Done at send time, not at
 //! enqueue, so that a retry hours later carries a fresh timestamp.
 
-use crate::signing::{self, Scheme};
+use crate::rules::signing::{self, Scheme};
 
 pub const USER_AGENT: &str = concat!("pg_postback/", env!("CARGO_PKG_VERSION"));
 
@@ -32,7 +32,7 @@ pub fn header_pairs(headers: Option<serde_json::Value>) -> Vec<(String, String)>
         Some(serde_json::Value::Object(map)) => map
             .into_iter()
             .map(|(k, v)| {
-                let v = crate::template::value_text(Some(&v)).unwrap_or_default();
+                let v = crate::rules::template::value_text(Some(&v)).unwrap_or_default();
                 (k, v)
             })
             .collect(),
@@ -121,7 +121,7 @@ pub fn check_method(method: &str) -> Result<(), String> {
 pub fn finalize(
     kind: &str,
     url: &str,
-    hashes: &[crate::url_hash::HashSlot],
+    hashes: &[crate::rules::url_hash::HashSlot],
     stored_headers: &[(String, String)],
     body: Option<&str>,
     idempotency_key: &str,
@@ -129,7 +129,7 @@ pub fn finalize(
     now_unix: i64,
 ) -> Result<Outgoing, String> {
     let mut headers: Vec<(String, String)> = vec![("User-Agent".into(), USER_AGENT.into())];
-    let mut url = crate::url_hash::expand(url, hashes, signing.secrets.first().map(String::as_str))?;
+    let mut url = crate::rules::url_hash::expand(url, hashes, signing.secrets.first().map(String::as_str))?;
     if kind == "webhook" {
         headers.push(("Content-Type".into(), "application/json".into()));
         headers.push(("Idempotency-Key".into(), idempotency_key.into()));
@@ -280,13 +280,13 @@ mod tests {
 
     #[test]
     fn hash_markers_are_computed_with_the_newest_secret() {
-        let t = crate::template::validate_url_template(
+        let t = crate::rules::template::validate_url_template(
             "https://n.test/pb?id={transaction_id}&v={hash:md5:transaction_id,':',attributes.snuid,':',currency,':',secret}",
         )
         .unwrap();
         let vars = serde_json::json!({"transaction_id": "tx-1", "currency": "EUR", "attributes": {"snuid": "u9"}});
         let (url, hashes) =
-            crate::template::render_url_hashed(&t, vars.as_object().unwrap(), Default::default()).unwrap();
+            crate::rules::template::render_url_hashed(&t, vars.as_object().unwrap(), Default::default()).unwrap();
         let s = Signing { scheme: "none".into(), secrets: vec!["k2".into(), "k1".into()], ..Default::default() };
         let o = finalize("postback", &url, &hashes, &[], None, "k", &s, 0).unwrap();
         // md5("tx-1:u9:EUR:k2")
