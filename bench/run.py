@@ -9,7 +9,6 @@ from bench/enqueue.py, run first in its own cluster without the worker.
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 from cluster import Cluster, free_port  # noqa: E402
+from receiver import Hanging  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 CONCURRENCY = int(os.environ.get("CONCURRENCY", "64"))
@@ -38,30 +38,6 @@ GOALS = {
 
 def step(message):
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-class Hanging:
-    """Accepts connections and never answers."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(1024)
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                self.conns.append(self.sock.accept()[0])
-            except OSError:
-                return
-
-    def close(self):
-        for c in self.conns:
-            c.close()
-        self.sock.close()
 
 
 def settled(conn, ids):
@@ -166,7 +142,7 @@ def main():
 
     port = free_port()
     receiver = subprocess.Popen([os.path.join(TARGET, "bench_receiver"), str(port)])
-    hanging = Hanging()
+    hanging = Hanging().start()
     c = Cluster.create(settings={"postback.concurrency": str(CONCURRENCY), "postback.batch_size": "1000",
                                  "shared_buffers": "'1GB'", "max_wal_size": "'8GB'", "synchronous_commit": "on",
                                  "postback.breaker_failures": "0"})
@@ -199,7 +175,7 @@ def main():
 
             step("noisy neighbour: 2,000 to a fast receiver alone, then beside 200 to a hanging one")
             alone = 2000 / queued_run(conn, "alone", f"{base}/alone?t={{transaction_id}}", 2000)
-            endpoint(conn, "hang", f"http://127.0.0.1:{hanging.port}/h?t={{transaction_id}}", timeout="10 seconds")
+            endpoint(conn, "hang", hanging.url("/h?t={transaction_id}"), timeout="10 seconds")
             conn.execute("UPDATE postback.endpoints SET max_in_flight = 8 WHERE name = 'hang'")
             conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event) "
                          "SELECT 'c', 'hang-' || g, 'hang' FROM generate_series(1, 200) g")
@@ -242,7 +218,7 @@ def main():
     finally:
         c.destroy()
         receiver.terminate()
-        hanging.close()
+        hanging.stop()
 
     summary = {**results, "settings": settings}
     out = os.path.join(ROOT, "target", "bench")

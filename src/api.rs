@@ -181,11 +181,11 @@ pub(crate) fn cached_template(text: &str) -> CachedTemplate {
     })
 }
 
-/// Renders the request of one (conversion, endpoint) pair for the enqueue
-/// triggers: `{idempotency_key, url, body, error}`. Never raises for data
-/// problems: they come back in `error` so the operator's INSERT succeeds and
-/// the delivery is recorded as dead. A plain function returning an array (not
-/// a set-returning one) because it runs once per delivery of a 100k-row insert.
+/// 0.1.0's per-delivery renderer, called only by the enqueue trigger of the
+/// frozen 0.1.0 install script (a database whose `ALTER EXTENSION … UPDATE` has
+/// not run yet); since 0.2.0 the enqueue renders in Rust (`enqueue.rs`).
+/// Returns `{idempotency_key, url, body, error}`; data problems come back in
+/// `error`, never raised.
 #[pg_extern(stable, parallel_safe)]
 #[allow(clippy::too_many_arguments)]
 fn render_request(

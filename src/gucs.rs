@@ -45,7 +45,7 @@ pub fn init() {
     GucRegistry::define_int_guc(
         c"postback.batch_size",
         c"Deliveries the worker claims per batch.",
-        c"Each batch is claimed in one transaction, sent concurrently, and recorded in one transaction.",
+        c"Each claim is one short transaction; results are recorded as they come back, those finishing within 2 ms in one transaction.",
         &BATCH_SIZE,
         1,
         10_000,

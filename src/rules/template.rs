@@ -1,9 +1,11 @@
 //! URL and body templates: parse, validate, render.
 //!
-//! Syntax: `{name}` inserts a variable; names hold letters, digits, `_` and `.`.
-//! Filters follow a `|`: `{name|raw}` inserts the value unencoded (for a value that
-//! is already URL-encoded), `{name|default:TEXT}` uses TEXT when the value is
-//! missing or null. `{{` and `}}` stand for literal braces.
+//! Syntax: `{name}` (or `{{name}}`) inserts a variable; names hold letters,
+//! digits, `_` and `.`. Filters follow `|` and chain left to right (`raw`,
+//! `default:TEXT`, arithmetic, `tz`, `format`, hashes, `json`, `map`, … — see
+//! `filters`). `{hash:ALG:part,…}` is a digest with the endpoint's secret,
+//! computed at send time from slots kept beside the URL (`url_hash`). A `{{`
+//! or `}}` that is no macro stands for a literal brace.
 //!
 //! In a URL every inserted value is percent-encoded for where it stands: in the
 //! path, the query and the fragment only RFC 3986 unreserved characters

@@ -268,7 +268,7 @@ impl Worker {
             records: Vec::new(),
             transitions: Vec::new(),
             jitter: Jitter::new(
-                crate::rules::text::unix_micros_now() as u64 ^ (unsafe { pg_sys::MyProcPid } as u64) << 32,
+                crate::rules::text::unix_micros_now() as u64 ^ ((unsafe { pg_sys::MyProcPid } as u64) << 32),
             ),
             maybe_due: true,
             next_due: None,

@@ -7,8 +7,9 @@ use std::time::Duration;
 use pgrx::prelude::*;
 use pgrx::spi::SpiResult;
 
-/// How long a claim holds a delivery before another pass may retry it.
-/// The worker also reclaims every lease when it starts (there is one worker).
+/// How long a claim holds a delivery before it may be reclaimed: at start the
+/// worker takes back every lease of a worker that no longer runs, later the
+/// expired ones of dead workers and its own that it no longer holds.
 pub const LEASE: &str = "10 minutes";
 
 pub struct Claimed {
