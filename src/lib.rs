@@ -10,7 +10,6 @@ mod http;
 mod rules;
 
 mod api;
-mod enqueue;
 mod gucs;
 mod worker;
 

@@ -1,0 +1,182 @@
+//! What would be sent: `postback.preview` and `postback.send_test` render
+//! here, and `sign_request` adds signatures and digests for the preview.
+
+use pgrx::prelude::*;
+use pgrx::JsonB;
+use serde_json::{Map, Value};
+
+use super::conversions::ConversionRow;
+use super::endpoints::{load_endpoints, render, render_pattern};
+use super::rows::{self, live_secrets};
+use super::{invalid, now_unix_micros};
+use crate::rules::outgoing;
+use crate::rules::request::{self, Click};
+
+/// What `postback.preview` shows: the request one endpoint would get for one
+/// conversion, rendered as the enqueue trigger would, with whether the
+/// endpoint's filters route the conversion to it.
+/// Returns `{idempotency_key, url, body, error, routed, url_hashes}`.
+#[pg_extern(volatile)]
+fn render_preview(endpoint_id: i64, conversion_id: i64) -> Vec<Option<String>> {
+    Spi::connect(|client| {
+        let (endpoints, router) = load_endpoints(client, Some(endpoint_id))?;
+        let Some(e) = endpoints.first() else {
+            return Ok::<_, pgrx::spi::Error>(vec![
+                None,
+                None,
+                None,
+                Some(format!("unknown endpoint id {endpoint_id}")),
+                None,
+            ]);
+        };
+        let rows = client.select(&rows::conversion_with_click(), Some(1), &[conversion_id.into()])?;
+        let Some(row) = rows.into_iter().next() else {
+            return Ok(vec![None, None, None, Some(format!("unknown conversion id {conversion_id}")), None]);
+        };
+        let mut c = ConversionRow::read(&row)?;
+        let mut matched = Vec::new();
+        router.route(&c.subject(), &mut matched);
+        let routed = if matched.is_empty() { "false" } else { "true" };
+        let conversion = c.as_conversion();
+        let key = request::idempotency_key(conversion.id, e.id, conversion.event, conversion.status);
+        let rendered = render(&conversion, e, &key, now_unix_micros(), crate::gucs::request_limits());
+        Ok(match rendered {
+            Ok(r) => {
+                vec![
+                    Some(key),
+                    Some(r.url),
+                    r.body,
+                    None,
+                    Some(routed.into()),
+                    crate::rules::url_hash::to_json(&r.hashes),
+                ]
+            }
+            Err(err) => vec![Some(key), None, None, Some(err), Some(routed.into()), None],
+        })
+    })
+    .unwrap_or_else(|e| pgrx::error!("rendering a preview: {e}"))
+}
+
+/// The request a test delivery sends: clearly marked sample values
+/// (`TEST-CLICK-…`, amount 0.00, the endpoint's first partner and event),
+/// each overridable by a key of `sample` (click_id, transaction_id, event,
+/// status, amount, currency, partner, attributes, click).
+/// Returns `{idempotency_key, url, body, error, event, status, success_pattern, url_hashes}`.
+#[pg_extern(volatile)]
+fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
+    let Value::Object(sample) = sample.0 else { invalid("sample must be a JSON object") };
+    let text = |key: &str, default: String| -> String {
+        match sample.get(key) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Null) | None => default,
+            Some(other) => other.to_string(),
+        }
+    };
+    Spi::connect(|client| {
+        let (endpoints, router) = load_endpoints(client, Some(endpoint_id))?;
+        let Some(e) = endpoints.first() else { invalid(format!("unknown endpoint id {endpoint_id}")) };
+        let filters = router.filters(0);
+        let now = now_unix_micros();
+        let marker = format!("{:x}", now);
+        let first = |list: &Option<Vec<String>>| list.as_ref().and_then(|l| l.first().cloned());
+        let mut c = ConversionRow {
+            id: 0,
+            click_id: text("click_id", format!("TEST-CLICK-{marker}")),
+            transaction_id: text("transaction_id", format!("TEST-{marker}")),
+            event: text("event", first(&filters.events).unwrap_or_else(|| "test".into())),
+            status: text("status", first(&filters.statuses).unwrap_or_else(|| "approved".into())),
+            amount: Some(text("amount", "0.00".into())),
+            currency: Some(text("currency", "USD".into())),
+            attributes: match sample.get("attributes") {
+                Some(Value::Object(m)) => m.clone(),
+                _ => Map::new(),
+            },
+            occurred_at: now,
+            partner: sample
+                .get("partner")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .or_else(|| first(&filters.partners)),
+            click: Some(Click {
+                attributes: match sample.get("click") {
+                    Some(Value::Object(m)) => m.clone(),
+                    _ => Map::new(),
+                },
+                clicked_at_unix_micros: now,
+            }),
+        };
+        let (event, status) = (c.event.clone(), c.status.clone());
+        let conversion = c.as_conversion();
+        let key = format!("test.{}.{marker}", e.id);
+        let rendered = render(&conversion, e, &key, now, crate::gucs::request_limits());
+        let pattern = e.pattern.as_deref().map(|p| render_pattern(p, &conversion, e)).transpose();
+        let rendered = match (rendered, &pattern) {
+            (Ok(_), Err(why)) => Err(why.clone()),
+            (r, _) => r,
+        };
+        let pattern = pattern.ok().flatten();
+        Ok::<_, pgrx::spi::Error>(match rendered {
+            // a 0.2.0 schema's send_test stores the URL as it is (see Pending::statement)
+            Ok(r) if super::conversions::schema_is_0_2_0(client)? => {
+                vec![
+                    Some(key),
+                    Some(crate::rules::url_hash::legacy_marked(&r.url, &r.hashes)),
+                    r.body,
+                    None,
+                    Some(event),
+                    Some(status),
+                    pattern,
+                ]
+            }
+            Ok(r) => vec![
+                Some(key),
+                Some(r.url),
+                r.body,
+                None,
+                Some(event),
+                Some(status),
+                pattern,
+                crate::rules::url_hash::to_json(&r.hashes),
+            ],
+            Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status), pattern, None],
+        })
+    })
+    .unwrap_or_else(|e| pgrx::error!("rendering a test request: {e}"))
+}
+
+/// The URL and complete headers a delivery would be sent with now (signature
+/// headers and `{hash:…}` digests included, computed at the positions in
+/// `url_hashes` only). Used by `postback.preview`. No row when `url` is NULL
+/// (the request could not be rendered; the caller shows why).
+#[pg_extern(volatile)]
+#[allow(clippy::too_many_arguments)]
+fn sign_request(
+    endpoint_id: i64,
+    kind: &str,
+    signing_scheme: &str,
+    signature_header: Option<&str>,
+    timestamp_param: &str,
+    signature_param: &str,
+    url: Option<&str>,
+    url_hashes: Option<JsonB>,
+    headers: Option<JsonB>,
+    body: Option<&str>,
+    idempotency_key: &str,
+) -> TableIterator<'static, (name!(url, String), name!(headers, JsonB))> {
+    let Some(url) = url else { return TableIterator::new(std::iter::empty()) };
+    let hashes = crate::rules::url_hash::from_json(url_hashes.map(|h| h.0.to_string()).as_deref())
+        .unwrap_or_else(|e| invalid(e));
+    let signing = outgoing::Signing {
+        scheme: signing_scheme.to_string(),
+        secrets: if signing_scheme == "none" && hashes.is_empty() { Vec::new() } else { live_secrets(endpoint_id) },
+        header: signature_header.map(str::to_string),
+        ts_param: timestamp_param.to_string(),
+        sig_param: signature_param.to_string(),
+    };
+    let stored = outgoing::header_pairs(headers.map(|h| h.0));
+    let now = now_unix_micros().div_euclid(1_000_000);
+    let out = outgoing::finalize(kind, url, &hashes, &stored, body, idempotency_key, &signing, now)
+        .unwrap_or_else(|e| invalid(e));
+    let headers: Map<String, Value> = out.headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+    TableIterator::once((out.url, JsonB(Value::Object(headers))))
+}

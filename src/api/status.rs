@@ -1,0 +1,47 @@
+//! The worker's figures and its wake-up, for SQL.
+
+use pgrx::datetime::TimestampWithTimeZone;
+use pgrx::prelude::*;
+
+use super::timestamp;
+
+/// Wakes the delivery worker when the current transaction commits. Called by
+/// the enqueue triggers; harmless when the worker is not preloaded.
+#[pg_extern(volatile, parallel_unsafe)]
+fn wake_worker() {
+    crate::worker::shared::wake_at_commit();
+}
+
+/// The worker's own figures from shared memory (empty when not preloaded).
+#[pg_extern(volatile)]
+#[allow(clippy::type_complexity)]
+fn worker_stats() -> TableIterator<
+    'static,
+    (
+        name!(pid, Option<i32>),
+        name!(started_at, Option<TimestampWithTimeZone>),
+        name!(last_wake, Option<TimestampWithTimeZone>),
+        name!(sent, i64),
+        name!(succeeded, i64),
+        name!(failed, i64),
+        name!(in_flight, i32),
+        name!(last_error, Option<String>),
+        name!(last_error_at, Option<TimestampWithTimeZone>),
+    ),
+> {
+    if !crate::worker::shared::available() {
+        return TableIterator::new(std::iter::empty());
+    }
+    let s = *crate::worker::shared::SHARED.share();
+    TableIterator::once((
+        (s.pid != 0).then_some(s.pid),
+        timestamp(s.started_at),
+        timestamp(s.last_wake),
+        s.sent,
+        s.succeeded,
+        s.failed,
+        s.in_flight,
+        s.last_error(),
+        timestamp(s.last_error_at),
+    ))
+}
