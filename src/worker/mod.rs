@@ -22,13 +22,20 @@ use crate::rules::outgoing::{self, Signing};
 use crate::rules::retry::{self, AttemptResult, Decision, Jitter, Limits, Outcome};
 use crate::rules::scheduler::{BreakerSettings, BreakerState, Scheduler, Transition};
 
+mod claim;
+mod dispatch;
+mod maintenance;
 mod pool;
 mod queue;
+mod record;
 pub mod shared;
 mod txn;
 
+use claim::{CachedEndpoint, Judging};
+use maintenance::purge;
 use pool::{Done, Pool, Work};
 use queue::{Claimed, EndpointConfig, Record};
+use record::dead_record;
 
 /// The worker's backend type and application name (`pg_stat_activity`); the
 /// SQL side (`worker_status`, lease reclaim) looks for it under this name.
@@ -38,33 +45,6 @@ const PURGE_EVERY: Duration = Duration::from_secs(3600);
 /// Rows per purge transaction, and transactions per purge run.
 const PURGE_BATCH: i32 = 10_000;
 const PURGE_MAX_BATCHES: usize = 100;
-
-/// Deletes succeeded deliveries older than postback.retention, one bounded
-/// batch per transaction, so no lock is held for long.
-fn purge() {
-    let retention = gucs::RETENTION_S.get() as i64;
-    if retention <= 0 {
-        return;
-    }
-    let mut total = 0;
-    for _ in 0..PURGE_MAX_BATCHES {
-        match txn::run("purging finished deliveries", || queue::purge_batch(retention, PURGE_BATCH)) {
-            Ok(n) => {
-                total += n;
-                if n < PURGE_BATCH as i64 || shutdown_requested() {
-                    break;
-                }
-            }
-            Err(e) => {
-                note_error(&e);
-                break;
-            }
-        }
-    }
-    if total > 0 {
-        log!("pg_postback worker: purged {total} finished deliveries older than postback.retention");
-    }
-}
 
 /// How long in-flight requests may finish after SIGTERM before they are abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -92,24 +72,12 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = gucs::database_name();
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
-    unsafe {
-        let appname = std::ffi::CString::new(WORKER_TYPE).expect("no NUL in the worker type");
-        pg_sys::pgstat_report_appname(appname.as_ptr());
-        // Only pg_catalog resolves unqualified names: an operator or function
-        // planted in `public` or in a schema named after this role is never
-        // found, whatever the database's or role's default search_path says.
-        pg_sys::SetConfigOption(
-            c"search_path".as_ptr(),
-            c"pg_catalog, pg_temp".as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_OVERRIDE,
-        );
-    }
+    pin_session();
     shared::register_self(crate::rules::text::unix_micros_now());
     log!("pg_postback worker started, connected to database \"{database}\"");
 
     let mut worker = Worker::new();
-    let mut waiting_for_update: Option<String> = None;
+    let mut schema = SchemaWait::default();
     // the first purge runs a minute after start, then every hour
     let mut last_purge = Instant::now() - PURGE_EVERY + Duration::from_secs(60);
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
@@ -126,38 +94,10 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
             worker.reload();
         }
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
-        if !worker.ready {
-            match txn::run("checking the schema", queue::installed_version) {
-                Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {
-                    waiting_for_update = None;
-                    worker.start();
-                }
-                Ok(other) => {
-                    // not installed, or installed at another version: its schema is
-                    // not the one this library speaks; deliveries wait (nothing is lost)
-                    if let Some(v) = &other {
-                        if waiting_for_update.as_deref() != Some(v.as_str()) {
-                            log!(
-                                "pg_postback worker: the extension is at version {v} but the library is {}; \
-                                 deliveries wait until ALTER EXTENSION pg_postback UPDATE",
-                                env!("CARGO_PKG_VERSION")
-                            );
-                        }
-                    }
-                    waiting_for_update = other;
-                    BackgroundWorker::wait_latch(Some(poll.max(Duration::from_secs(1))));
-                    continue;
-                }
-                Err(e) => {
-                    note_error(&e);
-                    BackgroundWorker::wait_latch(Some(poll));
-                    continue;
-                }
-            }
+        if !worker.ready && !schema.ready(&mut worker, poll) {
+            continue;
         }
-
         worker.step(poll);
-
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             last_housekeeping = Instant::now();
             worker.housekeeping();
@@ -170,6 +110,63 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     worker.stop();
     shared::unregister_self();
     log!("pg_postback worker shutting down");
+}
+
+/// The worker's session: its name in pg_stat_activity, and a search_path in
+/// which only pg_catalog resolves unqualified names (an operator or function
+/// planted in `public` or in a schema named after this role is never found,
+/// whatever the database's or role's default search_path says).
+fn pin_session() {
+    let appname = std::ffi::CString::new(WORKER_TYPE).expect("no NUL in the worker type");
+    unsafe {
+        pg_sys::pgstat_report_appname(appname.as_ptr());
+        pg_sys::SetConfigOption(
+            c"search_path".as_ptr(),
+            c"pg_catalog, pg_temp".as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_OVERRIDE,
+        );
+    }
+}
+
+/// Waiting for a schema this library speaks (installed, at its version).
+#[derive(Default)]
+struct SchemaWait {
+    /// the version last logged as waiting for ALTER EXTENSION … UPDATE
+    logged: Option<String>,
+}
+
+impl SchemaWait {
+    /// Starts the worker once the schema is ready; otherwise waits a while and
+    /// says false. Deliveries of another version's schema wait (nothing is lost).
+    fn ready(&mut self, worker: &mut Worker, poll: Duration) -> bool {
+        match txn::run("checking the schema", queue::installed_version) {
+            Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {
+                self.logged = None;
+                worker.start();
+                true
+            }
+            Ok(other) => {
+                if let Some(v) = &other {
+                    if self.logged.as_deref() != Some(v.as_str()) {
+                        log!(
+                            "pg_postback worker: the extension is at version {v} but the library is {}; \
+                             deliveries wait until ALTER EXTENSION pg_postback UPDATE",
+                            env!("CARGO_PKG_VERSION")
+                        );
+                    }
+                }
+                self.logged = other;
+                BackgroundWorker::wait_latch(Some(poll.max(Duration::from_secs(1))));
+                false
+            }
+            Err(e) => {
+                note_error(&e);
+                BackgroundWorker::wait_latch(Some(poll));
+                false
+            }
+        }
+    }
 }
 
 /// How often expired leases are reclaimed, the extension's version checked and
@@ -186,32 +183,11 @@ fn note_error(message: &str) {
     shared::SHARED.exclusive().set_last_error(message, crate::rules::text::unix_micros_now());
 }
 
-/// What judging a delivery's result needs from its endpoint (shared, cheap to clone).
-#[derive(Clone)]
-struct Judging {
-    rules: Arc<crate::rules::retry::StatusRules>,
-    /// compiled and matched on the sending thread (its cost grows with the values in it)
-    pattern: Option<Arc<str>>,
-    schedule: Arc<Vec<Duration>>,
-    max_attempts: i32,
-}
-
 /// A request on the wire: what is needed to judge and record its result.
 struct InFlight {
     claimed: Claimed,
     judging: Judging,
 }
-
-/// An endpoint's settings as last read, and what the worker derived from them.
-struct CachedEndpoint {
-    read_at: Instant,
-    config: Arc<EndpointConfig>,
-    judging: Judging,
-}
-
-/// How long the worker uses an endpoint's settings (and live secrets) before
-/// reading them again: a change applies to requests sent after that.
-const ENDPOINT_TTL: Duration = Duration::from_secs(1);
 
 /// The worker's state between passes of its loop.
 struct Worker {
@@ -372,242 +348,6 @@ impl Worker {
         self.pool.finished(wait, &mut self.finished);
     }
 
-    /// Judges finished requests and records them in one short transaction.
-    fn record(&mut self) {
-        self.judge();
-        self.flush();
-    }
-
-    /// Judges finished requests (no Postgres call): frees their slots in the
-    /// scheduler and turns them into records waiting to be written.
-    fn judge(&mut self) {
-        if self.finished.is_empty() {
-            return;
-        }
-        if self.first_finished.is_none() {
-            self.first_finished = Some(Instant::now());
-        }
-        let now = now_us();
-        let (mut ok, mut failed) = (0i64, 0i64);
-        for (key, done) in std::mem::take(&mut self.finished) {
-            let sent = done.sent;
-            let Some(f) = self.in_flight.remove(&key) else { continue };
-            let (c, j) = (&f.claimed, &f.judging);
-            let limits = Limits {
-                schedule: &j.schedule,
-                max_attempts: j.max_attempts,
-                remaining_age: Duration::from_millis(c.remaining_age_ms.max(0) as u64),
-            };
-            let verdict = retry::judge(&sent.result, done.body_check.as_ref(), &j.rules);
-            let health = retry::endpoint_health(&sent.result, &verdict);
-            let decision = retry::decide(verdict, c.budget_no, &limits, self.jitter.next_unit());
-            let (status_code, body) = match &sent.result {
-                // a status line beyond 100-599 is recorded without a code (the error says which)
-                AttemptResult::Response { status, body, .. } => {
-                    (retry::is_http_status(*status).then_some(*status as i32), Some(body.clone()))
-                }
-                _ => (None, None),
-            };
-            let (outcome, error, retry_in_ms) = match decision {
-                Decision::Succeeded => (Outcome::Succeeded, None, None),
-                Decision::RetryIn(d, e) => (Outcome::Retry, Some(retry::cap_error(e)), Some(d.as_millis() as i64)),
-                Decision::Dead(e) => (Outcome::Dead, Some(retry::cap_error(e)), None),
-            };
-            if outcome == Outcome::Succeeded {
-                ok += 1
-            } else {
-                failed += 1
-            }
-            if let Some(t) = self.scheduler.finished(c.endpoint_id, health, now, error.as_deref().unwrap_or("")) {
-                self.transitions.push(t);
-            }
-            self.records.push(Record {
-                delivery_id: c.id,
-                endpoint_id: c.endpoint_id,
-                attempt_no: c.attempt_no,
-                started_unix_micros: sent.started_unix_micros,
-                duration_ms: Some(sent.duration_ms),
-                status_code,
-                response_body: body,
-                error,
-                outcome,
-                retry_in_ms,
-            });
-            if let Some(ms) = retry_in_ms {
-                let at = Instant::now() + Duration::from_millis(ms.max(0) as u64);
-                self.next_due = Some(self.next_due.map_or(at, |t| t.min(at)));
-            }
-        }
-        let mut s = shared::SHARED.exclusive();
-        s.sent += ok + failed;
-        s.succeeded += ok;
-        s.failed += failed;
-    }
-
-    /// Writes the waiting records, breaker changes and deliveries an open
-    /// breaker sent back, in one short transaction.
-    fn flush(&mut self) {
-        let now = now_us();
-        // an open breaker sends its waiting deliveries back unspent
-        let blocked: Vec<i64> = self.scheduler.take_blocked_queued(now).into_iter().map(|(c, _, _)| c.id).collect();
-        if self.records.is_empty() && self.transitions.is_empty() && blocked.is_empty() {
-            return;
-        }
-        self.first_finished = None;
-        let records = std::mem::take(&mut self.records);
-        let transitions = std::mem::take(&mut self.transitions);
-        record_all(&records, &transitions, &blocked);
-        self.maybe_due = true;
-    }
-
-    /// Claims due deliveries up to the room left, reads their endpoints, and
-    /// hands them to the scheduler (what has no room goes back unspent).
-    fn claim(&mut self) {
-        // keep about one batch at hand; each endpoint's room bounds its share
-        let queued = self.scheduler.queued();
-        let batch = gucs::BATCH_SIZE.get().max(1) as usize;
-        if queued >= batch / 2 {
-            return;
-        }
-        let limit = batch.saturating_sub(queued);
-        if limit == 0 {
-            return;
-        }
-        let now = now_us();
-        let blocked = self.scheduler.blocked(now);
-        let rooms = self.scheduler.rooms(now);
-        let now_instant = Instant::now();
-        let cache = &self.endpoints;
-        let claimed_and_endpoints = txn::run("claiming deliveries", || {
-            let claimed = queue::claim(limit as i32, &blocked, &rooms)?;
-            // endpoints are read again once their cached settings are ENDPOINT_TTL old
-            let mut ids: Vec<i64> = claimed
-                .iter()
-                .map(|c| c.endpoint_id)
-                .filter(|id| cache.get(id).is_none_or(|e| now_instant.duration_since(e.read_at) >= ENDPOINT_TTL))
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
-            let fresh = if ids.is_empty() { HashMap::new() } else { queue::endpoints(ids.clone())? };
-            Ok((claimed, ids, fresh))
-        });
-        let (claimed, refreshed, fresh) = match claimed_and_endpoints {
-            Ok(c) => c,
-            Err(e) => {
-                // the leases bring anything claimed back; nothing is lost
-                note_error(&e);
-                self.maybe_due = false;
-                return;
-            }
-        };
-        for id in refreshed.iter().filter(|id| !fresh.contains_key(id)) {
-            self.endpoints.remove(id); // deleted since
-        }
-        for (id, e) in fresh {
-            self.scheduler.set_limits(id, e.limits, now);
-            let judging = Judging {
-                rules: Arc::new(e.status_rules.clone().unwrap_or_default()),
-                pattern: e.success_body_pattern.as_deref().map(Arc::from),
-                schedule: Arc::new(e.schedule.clone()),
-                max_attempts: e.max_attempts,
-            };
-            self.endpoints.insert(id, CachedEndpoint { read_at: now_instant, config: Arc::new(e), judging });
-        }
-        // more may be due if the claim was full or left endpoints out
-        self.maybe_due = claimed.len() >= limit;
-        if !blocked.is_empty() && !claimed.is_empty() {
-            self.maybe_due = true;
-        }
-        if claimed.is_empty() {
-            self.next_due = match txn::run("finding the next retry", queue::ms_until_next_due) {
-                Ok(Some(ms)) => Some(Instant::now() + Duration::from_millis(ms.max(1) as u64)),
-                Ok(None) => None,
-                Err(e) => {
-                    note_error(&e);
-                    None
-                }
-            };
-            return;
-        }
-        let mut release = Vec::new();
-        for mut c in claimed {
-            let Some(endpoint) = self.endpoints.get(&c.endpoint_id) else {
-                self.records.push(dead_record(&c, "endpoint no longer exists".into()));
-                continue;
-            };
-            let mut judging = endpoint.judging.clone();
-            if let Some(p) = c.success_pattern.take() {
-                // the pattern holds this delivery's values
-                judging.pattern = Some(Arc::from(p));
-            }
-            let config = Arc::clone(&endpoint.config);
-            let endpoint_id = c.endpoint_id;
-            if let Err((c, _, _)) = self.scheduler.offer(endpoint_id, (c, config, judging), now) {
-                release.push(c.id);
-            }
-        }
-        if !release.is_empty() {
-            if let Err(e) = txn::run("returning unsent deliveries", || queue::release(&release)) {
-                note_error(&e);
-            }
-            self.maybe_due = true;
-        }
-    }
-
-    /// Puts on the wire what the scheduler lets through, while slots are free.
-    fn send(&mut self) {
-        let now = now_us();
-        while self.slots_free() > 0 {
-            let Some((_, (mut c, config, judging))) = self.scheduler.next_ready(now) else { break };
-            let payload = Payload::take(&mut c);
-            let pattern = judging.pattern.clone();
-            let work: Work = Box::new(move |client: &Client| send_one(client, &payload, &config, pattern.as_deref()));
-            let key = self.next_key;
-            self.next_key += 1;
-            self.in_flight.insert(key, InFlight { claimed: c, judging });
-            self.pool.submit(key, work);
-        }
-        self.transitions.extend(self.scheduler.take_probes());
-        if (!self.records.is_empty() || !self.transitions.is_empty()) && self.first_finished.is_none() {
-            // probes and the dead-at-once (could not be built) are written within RECORD_WITHIN
-            self.first_finished = Some(Instant::now());
-        }
-    }
-
-    /// Expired leases, long-failing endpoints, a schema that changed version.
-    fn housekeeping(&mut self) {
-        let holding: Vec<i64> = self
-            .in_flight
-            .values()
-            .map(|f| f.claimed.id)
-            .chain(self.scheduler.queued_items().map(|(c, _, _)| c.id))
-            .collect();
-        match txn::run("reclaiming expired leases", || queue::reclaim_leases(false, &holding)) {
-            Ok(n) if n > 0 => log!("pg_postback worker: {n} deliveries whose lease expired are due again"),
-            Ok(_) => {}
-            Err(e) => note_error(&e),
-        }
-        let disable_after = gucs::DISABLE_AFTER_S.get() as i64;
-        if disable_after > 0 {
-            match txn::run("disabling long-failing endpoints", || queue::disable_failing(disable_after)) {
-                Ok(n) if n > 0 => {
-                    log!("pg_postback worker: deactivated {n} endpoints failing longer than postback.disable_after")
-                }
-                Ok(_) => {}
-                Err(e) => note_error(&e),
-            }
-        }
-        match txn::run("checking the schema", queue::installed_version) {
-            Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {}
-            Ok(_) => {
-                self.stop();
-                self.rebuild_pool = true;
-                self.ready = false;
-            }
-            Err(e) => note_error(&e),
-        }
-    }
-
     /// Stops sending: queued deliveries go back unspent, in-flight requests
     /// get SHUTDOWN_GRACE to finish and are recorded; the rest keep their
     /// leases and are retried after a restart.
@@ -644,143 +384,5 @@ fn wait_latch(timeout: Duration) -> bool {
         pg_sys::ResetLatch(pg_sys::MyLatch);
         pg_sys::check_for_interrupts!();
         events & pg_sys::WL_LATCH_SET as i32 != 0
-    }
-}
-
-fn dead_record(c: &Claimed, error: String) -> Record {
-    Record {
-        delivery_id: c.id,
-        endpoint_id: c.endpoint_id,
-        attempt_no: c.attempt_no,
-        started_unix_micros: crate::rules::text::unix_micros_now(),
-        duration_ms: Some(0.0),
-        status_code: None,
-        response_body: None,
-        error: Some(error),
-        outcome: Outcome::Dead,
-        retry_in_ms: None,
-    }
-}
-
-/// What goes on the wire for one delivery, moved off the main thread with it.
-struct Payload {
-    method: String,
-    url: String,
-    url_hashes: Option<String>,
-    body: Option<String>,
-    idempotency_key: String,
-}
-
-impl Payload {
-    fn take(c: &mut Claimed) -> Payload {
-        Payload {
-            method: std::mem::take(&mut c.method),
-            url: std::mem::take(&mut c.url),
-            url_hashes: c.url_hashes.take(),
-            body: c.body.take(),
-            idempotency_key: std::mem::take(&mut c.idempotency_key),
-        }
-    }
-}
-
-/// On a sending thread: build the request, send it, check the body. A request
-/// that cannot be built is a permanent failure (dead with the reason).
-fn send_one(client: &Client, p: &Payload, endpoint: &EndpointConfig, pattern: Option<&str>) -> Done {
-    let job = match build_job(p, endpoint, crate::rules::text::unix_micros_now() / 1_000_000) {
-        Ok(job) => job,
-        Err(e) => {
-            return Done {
-                sent: http::Sent {
-                    started_unix_micros: crate::rules::text::unix_micros_now(),
-                    duration_ms: 0.0,
-                    result: AttemptResult::Permanent(e),
-                },
-                body_check: None,
-            };
-        }
-    };
-    let sent = client.send(&job);
-    let body_check = match (&sent.result, pattern) {
-        (AttemptResult::Response { body, .. }, Some(p)) => Some(retry::BodyCheck::of(p, body)),
-        _ => None,
-    };
-    Done { sent, body_check }
-}
-
-fn build_job(p: &Payload, endpoint: &EndpointConfig, now_unix: i64) -> Result<Job, String> {
-    endpoint.missing.clone()?;
-    outgoing::check_method(&p.method)?;
-    // defence in depth: whatever is stored, a delivery only goes where its
-    // endpoint's template says (the endpoint's credentials go with it)
-    let origin = endpoint.origin.as_ref().map_err(Clone::clone)?;
-    let url = url::Url::parse(&p.url).map_err(|e| format!("delivery URL does not parse: {e}"))?;
-    let actual = crate::rules::template::Origin::of(&url);
-    if &actual != origin {
-        return Err(format!("delivery URL goes to {actual}, not to its endpoint's {origin}; refused"));
-    }
-    let headers = endpoint.headers.as_ref().map_err(Clone::clone)?;
-    // judged with the default rules only if sent, and a broken list never is
-    endpoint.status_rules.as_ref().map_err(Clone::clone)?;
-    let signing = Signing {
-        scheme: endpoint.signing_scheme.clone(),
-        secrets: endpoint.secrets.clone(),
-        header: endpoint.signature_header.clone(),
-        ts_param: endpoint.timestamp_param.clone(),
-        sig_param: endpoint.signature_param.clone(),
-    };
-    let hashes = crate::rules::url_hash::from_json(p.url_hashes.as_deref())?;
-    let out = outgoing::finalize(
-        &endpoint.kind,
-        &p.url,
-        &hashes,
-        headers,
-        p.body.as_deref(),
-        &p.idempotency_key,
-        &signing,
-        now_unix,
-    )?;
-    Ok(Job {
-        method: p.method.clone(),
-        url: out.url,
-        headers: out.headers,
-        body: p.body.clone(),
-        timeout: endpoint.timeout,
-    })
-}
-
-/// Records finished attempts, breaker transitions and unsent deliveries in
-/// one transaction; if that fails, each record in its own subtransaction so
-/// that one bad record cannot lose the others. A record that still fails
-/// stays in flight and its lease brings it back.
-fn record_all(records: &[Record], transitions: &[Transition], unsent: &[i64]) {
-    if records.is_empty() && transitions.is_empty() && unsent.is_empty() {
-        return;
-    }
-    let whole = txn::run("recording attempts", || {
-        txn::in_subtransaction(|| {
-            queue::record(records)?;
-            queue::record_transitions(transitions)?;
-            queue::release(unsent)
-        })
-    });
-    match whole {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) | Err(e) => {
-            note_error(&format!("recording a batch failed ({e}); recording one by one"));
-            let _ = txn::run("recording attempts one by one", || {
-                for r in records {
-                    if let Err(e) = txn::in_subtransaction(|| queue::record(std::slice::from_ref(r))) {
-                        note_error(&format!("could not record delivery {}: {e}", r.delivery_id));
-                    }
-                }
-                if let Err(e) = txn::in_subtransaction(|| queue::record_transitions(transitions)) {
-                    note_error(&format!("could not record breaker transitions: {e}"));
-                }
-                if let Err(e) = txn::in_subtransaction(|| queue::release(unsent)) {
-                    note_error(&format!("could not return unsent deliveries: {e}"));
-                }
-                Ok(())
-            });
-        }
     }
 }

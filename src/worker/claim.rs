@@ -1,0 +1,121 @@
+//! Claiming due deliveries with a lease, and the endpoint settings the
+//! worker keeps (read again once they are ENDPOINT_TTL old).
+
+use super::*;
+
+/// What judging a delivery's result needs from its endpoint (shared, cheap to clone).
+#[derive(Clone)]
+pub(super) struct Judging {
+    pub(super) rules: Arc<crate::rules::retry::StatusRules>,
+    /// compiled and matched on the sending thread (its cost grows with the values in it)
+    pub(super) pattern: Option<Arc<str>>,
+    pub(super) schedule: Arc<Vec<Duration>>,
+    pub(super) max_attempts: i32,
+}
+
+/// An endpoint's settings as last read, and what the worker derived from them.
+pub(super) struct CachedEndpoint {
+    pub(super) read_at: Instant,
+    pub(super) config: Arc<EndpointConfig>,
+    pub(super) judging: Judging,
+}
+
+/// How long the worker uses an endpoint's settings (and live secrets) before
+/// reading them again: a change applies to requests sent after that.
+const ENDPOINT_TTL: Duration = Duration::from_secs(1);
+
+impl Worker {
+    /// Claims due deliveries up to the room left, reads their endpoints, and
+    /// hands them to the scheduler (what has no room goes back unspent).
+    pub(super) fn claim(&mut self) {
+        // keep about one batch at hand; each endpoint's room bounds its share
+        let queued = self.scheduler.queued();
+        let batch = gucs::BATCH_SIZE.get().max(1) as usize;
+        if queued >= batch / 2 {
+            return;
+        }
+        let limit = batch.saturating_sub(queued);
+        if limit == 0 {
+            return;
+        }
+        let now = now_us();
+        let blocked = self.scheduler.blocked(now);
+        let rooms = self.scheduler.rooms(now);
+        let now_instant = Instant::now();
+        let cache = &self.endpoints;
+        let claimed_and_endpoints = txn::run("claiming deliveries", || {
+            let claimed = queue::claim(limit as i32, &blocked, &rooms)?;
+            // endpoints are read again once their cached settings are ENDPOINT_TTL old
+            let mut ids: Vec<i64> = claimed
+                .iter()
+                .map(|c| c.endpoint_id)
+                .filter(|id| cache.get(id).is_none_or(|e| now_instant.duration_since(e.read_at) >= ENDPOINT_TTL))
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            let fresh = if ids.is_empty() { HashMap::new() } else { queue::endpoints(ids.clone())? };
+            Ok((claimed, ids, fresh))
+        });
+        let (claimed, refreshed, fresh) = match claimed_and_endpoints {
+            Ok(c) => c,
+            Err(e) => {
+                // the leases bring anything claimed back; nothing is lost
+                note_error(&e);
+                self.maybe_due = false;
+                return;
+            }
+        };
+        for id in refreshed.iter().filter(|id| !fresh.contains_key(id)) {
+            self.endpoints.remove(id); // deleted since
+        }
+        for (id, e) in fresh {
+            self.scheduler.set_limits(id, e.limits, now);
+            let judging = Judging {
+                rules: Arc::new(e.status_rules.clone().unwrap_or_default()),
+                pattern: e.success_body_pattern.as_deref().map(Arc::from),
+                schedule: Arc::new(e.schedule.clone()),
+                max_attempts: e.max_attempts,
+            };
+            self.endpoints.insert(id, CachedEndpoint { read_at: now_instant, config: Arc::new(e), judging });
+        }
+        // more may be due if the claim was full or left endpoints out
+        self.maybe_due = claimed.len() >= limit;
+        if !blocked.is_empty() && !claimed.is_empty() {
+            self.maybe_due = true;
+        }
+        if claimed.is_empty() {
+            self.next_due = match txn::run("finding the next retry", queue::ms_until_next_due) {
+                Ok(Some(ms)) => Some(Instant::now() + Duration::from_millis(ms.max(1) as u64)),
+                Ok(None) => None,
+                Err(e) => {
+                    note_error(&e);
+                    None
+                }
+            };
+            return;
+        }
+        let mut release = Vec::new();
+        for mut c in claimed {
+            let Some(endpoint) = self.endpoints.get(&c.endpoint_id) else {
+                self.records.push(dead_record(&c, "endpoint no longer exists".into()));
+                continue;
+            };
+            let mut judging = endpoint.judging.clone();
+            if let Some(p) = c.success_pattern.take() {
+                // the pattern holds this delivery's values
+                judging.pattern = Some(Arc::from(p));
+            }
+            let config = Arc::clone(&endpoint.config);
+            let endpoint_id = c.endpoint_id;
+            if let Err((c, _, _)) = self.scheduler.offer(endpoint_id, (c, config, judging), now) {
+                release.push(c.id);
+            }
+        }
+        if !release.is_empty() {
+            if let Err(e) = txn::run("returning unsent deliveries", || queue::release(&release)) {
+                note_error(&e);
+            }
+            self.maybe_due = true;
+        }
+    }
+}

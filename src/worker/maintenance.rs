@@ -1,0 +1,67 @@
+//! Housekeeping on the main loop: expired leases, long-failing endpoints, a
+//! schema that changed version, and the hourly purge.
+
+use super::*;
+
+impl Worker {
+    /// Expired leases, long-failing endpoints, a schema that changed version.
+    pub(super) fn housekeeping(&mut self) {
+        let holding: Vec<i64> = self
+            .in_flight
+            .values()
+            .map(|f| f.claimed.id)
+            .chain(self.scheduler.queued_items().map(|(c, _, _)| c.id))
+            .collect();
+        match txn::run("reclaiming expired leases", || queue::reclaim_leases(false, &holding)) {
+            Ok(n) if n > 0 => log!("pg_postback worker: {n} deliveries whose lease expired are due again"),
+            Ok(_) => {}
+            Err(e) => note_error(&e),
+        }
+        let disable_after = gucs::DISABLE_AFTER_S.get() as i64;
+        if disable_after > 0 {
+            match txn::run("disabling long-failing endpoints", || queue::disable_failing(disable_after)) {
+                Ok(n) if n > 0 => {
+                    log!("pg_postback worker: deactivated {n} endpoints failing longer than postback.disable_after")
+                }
+                Ok(_) => {}
+                Err(e) => note_error(&e),
+            }
+        }
+        match txn::run("checking the schema", queue::installed_version) {
+            Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {}
+            Ok(_) => {
+                self.stop();
+                self.rebuild_pool = true;
+                self.ready = false;
+            }
+            Err(e) => note_error(&e),
+        }
+    }
+}
+
+/// Deletes succeeded deliveries older than postback.retention, one bounded
+/// batch per transaction, so no lock is held for long.
+pub(super) fn purge() {
+    let retention = gucs::RETENTION_S.get() as i64;
+    if retention <= 0 {
+        return;
+    }
+    let mut total = 0;
+    for _ in 0..PURGE_MAX_BATCHES {
+        match txn::run("purging finished deliveries", || queue::purge_batch(retention, PURGE_BATCH)) {
+            Ok(n) => {
+                total += n;
+                if n < PURGE_BATCH as i64 || shutdown_requested() {
+                    break;
+                }
+            }
+            Err(e) => {
+                note_error(&e);
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        log!("pg_postback worker: purged {total} finished deliveries older than postback.retention");
+    }
+}
