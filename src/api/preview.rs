@@ -173,7 +173,11 @@ fn sign_request(
         ts_param: timestamp_param.to_string(),
         sig_param: signature_param.to_string(),
     };
-    let stored = outgoing::header_pairs(headers.map(|h| h.0));
+    // the same reading as the worker's: headers that do not parse are an error, never left out
+    let stored = match headers {
+        Some(h) => outgoing::parse_stored_headers(&h.0.to_string()).unwrap_or_else(|e| invalid(e)),
+        None => Vec::new(),
+    };
     let now = now_unix_micros().div_euclid(1_000_000);
     let out = outgoing::finalize(kind, url, &hashes, &stored, body, idempotency_key, &signing, now)
         .unwrap_or_else(|e| invalid(e));

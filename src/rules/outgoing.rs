@@ -26,20 +26,6 @@ pub struct Outgoing {
     pub headers: Vec<(String, String)>,
 }
 
-/// A stored headers object as (name, value) pairs.
-pub fn header_pairs(headers: Option<serde_json::Value>) -> Vec<(String, String)> {
-    match headers {
-        Some(serde_json::Value::Object(map)) => map
-            .into_iter()
-            .map(|(k, v)| {
-                let v = crate::rules::template::value_text(Some(&v)).unwrap_or_default();
-                (k, v)
-            })
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// A stored headers object (JSON text) as (name, value) pairs, each checked;
 /// anything else is an error naming the problem (never a request without them).
 pub fn parse_stored_headers(text: &str) -> Result<Vec<(String, String)>, String> {
