@@ -13,7 +13,7 @@ use super::object;
 use super::rows;
 use crate::rules::request::{self, Conversion, Endpoint};
 use crate::rules::routing::{Filters, Router};
-use crate::rules::template::{self, Template};
+use crate::rules::template::Template;
 
 /// A parsed URL template and whether its renderings need no URL check.
 pub(super) type CachedTemplate = Rc<Result<(Template, bool), String>>;
@@ -30,7 +30,7 @@ pub(super) fn cached_template(text: &str) -> CachedTemplate {
             return t.clone();
         }
         // validated again here: a template may have bypassed the endpoint trigger
-        let entry = Rc::new(match template::validate_url_template(text) {
+        let entry = Rc::new(match crate::rules::url_policy::validate_url_template(text) {
             Ok(t) => {
                 let trusted = !t.has_raw();
                 Ok((t, trusted))
@@ -99,7 +99,7 @@ pub(super) fn load_endpoints(client: &SpiClient, only: Option<i64>) -> SpiResult
             body_template: row.get::<JsonB>(6)?.map(|b| b.0),
             status_map: object(row.get::<JsonB>(7)?),
             drop_empty_params: row.get::<bool>(8)?.unwrap_or(false),
-            pattern: row.get::<String>(13)?.filter(|p| crate::rules::template::pattern_has_variables(p)),
+            pattern: row.get::<String>(13)?.filter(|p| crate::rules::template::pattern::pattern_has_variables(p)),
             delay_secs: row.get::<f64>(14)?.unwrap_or(0.0),
         });
         filters.push(Filters {
@@ -119,7 +119,7 @@ pub(super) fn render_pattern(pattern: &str, conversion: &Conversion, e: &Endpoin
     let template = Rc::as_ref(&e.url_template).as_ref().map_or(&empty, |(t, _)| t);
     let endpoint = e.endpoint(template, false);
     let rendered =
-        crate::rules::template::render_pattern(pattern, &request::ConversionVars::new(conversion, &endpoint));
+        crate::rules::template::pattern::render_pattern(pattern, &request::ConversionVars::new(conversion, &endpoint));
     crate::rules::retry::check_success_pattern_size(&rendered)?;
     Ok(rendered)
 }

@@ -21,7 +21,8 @@ fn render(template: &str, vars: JsonB) -> String {
 /// Checks an endpoint URL template; raises an error naming the problem and its position.
 #[pg_extern(immutable, parallel_safe)]
 fn validate_template(template: &str) -> bool {
-    template::validate_url_template(template).unwrap_or_else(|e| invalid(format!("invalid url_template: {e}")));
+    crate::rules::url_policy::validate_url_template(template)
+        .unwrap_or_else(|e| invalid(format!("invalid url_template: {e}")));
     true
 }
 
@@ -69,7 +70,7 @@ fn validate_headers(headers: JsonB) -> bool {
 #[pg_extern(immutable, parallel_safe)]
 fn validate_success_pattern(pattern: &str) -> bool {
     // {variables} are filled per delivery (regex-escaped): check with sample values
-    regex::Regex::new(&template::render_pattern(pattern, &template::sample_vars()))
+    regex::Regex::new(&crate::rules::template::pattern::render_pattern(pattern, &template::sample_vars()))
         .unwrap_or_else(|e| invalid(format!("invalid regular expression in success_body_pattern: {e}")));
     true
 }

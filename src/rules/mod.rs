@@ -4,7 +4,6 @@
 //! names only `crate::rules::…`).
 
 pub mod conversion_rules;
-pub mod filters;
 pub mod health;
 pub mod outgoing;
 pub mod request;
@@ -16,3 +15,4 @@ pub mod target_policy;
 pub mod template;
 pub mod text;
 pub mod url_hash;
+pub mod url_policy;

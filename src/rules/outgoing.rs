@@ -266,7 +266,7 @@ mod tests {
 
     #[test]
     fn hash_markers_are_computed_with_the_newest_secret() {
-        let t = crate::rules::template::validate_url_template(
+        let t = crate::rules::url_policy::validate_url_template(
             "https://n.test/pb?id={transaction_id}&v={hash:md5:transaction_id,':',attributes.snuid,':',currency,':',secret}",
         )
         .unwrap();

@@ -269,7 +269,7 @@ pub fn render(
         ));
     }
     if !endpoint.url_template_trusted {
-        template::check_url(&url).map_err(|e| format!("rendered URL is not valid: {e}"))?;
+        crate::rules::url_policy::check_url(&url).map_err(|e| format!("rendered URL is not valid: {e}"))?;
     }
     let body = if endpoint.kind == "webhook" {
         Some(match endpoint.body_template {

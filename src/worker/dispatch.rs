@@ -78,7 +78,7 @@ fn build_job(p: &Payload, endpoint: &EndpointConfig, now_unix: i64) -> Result<Jo
     // endpoint's template says (the endpoint's credentials go with it)
     let origin = endpoint.origin.as_ref().map_err(Clone::clone)?;
     let url = url::Url::parse(&p.url).map_err(|e| format!("delivery URL does not parse: {e}"))?;
-    let actual = crate::rules::template::Origin::of(&url);
+    let actual = crate::rules::url_policy::Origin::of(&url);
     if &actual != origin {
         return Err(format!("delivery URL goes to {actual}, not to its endpoint's {origin}; refused"));
     }

@@ -38,7 +38,7 @@ pub struct EndpointConfig {
     pub status_rules: Result<crate::rules::retry::StatusRules, String>,
     pub limits: crate::rules::scheduler::Limits,
     /// scheme, host and port every delivery URL of the endpoint must have
-    pub origin: Result<crate::rules::template::Origin, String>,
+    pub origin: Result<crate::rules::url_policy::Origin, String>,
     /// the endpoint's own headers (credentials): read at send time, never stored
     /// per delivery; an error when the stored value does not parse (deliveries fail with it)
     pub headers: Result<Vec<(String, String)>, String>,
@@ -246,7 +246,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     timestamp_param,
                     signature_param,
                     secrets: row.get::<Vec<String>>(11)?.unwrap_or_default(),
-                    origin: crate::rules::template::literal_origin(&url_template)
+                    origin: crate::rules::url_policy::literal_origin(&url_template)
                         .map_err(|e| format!("the endpoint's url_template is no longer valid: {e}")),
                     headers: match row.get::<String>(13)? {
                         None => Ok(Vec::new()),
@@ -442,6 +442,16 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
     })
 }
 
+/// The `postback_alerts` payload, as a SQL expression over the given column
+/// expressions: ids and states only (any role that can connect may LISTEN),
+/// and the worker's pid, which tells its alerts from forged ones.
+fn alert_payload(endpoint_id: &str, state: &str, previous: &str, since: &str) -> String {
+    format!(
+        "json_build_object('endpoint_id', {endpoint_id}, 'state', {state}, 'previous', {previous}, \
+         'since', {since}, 'worker_pid', pg_backend_pid())::text"
+    )
+}
+
 /// Records breaker transitions on postback.endpoint_state and announces each
 /// one with NOTIFY postback_alerts (a JSON payload operators can page on).
 pub fn record_transitions(transitions: &[crate::rules::scheduler::Transition]) -> SpiResult<()> {
@@ -454,7 +464,8 @@ pub fn record_transitions(transitions: &[crate::rules::scheduler::Transition]) -
     let at: Vec<f64> = transitions.iter().map(|t| t.at_us as f64 / 1e6).collect();
     let reasons: Vec<String> = transitions.iter().map(|t| t.reason.clone()).collect();
     Spi::run_with_args(
-        "WITH t AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[], $5::text[])
+        &format!(
+            "WITH t AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::float8[], $5::text[])
                               AS t(e, state, previous, at, reason)),
               s AS (INSERT INTO postback.endpoint_state AS s (endpoint_id, breaker, breaker_since, breaker_reason)
                     SELECT DISTINCT ON (t.e) t.e, t.state, to_timestamp(t.at), t.reason FROM t ORDER BY t.e, t.at DESC
@@ -462,10 +473,9 @@ pub fn record_transitions(transitions: &[crate::rules::scheduler::Transition]) -
                        SET breaker = excluded.breaker, breaker_since = excluded.breaker_since,
                            breaker_reason = excluded.breaker_reason, updated_at = now())
          SELECT pg_notify('postback_alerts', x.payload)
-           FROM (SELECT json_build_object(
-                    'endpoint_id', t.e, 'state', t.state, 'previous', t.previous,
-                    'since', to_timestamp(t.at), 'worker_pid', pg_backend_pid())::text AS payload
-                   FROM t ORDER BY t.at OFFSET 0) AS x",
+           FROM (SELECT {} AS payload FROM t ORDER BY t.at OFFSET 0) AS x",
+            alert_payload("t.e", "t.state", "t.previous", "to_timestamp(t.at)")
+        ),
         &[ids.into(), to.into(), from.into(), at.into(), reasons.into()],
     )
 }
@@ -474,16 +484,16 @@ pub fn record_transitions(transitions: &[crate::rules::scheduler::Transition]) -
 /// announces it (state "disabled"). Returns how many.
 pub fn disable_failing(after_secs: i64) -> SpiResult<i64> {
     Spi::get_one_with_args::<i64>(
-        "WITH off AS (
+        &format!(
+            "WITH off AS (
              UPDATE postback.endpoints e SET active = false
                FROM postback.endpoint_state s
               WHERE s.endpoint_id = e.id AND e.active
                 AND s.failing_since < now() - make_interval(secs => $1::float8)
           RETURNING e.id)
-         SELECT count(pg_notify('postback_alerts', json_build_object(
-                    'endpoint_id', off.id, 'state', 'disabled', 'previous', 'open',
-                    'since', now(), 'worker_pid', pg_backend_pid())::text))
-           FROM off",
+         SELECT count(pg_notify('postback_alerts', {})) FROM off",
+            alert_payload("off.id", "'disabled'", "'open'", "now()")
+        ),
         &[(after_secs as f64).into()],
     )
     .map(|n| n.unwrap_or(0))

@@ -1,4 +1,6 @@
-//! URL and body templates: parse, validate, render.
+//! URL and body templates: the language (parse, variables, values). Rendering
+//! is in `render`, success patterns in `pattern`, filters in `filters`; what
+//! a URL may be is `crate::rules::url_policy`.
 //!
 //! Syntax: `{name}` (or `{{name}}`) inserts a variable; names hold letters,
 //! digits, `_` and `.`. Filters follow `|` and chain left to right (`raw`,
@@ -12,12 +14,16 @@
 //! (`A-Z a-z 0-9 - . _ ~`) stay as they are, so `/`, `&`, `=`, `+`, `#`, `%`,
 //! spaces and non-ASCII are encoded and decode back to exactly the input.
 
+use crate::rules::template::filters::Filter;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
 use std::fmt;
 
-use crate::rules::filters::Filter;
-use crate::rules::text::push_encoded;
+pub mod filters;
+pub mod pattern;
+mod render;
+
+pub use render::{render_json, render_url, render_url_hashed, RenderOptions};
 
 pub const MAX_TEMPLATE_BYTES: usize = 8192;
 
@@ -54,7 +60,7 @@ impl fmt::Display for TemplateError {
 
 impl std::error::Error for TemplateError {}
 
-fn err(position: Option<usize>, message: impl Into<String>) -> TemplateError {
+pub(crate) fn err(position: Option<usize>, message: impl Into<String>) -> TemplateError {
     TemplateError { position, message: message.into() }
 }
 
@@ -73,7 +79,7 @@ pub struct Macro {
     pub name: String,
     /// inserted unencoded (the `raw` filter is in the chain)
     pub raw: bool,
-    /// the filters after `|`, applied left to right (crate::rules::filters)
+    /// the filters after `|`, applied left to right (crate::rules::template::filters)
     pub filters: Vec<Filter>,
     /// 1-based character position of the opening brace
     pub position: usize,
@@ -151,12 +157,12 @@ impl Macro {
         }
         let start = if self.filters.is_empty() {
             return Ok(vars.text(&self.name).map(Cow::into_owned));
-        } else if crate::rules::filters::wants_json(&self.filters) {
-            vars.json(&self.name).map(crate::rules::filters::Val::Json)
+        } else if crate::rules::template::filters::wants_json(&self.filters) {
+            vars.json(&self.name).map(crate::rules::template::filters::Val::Json)
         } else {
-            vars.text(&self.name).map(|t| crate::rules::filters::Val::Text(t.into_owned()))
+            vars.text(&self.name).map(|t| crate::rules::template::filters::Val::Text(t.into_owned()))
         };
-        crate::rules::filters::apply(&self.filters, start)
+        crate::rules::template::filters::apply(&self.filters, start)
             .map(|(v, _)| v)
             .map_err(|e| format!("{{{}}}: {e}", self.name))
     }
@@ -174,7 +180,7 @@ pub struct Template {
     pub tokens: Vec<Token>,
 }
 
-fn valid_name_char(c: char) -> bool {
+pub(crate) fn valid_name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || c == '_' || c == '.'
 }
 
@@ -299,7 +305,7 @@ fn parse_macro(inner: &str, position: usize, part: Part) -> Result<Macro, Templa
     }
     let mut filters = Vec::new();
     for piece in chain.map(|c| c.split('|')).into_iter().flatten() {
-        filters.push(crate::rules::filters::parse(piece).map_err(|e| err(Some(position), e))?);
+        filters.push(crate::rules::template::filters::parse(piece).map_err(|e| err(Some(position), e))?);
     }
     let raw = filters.iter().any(|f| matches!(f, Filter::Raw));
     Ok(Macro { name, raw, filters, position, part, hash: None })
@@ -351,170 +357,6 @@ impl Vars for Map<String, Value> {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RenderOptions {
-    /// Drop a `key=value` query parameter whose macros all came out missing.
-    pub drop_empty_params: bool,
-}
-
-/// One `key=value` piece of the query while rendering.
-#[derive(Default)]
-struct Param {
-    text: String,
-    has_missing: bool,
-    has_present: bool,
-}
-
-/// Renders a URL template: values are encoded for the part they stand in.
-/// A `{hash:…}` leaves nothing in the URL (see [`render_url_hashed`]).
-pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: RenderOptions) -> Result<String, String> {
-    render_url_hashed(template, vars, options).map(|(url, _)| url)
-}
-
-/// Stands, while one URL is rendered, where a `{hash:…}` goes. No value can
-/// produce it: encoded values are printable ASCII, and a raw value with a
-/// control character is refused.
-const SLOT: char = '\u{1}';
-
-/// Renders a URL template and says where its `{hash:…}` digests go: the URL
-/// has nothing at those positions, and the slots (out of band) carry the
-/// offsets and the values to hash with the secret when the request is sent.
-pub fn render_url_hashed<V: Vars + ?Sized>(
-    template: &Template,
-    vars: &V,
-    options: RenderOptions,
-) -> Result<(String, Vec<crate::rules::url_hash::HashSlot>), String> {
-    let mut slots: Vec<crate::rules::url_hash::HashSlot> = Vec::new();
-    let mut head = String::with_capacity(256);
-    let mut query: Option<Vec<Param>> = None;
-    let mut fragment: Option<String> = None;
-    for token in &template.tokens {
-        match token {
-            Token::Literal(text) => {
-                for c in text.chars() {
-                    match (&mut query, &mut fragment) {
-                        (_, Some(frag)) => frag.push(c),
-                        (_, None) if c == '#' => fragment = Some(String::new()),
-                        (None, None) if c == '?' => query = Some(vec![Param::default()]),
-                        (None, None) => head.push(c),
-                        (Some(params), None) if c == '&' => params.push(Param::default()),
-                        (Some(params), None) => params.last_mut().expect("one param").text.push(c),
-                    }
-                }
-            }
-            Token::Macro(m) => {
-                let value = match &m.hash {
-                    Some(h) => {
-                        slots.push(crate::rules::url_hash::HashSlot {
-                            at: 0,
-                            algorithm: h.algorithm.clone(),
-                            parts: h.parts(vars),
-                        });
-                        Some(SLOT.to_string())
-                    }
-                    None => m.value(vars)?,
-                };
-                if m.raw && value.as_deref().is_some_and(|v| v.contains(char::is_control)) {
-                    return Err(format!("{{{}|raw}}: the value has a control character", m.name));
-                }
-                let present = value.is_some();
-                let value = value.unwrap_or_default();
-                let target = match (&mut query, &mut fragment) {
-                    (_, Some(frag)) => frag,
-                    (Some(params), None) => {
-                        let param = params.last_mut().expect("one param");
-                        param.has_present |= present;
-                        param.has_missing |= !present;
-                        &mut param.text
-                    }
-                    (None, None) => &mut head,
-                };
-                if m.raw || m.hash.is_some() {
-                    target.push_str(&value);
-                } else {
-                    push_encoded(target, &value);
-                }
-            }
-        }
-    }
-    let mut out = head;
-    if let Some(params) = query {
-        let kept: Vec<&str> = params
-            .iter()
-            .filter(|p| !(options.drop_empty_params && p.has_missing && !p.has_present))
-            .map(|p| p.text.as_str())
-            .collect();
-        if !kept.is_empty() {
-            out.push('?');
-            out.push_str(&kept.join("&"));
-        }
-    }
-    if let Some(frag) = fragment {
-        out.push('#');
-        out.push_str(&frag);
-    }
-    if slots.is_empty() {
-        return Ok((out, slots));
-    }
-    let mut url = String::with_capacity(out.len());
-    let mut n = 0;
-    for c in out.chars() {
-        if c == SLOT {
-            let slot = slots.get_mut(n).ok_or("a {hash:…} position was lost while rendering")?;
-            slot.at = url.len();
-            n += 1;
-        } else {
-            url.push(c);
-        }
-    }
-    if n != slots.len() {
-        return Err("a {hash:…} position was lost while rendering".into());
-    }
-    Ok((url, slots))
-}
-
-/// Renders a template as plain text (no URL encoding), e.g. a string inside a
-/// JSON body template.
-pub fn render_text(template: &Template, vars: &Map<String, Value>) -> Result<String, String> {
-    let mut out = String::new();
-    for token in &template.tokens {
-        match token {
-            Token::Literal(text) => out.push_str(text),
-            Token::Macro(m) => out.push_str(&m.value(vars)?.unwrap_or_default()),
-        }
-    }
-    Ok(out)
-}
-
-/// Renders a JSON body template: every string may hold macros; a string that
-/// is exactly one macro without filters keeps the variable's JSON type
-/// (`"{amount}"` → `12.5`).
-pub fn render_json(body: &Value, vars: &Map<String, Value>) -> Result<Value, String> {
-    Ok(match body {
-        Value::String(s) => {
-            let t = Template::parse(s).map_err(|e| e.to_string())?;
-            match t.tokens.as_slice() {
-                [Token::Macro(m)] if m.filters.is_empty() => match lookup(vars, &m.name) {
-                    Some(v) if !v.is_null() => v.clone(),
-                    _ => Value::Null,
-                },
-                [Token::Macro(m)] if m.filters.iter().all(|f| matches!(f, Filter::Default(_))) => {
-                    match lookup(vars, &m.name) {
-                        Some(v) if !v.is_null() => v.clone(),
-                        _ => m.value(vars)?.map(Value::String).unwrap_or(Value::Null),
-                    }
-                }
-                _ => Value::String(render_text(&t, vars)?),
-            }
-        }
-        Value::Array(items) => Value::Array(items.iter().map(|v| render_json(v, vars)).collect::<Result<_, _>>()?),
-        Value::Object(map) => Value::Object(
-            map.iter().map(|(k, v)| Ok((k.clone(), render_json(v, vars)?))).collect::<Result<_, String>>()?,
-        ),
-        other => other.clone(),
-    })
-}
-
 /// Checks a variable name against what a conversion provides.
 pub fn check_variable(m: &Macro) -> Result<(), TemplateError> {
     if let Some(h) = &m.hash {
@@ -562,216 +404,6 @@ pub fn sample_vars() -> Map<String, Value> {
     vars
 }
 
-/// Validates an endpoint URL template: syntax, known variables, no macros in
-/// the scheme or host, http(s) only, and a URL that parses once rendered.
-pub fn validate_url_template(text: &str) -> Result<Template, TemplateError> {
-    let template = Template::parse(text)?;
-    let origin = literal_origin(text)?;
-    for m in template.macros() {
-        check_variable(m)?;
-        if m.part == Part::Authority {
-            return Err(err(
-                Some(m.position),
-                format!(
-                    "variable \"{}\" in the scheme or host; only the path, query and fragment may hold variables",
-                    m.name
-                ),
-            ));
-        }
-    }
-    let mut vars = sample_vars();
-    // attributes and click values used by the template get a sample value too
-    let mut click = Map::new();
-    if let Some(Value::Object(attrs)) = vars.get_mut("attributes") {
-        for m in template.macros() {
-            if let Some(key) = m.name.strip_prefix("attributes.") {
-                attrs.insert(key.to_string(), Value::String("sample".into()));
-            }
-            if let Some(key) = m.name.strip_prefix("click.") {
-                click.insert(key.to_string(), Value::String("sample".into()));
-            }
-        }
-    }
-    vars.insert("click".into(), Value::Object(click));
-    let rendered =
-        render_url(&template, &vars, RenderOptions::default()).unwrap_or_else(|_| sample_fallback(&template));
-    let first = check_url(&rendered)?;
-    // A second rendering with different, hostile-looking values must land on
-    // the same scheme, host and port: no value can move the request elsewhere.
-    let mut other = vars.clone();
-    for (name, value) in other.iter_mut() {
-        if name != "attributes" && name != "click" {
-            *value = Value::String(format!("x.{name}:1@other.test\\/?#"));
-        }
-    }
-    for nested in ["attributes", "click"] {
-        if let Some(Value::Object(attrs)) = other.get_mut(nested) {
-            for value in attrs.values_mut() {
-                *value = Value::String("y:2@elsewhere.test/\\".into());
-            }
-        }
-    }
-    let second = check_url(
-        &render_url(&template, &other, RenderOptions::default()).unwrap_or_else(|_| sample_fallback(&template)),
-    )?;
-    for parsed in [&first, &second] {
-        if Origin::of(parsed) != origin {
-            return Err(err(
-                None,
-                format!(
-                    "a variable can change the scheme, host or port (renders to {}); they must be literal",
-                    parsed.origin().ascii_serialization()
-                ),
-            ));
-        }
-    }
-    Ok(template)
-}
-
-/// The template with every macro left out: what validation checks when a
-/// filter cannot apply to sample values (arithmetic on a sample text).
-fn sample_fallback(template: &Template) -> String {
-    template
-        .tokens
-        .iter()
-        .map(|t| match t {
-            Token::Literal(l) => l.clone(),
-            Token::Macro(_) => "x".to_string(),
-        })
-        .collect()
-}
-
-/// Scheme, host and port of a URL: what a delivery may never change.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    pub scheme: String,
-    pub host: String,
-    pub port: Option<u16>,
-}
-
-impl Origin {
-    pub fn of(url: &url::Url) -> Origin {
-        Origin {
-            scheme: url.scheme().to_string(),
-            host: url.host_str().unwrap_or("").to_ascii_lowercase(),
-            port: url.port_or_known_default(),
-        }
-    }
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.port {
-            Some(p) => write!(f, "{}://{}:{}", self.scheme, self.host, p),
-            None => write!(f, "{}://{}", self.scheme, self.host),
-        }
-    }
-}
-
-/// The scheme, host and port an endpoint URL template spells out literally:
-/// it must start with `http://` or `https://`, hold no backslash, and have a
-/// non-empty authority free of macros before the first `/`, `?` or `#`.
-pub fn literal_origin(text: &str) -> Result<Origin, TemplateError> {
-    if let Some(i) = text.find('\\') {
-        return Err(err(
-            Some(text[..i].chars().count() + 1),
-            "backslash in the URL template (write %5C for a literal one)",
-        ));
-    }
-    let lower = text.get(..8).unwrap_or(text).to_ascii_lowercase();
-    let rest_at = if lower.starts_with("https://") {
-        8
-    } else if lower.starts_with("http://") {
-        7
-    } else {
-        let scheme = text.split(':').next().unwrap_or("");
-        let looks_like_scheme = !scheme.is_empty()
-            && scheme.len() < text.len()
-            && scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c));
-        return Err(err(
-            Some(1),
-            if looks_like_scheme && !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-                format!("scheme \"{scheme}\" is not allowed; use http or https")
-            } else {
-                "the URL template must start with http:// or https:// followed by a literal host".to_string()
-            },
-        ));
-    };
-    let rest = &text[rest_at..];
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..end];
-    if authority.is_empty() {
-        return Err(err(Some(rest_at + 1), "empty host after the scheme; the host must be literal"));
-    }
-    if let Some(i) = authority.find(['{', '}']) {
-        return Err(err(
-            Some(text[..rest_at + i].chars().count() + 1),
-            "variable in the scheme or host; only the path, query and fragment may hold variables",
-        ));
-    }
-    let parsed = check_url(&format!("{}{}/", &text[..rest_at], authority))?;
-    Ok(Origin::of(&parsed))
-}
-
-/// Checks a rendered URL: it parses, its scheme is http or https, it has a host.
-pub fn check_url(rendered: &str) -> Result<url::Url, TemplateError> {
-    let parsed = url::Url::parse(rendered).map_err(|e| err(None, format!("URL \"{rendered}\" does not parse: {e}")))?;
-    if parsed.scheme() != "http" && parsed.scheme() != "https" {
-        return Err(err(None, format!("scheme \"{}\" is not allowed; use http or https", parsed.scheme())));
-    }
-    if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(err(None, format!("URL \"{rendered}\" has no host")));
-    }
-    if !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(err(None, "credentials in the URL are not allowed; use the endpoint's headers"));
-    }
-    Ok(parsed)
-}
-
-/// Fills the `{variable}` macros of a success_body_pattern with the
-/// delivery's values, regex-escaped (`^{transaction_id}:OK$`). Braces that do
-/// not name a known variable are left alone: they are regex syntax (`\\d{3}`).
-pub fn render_pattern<V: Vars + ?Sized>(pattern: &str, vars: &V) -> String {
-    let mut out = String::with_capacity(pattern.len() + 16);
-    let mut rest = pattern;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        let close = after.find('}');
-        let name = close.map(|c| after[..c].trim());
-        let known = name.filter(|n| {
-            !n.is_empty()
-                && n.chars().all(valid_name_char)
-                && check_variable(&Macro {
-                    name: n.to_string(),
-                    raw: false,
-                    filters: vec![],
-                    position: 0,
-                    part: Part::Path,
-                    hash: None,
-                })
-                .is_ok()
-        });
-        match (known, close) {
-            (Some(n), Some(c)) => {
-                out.push_str(&regex::escape(&vars.text(n).unwrap_or_default()));
-                rest = &after[c + 1..];
-            }
-            _ => {
-                out.push('{');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Whether a success_body_pattern uses the delivery's variables.
-pub fn pattern_has_variables(pattern: &str) -> bool {
-    render_pattern(pattern, &Map::new()) != pattern
-}
-
 /// Validates a JSON body template: every string's macros must be known.
 pub fn validate_body_template(body: &Value) -> Result<(), TemplateError> {
     match body {
@@ -793,7 +425,9 @@ pub fn validate_body_template(body: &Value) -> Result<(), TemplateError> {
 
 #[cfg(test)]
 mod tests {
+    use super::pattern::{pattern_has_variables, render_pattern};
     use super::*;
+    use crate::rules::url_policy::*;
     use serde_json::json;
 
     fn vars(v: Value) -> Map<String, Value> {
