@@ -72,3 +72,12 @@ BEGIN
      WHERE e.name = preview.endpoint;
 END
 $$;
+
+-- The live secrets of an endpoint, newest first: what signs its requests and
+-- fills its {hash:…} digests. The worker and sign_request both read them here.
+CREATE FUNCTION postback.live_secrets(endpoint_id bigint) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(k.secret ORDER BY k.created_at DESC, k.id DESC), '{}')
+      FROM postback.endpoint_secrets k
+     WHERE k.endpoint_id = live_secrets.endpoint_id AND (k.expires_at IS NULL OR k.expires_at > now())
+$$;

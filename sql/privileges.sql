@@ -8,6 +8,7 @@
 -- with an endpoint's live secrets, so it is a signing oracle for anyone else.
 REVOKE EXECUTE ON FUNCTION postback.render_request(bigint, text, text, text, jsonb, jsonb, boolean, bigint, text, text, text, text, text, text, jsonb, timestamptz) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.sign_request(bigint, text, text, text, text, text, text, jsonb, jsonb, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.live_secrets(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.take_proposed_conversions() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.wake_worker() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.worker_stats() FROM PUBLIC;

@@ -115,6 +115,15 @@ ALTER TABLE postback.conversions ADD CONSTRAINT attributes_nest_at_most_32_level
 ALTER TABLE postback.clicks ADD CONSTRAINT click_attributes_nest_at_most_32_levels
     CHECK (postback.check_json_nesting(attributes::text, 'clicks.attributes'));
 
+-- The live secrets of an endpoint, newest first: what signs its requests and
+-- fills its {hash:…} digests. The worker and sign_request both read them here.
+CREATE FUNCTION postback.live_secrets(endpoint_id bigint) RETURNS text[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT coalesce(array_agg(k.secret ORDER BY k.created_at DESC, k.id DESC), '{}')
+      FROM postback.endpoint_secrets k
+     WHERE k.endpoint_id = live_secrets.endpoint_id AND (k.expires_at IS NULL OR k.expires_at > now())
+$$;
+
 -- Functions whose bodies changed -------------------------------------------
 
 CREATE OR REPLACE FUNCTION postback.preview(endpoint text, conversion_id bigint)
@@ -213,6 +222,7 @@ $$;
 -- Privileges ---------------------------------------------------------------
 
 REVOKE EXECUTE ON FUNCTION postback.sign_request(bigint, text, text, text, text, text, text, jsonb, jsonb, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.live_secrets(bigint) FROM PUBLIC;
 
 -- Grants an earlier model needed and 0.3.0's does not give. 0.1.0's enqueue
 -- ran as the caller, so an application role was granted INSERT on deliveries
@@ -314,3 +324,4 @@ COMMENT ON FUNCTION postback.sign_request(bigint, text, text, text, text, text, 
 COMMENT ON FUNCTION postback.check_json_nesting(text, text) IS 'Internal: raises an error naming the column when a JSON value (as text) nests arrays and objects deeper than 32 levels; true otherwise. Used by the attributes CHECK constraints of conversions and clicks.';
 COMMENT ON COLUMN postback.deliveries.url_hashes IS 'Where the URL template''s {hash:…} digests go: [{"at": byte offset in url, "alg", "parts": values and literals, null for the secret}]. The worker computes each digest with the endpoint''s secret when it sends; nothing in the url text is ever expanded.';
 COMMENT ON COLUMN postback.deliveries.rendered IS 'False when the request could not be rendered at enqueue (last_error says why): such a delivery stays dead and no retry sends it.';
+COMMENT ON FUNCTION postback.live_secrets(bigint) IS 'Internal: the unexpired secrets of an endpoint, newest first (what signs its requests and fills its {hash:…} digests); owner only.';

@@ -65,21 +65,12 @@ pub(super) fn find_click(click_id: &str) -> Option<FoundClick> {
     })
 }
 
-/// Live secrets of an endpoint, newest first.
+/// Live secrets of an endpoint, newest first (`postback.live_secrets`, the
+/// one definition the worker reads too).
 pub(super) fn live_secrets(endpoint_id: i64) -> Vec<String> {
-    Spi::connect(|client| {
-        client
-            .select(
-                "SELECT secret FROM postback.endpoint_secrets
-                  WHERE endpoint_id = $1 AND (expires_at IS NULL OR expires_at > now())
-                  ORDER BY created_at DESC, id DESC",
-                None,
-                &[endpoint_id.into()],
-            )?
-            .map(|row| row.get::<String>(1).map(Option::unwrap_or_default))
-            .collect::<Result<Vec<_>, _>>()
-    })
-    .unwrap_or_else(|e| invalid(format!("reading secrets: {e}")))
+    Spi::get_one_with_args::<Vec<String>>("SELECT postback.live_secrets($1)", &[endpoint_id.into()])
+        .map(Option::unwrap_or_default)
+        .unwrap_or_else(|e| invalid(format!("reading secrets: {e}")))
 }
 
 /// The conversions a statement trigger reads from its transition tables; an

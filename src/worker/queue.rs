@@ -203,9 +203,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     ARRAY(SELECT (extract(epoch FROM s) * 1000.0)::bigint FROM unnest(e.retry_schedule) s),
                     e.max_attempts, e.success_body_pattern, e.signing_scheme, e.signature_header,
                     e.timestamp_param, e.signature_param,
-                    ARRAY(SELECT k.secret FROM postback.endpoint_secrets k
-                           WHERE k.endpoint_id = e.id AND (k.expires_at IS NULL OR k.expires_at > now())
-                           ORDER BY k.created_at DESC, k.id DESC),
+                    postback.live_secrets(e.id),
                     e.url_template, e.headers::text, e.max_in_flight, e.rate_limit::float8,
                     e.success_statuses, e.retry_statuses
                FROM postback.endpoints e WHERE e.id = ANY ($1::bigint[])",
