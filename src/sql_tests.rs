@@ -34,6 +34,32 @@ mod tests {
     }
 
     #[pg_test]
+    fn worker_status_looks_for_the_worker_type_the_worker_registers() {
+        let body =
+            Spi::get_one::<String>("SELECT prosrc FROM pg_proc WHERE oid = 'postback.worker_status()'::regprocedure")
+                .unwrap()
+                .unwrap();
+        assert!(body.contains(&format!("'{}'", crate::worker::WORKER_TYPE)), "{body}");
+    }
+
+    #[pg_test]
+    fn a_bad_conversion_names_its_column_in_the_detail() {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.detail_of(sql text) RETURNS text LANGUAGE plpgsql AS $$
+             DECLARE d text;
+             BEGIN EXECUTE sql; RETURN NULL;
+             EXCEPTION WHEN OTHERS THEN GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL; RETURN d; END $$",
+        )
+        .unwrap();
+        let detail = Spi::get_one_with_args::<String>(
+            "SELECT pg_temp.detail_of($1)",
+            &["INSERT INTO postback.conversions (click_id, transaction_id, currency) VALUES ('c', 'detail-1', 'eur')"
+                .into()],
+        );
+        assert_eq!(detail.unwrap().as_deref(), Some("column: currency"));
+    }
+
+    #[pg_test]
     fn rust_enumerations_and_check_constraints_agree() {
         let owned = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(

@@ -65,8 +65,8 @@ fn conversions_validate<'a>(
         Err(e) => return Err(e),
     };
     let fields = crate::rules::conversion_rules::Fields { click_id, transaction_id, event, status, currency, partner };
-    if let Err((_column, message)) = crate::rules::conversion_rules::check(&fields) {
-        ereport!(ERROR, PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, message);
+    if let Err((column, message)) = crate::rules::conversion_rules::check(&fields) {
+        ereport!(ERROR, PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, message, format!("column: {column}"));
     }
     let inserting = matches!(trigger.op(), Ok(pgrx::PgTriggerOperation::Insert));
     if !has_partner {
