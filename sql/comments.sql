@@ -110,7 +110,7 @@ COMMENT ON FUNCTION postback.preview(text, bigint) IS 'The method, URL, headers 
 COMMENT ON FUNCTION postback.conversions_validate() IS 'Trigger: per row, refuses a bad conversion with a message naming the column and transaction_id and counts proposed rows; per statement, resets that count.';
 COMMENT ON FUNCTION postback.take_proposed_conversions() IS 'Internal: rows proposed to the current INSERT on conversions (to count duplicates skipped by ON CONFLICT).';
 COMMENT ON FUNCTION postback.enqueue_conversions() IS 'Trigger (after INSERT and after UPDATE, per statement, as the owner): routes each inserted conversion, or each changed status, to the active endpoints whose partners, events, statuses and conditions match, renders the requests and writes the deliveries; a changed status waits behind earlier deliveries of the same endpoint and conversion.';
-COMMENT ON FUNCTION postback.render_preview(bigint, bigint) IS 'Internal: {idempotency_key, url, body, error, routed} of one endpoint and conversion, rendered as the enqueue trigger would (partner and click included).';
+COMMENT ON FUNCTION postback.preview_request(bigint, bigint) IS 'Internal: the request one endpoint would get for one conversion (idempotency_key, url, url_hashes, body), rendered as the enqueue trigger would, the render error if any, and whether the endpoint''s filters route the conversion to it.';
 COMMENT ON FUNCTION postback.validate_partners(text[]) IS 'Raises an error if an endpoint''s partners list is empty, holds NULL, or a name that is not 1 to 100 printable characters; true otherwise.';
 COMMENT ON FUNCTION postback.validate_conditions(jsonb) IS 'Raises an error if an endpoint''s conditions are not a non-empty JSON object; true otherwise.';
 COMMENT ON FUNCTION postback.wake_worker() IS 'Wakes the delivery worker when the current transaction commits.';
@@ -159,7 +159,7 @@ COMMENT ON FUNCTION postback.retry(bigint) IS 'Sends a dead (or succeeded) deliv
 COMMENT ON FUNCTION postback.retry_dead(text, timestamptz) IS 'Sends again every delivery of an endpoint that died since the given time (default: the last day); returns how many.';
 COMMENT ON FUNCTION postback.replay(text, timestamptz, timestamptz) IS 'Sends again the succeeded deliveries of an endpoint created in [since, until), same requests and idempotency keys; returns how many.';
 COMMENT ON FUNCTION postback.send_test(text, jsonb) IS 'Enqueues a test request with marked sample values (TEST-CLICK-…, amount 0.00), overridable by the jsonb; returns the delivery id. Test deliveries have no conversion.';
-COMMENT ON FUNCTION postback.render_test(bigint, jsonb) IS 'Internal: {idempotency_key, url, body, error, event, status} of a test request for an endpoint.';
+COMMENT ON FUNCTION postback.test_request(bigint, jsonb) IS 'Internal: the request a test delivery of an endpoint sends (sample values, overridable), with its event, status, filled success pattern and the render error if any.';
 COMMENT ON FUNCTION postback.pause(text) IS 'Pauses an endpoint: new deliveries are still enqueued, none is sent, no attempt or max_age is spent until resume.';
 COMMENT ON FUNCTION postback.resume(text) IS 'Resumes a paused endpoint; its pending deliveries get the paused time added to their max_age.';
 COMMENT ON FUNCTION postback.purge(interval, integer, boolean, integer) IS 'Deletes succeeded (and, with include_dead, dead) deliveries and their attempts completed before now() - older_than, batch rows per statement, skipping rows the worker holds; returns how many. Owner only.';

@@ -63,12 +63,12 @@ BEGIN
     SELECT e.method, f.url,
            (SELECT jsonb_object_agg(h.key, CASE WHEN e.headers ? h.key THEN to_jsonb('[redacted]'::text) ELSE h.value END)
               FROM jsonb_each(f.headers) h),
-           r[3], r[4], r[5]::boolean
+           r.body, r.error, r.routed
       FROM postback.endpoints e
-     CROSS JOIN LATERAL (SELECT postback.render_preview(e.id, preview.conversion_id) AS r) AS rendered
+     CROSS JOIN LATERAL postback.preview_request(e.id, preview.conversion_id) AS r
       LEFT JOIN LATERAL postback.sign_request(
            e.id, e.kind, e.signing_scheme, e.signature_header, e.timestamp_param, e.signature_param,
-           r[2], r[6]::jsonb, nullif(e.headers, '{}'), r[3], r[1]) f ON true
+           r.url, r.url_hashes, nullif(e.headers, '{}'), r.body, r.idempotency_key) f ON true
      WHERE e.name = preview.endpoint;
 END
 $$;

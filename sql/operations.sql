@@ -101,7 +101,7 @@ CREATE FUNCTION postback.send_test(endpoint text, sample jsonb DEFAULT '{}') RET
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     e postback.endpoints;
-    r text[];
+    r record;
     made bigint;
 BEGIN
     IF sample IS NULL OR jsonb_typeof(sample) <> 'object' THEN
@@ -109,14 +109,14 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT * INTO e FROM postback.endpoints WHERE id = postback.endpoint_id(endpoint);
-    r := postback.render_test(e.id, sample);
+    SELECT * INTO r FROM postback.test_request(e.id, sample);
     -- a request that could not be rendered is kept dead with its reason and
     -- nothing to send (rendered = false: no retry can ever send it)
     INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
                                      state, completed_at, last_error, success_pattern, url_hashes, rendered)
-    VALUES (e.id, NULL, r[5], r[6], r[1], e.method, coalesce(r[2], ''), r[3],
-            CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r[4] IS NOT NULL THEN now() END, r[4],
-            r[7], r[8]::jsonb, r[4] IS NULL)
+    VALUES (e.id, NULL, r.event, r.status, r.idempotency_key, e.method, coalesce(r.url, ''), r.body,
+            CASE WHEN r.error IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r.error IS NOT NULL THEN now() END,
+            r.error, r.success_pattern, r.url_hashes, r.error IS NULL)
     RETURNING id INTO made;
     PERFORM postback.wake_worker();
     RETURN made;

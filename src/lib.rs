@@ -23,7 +23,7 @@ pgrx::extension_sql_file!(
     requires = [
         "schema",
         render_request,
-        render_preview,
+        preview_request,
         sign_request,
         check_json_nesting,
         conversions_validate,
@@ -37,7 +37,7 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/operations.sql",
     name = "operations",
-    requires = ["enqueue", "views", render_test, wake_worker]
+    requires = ["enqueue", "views", test_request, wake_worker]
 );
 pgrx::extension_sql_file!(
     "../sql/privileges.sql",
@@ -47,7 +47,7 @@ pgrx::extension_sql_file!(
         "views",
         "operations",
         render_request,
-        render_preview,
+        preview_request,
         enqueue_conversions,
         sign_request,
         take_proposed_conversions,

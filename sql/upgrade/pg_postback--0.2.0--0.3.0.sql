@@ -18,6 +18,17 @@ IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'check_json_nest
 -- value could forge one and have the worker sign it): gone.
 DROP FUNCTION postback.finalize_request(bigint, text, text, text, text, text, text, jsonb, text, text);
 
+-- preview and send_test read named columns instead of positional text[]
+DROP FUNCTION postback.render_preview(bigint, bigint);
+DROP FUNCTION postback.render_test(bigint, jsonb);
+CREATE FUNCTION postback."preview_request"("endpoint_id" bigint, "conversion_id" bigint)
+RETURNS TABLE ("idempotency_key" TEXT, "url" TEXT, "url_hashes" jsonb, "body" TEXT, "error" TEXT, "routed" bool)
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'preview_request_wrapper';
+CREATE FUNCTION postback."test_request"("endpoint_id" bigint, "sample" jsonb)
+RETURNS TABLE ("idempotency_key" TEXT, "url" TEXT, "url_hashes" jsonb, "body" TEXT, "error" TEXT,
+               "event" TEXT, "status" TEXT, "success_pattern" TEXT)
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'test_request_wrapper';
+
 -- Deliveries: {hash:…} positions out of band; never-rendered rows stay dead --
 
 ALTER TABLE postback.deliveries
@@ -142,12 +153,12 @@ BEGIN
     SELECT e.method, f.url,
            (SELECT jsonb_object_agg(h.key, CASE WHEN e.headers ? h.key THEN to_jsonb('[redacted]'::text) ELSE h.value END)
               FROM jsonb_each(f.headers) h),
-           r[3], r[4], r[5]::boolean
+           r.body, r.error, r.routed
       FROM postback.endpoints e
-     CROSS JOIN LATERAL (SELECT postback.render_preview(e.id, preview.conversion_id) AS r) AS rendered
+     CROSS JOIN LATERAL postback.preview_request(e.id, preview.conversion_id) AS r
       LEFT JOIN LATERAL postback.sign_request(
            e.id, e.kind, e.signing_scheme, e.signature_header, e.timestamp_param, e.signature_param,
-           r[2], r[6]::jsonb, nullif(e.headers, '{}'), r[3], r[1]) f ON true
+           r.url, r.url_hashes, nullif(e.headers, '{}'), r.body, r.idempotency_key) f ON true
      WHERE e.name = preview.endpoint;
 END
 $$;
@@ -197,7 +208,7 @@ CREATE OR REPLACE FUNCTION postback.send_test(endpoint text, sample jsonb DEFAUL
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     e postback.endpoints;
-    r text[];
+    r record;
     made bigint;
 BEGIN
     IF sample IS NULL OR jsonb_typeof(sample) <> 'object' THEN
@@ -205,14 +216,14 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT * INTO e FROM postback.endpoints WHERE id = postback.endpoint_id(endpoint);
-    r := postback.render_test(e.id, sample);
+    SELECT * INTO r FROM postback.test_request(e.id, sample);
     -- a request that could not be rendered is kept dead with its reason and
     -- nothing to send (rendered = false: no retry can ever send it)
     INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, url, body,
                                      state, completed_at, last_error, success_pattern, url_hashes, rendered)
-    VALUES (e.id, NULL, r[5], r[6], r[1], e.method, coalesce(r[2], ''), r[3],
-            CASE WHEN r[4] IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r[4] IS NOT NULL THEN now() END, r[4],
-            r[7], r[8]::jsonb, r[4] IS NULL)
+    VALUES (e.id, NULL, r.event, r.status, r.idempotency_key, e.method, coalesce(r.url, ''), r.body,
+            CASE WHEN r.error IS NULL THEN 'pending' ELSE 'dead' END, CASE WHEN r.error IS NOT NULL THEN now() END,
+            r.error, r.success_pattern, r.url_hashes, r.error IS NULL)
     RETURNING id INTO made;
     PERFORM postback.wake_worker();
     RETURN made;
@@ -223,6 +234,8 @@ $$;
 
 REVOKE EXECUTE ON FUNCTION postback.sign_request(bigint, text, text, text, text, text, text, jsonb, jsonb, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.live_secrets(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.preview_request(bigint, bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.test_request(bigint, jsonb) FROM PUBLIC;
 
 -- Grants an earlier model needed and 0.3.0's does not give. 0.1.0's enqueue
 -- ran as the caller, so an application role was granted INSERT on deliveries
@@ -325,3 +338,5 @@ COMMENT ON FUNCTION postback.check_json_nesting(text, text) IS 'Internal: raises
 COMMENT ON COLUMN postback.deliveries.url_hashes IS 'Where the URL template''s {hash:…} digests go: [{"at": byte offset in url, "alg", "parts": values and literals, null for the secret}]. The worker computes each digest with the endpoint''s secret when it sends; nothing in the url text is ever expanded.';
 COMMENT ON COLUMN postback.deliveries.rendered IS 'False when the request could not be rendered at enqueue (last_error says why): such a delivery stays dead and no retry sends it.';
 COMMENT ON FUNCTION postback.live_secrets(bigint) IS 'Internal: the unexpired secrets of an endpoint, newest first (what signs its requests and fills its {hash:…} digests); owner only.';
+COMMENT ON FUNCTION postback.preview_request(bigint, bigint) IS 'Internal: the request one endpoint would get for one conversion (idempotency_key, url, url_hashes, body), rendered as the enqueue trigger would, the render error if any, and whether the endpoint''s filters route the conversion to it.';
+COMMENT ON FUNCTION postback.test_request(bigint, jsonb) IS 'Internal: the request a test delivery of an endpoint sends (sample values, overridable), with its event, status, filled success pattern and the render error if any.';

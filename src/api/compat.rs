@@ -107,3 +107,26 @@ fn finalize_request(
         "Run ALTER EXTENSION pg_postback UPDATE."
     );
 }
+
+/// 0.2.0's `render_preview` (positional `text[]`:
+/// `{idempotency_key, url, body, error, routed}`), for the 0.2.0 `preview`
+/// that runs until the update. 0.3.0 has `preview_request`.
+#[pg_extern(volatile, sql = false)]
+fn render_preview(endpoint_id: i64, conversion_id: i64) -> Vec<Option<String>> {
+    let (r, routed) = super::preview::preview_of(endpoint_id, conversion_id);
+    vec![r.key, r.url, r.body, r.error, routed.map(|b| b.to_string())]
+}
+
+/// 0.2.0's `render_test` (positional `text[]`:
+/// `{idempotency_key, url, body, error, event, status, success_pattern}`),
+/// for the 0.2.0 `send_test` that runs until the update: it stores the URL
+/// as it is, so digests go in 0.2.0's in-band form, which nothing sends
+/// before the update and the update moves out of band (counting them).
+/// 0.3.0 has `test_request`.
+#[pg_extern(volatile, sql = false)]
+fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
+    let t = super::preview::test_of(endpoint_id, sample);
+    let r = t.rendered;
+    let url = r.url.map(|u| crate::rules::url_hash::legacy_marked(&u, &r.hashes));
+    vec![r.key, url, r.body, r.error, Some(t.event), Some(t.status), t.pattern]
+}

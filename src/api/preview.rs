@@ -12,58 +12,96 @@ use super::{invalid, now_unix_micros};
 use crate::rules::outgoing;
 use crate::rules::request::{self, Click};
 
+/// One request as it would be rendered now (a preview or a test delivery).
+#[derive(Default)]
+pub(super) struct Rendered {
+    pub(super) key: Option<String>,
+    pub(super) url: Option<String>,
+    /// where the URL's {hash:…} digests go
+    pub(super) hashes: Vec<crate::rules::url_hash::HashSlot>,
+    pub(super) body: Option<String>,
+    pub(super) error: Option<String>,
+}
+
+impl Rendered {
+    fn of(key: String, rendered: Result<request::Request, String>) -> Rendered {
+        match rendered {
+            Ok(r) => Rendered { key: Some(key), url: Some(r.url), hashes: r.hashes, body: r.body, error: None },
+            Err(e) => Rendered { key: Some(key), error: Some(e), ..Rendered::default() },
+        }
+    }
+
+    fn failed(error: String) -> Rendered {
+        Rendered { error: Some(error), ..Rendered::default() }
+    }
+
+    fn url_hashes(&self) -> Option<JsonB> {
+        crate::rules::url_hash::to_json(&self.hashes).and_then(|t| serde_json::from_str(&t).ok()).map(JsonB)
+    }
+}
+
 /// What `postback.preview` shows: the request one endpoint would get for one
-/// conversion, rendered as the enqueue trigger would, with whether the
+/// conversion, rendered as the enqueue trigger would, and whether the
 /// endpoint's filters route the conversion to it.
-/// Returns `{idempotency_key, url, body, error, routed, url_hashes}`.
-#[pg_extern(volatile)]
-fn render_preview(endpoint_id: i64, conversion_id: i64) -> Vec<Option<String>> {
+pub(super) fn preview_of(endpoint_id: i64, conversion_id: i64) -> (Rendered, Option<bool>) {
     Spi::connect(|client| {
         let (endpoints, router) = load_endpoints(client, Some(endpoint_id))?;
         let Some(e) = endpoints.first() else {
-            return Ok::<_, pgrx::spi::Error>(vec![
-                None,
-                None,
-                None,
-                Some(format!("unknown endpoint id {endpoint_id}")),
-                None,
-            ]);
+            return Ok::<_, pgrx::spi::Error>((Rendered::failed(format!("unknown endpoint id {endpoint_id}")), None));
         };
         let rows = client.select(&rows::conversion_with_click(), Some(1), &[conversion_id.into()])?;
         let Some(row) = rows.into_iter().next() else {
-            return Ok(vec![None, None, None, Some(format!("unknown conversion id {conversion_id}")), None]);
+            return Ok((Rendered::failed(format!("unknown conversion id {conversion_id}")), None));
         };
         let mut c = ConversionRow::read(&row)?;
         let mut matched = Vec::new();
         router.route(&c.subject(), &mut matched);
-        let routed = if matched.is_empty() { "false" } else { "true" };
         let conversion = c.as_conversion();
         let key = request::idempotency_key(conversion.id, e.id, conversion.event, conversion.status);
         let rendered = render(&conversion, e, &key, now_unix_micros(), crate::gucs::request_limits());
-        Ok(match rendered {
-            Ok(r) => {
-                vec![
-                    Some(key),
-                    Some(r.url),
-                    r.body,
-                    None,
-                    Some(routed.into()),
-                    crate::rules::url_hash::to_json(&r.hashes),
-                ]
-            }
-            Err(err) => vec![Some(key), None, None, Some(err), Some(routed.into()), None],
-        })
+        Ok((Rendered::of(key, rendered), Some(!matched.is_empty())))
     })
     .unwrap_or_else(|e| pgrx::error!("rendering a preview: {e}"))
+}
+
+/// The request `postback.preview` shows for one endpoint and conversion, as
+/// the enqueue trigger would render it now, and whether the endpoint's
+/// filters route the conversion to it. `error` says why there is no URL.
+#[pg_extern(volatile)]
+#[allow(clippy::type_complexity)]
+fn preview_request(
+    endpoint_id: i64,
+    conversion_id: i64,
+) -> TableIterator<
+    'static,
+    (
+        name!(idempotency_key, Option<String>),
+        name!(url, Option<String>),
+        name!(url_hashes, Option<JsonB>),
+        name!(body, Option<String>),
+        name!(error, Option<String>),
+        name!(routed, Option<bool>),
+    ),
+> {
+    let (r, routed) = preview_of(endpoint_id, conversion_id);
+    let hashes = r.url_hashes();
+    TableIterator::once((r.key, r.url, hashes, r.body, r.error, routed))
+}
+
+/// A test delivery's request, and the event, status and filled success
+/// pattern it is stored with.
+pub(super) struct TestRequest {
+    pub(super) rendered: Rendered,
+    pub(super) event: String,
+    pub(super) status: String,
+    pub(super) pattern: Option<String>,
 }
 
 /// The request a test delivery sends: clearly marked sample values
 /// (`TEST-CLICK-…`, amount 0.00, the endpoint's first partner and event),
 /// each overridable by a key of `sample` (click_id, transaction_id, event,
 /// status, amount, currency, partner, attributes, click).
-/// Returns `{idempotency_key, url, body, error, event, status, success_pattern, url_hashes}`.
-#[pg_extern(volatile)]
-fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
+pub(super) fn test_of(endpoint_id: i64, sample: JsonB) -> TestRequest {
     let Value::Object(sample) = sample.0 else { invalid("sample must be a JSON object") };
     let text = |key: &str, default: String| -> String {
         match sample.get(key) {
@@ -114,34 +152,40 @@ fn render_test(endpoint_id: i64, sample: JsonB) -> Vec<Option<String>> {
             (Ok(_), Err(why)) => Err(why.clone()),
             (r, _) => r,
         };
-        let pattern = pattern.ok().flatten();
-        Ok::<_, pgrx::spi::Error>(match rendered {
-            // a 0.2.0 schema's send_test stores the URL as it is (see Pending::statement)
-            Ok(r) if super::conversions::schema_is_0_2_0(client)? => {
-                vec![
-                    Some(key),
-                    Some(crate::rules::url_hash::legacy_marked(&r.url, &r.hashes)),
-                    r.body,
-                    None,
-                    Some(event),
-                    Some(status),
-                    pattern,
-                ]
-            }
-            Ok(r) => vec![
-                Some(key),
-                Some(r.url),
-                r.body,
-                None,
-                Some(event),
-                Some(status),
-                pattern,
-                crate::rules::url_hash::to_json(&r.hashes),
-            ],
-            Err(err) => vec![Some(key), None, None, Some(err), Some(event), Some(status), pattern, None],
+        Ok::<_, pgrx::spi::Error>(TestRequest {
+            rendered: Rendered::of(key, rendered),
+            event,
+            status,
+            pattern: pattern.ok().flatten(),
         })
     })
     .unwrap_or_else(|e| pgrx::error!("rendering a test request: {e}"))
+}
+
+/// The request `postback.send_test` enqueues (see `test_of`); `error` says
+/// why it could not be rendered (the test delivery is then dead with it).
+#[pg_extern(volatile)]
+#[allow(clippy::type_complexity)]
+fn test_request(
+    endpoint_id: i64,
+    sample: JsonB,
+) -> TableIterator<
+    'static,
+    (
+        name!(idempotency_key, Option<String>),
+        name!(url, Option<String>),
+        name!(url_hashes, Option<JsonB>),
+        name!(body, Option<String>),
+        name!(error, Option<String>),
+        name!(event, String),
+        name!(status, String),
+        name!(success_pattern, Option<String>),
+    ),
+> {
+    let t = test_of(endpoint_id, sample);
+    let hashes = t.rendered.url_hashes();
+    let r = t.rendered;
+    TableIterator::once((r.key, r.url, hashes, r.body, r.error, t.event, t.status, t.pattern))
 }
 
 /// The URL and complete headers a delivery would be sent with now (signature
