@@ -21,7 +21,7 @@ use pgrx::spi::{SpiClient, SpiResult};
 use pgrx::{JsonB, PgOid};
 use serde_json::{Map, Value};
 
-use super::endpoints::{load_endpoints, render, render_pattern, EndpointRow};
+use super::endpoints::{load_endpoints, render_with_pattern, EndpointRow};
 use super::rows::{self, FoundClick};
 use super::{now_unix_micros, object, unix_micros};
 use crate::rules::request::{self, Click, Conversion};
@@ -211,14 +211,15 @@ impl Pending {
         self.key.len()
     }
 
-    fn push(&mut self, e: &EndpointRow, c: &Conversion, key: String, rendered: Result<request::Request, String>) {
+    fn push(
+        &mut self,
+        e: &EndpointRow,
+        c: &Conversion,
+        key: String,
+        (rendered, pattern): (Result<request::Request, String>, Option<String>),
+    ) {
         self.delay.push(e.delay_secs);
-        let pattern = e.pattern.as_deref().map(|p| render_pattern(p, c, e)).transpose();
-        let rendered = match (rendered, &pattern) {
-            (Ok(_), Err(why)) => Err(why.clone()),
-            (r, _) => r,
-        };
-        self.pattern.push(pattern.ok().flatten());
+        self.pattern.push(pattern);
         self.endpoint_id.push(e.id);
         self.conversion_id.push(c.id);
         self.event.push(c.event.to_string());
@@ -353,7 +354,7 @@ fn enqueue_conversions<'a>(
                 for &i in &matched {
                     let e = &endpoints[i];
                     let key = request::idempotency_key(conversion.id, e.id, conversion.event, conversion.status);
-                    let rendered = render(&conversion, e, &key, now, limits);
+                    let rendered = render_with_pattern(&conversion, e, &key, now, limits);
                     pending.push(e, &conversion, key, rendered);
                     if pending.len() >= CHUNK {
                         pending.flush(client, &plan)?;

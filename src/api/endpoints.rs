@@ -114,7 +114,7 @@ pub(super) fn load_endpoints(client: &SpiClient, only: Option<i64>) -> SpiResult
 
 /// An endpoint's success_body_pattern with this delivery's values, regex-escaped;
 /// an error (the delivery is dead with it) when it outgrows the bound.
-pub(super) fn render_pattern(pattern: &str, conversion: &Conversion, e: &EndpointRow) -> Result<String, String> {
+fn render_pattern(pattern: &str, conversion: &Conversion, e: &EndpointRow) -> Result<String, String> {
     let empty = crate::rules::template::Template { tokens: Vec::new() };
     let template = Rc::as_ref(&e.url_template).as_ref().map_or(&empty, |(t, _)| t);
     let endpoint = e.endpoint(template, false);
@@ -122,6 +122,23 @@ pub(super) fn render_pattern(pattern: &str, conversion: &Conversion, e: &Endpoin
         crate::rules::template::pattern::render_pattern(pattern, &request::ConversionVars::new(conversion, &endpoint));
     crate::rules::retry::check_success_pattern_size(&rendered)?;
     Ok(rendered)
+}
+
+/// The request and the filled success pattern of one delivery; a pattern
+/// that outgrows its bound fails the request with the reason (it is never
+/// sent without its rule).
+pub(super) fn render_with_pattern(
+    conversion: &Conversion,
+    e: &EndpointRow,
+    key: &str,
+    now: i64,
+    limits: request::Limits,
+) -> (Result<request::Request, String>, Option<String>) {
+    let rendered = render(conversion, e, key, now, limits);
+    match e.pattern.as_deref().map(|p| render_pattern(p, conversion, e)).transpose() {
+        Ok(pattern) => (rendered, pattern),
+        Err(why) => (rendered.and(Err(why)), None),
+    }
 }
 
 pub(super) fn render(

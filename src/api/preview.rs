@@ -6,7 +6,7 @@ use pgrx::JsonB;
 use serde_json::{Map, Value};
 
 use super::conversions::ConversionRow;
-use super::endpoints::{load_endpoints, render, render_pattern};
+use super::endpoints::{load_endpoints, render, render_with_pattern};
 use super::rows::{self, live_secrets};
 use super::{invalid, now_unix_micros};
 use crate::rules::outgoing;
@@ -36,7 +36,7 @@ impl Rendered {
     }
 
     fn url_hashes(&self) -> Option<JsonB> {
-        crate::rules::url_hash::to_json(&self.hashes).and_then(|t| serde_json::from_str(&t).ok()).map(JsonB)
+        crate::rules::url_hash::to_value(&self.hashes).map(JsonB)
     }
 }
 
@@ -146,18 +146,8 @@ pub(super) fn test_of(endpoint_id: i64, sample: JsonB) -> TestRequest {
         let (event, status) = (c.event.clone(), c.status.clone());
         let conversion = c.as_conversion();
         let key = format!("test.{}.{marker}", e.id);
-        let rendered = render(&conversion, e, &key, now, crate::gucs::request_limits());
-        let pattern = e.pattern.as_deref().map(|p| render_pattern(p, &conversion, e)).transpose();
-        let rendered = match (rendered, &pattern) {
-            (Ok(_), Err(why)) => Err(why.clone()),
-            (r, _) => r,
-        };
-        Ok::<_, pgrx::spi::Error>(TestRequest {
-            rendered: Rendered::of(key, rendered),
-            event,
-            status,
-            pattern: pattern.ok().flatten(),
-        })
+        let (rendered, pattern) = render_with_pattern(&conversion, e, &key, now, crate::gucs::request_limits());
+        Ok::<_, pgrx::spi::Error>(TestRequest { rendered: Rendered::of(key, rendered), event, status, pattern })
     })
     .unwrap_or_else(|e| pgrx::error!("rendering a test request: {e}"))
 }
@@ -208,8 +198,8 @@ fn sign_request(
     idempotency_key: &str,
 ) -> TableIterator<'static, (name!(url, String), name!(headers, JsonB))> {
     let Some(url) = url else { return TableIterator::new(std::iter::empty()) };
-    let hashes = crate::rules::url_hash::from_json(url_hashes.map(|h| h.0.to_string()).as_deref())
-        .unwrap_or_else(|e| invalid(e));
+    let hashes =
+        url_hashes.map_or(Ok(Vec::new()), |h| crate::rules::url_hash::from_value(&h.0)).unwrap_or_else(|e| invalid(e));
     let signing = outgoing::Signing {
         scheme: signing_scheme.to_string(),
         secrets: if signing_scheme == "none" && hashes.is_empty() { Vec::new() } else { live_secrets(endpoint_id) },

@@ -44,6 +44,11 @@ pub fn hex_digest(algorithm: &str, input: &[u8]) -> Result<String, String> {
 /// The slots as stored in `postback.deliveries.url_hashes` (NULL when none):
 /// `[{"at": 31, "alg": "md5", "parts": ["tx-1", ":", null]}]`.
 pub fn to_json(slots: &[HashSlot]) -> Option<String> {
+    to_value(slots).map(|v| v.to_string())
+}
+
+/// The stored form as a JSON value (NULL when there are no slots).
+pub fn to_value(slots: &[HashSlot]) -> Option<Value> {
     if slots.is_empty() {
         return None;
     }
@@ -57,15 +62,20 @@ pub fn to_json(slots: &[HashSlot]) -> Option<String> {
             })
         })
         .collect();
-    Some(Value::Array(list).to_string())
+    Some(Value::Array(list))
 }
 
 /// Reads stored slots; anything that does not parse is an error (the delivery
 /// fails with it, it is never sent without its digest).
 pub fn from_json(text: Option<&str>) -> Result<Vec<HashSlot>, String> {
     let Some(text) = text else { return Ok(Vec::new()) };
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("url_hashes does not parse: {e}"))?;
+    from_value(&value)
+}
+
+/// Reads slots from their stored JSON value (see `from_json`).
+pub fn from_value(value: &Value) -> Result<Vec<HashSlot>, String> {
     let bad = |why: &str| format!("url_hashes does not parse: {why}");
-    let value: Value = serde_json::from_str(text).map_err(|e| bad(&e.to_string()))?;
     let Value::Array(items) = value else { return Err(bad("not a JSON array")) };
     let mut out = Vec::with_capacity(items.len());
     for item in items {
