@@ -21,6 +21,131 @@ pub static DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 24 * 36
 pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 pub static ALLOWED_TARGETS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
 
+/// One integer setting: its name, its descriptions, its bounds.
+struct IntGuc {
+    name: &'static CStr,
+    short: &'static CStr,
+    long: &'static CStr,
+    setting: &'static GucSetting<i32>,
+    min: i32,
+    max: i32,
+    /// Set by superusers only (SUSET), else in the configuration files (SIGHUP).
+    superuser_only: bool,
+    flags: GucFlags,
+}
+
+/// Every integer setting, registered in this order.
+static INT_GUCS: [IntGuc; 10] = [
+    IntGuc {
+        name: c"postback.poll_interval",
+        short: c"Longest time the worker sleeps before looking for due deliveries.",
+        long: c"Commits that enqueue deliveries wake the worker at once; this interval is only the \
+          fallback, and the worker also wakes for the earliest scheduled retry.",
+        setting: &POLL_INTERVAL_MS,
+        min: 10,
+        max: 3_600_000,
+        superuser_only: false,
+        flags: GucFlags::UNIT_MS,
+    },
+    IntGuc {
+        name: c"postback.batch_size",
+        short: c"Deliveries the worker claims per batch.",
+        long: c"Each claim is one short transaction; results are recorded as they come back, those finishing within 2 ms in one transaction.",
+        setting: &BATCH_SIZE,
+        min: 1,
+        max: 10_000,
+        superuser_only: false,
+        flags: GucFlags::empty(),
+    },
+    IntGuc {
+        name: c"postback.concurrency",
+        short: c"HTTP requests the worker keeps in flight at once, over all endpoints.",
+        long: c"Size of the worker's pool of sending threads (256 kB of stack reserved each). Each endpoint \
+          also has its own cap, postback.endpoints.max_in_flight, so a hanging endpoint holds at most that many.",
+        setting: &CONCURRENCY,
+        min: 1,
+        max: 256,
+        superuser_only: false,
+        flags: GucFlags::empty(),
+    },
+    IntGuc {
+        name: c"postback.max_response_bytes",
+        short: c"Most bytes of a response body read and stored per attempt.",
+        long: c"Longer bodies are truncated in postback.attempts.response_body; the rest is not read.",
+        setting: &MAX_RESPONSE_BYTES,
+        min: 0,
+        max: 1_048_576,
+        superuser_only: false,
+        flags: GucFlags::UNIT_BYTE,
+    },
+    IntGuc {
+        name: c"postback.breaker_failures",
+        short: c"Consecutive failed attempts after which an endpoint's circuit breaker opens; 0 = never.",
+        long: c"Failures are timeouts, refused or reset connections and HTTP 408, 429 and 5xx. While open, the \
+          endpoint's deliveries wait without spending attempts; after postback.breaker_cooldown one probe \
+          request goes through, and its success closes the breaker.",
+        setting: &BREAKER_FAILURES,
+        min: 0,
+        max: 1_000_000,
+        superuser_only: false,
+        flags: GucFlags::empty(),
+    },
+    IntGuc {
+        name: c"postback.breaker_cooldown",
+        short: c"How long an open circuit breaker waits before a probe request.",
+        long: c"Each failed probe doubles the wait, up to 32 times this value or one hour.",
+        setting: &BREAKER_COOLDOWN_MS,
+        min: 100,
+        max: 3_600_000,
+        superuser_only: false,
+        flags: GucFlags::UNIT_MS,
+    },
+    IntGuc {
+        name: c"postback.disable_after",
+        short: c"An endpoint failing for longer than this is deactivated (active = false); 0 = never.",
+        long: c"Measured from the first failure after its last success. NOTIFY postback_alerts announces it.",
+        setting: &DISABLE_AFTER_S,
+        min: 0,
+        max: i32::MAX,
+        superuser_only: false,
+        flags: GucFlags::UNIT_S,
+    },
+    IntGuc {
+        name: c"postback.retention",
+        short: c"How long finished deliveries and their attempts are kept; 0 keeps them forever.",
+        long: c"Every hour the worker deletes succeeded deliveries (and their attempts) that completed longer \
+          ago than this, in batches of 10,000 rows, one transaction each. Dead deliveries are kept for \
+          review; delete them with postback.purge(..., include_dead => true).",
+        setting: &RETENTION_S,
+        min: 0,
+        max: i32::MAX,
+        superuser_only: false,
+        flags: GucFlags::UNIT_S,
+    },
+    IntGuc {
+        name: c"postback.max_url_bytes",
+        short: c"Longest URL a delivery may have.",
+        long: c"A rendered URL over this size is refused at enqueue: the delivery is recorded dead with \
+          the reason and the conversion is kept. Only superusers may change it.",
+        setting: &MAX_URL_BYTES,
+        min: 1024,
+        max: 1_048_576,
+        superuser_only: true,
+        flags: GucFlags::UNIT_BYTE,
+    },
+    IntGuc {
+        name: c"postback.max_body_bytes",
+        short: c"Longest webhook body a delivery may have.",
+        long: c"A rendered webhook body over this size is refused at enqueue: the delivery is recorded \
+          dead with the reason (never truncated) and the conversion is kept. Only superusers may change it.",
+        setting: &MAX_BODY_BYTES,
+        min: 1024,
+        max: 67_108_864,
+        superuser_only: true,
+        flags: GucFlags::UNIT_BYTE,
+    },
+];
+
 pub fn init() {
     GucRegistry::define_string_guc(
         c"postback.database_name",
@@ -31,114 +156,10 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_int_guc(
-        c"postback.poll_interval",
-        c"Longest time the worker sleeps before looking for due deliveries.",
-        c"Commits that enqueue deliveries wake the worker at once; this interval is only the \
-          fallback, and the worker also wakes for the earliest scheduled retry.",
-        &POLL_INTERVAL_MS,
-        10,
-        3_600_000,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_int_guc(
-        c"postback.batch_size",
-        c"Deliveries the worker claims per batch.",
-        c"Each claim is one short transaction; results are recorded as they come back, those finishing within 2 ms in one transaction.",
-        &BATCH_SIZE,
-        1,
-        10_000,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"postback.concurrency",
-        c"HTTP requests the worker keeps in flight at once, over all endpoints.",
-        c"Size of the worker's pool of sending threads (256 kB of stack reserved each). Each endpoint \
-          also has its own cap, postback.endpoints.max_in_flight, so a hanging endpoint holds at most that many.",
-        &CONCURRENCY,
-        1,
-        256,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"postback.max_response_bytes",
-        c"Most bytes of a response body read and stored per attempt.",
-        c"Longer bodies are truncated in postback.attempts.response_body; the rest is not read.",
-        &MAX_RESPONSE_BYTES,
-        0,
-        1_048_576,
-        GucContext::Sighup,
-        GucFlags::UNIT_BYTE,
-    );
-    GucRegistry::define_int_guc(
-        c"postback.breaker_failures",
-        c"Consecutive failed attempts after which an endpoint's circuit breaker opens; 0 = never.",
-        c"Failures are timeouts, refused or reset connections and HTTP 408, 429 and 5xx. While open, the \
-          endpoint's deliveries wait without spending attempts; after postback.breaker_cooldown one probe \
-          request goes through, and its success closes the breaker.",
-        &BREAKER_FAILURES,
-        0,
-        1_000_000,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
-    GucRegistry::define_int_guc(
-        c"postback.breaker_cooldown",
-        c"How long an open circuit breaker waits before a probe request.",
-        c"Each failed probe doubles the wait, up to 32 times this value or one hour.",
-        &BREAKER_COOLDOWN_MS,
-        100,
-        3_600_000,
-        GucContext::Sighup,
-        GucFlags::UNIT_MS,
-    );
-    GucRegistry::define_int_guc(
-        c"postback.disable_after",
-        c"An endpoint failing for longer than this is deactivated (active = false); 0 = never.",
-        c"Measured from the first failure after its last success. NOTIFY postback_alerts announces it.",
-        &DISABLE_AFTER_S,
-        0,
-        i32::MAX,
-        GucContext::Sighup,
-        GucFlags::UNIT_S,
-    );
-    GucRegistry::define_int_guc(
-        c"postback.retention",
-        c"How long finished deliveries and their attempts are kept; 0 keeps them forever.",
-        c"Every hour the worker deletes succeeded deliveries (and their attempts) that completed longer \
-          ago than this, in batches of 10,000 rows, one transaction each. Dead deliveries are kept for \
-          review; delete them with postback.purge(..., include_dead => true).",
-        &RETENTION_S,
-        0,
-        i32::MAX,
-        GucContext::Sighup,
-        GucFlags::UNIT_S,
-    );
-    GucRegistry::define_int_guc(
-        c"postback.max_url_bytes",
-        c"Longest URL a delivery may have.",
-        c"A rendered URL over this size is refused at enqueue: the delivery is recorded dead with \
-          the reason and the conversion is kept. Only superusers may change it.",
-        &MAX_URL_BYTES,
-        1024,
-        1_048_576,
-        GucContext::Suset,
-        GucFlags::UNIT_BYTE,
-    );
-    GucRegistry::define_int_guc(
-        c"postback.max_body_bytes",
-        c"Longest webhook body a delivery may have.",
-        c"A rendered webhook body over this size is refused at enqueue: the delivery is recorded \
-          dead with the reason (never truncated) and the conversion is kept. Only superusers may change it.",
-        &MAX_BODY_BYTES,
-        1024,
-        67_108_864,
-        GucContext::Suset,
-        GucFlags::UNIT_BYTE,
-    );
+    for g in &INT_GUCS {
+        let context = if g.superuser_only { GucContext::Suset } else { GucContext::Sighup };
+        GucRegistry::define_int_guc(g.name, g.short, g.long, g.setting, g.min, g.max, context, g.flags);
+    }
     // SAFETY: the check hook is #[pg_guard]ed and only reads its argument.
     unsafe {
         GucRegistry::define_string_guc_with_hooks(

@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 
 use super::endpoints::{load_endpoints, render_with_pattern, EndpointRow};
 use super::rows::{self, FoundClick};
-use super::{now_unix_micros, object, unix_micros};
+use super::{now_unix_micros, object, raise, unix_micros, OrRaise};
 use crate::rules::request::{self, Click, Conversion};
 use crate::rules::routing::Subject;
 
@@ -65,9 +65,7 @@ fn conversions_validate<'a>(
         Err(e) => return Err(e),
     };
     let fields = crate::rules::conversion_rules::Fields { click_id, transaction_id, event, status, currency, partner };
-    if let Err((column, message)) = crate::rules::conversion_rules::check(&fields) {
-        ereport!(ERROR, PgSqlErrorCode::ERRCODE_CHECK_VIOLATION, message, format!("column: {column}"));
-    }
+    crate::rules::conversion_rules::check(&fields).or_raise();
     let inserting = matches!(trigger.op(), Ok(pgrx::PgTriggerOperation::Insert));
     if !has_partner {
         if inserting {
@@ -80,9 +78,7 @@ fn conversions_validate<'a>(
         let old_partner =
             trigger.old().and_then(|o| o.get_by_name::<&str>("partner").ok().flatten().map(str::to_string));
         if old_partner.as_deref() != partner {
-            let message =
-                crate::rules::conversion_rules::partner_change_message(transaction_id, old_partner.as_deref(), partner);
-            ereport!(ERROR, PgSqlErrorCode::ERRCODE_RESTRICT_VIOLATION, message);
+            raise(crate::rules::conversion_rules::partner_change(transaction_id, old_partner.as_deref(), partner));
         }
         return Ok(Some(row.into_owned()));
     }
@@ -136,22 +132,29 @@ pub(super) struct ConversionRow {
 }
 
 impl ConversionRow {
+    /// Reads `rows::CONVERSION_COLUMNS` (or `NO_CLICK_COLUMNS`) from the first column on.
     pub(super) fn read(row: &pgrx::spi::SpiHeapTupleData) -> SpiResult<ConversionRow> {
+        Self::read_from(row, 1)
+    }
+
+    /// Reads the conversion columns starting at column `first`.
+    pub(super) fn read_from(row: &pgrx::spi::SpiHeapTupleData, first: usize) -> SpiResult<ConversionRow> {
+        let at = |n: usize| first + n - 1;
         Ok(ConversionRow {
-            id: row.get::<i64>(1)?.unwrap_or_default(),
-            click_id: row.get::<String>(2)?.unwrap_or_default(),
-            transaction_id: row.get::<String>(3)?.unwrap_or_default(),
-            event: row.get::<String>(4)?.unwrap_or_default(),
-            status: row.get::<String>(5)?.unwrap_or_default(),
-            amount: row.get::<String>(6)?,
-            currency: row.get::<String>(7)?,
-            attributes: object(row.get::<JsonB>(8)?).unwrap_or_default(),
-            occurred_at: row.get::<TimestampWithTimeZone>(9)?.map(unix_micros).unwrap_or(0),
-            partner: row.get::<String>(10)?,
-            click: match row.get::<JsonB>(11)? {
+            id: row.get::<i64>(at(1))?.unwrap_or_default(),
+            click_id: row.get::<String>(at(2))?.unwrap_or_default(),
+            transaction_id: row.get::<String>(at(3))?.unwrap_or_default(),
+            event: row.get::<String>(at(4))?.unwrap_or_default(),
+            status: row.get::<String>(at(5))?.unwrap_or_default(),
+            amount: row.get::<String>(at(6))?,
+            currency: row.get::<String>(at(7))?,
+            attributes: object(row.get::<JsonB>(at(8))?).unwrap_or_default(),
+            occurred_at: row.get::<TimestampWithTimeZone>(at(9))?.map(unix_micros).unwrap_or(0),
+            partner: row.get::<String>(at(10))?,
+            click: match row.get::<JsonB>(at(11))? {
                 Some(a) => Some(Click {
                     attributes: object(Some(a)).unwrap_or_default(),
-                    clicked_at_unix_micros: row.get::<TimestampWithTimeZone>(12)?.map(unix_micros).unwrap_or(0),
+                    clicked_at_unix_micros: row.get::<TimestampWithTimeZone>(at(12))?.map(unix_micros).unwrap_or(0),
                 }),
                 None => None,
             },

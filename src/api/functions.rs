@@ -1,52 +1,45 @@
-//! Validators of endpoint settings, template rendering, sign and verify.
+//! Validators of endpoint settings (each calls its rule in
+//! `rules::validate`), template rendering, sign and verify.
 
 use pgrx::datetime::Interval;
 use pgrx::prelude::*;
 use pgrx::JsonB;
-use serde_json::Value;
 
-use super::{invalid, now_unix_micros, object_of};
-use crate::rules::outgoing;
-use crate::rules::signing::{self, Scheme};
+use super::{invalid, now_unix_micros, object_of, raise, OrRaise};
+use crate::rules::refusal::{Kind, Refusal};
+use crate::rules::signing;
 use crate::rules::template::{self, RenderOptions, Template};
+use crate::rules::validate;
 
 /// Fills a template from `vars`; each value is percent-encoded for where it stands.
 #[pg_extern(immutable, parallel_safe)]
 fn render(template: &str, vars: JsonB) -> String {
-    let parsed = Template::parse(template).unwrap_or_else(|e| invalid(format!("invalid template: {e}")));
+    let parsed = Template::parse(template).unwrap_or_else(|e| invalid("template", format!("invalid template: {e}")));
     template::render_url(&parsed, &object_of(vars, "vars"), RenderOptions::default())
-        .unwrap_or_else(|e| invalid(format!("rendering: {e}")))
+        .unwrap_or_else(|e| invalid("vars", format!("rendering: {e}")))
 }
 
 /// Checks an endpoint URL template; raises an error naming the problem and its position.
 #[pg_extern(immutable, parallel_safe)]
 fn validate_template(template: &str) -> bool {
-    crate::rules::url_policy::validate_url_template(template)
-        .unwrap_or_else(|e| invalid(format!("invalid url_template: {e}")));
+    validate::url_template(template).or_raise();
     true
 }
 
 /// Checks a webhook JSON body template; raises an error naming the problem.
 #[pg_extern(immutable, parallel_safe)]
 fn validate_body_template(body: JsonB) -> bool {
-    template::validate_body_template(&body.0).unwrap_or_else(|e| invalid(format!("invalid body_template: {e}")));
+    validate::body_template(&body.0).or_raise();
     true
 }
 
 /// Checks that a JSON value (as text) nests arrays and objects at most
-/// `conversion_rules::MAX_JSON_NESTING` deep; raises an error naming `column`.
-/// Used by CHECK constraints, so that a value every reader cannot handle is
-/// refused when its row is written, never when a later import reads it.
+/// `conversion_rules::MAX_JSON_NESTING` deep; raises a check_violation naming
+/// `column`. Used by CHECK constraints, so that a value every reader cannot
+/// handle is refused when its row is written, never when a later import reads it.
 #[pg_extern(immutable, parallel_safe)]
 fn check_json_nesting(value: &str, column: &str) -> bool {
-    if let Err(e) = crate::rules::conversion_rules::check_nesting(value, column) {
-        ereport!(
-            ERROR,
-            PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
-            e,
-            "Store deeply nested data elsewhere; attributes are read by routing and templates."
-        );
-    }
+    validate::nesting(value, column).or_raise();
     true
 }
 
@@ -54,24 +47,14 @@ fn check_json_nesting(value: &str, column: &str) -> bool {
 /// token that does not frame the request, each value free of control characters.
 #[pg_extern(immutable, parallel_safe)]
 fn validate_headers(headers: JsonB) -> bool {
-    let Value::Object(map) = headers.0 else {
-        invalid("invalid headers: must be a JSON object of header name to string value")
-    };
-    for (name, value) in &map {
-        let Value::String(value) = value else {
-            invalid(format!("invalid headers: the value of \"{}\" must be a string", name.escape_default()))
-        };
-        outgoing::check_header(name, value).unwrap_or_else(|e| invalid(format!("invalid headers: {e}")));
-    }
+    validate::headers(&headers.0).or_raise();
     true
 }
 
 /// Checks a success_body_pattern (the worker's regular expression syntax).
 #[pg_extern(immutable, parallel_safe)]
 fn validate_success_pattern(pattern: &str) -> bool {
-    // {variables} are filled per delivery (regex-escaped): check with sample values
-    regex::Regex::new(&crate::rules::template::pattern::render_pattern(pattern, &template::sample_vars()))
-        .unwrap_or_else(|e| invalid(format!("invalid regular expression in success_body_pattern: {e}")));
+    validate::success_pattern(pattern).or_raise();
     true
 }
 
@@ -79,38 +62,26 @@ fn validate_success_pattern(pattern: &str) -> bool {
 /// ranges such as 200-302.
 #[pg_extern(immutable, parallel_safe)]
 fn validate_statuses(statuses: Vec<Option<String>>, column: &str) -> bool {
-    let items: Vec<String> = statuses
-        .into_iter()
-        .map(|s| s.unwrap_or_else(|| invalid(format!("invalid {column}: the list holds NULL"))))
-        .collect();
-    crate::rules::retry::parse_statuses(&items, column).unwrap_or_else(|e| invalid(format!("invalid {e}")));
+    validate::statuses(&statuses, column).or_raise();
     true
 }
 
 /// Checks an endpoint's `partners`: NULL, or a non-empty list of partner names.
 #[pg_extern(immutable, parallel_safe)]
 fn validate_partners(partners: Vec<Option<String>>) -> bool {
-    if partners.is_empty() {
-        invalid("invalid partners: the list is empty (use NULL for every partner)");
-    }
-    for p in &partners {
-        let Some(p) = p else { invalid("invalid partners: the list holds NULL") };
-        crate::rules::routing::check_partner(p)
-            .unwrap_or_else(|e| invalid(format!("invalid partners: \"{}\" {e}", p.escape_default())));
-    }
+    validate::partners(&partners).or_raise();
     true
 }
 
 /// Checks an endpoint's `conditions` (a JSON object the attributes must contain).
 #[pg_extern(immutable, parallel_safe)]
 fn validate_conditions(conditions: JsonB) -> bool {
-    crate::rules::routing::check_conditions(&conditions.0)
-        .unwrap_or_else(|e| invalid(format!("invalid conditions: {e}")));
+    validate::conditions(&conditions.0).or_raise();
     true
 }
 
-fn scheme(name: &str) -> Scheme {
-    Scheme::parse(name).unwrap_or_else(|e| invalid(e.0))
+fn sign_error(e: signing::SignError) -> ! {
+    raise(Refusal::new(Kind::InvalidValue, e.argument, e.message).argument())
 }
 
 /// Signs `payload` and returns the signature in the exact header format of `scheme`.
@@ -123,7 +94,7 @@ fn sign(
     ts: default!(Option<i64>, "NULL"),
 ) -> String {
     let ts = ts.unwrap_or_else(|| now_unix_micros().div_euclid(1_000_000));
-    signing::sign(payload, secret, self::scheme(scheme), msg_id, ts).unwrap_or_else(|e| invalid(e.0))
+    signing::sign(payload, secret, validate::scheme(scheme).or_raise(), msg_id, ts).unwrap_or_else(|e| sign_error(e))
 }
 
 /// Verifies a signature header in constant time, accepting any of several
@@ -141,6 +112,6 @@ fn verify(
 ) -> bool {
     let tolerance_secs = (tolerance.as_micros() / 1_000_000) as i64;
     let now = now_unix_micros().div_euclid(1_000_000);
-    signing::verify(payload, secret, self::scheme(scheme), signature, msg_id, ts, tolerance_secs, now)
-        .unwrap_or_else(|e| invalid(e.0))
+    signing::verify(payload, secret, validate::scheme(scheme).or_raise(), signature, msg_id, ts, tolerance_secs, now)
+        .unwrap_or_else(|e| sign_error(e))
 }

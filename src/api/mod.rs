@@ -12,6 +12,7 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::{Map, Value};
 
+use crate::rules::refusal::{Kind, Refusal};
 use crate::rules::request::PG_EPOCH_OFFSET_MICROS;
 
 mod compat;
@@ -22,15 +23,43 @@ mod preview;
 mod rows;
 mod status;
 
-/// Raises invalid_parameter_value (22023) with `message`.
-fn invalid(message: impl Into<String>) -> ! {
-    ereport!(ERROR, PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message.into());
+/// The one mapping from a [`Refusal`] to a Postgres error: the SQLSTATE of its
+/// kind, its column or argument in DETAIL, its hint.
+fn raise(r: Refusal) -> ! {
+    let code = match r.kind {
+        Kind::InvalidValue => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        Kind::CheckViolation => PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+        Kind::RestrictViolation => PgSqlErrorCode::ERRCODE_RESTRICT_VIOLATION,
+    };
+    let detail = r.detail();
+    let mut report = pgrx::pg_sys::panic::ErrorReport::new(code, r.message, "pg_postback").set_detail(detail);
+    if let Some(hint) = r.hint {
+        report = report.set_hint(hint);
+    }
+    report.report(PgLogLevel::ERROR);
+    unreachable!("an ERROR report does not return")
+}
+
+/// Raises invalid_parameter_value (22023) about an argument the SQL layer reads itself.
+fn invalid(argument: &str, message: impl Into<String>) -> ! {
+    raise(Refusal::new(Kind::InvalidValue, argument, message).argument())
+}
+
+/// Values a rule refused become the Postgres error of [`raise`].
+trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T, Refusal> {
+    fn or_raise(self) -> T {
+        self.unwrap_or_else(|r| raise(r))
+    }
 }
 
 fn object_of(value: JsonB, what: &str) -> Map<String, Value> {
     match value.0 {
         Value::Object(m) => m,
-        _ => invalid(format!("{what} must be a JSON object")),
+        _ => invalid(what, format!("{what} must be a JSON object")),
     }
 }
 

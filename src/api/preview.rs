@@ -102,7 +102,7 @@ pub(super) struct TestRequest {
 /// each overridable by a key of `sample` (click_id, transaction_id, event,
 /// status, amount, currency, partner, attributes, click).
 pub(super) fn test_of(endpoint_id: i64, sample: JsonB) -> TestRequest {
-    let Value::Object(sample) = sample.0 else { invalid("sample must be a JSON object") };
+    let Value::Object(sample) = sample.0 else { invalid("sample", "sample must be a JSON object") };
     let text = |key: &str, default: String| -> String {
         match sample.get(key) {
             Some(Value::String(s)) => s.clone(),
@@ -112,7 +112,7 @@ pub(super) fn test_of(endpoint_id: i64, sample: JsonB) -> TestRequest {
     };
     Spi::connect(|client| {
         let (endpoints, router) = load_endpoints(client, Some(endpoint_id))?;
-        let Some(e) = endpoints.first() else { invalid(format!("unknown endpoint id {endpoint_id}")) };
+        let Some(e) = endpoints.first() else { invalid("endpoint_id", format!("unknown endpoint id {endpoint_id}")) };
         let filters = router.filters(0);
         let now = now_unix_micros();
         let marker = format!("{:x}", now);
@@ -198,8 +198,9 @@ fn sign_request(
     idempotency_key: &str,
 ) -> TableIterator<'static, (name!(url, String), name!(headers, JsonB))> {
     let Some(url) = url else { return TableIterator::new(std::iter::empty()) };
-    let hashes =
-        url_hashes.map_or(Ok(Vec::new()), |h| crate::rules::url_hash::from_value(&h.0)).unwrap_or_else(|e| invalid(e));
+    let hashes = url_hashes
+        .map_or(Ok(Vec::new()), |h| crate::rules::url_hash::from_value(&h.0))
+        .unwrap_or_else(|e| invalid("url_hashes", e));
     let signing = outgoing::Signing {
         scheme: signing_scheme.to_string(),
         secrets: if signing_scheme == "none" && hashes.is_empty() { Vec::new() } else { live_secrets(endpoint_id) },
@@ -209,12 +210,12 @@ fn sign_request(
     };
     // the same reading as the worker's: headers that do not parse are an error, never left out
     let stored = match headers {
-        Some(h) => outgoing::parse_stored_headers(&h.0.to_string()).unwrap_or_else(|e| invalid(e)),
+        Some(h) => outgoing::parse_stored_headers(&h.0.to_string()).unwrap_or_else(|e| invalid("headers", e)),
         None => Vec::new(),
     };
     let now = now_unix_micros().div_euclid(1_000_000);
     let out = outgoing::finalize(kind, url, &hashes, &stored, body, idempotency_key, &signing, now)
-        .unwrap_or_else(|e| invalid(e));
+        .unwrap_or_else(|e| invalid("url", e));
     let headers: Map<String, Value> = out.headers.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
     TableIterator::once((out.url, JsonB(Value::Object(headers))))
 }

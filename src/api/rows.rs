@@ -6,8 +6,6 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
 
-use super::invalid;
-
 const ENDPOINT_COLUMNS: &str = "id, name, kind, method, url_template, body_template, status_map, drop_empty_params,
                                  events, statuses, partners, conditions, success_body_pattern,
                                  extract(epoch FROM initial_delay)::float8";
@@ -61,7 +59,7 @@ pub(super) fn find_click(click_id: &str) -> Option<FoundClick> {
                 clicked_at: row.get::<TimestampWithTimeZone>(3)?,
             }))
         })
-        .unwrap_or_else(|e| invalid(format!("looking up the click of a conversion: {e}")))
+        .unwrap_or_else(|e| pgrx::error!("looking up the click of a conversion: {e}"))
     })
 }
 
@@ -70,7 +68,7 @@ pub(super) fn find_click(click_id: &str) -> Option<FoundClick> {
 pub(super) fn live_secrets(endpoint_id: i64) -> Vec<String> {
     Spi::get_one_with_args::<Vec<String>>("SELECT postback.live_secrets($1)", &[endpoint_id.into()])
         .map(Option::unwrap_or_default)
-        .unwrap_or_else(|e| invalid(format!("reading secrets: {e}")))
+        .unwrap_or_else(|e| pgrx::error!("reading secrets: {e}"))
 }
 
 /// The conversions a statement trigger reads from its transition tables; an

@@ -1,6 +1,8 @@
 //! Validation of conversion rows, with messages that name the column and the
 //! row's transaction_id (pure; the CHECK constraints stay as a backstop).
 
+use crate::rules::refusal::{Kind, Refusal};
+
 pub const STATUSES: &[&str] = &["pending", "approved", "rejected", "reversed", "refunded", "chargeback"];
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -22,24 +24,28 @@ fn event_ok(e: &str) -> bool {
 }
 
 /// Why a conversion's partner may not change after insert.
-pub fn partner_change_message(transaction_id: Option<&str>, old: Option<&str>, new: Option<&str>) -> String {
+pub fn partner_change(transaction_id: Option<&str>, old: Option<&str>, new: Option<&str>) -> Refusal {
     let show = |p: Option<&str>| p.map_or("NULL".to_string(), |p| format!("\"{}\"", shorten(p)));
-    format!(
+    let message = format!(
         "conversion with transaction_id \"{}\": column partner cannot change after insert (from {} to {}); \
          its deliveries went to that partner's endpoints and its later statuses must follow them",
         shorten(transaction_id.unwrap_or("")),
         show(old),
         show(new)
-    )
+    );
+    Refusal::new(Kind::RestrictViolation, "partner", message)
+        .hint("Insert a conversion with another transaction_id for the other partner.")
 }
 
-/// `Err` holds (column, message).
-pub fn check(f: &Fields) -> Result<(), (&'static str, String)> {
+/// `Err` names the column (a check_violation).
+pub fn check(f: &Fields) -> Result<(), Refusal> {
     let row = match f.transaction_id {
         Some(t) => format!("conversion with transaction_id \"{}\"", shorten(t)),
         None => "conversion without transaction_id".to_string(),
     };
-    let bad = |column: &'static str, what: String| Err((column, format!("{row}: column {column} {what}")));
+    let bad = |column: &str, what: String| {
+        Err(Refusal::new(Kind::CheckViolation, column, format!("{row}: column {column} {what}")))
+    };
     match f.transaction_id {
         None => return bad("transaction_id", "must not be null".into()),
         Some(t) if t.is_empty() || t.chars().count() > 256 => {
@@ -108,30 +114,30 @@ mod tests {
 
     #[test]
     fn errors_name_column_and_transaction_id() {
-        let (col, msg) = check(&Fields { status: Some("paid"), ..ok() }).unwrap_err();
+        let Refusal { field: col, message: msg, .. } = check(&Fields { status: Some("paid"), ..ok() }).unwrap_err();
         assert_eq!(col, "status");
         assert!(
             msg.contains("transaction_id \"t-1\"") && msg.contains("column status") && msg.contains("\"paid\""),
             "{msg}"
         );
-        assert_eq!(check(&Fields { currency: Some("eur"), ..ok() }).unwrap_err().0, "currency");
-        assert_eq!(check(&Fields { click_id: Some(""), ..ok() }).unwrap_err().0, "click_id");
-        assert_eq!(check(&Fields { transaction_id: Some(""), ..ok() }).unwrap_err().0, "transaction_id");
-        assert_eq!(check(&Fields { event: Some("Big Sale"), ..ok() }).unwrap_err().0, "event");
+        assert_eq!(check(&Fields { currency: Some("eur"), ..ok() }).unwrap_err().field, "currency");
+        assert_eq!(check(&Fields { click_id: Some(""), ..ok() }).unwrap_err().field, "click_id");
+        assert_eq!(check(&Fields { transaction_id: Some(""), ..ok() }).unwrap_err().field, "transaction_id");
+        assert_eq!(check(&Fields { event: Some("Big Sale"), ..ok() }).unwrap_err().field, "event");
         assert_eq!(check(&Fields { partner: None, ..ok() }), Ok(()));
-        let (col, msg) = check(&Fields { partner: Some(""), ..ok() }).unwrap_err();
+        let Refusal { field: col, message: msg, .. } = check(&Fields { partner: Some(""), ..ok() }).unwrap_err();
         assert_eq!(
-            (col, msg.as_str()),
+            (col.as_str(), msg.as_str()),
             (
                 "partner",
                 "conversion with transaction_id \"t-1\": column partner \"\" must be 1 to 100 characters (got 0)"
             )
         );
-        assert_eq!(check(&Fields { partner: Some("a\tb"), ..ok() }).unwrap_err().0, "partner");
-        let m = partner_change_message(Some("t-1"), Some("net-a"), None);
+        assert_eq!(check(&Fields { partner: Some("a\tb"), ..ok() }).unwrap_err().field, "partner");
+        let m = partner_change(Some("t-1"), Some("net-a"), None).message;
         assert!(m.contains("column partner cannot change after insert (from \"net-a\" to NULL)"), "{m}");
         let long = "x".repeat(513);
-        let (col, msg) = check(&Fields { click_id: Some(&long), ..ok() }).unwrap_err();
+        let Refusal { field: col, message: msg, .. } = check(&Fields { click_id: Some(&long), ..ok() }).unwrap_err();
         assert_eq!(col, "click_id");
         assert!(msg.contains("got 513"), "{msg}");
     }

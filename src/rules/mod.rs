@@ -1,11 +1,12 @@
 //! The rules (pure): no Postgres bindings, no SQL, no I/O but the clock. The SQL layer
-//! (`api`, `enqueue`, `gucs`), the HTTP client (`http`) and the worker call
+//! (`api`, `gucs`), the HTTP client (`http`) and the worker call
 //! them; they import nothing outside this module (`grep -rn "crate::" src/rules`
 //! names only `crate::rules::…`).
 
 pub mod conversion_rules;
 pub mod health;
 pub mod outgoing;
+pub mod refusal;
 pub mod request;
 pub mod retry;
 pub mod routing;
@@ -16,3 +17,4 @@ pub mod template;
 pub mod text;
 pub mod url_hash;
 pub mod url_policy;
+pub mod validate;

@@ -12,7 +12,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
-use std::fmt;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -27,19 +26,18 @@ pub enum Scheme {
 
 pub const SCHEME_NAMES: &[&str] = &["hmac-sha256-hex", "hmac-sha256-base64", "github", "stripe", "standard-webhooks"];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignError(pub String);
-
-impl fmt::Display for SignError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why a payload cannot be signed or verified (the scheme, the secret or a
+/// missing input); it never quotes the secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct SignError {
+    /// The input at fault: scheme, secret, msg_id or ts.
+    pub argument: &'static str,
+    pub message: String,
 }
 
-impl std::error::Error for SignError {}
-
-fn fail<T>(message: impl Into<String>) -> Result<T, SignError> {
-    Err(SignError(message.into()))
+fn fail<T>(argument: &'static str, message: impl Into<String>) -> Result<T, SignError> {
+    Err(SignError { argument, message: message.into() })
 }
 
 impl Scheme {
@@ -50,8 +48,13 @@ impl Scheme {
             "github" => Scheme::Github,
             "stripe" => Scheme::Stripe,
             "standard-webhooks" => Scheme::StandardWebhooks,
-            "none" => return fail("signing scheme \"none\" does not sign"),
-            other => return fail(format!("unknown signing scheme \"{other}\" (known: {})", SCHEME_NAMES.join(", "))),
+            "none" => return fail("scheme", "signing scheme \"none\" does not sign"),
+            other => {
+                return fail(
+                    "scheme",
+                    format!("unknown signing scheme \"{other}\" (known: {})", SCHEME_NAMES.join(", ")),
+                )
+            }
         })
     }
 
@@ -74,17 +77,17 @@ impl Scheme {
 /// The HMAC key of a secret for a scheme.
 fn key(scheme: Scheme, secret: &str) -> Result<Vec<u8>, SignError> {
     if secret.is_empty() {
-        return fail("signing secret must not be empty");
+        return fail("secret", "signing secret must not be empty");
     }
     if scheme != Scheme::StandardWebhooks {
         return Ok(secret.as_bytes().to_vec());
     }
     let encoded = secret
         .strip_prefix("whsec_")
-        .ok_or_else(|| SignError("standard-webhooks secret must start with \"whsec_\"".into()))?;
+        .map_or_else(|| fail("secret", "standard-webhooks secret must start with \"whsec_\""), Ok)?;
     match B64.decode(encoded) {
         Ok(bytes) if !bytes.is_empty() => Ok(bytes),
-        _ => fail("standard-webhooks secret must be \"whsec_\" followed by base64"),
+        _ => fail("secret", "standard-webhooks secret must be \"whsec_\" followed by base64"),
     }
 }
 
@@ -110,7 +113,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 fn require_msg_id(scheme: Scheme, msg_id: Option<&str>) -> Result<&str, SignError> {
     match msg_id {
         Some(id) if !id.is_empty() => Ok(id),
-        _ if scheme == Scheme::StandardWebhooks => fail("standard-webhooks needs a message id (msg_id)"),
+        _ if scheme == Scheme::StandardWebhooks => fail("msg_id", "standard-webhooks needs a message id (msg_id)"),
         _ => Ok(""),
     }
 }
@@ -148,7 +151,7 @@ pub fn sign_all(
     msg_id: Option<&str>,
     ts: i64,
 ) -> Result<String, SignError> {
-    let first = secrets.first().ok_or_else(|| SignError("no live signing secret".into()))?;
+    let first = secrets.first().map_or_else(|| fail("secret", "no live signing secret"), Ok)?;
     match scheme {
         Scheme::StandardWebhooks => {
             Ok(secrets.iter().map(|s| sign(payload, s, scheme, msg_id, ts)).collect::<Result<Vec<_>, _>>()?.join(" "))
@@ -203,7 +206,7 @@ pub fn verify(
             }
         }
         Scheme::StandardWebhooks => {
-            let ts = ts.ok_or_else(|| SignError("standard-webhooks needs the timestamp (ts)".into()))?;
+            let ts = ts.map_or_else(|| fail("ts", "standard-webhooks needs the timestamp (ts)"), Ok)?;
             (
                 ts,
                 signature
@@ -239,7 +242,7 @@ pub fn sign_url(
     let with_ts = format!("{base}{sep}{ts_param}={ts}");
     let sig = match scheme {
         Scheme::HmacHex | Scheme::HmacBase64 => sign(&with_ts, secret, scheme, None, ts)?,
-        _ => return fail("postback URLs are signed with hmac-sha256-hex or hmac-sha256-base64"),
+        _ => return fail("scheme", "postback URLs are signed with hmac-sha256-hex or hmac-sha256-base64"),
     };
     let mut out = format!("{with_ts}&{sig_param}={}", crate::rules::text::encode_component(&sig));
     if let Some(f) = fragment {
@@ -335,17 +338,18 @@ mod tests {
     }
 
     #[test]
-    fn errors_are_clear() {
-        assert!(Scheme::parse("md5").unwrap_err().0.contains("unknown signing scheme \"md5\""));
-        assert!(Scheme::parse("none").unwrap_err().0.contains("does not sign"));
-        assert!(sign("x", "", Scheme::HmacHex, None, 0).unwrap_err().0.contains("must not be empty"));
-        assert!(sign("x", "MfKQ", Scheme::StandardWebhooks, Some("m"), 0).unwrap_err().0.contains("whsec_"));
-        assert!(sign("x", "whsec_!!!", Scheme::StandardWebhooks, Some("m"), 0).unwrap_err().0.contains("base64"));
-        assert!(sign("x", SW_SECRET, Scheme::StandardWebhooks, None, 0).unwrap_err().0.contains("message id"));
-        assert!(verify("x", SW_SECRET, Scheme::StandardWebhooks, SW_SIG, Some("m"), None, 300, 0)
-            .unwrap_err()
-            .0
-            .contains("timestamp"));
+    fn errors_are_clear_and_name_their_input() {
+        let e = |r: Result<String, SignError>| r.map(|_| ()).unwrap_err();
+        let s = Scheme::parse("md5").unwrap_err();
+        assert!(s.argument == "scheme" && s.message.contains("unknown signing scheme \"md5\""), "{s:?}");
+        assert!(Scheme::parse("none").unwrap_err().message.contains("does not sign"));
+        assert_eq!(e(sign("x", "", Scheme::HmacHex, None, 0)).argument, "secret");
+        assert!(e(sign("x", "MfKQ", Scheme::StandardWebhooks, Some("m"), 0)).message.contains("whsec_"));
+        assert!(e(sign("x", "whsec_!!!", Scheme::StandardWebhooks, Some("m"), 0)).message.contains("base64"));
+        let m = e(sign("x", SW_SECRET, Scheme::StandardWebhooks, None, 0));
+        assert!(m.argument == "msg_id" && m.message.contains("message id"), "{m:?}");
+        let t = verify("x", SW_SECRET, Scheme::StandardWebhooks, SW_SIG, Some("m"), None, 300, 0).unwrap_err();
+        assert!(t.argument == "ts" && t.message.contains("timestamp"), "{t:?}");
     }
 
     #[test]

@@ -65,12 +65,34 @@ impl Worker {
                 return;
             }
         };
+        self.remember_endpoints(&refreshed, fresh, now, now_instant);
+        // more may be due if the claim was full or left endpoints out
+        self.maybe_due = claimed.len() >= limit;
+        if !blocked.is_empty() && !claimed.is_empty() {
+            self.maybe_due = true;
+        }
+        if claimed.is_empty() {
+            self.next_due = next_due();
+        } else {
+            self.offer(claimed, now);
+        }
+    }
+
+    /// Keeps the endpoints read again (and forgets those deleted since).
+    fn remember_endpoints(
+        &mut self,
+        refreshed: &[i64],
+        fresh: HashMap<i64, EndpointConfig>,
+        now: i64,
+        now_instant: Instant,
+    ) {
         for id in refreshed.iter().filter(|id| !fresh.contains_key(id)) {
-            self.endpoints.remove(id); // deleted since
+            self.endpoints.remove(id);
         }
         for (id, e) in fresh {
             self.scheduler.set_limits(id, e.limits, now);
             let judging = Judging {
+                // never read when Err: build_job fails the delivery with the reason first
                 rules: Arc::new(e.status_rules.clone().unwrap_or_default()),
                 pattern: e.success_body_pattern.as_deref().map(Arc::from),
                 schedule: Arc::new(e.schedule.clone()),
@@ -78,22 +100,10 @@ impl Worker {
             };
             self.endpoints.insert(id, CachedEndpoint { read_at: now_instant, config: Arc::new(e), judging });
         }
-        // more may be due if the claim was full or left endpoints out
-        self.maybe_due = claimed.len() >= limit;
-        if !blocked.is_empty() && !claimed.is_empty() {
-            self.maybe_due = true;
-        }
-        if claimed.is_empty() {
-            self.next_due = match txn::run("finding the next retry", queue::ms_until_next_due) {
-                Ok(Some(ms)) => Some(Instant::now() + Duration::from_millis(ms.max(1) as u64)),
-                Ok(None) => None,
-                Err(e) => {
-                    note_error(&e);
-                    None
-                }
-            };
-            return;
-        }
+    }
+
+    /// Hands claimed deliveries to the scheduler; what has no room goes back unspent.
+    fn offer(&mut self, claimed: Vec<Claimed>, now: i64) {
         let mut release = Vec::new();
         for mut c in claimed {
             let Some(endpoint) = self.endpoints.get(&c.endpoint_id) else {
@@ -116,6 +126,18 @@ impl Worker {
                 note_error(&e);
             }
             self.maybe_due = true;
+        }
+    }
+}
+
+/// When the earliest scheduled retry is due, if any.
+fn next_due() -> Option<Instant> {
+    match txn::run("finding the next retry", queue::ms_until_next_due) {
+        Ok(Some(ms)) => Some(Instant::now() + Duration::from_millis(ms.max(1) as u64)),
+        Ok(None) => None,
+        Err(e) => {
+            note_error(&e);
+            None
         }
     }
 }

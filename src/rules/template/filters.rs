@@ -222,22 +222,8 @@ pub fn apply(filters: &[Filter], value: Option<Val>) -> Result<(Option<String>, 
         };
         let text = v.text();
         let next = match f {
-            Filter::Mul(x) | Filter::Div(x) | Filter::Add(x) | Filter::Sub(x) => {
-                let n = number(&text, "arithmetic")?;
-                let r = match f {
-                    Filter::Mul(_) => n.checked_mul(*x),
-                    Filter::Div(_) => n.checked_div(*x),
-                    Filter::Add(_) => n.checked_add(*x),
-                    _ => n.checked_sub(*x),
-                }
-                .ok_or_else(|| format!("arithmetic on \"{text}\" overflows"))?;
-                Val::Text(r.normalize().to_string())
-            }
-            Filter::Round(places) => {
-                let n = number(&text, "round")?;
-                let mut r = n.round_dp_with_strategy(*places, RoundingStrategy::MidpointAwayFromZero);
-                r.rescale(*places);
-                Val::Text(r.to_string())
+            Filter::Mul(_) | Filter::Div(_) | Filter::Add(_) | Filter::Sub(_) | Filter::Round(_) => {
+                Val::Text(arithmetic(f, &text)?)
             }
             Filter::Tz(zone) => {
                 let t = zoned.map_or_else(|| timestamp(&text), Ok)?;
@@ -279,6 +265,26 @@ pub fn apply(filters: &[Filter], value: Option<Val>) -> Result<(Option<String>, 
         current = Some(next);
     }
     Ok((current.map(|v| v.text()), raw))
+}
+
+/// mul, div, add, sub and round on a decimal value.
+fn arithmetic(f: &Filter, text: &str) -> Result<String, String> {
+    if let Filter::Round(places) = f {
+        let n = number(text, "round")?;
+        let mut r = n.round_dp_with_strategy(*places, RoundingStrategy::MidpointAwayFromZero);
+        r.rescale(*places);
+        return Ok(r.to_string());
+    }
+    let n = number(text, "arithmetic")?;
+    let r = match f {
+        Filter::Mul(x) => n.checked_mul(*x),
+        Filter::Div(x) => n.checked_div(*x),
+        Filter::Add(x) => n.checked_add(*x),
+        Filter::Sub(x) => n.checked_sub(*x),
+        _ => unreachable!("only arithmetic filters come here"),
+    }
+    .ok_or_else(|| format!("arithmetic on \"{text}\" overflows"))?;
+    Ok(r.normalize().to_string())
 }
 
 /// Whether the filters need the value as JSON (objects kept whole).

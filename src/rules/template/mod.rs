@@ -17,7 +17,6 @@
 use crate::rules::template::filters::Filter;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
-use std::fmt;
 
 pub mod filters;
 pub mod pattern;
@@ -42,23 +41,13 @@ pub const CONVERSION_VARIABLES: &[&str] = &[
     "partner",
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}{}", .position.map(|p| format!(" at position {p}")).unwrap_or_default())]
 pub struct TemplateError {
     /// 1-based character position, when the problem has one.
     pub position: Option<usize>,
     pub message: String,
 }
-
-impl fmt::Display for TemplateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.position {
-            Some(p) => write!(f, "{} at position {}", self.message, p),
-            None => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for TemplateError {}
 
 pub(crate) fn err(position: Option<usize>, message: impl Into<String>) -> TemplateError {
     TemplateError { position, message: message.into() }

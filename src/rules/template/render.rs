@@ -32,6 +32,65 @@ pub fn render_url<V: Vars + ?Sized>(template: &Template, vars: &V, options: Rend
 /// control character is refused.
 const SLOT: char = '\u{1}';
 
+/// A URL while it is rendered: what comes before the query, the query's
+/// parameters, the fragment.
+#[derive(Default)]
+struct UrlParts {
+    head: String,
+    query: Option<Vec<Param>>,
+    fragment: Option<String>,
+}
+
+impl UrlParts {
+    /// Literal template text: `?`, `&` and `#` open the query, a parameter, the fragment.
+    fn push_literal(&mut self, text: &str) {
+        for c in text.chars() {
+            match (&mut self.query, &mut self.fragment) {
+                (_, Some(frag)) => frag.push(c),
+                (_, None) if c == '#' => self.fragment = Some(String::new()),
+                (None, None) if c == '?' => self.query = Some(vec![Param::default()]),
+                (None, None) => self.head.push(c),
+                (Some(params), None) if c == '&' => params.push(Param::default()),
+                (Some(params), None) => params.last_mut().expect("one param").text.push(c),
+            }
+        }
+    }
+
+    /// Where a macro's value goes; a query parameter remembers whether it was present.
+    fn target(&mut self, present: bool) -> &mut String {
+        match (&mut self.query, &mut self.fragment) {
+            (_, Some(frag)) => frag,
+            (Some(params), None) => {
+                let param = params.last_mut().expect("one param");
+                param.has_present |= present;
+                param.has_missing |= !present;
+                &mut param.text
+            }
+            (None, None) => &mut self.head,
+        }
+    }
+
+    fn assemble(self, options: RenderOptions) -> String {
+        let mut out = self.head;
+        if let Some(params) = self.query {
+            let kept: Vec<&str> = params
+                .iter()
+                .filter(|p| !(options.drop_empty_params && p.has_missing && !p.has_present))
+                .map(|p| p.text.as_str())
+                .collect();
+            if !kept.is_empty() {
+                out.push('?');
+                out.push_str(&kept.join("&"));
+            }
+        }
+        if let Some(frag) = self.fragment {
+            out.push('#');
+            out.push_str(&frag);
+        }
+        out
+    }
+}
+
 /// Renders a URL template and says where its `{hash:…}` digests go: the URL
 /// has nothing at those positions, and the slots (out of band) carry the
 /// offsets and the values to hash with the secret when the request is sent.
@@ -41,77 +100,49 @@ pub fn render_url_hashed<V: Vars + ?Sized>(
     options: RenderOptions,
 ) -> Result<(String, Vec<crate::rules::url_hash::HashSlot>), String> {
     let mut slots: Vec<crate::rules::url_hash::HashSlot> = Vec::new();
-    let mut head = String::with_capacity(256);
-    let mut query: Option<Vec<Param>> = None;
-    let mut fragment: Option<String> = None;
+    let mut parts = UrlParts::default();
     for token in &template.tokens {
-        match token {
+        let m = match token {
             Token::Literal(text) => {
-                for c in text.chars() {
-                    match (&mut query, &mut fragment) {
-                        (_, Some(frag)) => frag.push(c),
-                        (_, None) if c == '#' => fragment = Some(String::new()),
-                        (None, None) if c == '?' => query = Some(vec![Param::default()]),
-                        (None, None) => head.push(c),
-                        (Some(params), None) if c == '&' => params.push(Param::default()),
-                        (Some(params), None) => params.last_mut().expect("one param").text.push(c),
-                    }
-                }
+                parts.push_literal(text);
+                continue;
             }
-            Token::Macro(m) => {
-                let value = match &m.hash {
-                    Some(h) => {
-                        slots.push(crate::rules::url_hash::HashSlot {
-                            at: 0,
-                            algorithm: h.algorithm.clone(),
-                            parts: h.parts(vars),
-                        });
-                        Some(SLOT.to_string())
-                    }
-                    None => m.value(vars)?,
-                };
-                if m.raw && value.as_deref().is_some_and(|v| v.contains(char::is_control)) {
-                    return Err(format!("{{{}|raw}}: the value has a control character", m.name));
-                }
-                let present = value.is_some();
-                let value = value.unwrap_or_default();
-                let target = match (&mut query, &mut fragment) {
-                    (_, Some(frag)) => frag,
-                    (Some(params), None) => {
-                        let param = params.last_mut().expect("one param");
-                        param.has_present |= present;
-                        param.has_missing |= !present;
-                        &mut param.text
-                    }
-                    (None, None) => &mut head,
-                };
-                if m.raw || m.hash.is_some() {
-                    target.push_str(&value);
-                } else {
-                    push_encoded(target, &value);
-                }
+            Token::Macro(m) => m,
+        };
+        let value = match &m.hash {
+            Some(h) => {
+                slots.push(crate::rules::url_hash::HashSlot {
+                    at: 0,
+                    algorithm: h.algorithm.clone(),
+                    parts: h.parts(vars),
+                });
+                Some(SLOT.to_string())
             }
+            None => m.value(vars)?,
+        };
+        if m.raw && value.as_deref().is_some_and(|v| v.contains(char::is_control)) {
+            return Err(format!("{{{}|raw}}: the value has a control character", m.name));
+        }
+        let target = parts.target(value.is_some());
+        let value = value.unwrap_or_default();
+        if m.raw || m.hash.is_some() {
+            target.push_str(&value);
+        } else {
+            push_encoded(target, &value);
         }
     }
-    let mut out = head;
-    if let Some(params) = query {
-        let kept: Vec<&str> = params
-            .iter()
-            .filter(|p| !(options.drop_empty_params && p.has_missing && !p.has_present))
-            .map(|p| p.text.as_str())
-            .collect();
-        if !kept.is_empty() {
-            out.push('?');
-            out.push_str(&kept.join("&"));
-        }
-    }
-    if let Some(frag) = fragment {
-        out.push('#');
-        out.push_str(&frag);
-    }
+    let out = parts.assemble(options);
     if slots.is_empty() {
         return Ok((out, slots));
     }
+    take_slots(&out, slots)
+}
+
+/// The URL without its slot characters, each slot given the byte offset where it stood.
+fn take_slots(
+    out: &str,
+    mut slots: Vec<crate::rules::url_hash::HashSlot>,
+) -> Result<(String, Vec<crate::rules::url_hash::HashSlot>), String> {
     let mut url = String::with_capacity(out.len());
     let mut n = 0;
     for c in out.chars() {

@@ -1,0 +1,153 @@
+//! What an operator gives an endpoint, checked field by field: each function
+//! is the one definition of its field's rule and refuses with a [`Refusal`]
+//! that names the field (the SQL validators and CHECK constraints call these).
+
+use serde_json::Value;
+
+use crate::rules::refusal::{Kind, Refusal};
+use crate::rules::signing::{Scheme, SCHEME_NAMES};
+use crate::rules::template::{self, Template};
+
+/// An endpoint's url_template: its syntax and its literal origin.
+pub fn url_template(text: &str) -> Result<Template, Refusal> {
+    crate::rules::url_policy::validate_url_template(text).map_err(|e| {
+        Refusal::invalid("url_template", e).hint(
+            "Write the scheme and host literally (https://partner.example/…) and put {variables} in the path, \
+             query or fragment; see postback.preview() for what a conversion would send.",
+        )
+    })
+}
+
+/// A webhook's body_template: JSON whose strings are templates.
+pub fn body_template(body: &Value) -> Result<(), Refusal> {
+    template::validate_body_template(body).map_err(|e| Refusal::invalid("body_template", e))
+}
+
+/// An endpoint's headers: a JSON object of header name to string value.
+pub fn headers(headers: &Value) -> Result<(), Refusal> {
+    let hint = "headers is a JSON object such as {\"Authorization\": \"Bearer …\"}";
+    let Value::Object(map) = headers else {
+        return Err(Refusal::invalid("headers", "must be a JSON object of header name to string value").hint(hint));
+    };
+    for (name, value) in map {
+        let Value::String(value) = value else {
+            let why = format!("the value of \"{}\" must be a string", name.escape_default());
+            return Err(Refusal::invalid("headers", why).hint(hint));
+        };
+        crate::rules::outgoing::check_header(name, value).map_err(|e| Refusal::invalid("headers", e))?;
+    }
+    Ok(())
+}
+
+/// A success_body_pattern: a regular expression once its {variables} are
+/// filled (checked with sample values; each delivery fills its own).
+pub fn success_pattern(pattern: &str) -> Result<(), Refusal> {
+    let filled = template::pattern::render_pattern(pattern, &template::sample_vars());
+    regex::Regex::new(&filled).map(|_| ()).map_err(|e| {
+        Refusal::new(
+            Kind::InvalidValue,
+            "success_body_pattern",
+            format!("invalid regular expression in success_body_pattern: {e}"),
+        )
+    })
+}
+
+/// success_statuses / retry_statuses (`column`): codes 100-599 and ranges such as 200-302.
+pub fn statuses(items: &[Option<String>], column: &str) -> Result<Vec<(u16, u16)>, Refusal> {
+    let items: Vec<String> = items
+        .iter()
+        .map(|s| s.clone().ok_or_else(|| Refusal::invalid(column, "the list holds NULL")))
+        .collect::<Result<_, _>>()?;
+    crate::rules::retry::parse_statuses(&items, column).map_err(|e| {
+        Refusal::new(Kind::InvalidValue, column, format!("invalid {e}")).hint("e.g. ARRAY['200-299', '302']")
+    })
+}
+
+/// An endpoint's partners: NULL (every partner, not checked here) or a non-empty list of names.
+pub fn partners(partners: &[Option<String>]) -> Result<(), Refusal> {
+    if partners.is_empty() {
+        return Err(Refusal::invalid("partners", "the list is empty (use NULL for every partner)"));
+    }
+    for p in partners {
+        let Some(p) = p else { return Err(Refusal::invalid("partners", "the list holds NULL")) };
+        crate::rules::routing::check_partner(p)
+            .map_err(|e| Refusal::invalid("partners", format!("\"{}\" {e}", p.escape_default())))?;
+    }
+    Ok(())
+}
+
+/// An endpoint's conditions: a JSON object the conversion's attributes must contain.
+pub fn conditions(conditions: &Value) -> Result<(), Refusal> {
+    crate::rules::routing::check_conditions(conditions).map_err(|e| Refusal::invalid("conditions", e))
+}
+
+/// A signing scheme's name.
+pub fn scheme(name: &str) -> Result<Scheme, Refusal> {
+    Scheme::parse(name).map_err(|e| {
+        Refusal::new(Kind::InvalidValue, "scheme", e.message)
+            .argument()
+            .hint(format!("one of {}", SCHEME_NAMES.join(", ")))
+    })
+}
+
+/// A JSON value (as text) nesting at most `MAX_JSON_NESTING` deep; `column`
+/// is named. A CHECK constraint: the value is refused when its row is
+/// written, never when a later import reads it.
+pub fn nesting(value: &str, column: &str) -> Result<(), Refusal> {
+    crate::rules::conversion_rules::check_nesting(value, column).map_err(|e| {
+        Refusal::new(Kind::CheckViolation, column, e)
+            .hint("Store deeply nested data elsewhere; attributes are read by routing and templates.")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn refused<T: std::fmt::Debug>(r: Result<T, Refusal>) -> Refusal {
+        r.expect_err("must be refused")
+    }
+
+    #[test]
+    fn each_field_names_itself_and_its_kind() {
+        let r = refused(url_template("https://{click_id}.example/x"));
+        assert_eq!((r.kind, r.field.as_str()), (Kind::InvalidValue, "url_template"));
+        assert!(r.message.starts_with("invalid url_template: ") && r.hint.is_some(), "{r:?}");
+        assert_eq!(refused(body_template(&json!({"a": "{nope"}))).field, "body_template");
+        assert_eq!(
+            refused(conditions(&json!({}))).message,
+            "invalid conditions: must not be empty (use NULL for no condition)"
+        );
+        assert_eq!(refused(scheme("md5")).field, "scheme");
+        assert!(refused(scheme("md5")).hint.unwrap().contains("standard-webhooks"));
+        let deep = format!("{}{}", "[".repeat(40), "]".repeat(40));
+        let r = refused(nesting(&deep, "conversions.attributes"));
+        assert_eq!((r.kind, r.field.as_str()), (Kind::CheckViolation, "conversions.attributes"));
+        assert!(nesting("[[1]]", "x").is_ok() && url_template("https://p.example/?c={click_id}").is_ok());
+    }
+
+    #[test]
+    fn headers_are_an_object_of_strings_with_token_names() {
+        assert!(headers(&json!({"Authorization": "Bearer x", "X-Tab": "a\tb"})).is_ok());
+        assert!(refused(headers(&json!(["a"]))).message.contains("JSON object"));
+        assert!(refused(headers(&json!({"X-N": 1}))).message.contains("\"X-N\" must be a string"));
+        assert!(refused(headers(&json!({"Bad Name": "v"}))).message.contains("not an HTTP token"));
+        let r = refused(headers(&json!({"X-Key": "secret\r\nInjected: 1"})));
+        assert!(r.message.contains("control character") && !r.message.contains("secret"), "{r:?}");
+    }
+
+    #[test]
+    fn status_lists_and_partner_lists_refuse_null_and_empty() {
+        assert_eq!(statuses(&[Some("200-302".into())], "success_statuses").unwrap(), vec![(200, 302)]);
+        assert_eq!(refused(statuses(&[None], "retry_statuses")).message, "invalid retry_statuses: the list holds NULL");
+        let r = refused(statuses(&[Some("99".into())], "success_statuses"));
+        assert!(r.message.starts_with("invalid success_statuses: \"99\""), "{r:?}");
+        assert!(refused(partners(&[])).message.contains("use NULL for every partner"));
+        assert_eq!(refused(partners(&[None])).message, "invalid partners: the list holds NULL");
+        assert!(refused(partners(&[Some("a\u{7}".into())])).message.contains("U+0007"));
+        assert!(partners(&[Some("acme".into())]).is_ok());
+        assert!(success_pattern("\"ok\":\\s*true").is_ok());
+        assert_eq!(refused(success_pattern("(")).field, "success_body_pattern");
+    }
+}
