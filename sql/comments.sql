@@ -41,7 +41,7 @@ COMMENT ON COLUMN postback.conversions.attributes IS 'Sub-ids and any other valu
 COMMENT ON COLUMN postback.conversions.occurred_at IS 'When the conversion happened.';
 COMMENT ON COLUMN postback.conversions.created_at IS 'When the row was inserted.';
 
-COMMENT ON TABLE postback.deliveries IS 'One request to one endpoint announcing one conversion status, rendered once at enqueue and retried unchanged.';
+COMMENT ON TABLE postback.deliveries IS 'One request to one endpoint announcing one conversion status, rendered at enqueue and retried unchanged; rendered again from its conversion when its endpoint''s request settings are edited (queued ones at once, finished ones when resent).';
 COMMENT ON COLUMN postback.deliveries.id IS 'Delivery id.';
 COMMENT ON COLUMN postback.deliveries.endpoint_id IS 'Endpoint (postback.endpoints.id) the request goes to.';
 COMMENT ON COLUMN postback.deliveries.conversion_id IS 'Conversion (postback.conversions.id) it announces; NULL for a test delivery (postback.send_test).';
@@ -154,10 +154,10 @@ COMMENT ON COLUMN postback.endpoint_state.last_error IS 'Error of the last faile
 COMMENT ON COLUMN postback.endpoint_state.updated_at IS 'When the worker last recorded an attempt of this endpoint.';
 
 COMMENT ON FUNCTION postback.endpoint_id(text) IS 'The id of the endpoint with this name, or an error naming the unknown endpoint.';
-COMMENT ON FUNCTION postback.resend(bigint[]) IS 'Internal: sends finished deliveries again now, with a fresh attempt budget and max_age; returns how many.';
-COMMENT ON FUNCTION postback.retry(bigint) IS 'Sends a dead (or succeeded) delivery again now; its attempts are kept and numbering continues. Operators may call it.';
+COMMENT ON FUNCTION postback.resend(bigint[]) IS 'Internal: sends finished deliveries again now, with a fresh attempt budget and max_age, rendered again from their conversions when they never rendered or their endpoint was edited since; returns how many.';
+COMMENT ON FUNCTION postback.retry(bigint) IS 'Sends a dead (or succeeded) delivery again now (rendered again from its conversion if its endpoint was edited since or it never rendered); its attempts are kept and numbering continues. Operators may call it.';
 COMMENT ON FUNCTION postback.retry_dead(text, timestamptz) IS 'Sends again every delivery of an endpoint that died since the given time (default: the last day); returns how many.';
-COMMENT ON FUNCTION postback.replay(text, timestamptz, timestamptz) IS 'Sends again the succeeded deliveries of an endpoint created in [since, until), same requests and idempotency keys; returns how many.';
+COMMENT ON FUNCTION postback.replay(text, timestamptz, timestamptz) IS 'Sends again the succeeded deliveries of an endpoint created in [since, until), same idempotency keys and, unless the endpoint was edited since, same requests; test deliveries are left out; returns how many.';
 COMMENT ON FUNCTION postback.send_test(text, jsonb) IS 'Enqueues a test request with marked sample values (TEST-CLICK-…, amount 0.00), overridable by the jsonb; returns the delivery id. Test deliveries have no conversion.';
 COMMENT ON FUNCTION postback.test_request(bigint, jsonb) IS 'Internal: the request a test delivery of an endpoint sends (sample values, overridable), with its event, status, filled success pattern and the render error if any.';
 COMMENT ON FUNCTION postback.pause(text) IS 'Pauses an endpoint: new deliveries are still enqueued, none is sent, no attempt or max_age is spent until resume.';
@@ -230,5 +230,10 @@ COMMENT ON COLUMN postback.endpoints.retry_statuses IS 'Status codes and ranges 
 COMMENT ON COLUMN postback.endpoints.initial_delay IS 'How long after enqueue the first attempt is due (0 to 1 day); lifecycle ordering still holds.';
 COMMENT ON COLUMN postback.deliveries.success_pattern IS 'The endpoint''s success_body_pattern with this delivery''s values filled in (regex-escaped), when the pattern uses {variables}.';
 COMMENT ON COLUMN postback.deliveries.url_hashes IS 'Where the URL template''s {hash:…} digests go: [{"at": byte offset in url, "alg", "parts": values and literals, null for the secret}]. The worker computes each digest with the endpoint''s secret when it sends; nothing in the url text is ever expanded.';
-COMMENT ON COLUMN postback.deliveries.rendered IS 'False when the request could not be rendered at enqueue (last_error says why): such a delivery stays dead and no retry sends it.';
+COMMENT ON COLUMN postback.deliveries.rendered IS 'False when the request could not be rendered (last_error says why): such a delivery stays dead; a retry renders it again from its conversion first.';
 COMMENT ON FUNCTION postback.validate_statuses(text[], text) IS 'Raises an error naming the column if a success_statuses or retry_statuses list holds anything but status codes (100-599) and ranges such as 200-302; true otherwise.';
+COMMENT ON COLUMN postback.endpoints.revised_at IS 'When kind, method, url_template, body_template, status_map, drop_empty_params or success_body_pattern last changed: deliveries rendered before it are rendered again (queued ones at once, finished ones when resent).';
+COMMENT ON COLUMN postback.deliveries.rendered_at IS 'When the request was rendered (at enqueue, or again after an edit of its endpoint).';
+COMMENT ON FUNCTION postback.rerender(bigint[]) IS 'Internal: renders deliveries again from their conversions with their endpoints as they are now, keeping id, idempotency key, event, status and attempts; one that no longer renders is dead with the reason. Returns how many have a request to send.';
+COMMENT ON FUNCTION postback.rerender_queue() IS 'Trigger: after an endpoint''s request settings change, renders its queued deliveries again (a queued test delivery is dead with a reason instead).';
+COMMENT ON TRIGGER endpoints_rerender_queue ON postback.endpoints IS 'Renders an endpoint''s queued deliveries again when revised_at changes.';

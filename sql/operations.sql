@@ -22,16 +22,26 @@ END
 $$;
 
 -- Sends finished deliveries again now. Attempts are kept and numbering
--- continues; the delivery gets a fresh attempt budget and max_age.
+-- continues; the delivery gets a fresh attempt budget and max_age. One that
+-- never rendered, or whose endpoint's request settings were edited since it
+-- was rendered, is rendered again from its conversion first (and stays dead
+-- with the reason if it still does not render). A test delivery has no
+-- conversion: it is resent only as it was, while its endpoint is unchanged.
 CREATE FUNCTION postback.resend(ids bigint[]) RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n integer;
 BEGIN
+    PERFORM postback.rerender(ARRAY(
+        SELECT d.id FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id
+         WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead') AND d.conversion_id IS NOT NULL
+           AND (NOT d.rendered OR d.rendered_at < e.revised_at)));
     UPDATE postback.deliveries d
        SET state = 'pending', next_attempt_at = now(), completed_at = NULL, last_error = NULL,
            attempt_offset = d.attempts, age_credit = now() - d.created_at
-     WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead') AND d.rendered;
+      FROM postback.endpoints e
+     WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead') AND d.rendered
+       AND e.id = d.endpoint_id AND d.rendered_at >= e.revised_at;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
         PERFORM postback.wake_worker();
@@ -44,22 +54,29 @@ CREATE FUNCTION postback.retry(delivery_id bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     current text;
-    was_rendered boolean;
+    is_test boolean;
     why text;
 BEGIN
-    SELECT d.state, d.rendered, d.last_error INTO current, was_rendered, why
+    SELECT d.state, d.conversion_id IS NULL INTO current, is_test
       FROM postback.deliveries d WHERE d.id = retry.delivery_id FOR UPDATE;
     IF current IS NULL THEN
         RAISE EXCEPTION 'unknown delivery id %', delivery_id USING ERRCODE = 'no_data_found';
     ELSIF current NOT IN ('succeeded', 'dead') THEN
         RAISE EXCEPTION 'delivery % is % already; only succeeded or dead deliveries are retried', delivery_id, current
             USING ERRCODE = 'object_not_in_prerequisite_state';
-    ELSIF NOT was_rendered THEN
-        RAISE EXCEPTION 'delivery % was never rendered, so there is nothing to send: %', delivery_id, why
+    END IF;
+    IF postback.resend(ARRAY[delivery_id]) = 0 THEN
+        SELECT d.last_error INTO why FROM postback.deliveries d WHERE d.id = retry.delivery_id;
+        IF is_test THEN
+            RAISE EXCEPTION 'test delivery % cannot be sent again: its endpoint was edited since, or it never rendered (%)',
+                            delivery_id, coalesce(why, 'no error recorded')
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Run postback.send_test(endpoint) for a new test request.';
+        END IF;
+        RAISE EXCEPTION 'delivery % does not render, so there is nothing to send: %', delivery_id, why
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Fix the endpoint or the conversion; postback.preview(endpoint, conversion_id) shows what would be sent now.';
     END IF;
-    PERFORM postback.resend(ARRAY[delivery_id]);
     RETURN delivery_id;
 END
 $$;
@@ -77,8 +94,9 @@ BEGIN
 END
 $$;
 
--- Re-sends what was sent in a window, with the same rendered requests and
--- idempotency keys, so the partner can deduplicate.
+-- Re-sends what was sent in a window, with the same idempotency keys so the
+-- partner can deduplicate, and the same requests unless the endpoint was
+-- edited since (then as it renders them now). Test deliveries are left out.
 CREATE FUNCTION postback.replay(endpoint text, since timestamptz, until timestamptz DEFAULT now())
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
@@ -87,10 +105,11 @@ BEGIN
         RAISE EXCEPTION 'replay needs since < until (got % and %)', since, until
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- test deliveries (no conversion) are never replayed to the partner
     RETURN postback.resend(ARRAY(
         SELECT d.id FROM postback.deliveries d
          WHERE d.endpoint_id = postback.endpoint_id(endpoint) AND d.state = 'succeeded'
-           AND d.created_at >= since AND d.created_at < until));
+           AND d.conversion_id IS NOT NULL AND d.created_at >= since AND d.created_at < until));
 END
 $$;
 
@@ -286,3 +305,28 @@ SELECT d.id AS delivery_id, e.name AS endpoint, d.conversion_id, c.transaction_i
   JOIN postback.endpoints e ON e.id = d.endpoint_id
   LEFT JOIN postback.conversions c ON c.id = d.conversion_id
  WHERE d.state = 'dead';
+
+-- After an edit of what an endpoint's requests are made of (revised_at, set
+-- by endpoints_fill_defaults), its queued deliveries are rendered again from
+-- their conversions, in the same transaction: none goes out as the old
+-- endpoint rendered it, and none dies because the endpoint changed. Finished
+-- ones are rendered again when resent. A queued test has no conversion to
+-- render from: it is dead with a reason that says to send a new one.
+CREATE FUNCTION postback.rerender_queue() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM postback.rerender(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = NEW.id AND d.state IN ('pending', 'in_flight') AND d.conversion_id IS NOT NULL));
+    UPDATE postback.deliveries d
+       SET state = 'dead', completed_at = now(), rendered = false,
+           last_error = 'the endpoint was edited after this test was queued; run postback.send_test again'
+     WHERE d.endpoint_id = NEW.id AND d.state = 'pending' AND d.conversion_id IS NULL;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER endpoints_rerender_queue
+    AFTER UPDATE ON postback.endpoints
+    FOR EACH ROW WHEN (NEW.revised_at IS DISTINCT FROM OLD.revised_at)
+    EXECUTE FUNCTION postback.rerender_queue();

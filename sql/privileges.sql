@@ -18,6 +18,8 @@ REVOKE EXECUTE ON FUNCTION postback.preview_request(bigint, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.enqueue_conversions() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.test_request(bigint, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.resend(bigint[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.rerender(bigint[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.rerender_queue() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.retry(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.retry_dead(text, timestamptz) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.replay(text, timestamptz, timestamptz) FROM PUBLIC;

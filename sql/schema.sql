@@ -111,6 +111,7 @@ CREATE TABLE postback.endpoints (
     initial_delay        interval    NOT NULL DEFAULT '0'
         CONSTRAINT endpoint_initial_delay_must_be_between_0_and_1_day
             CHECK (initial_delay BETWEEN '0' AND '1 day'),
+    revised_at           timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT endpoint_postback_signs_only_with_hmac_sha256_hex_or_base64
         CHECK (kind = 'webhook' OR signing_scheme IN ('none', 'hmac-sha256-hex', 'hmac-sha256-base64')),
     CONSTRAINT endpoint_body_template_only_for_webhooks
@@ -153,6 +154,15 @@ BEGIN
     NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(pg_catalog.cardinality(NEW.retry_schedule), 0) + 1);
     IF TG_OP = 'UPDATE' THEN
         NEW.updated_at := now();
+        -- what the deliveries' requests were rendered from: queued ones are
+        -- rendered again (endpoints_rerender_queue), finished ones when resent
+        IF (NEW.kind, NEW.method, NEW.url_template, NEW.body_template, NEW.status_map,
+            NEW.drop_empty_params, NEW.success_body_pattern)
+           IS DISTINCT FROM
+           (OLD.kind, OLD.method, OLD.url_template, OLD.body_template, OLD.status_map,
+            OLD.drop_empty_params, OLD.success_body_pattern) THEN
+            NEW.revised_at := now();
+        END IF;
     END IF;
     RETURN NEW;
 END
@@ -270,6 +280,7 @@ CREATE TABLE postback.deliveries (
     success_pattern  text,
     url_hashes       jsonb,
     rendered         boolean     NOT NULL DEFAULT true,
+    rendered_at      timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT delivery_never_rendered_stays_dead
         CHECK (rendered OR state = 'dead'),
     CONSTRAINT delivery_in_flight_has_a_lease

@@ -37,7 +37,7 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/operations.sql",
     name = "operations",
-    requires = ["enqueue", "views", test_request, wake_worker]
+    requires = ["enqueue", "views", test_request, wake_worker, rerender]
 );
 pgrx::extension_sql_file!(
     "../sql/privileges.sql",

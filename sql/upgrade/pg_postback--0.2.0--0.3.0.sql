@@ -28,12 +28,21 @@ CREATE FUNCTION postback."test_request"("endpoint_id" bigint, "sample" jsonb)
 RETURNS TABLE ("idempotency_key" TEXT, "url" TEXT, "url_hashes" jsonb, "body" TEXT, "error" TEXT,
                "event" TEXT, "status" TEXT, "success_pattern" TEXT)
 STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'test_request_wrapper';
+CREATE FUNCTION postback."rerender"("ids" bigint[]) RETURNS bigint
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'rerender_wrapper';
 
 -- Deliveries: {hash:…} positions out of band; never-rendered rows stay dead --
 
 ALTER TABLE postback.deliveries
     ADD COLUMN url_hashes jsonb,
-    ADD COLUMN rendered boolean NOT NULL DEFAULT true;
+    ADD COLUMN rendered boolean NOT NULL DEFAULT true,
+    ADD COLUMN rendered_at timestamptz NOT NULL DEFAULT now();
+
+-- An edit of what an endpoint's requests are made of renders its queued
+-- deliveries again (endpoints_rerender_queue, below), finished ones when
+-- resent: revised_at says when (the update's time for existing endpoints,
+-- the same as their deliveries' rendered_at, so nothing counts as edited).
+ALTER TABLE postback.endpoints ADD COLUMN revised_at timestamptz NOT NULL DEFAULT now();
 
 -- A delivery that died at enqueue was never claimed (attempts = 0): its url
 -- holds the unrendered template, which a retry must never send.
@@ -168,10 +177,16 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     n integer;
 BEGIN
+    PERFORM postback.rerender(ARRAY(
+        SELECT d.id FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id
+         WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead') AND d.conversion_id IS NOT NULL
+           AND (NOT d.rendered OR d.rendered_at < e.revised_at)));
     UPDATE postback.deliveries d
        SET state = 'pending', next_attempt_at = now(), completed_at = NULL, last_error = NULL,
            attempt_offset = d.attempts, age_credit = now() - d.created_at
-     WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead') AND d.rendered;
+      FROM postback.endpoints e
+     WHERE d.id = ANY (ids) AND d.state IN ('succeeded', 'dead') AND d.rendered
+       AND e.id = d.endpoint_id AND d.rendered_at >= e.revised_at;
     GET DIAGNOSTICS n = ROW_COUNT;
     IF n > 0 THEN
         PERFORM postback.wake_worker();
@@ -184,22 +199,29 @@ CREATE OR REPLACE FUNCTION postback.retry(delivery_id bigint) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     current text;
-    was_rendered boolean;
+    is_test boolean;
     why text;
 BEGIN
-    SELECT d.state, d.rendered, d.last_error INTO current, was_rendered, why
+    SELECT d.state, d.conversion_id IS NULL INTO current, is_test
       FROM postback.deliveries d WHERE d.id = retry.delivery_id FOR UPDATE;
     IF current IS NULL THEN
         RAISE EXCEPTION 'unknown delivery id %', delivery_id USING ERRCODE = 'no_data_found';
     ELSIF current NOT IN ('succeeded', 'dead') THEN
         RAISE EXCEPTION 'delivery % is % already; only succeeded or dead deliveries are retried', delivery_id, current
             USING ERRCODE = 'object_not_in_prerequisite_state';
-    ELSIF NOT was_rendered THEN
-        RAISE EXCEPTION 'delivery % was never rendered, so there is nothing to send: %', delivery_id, why
+    END IF;
+    IF postback.resend(ARRAY[delivery_id]) = 0 THEN
+        SELECT d.last_error INTO why FROM postback.deliveries d WHERE d.id = retry.delivery_id;
+        IF is_test THEN
+            RAISE EXCEPTION 'test delivery % cannot be sent again: its endpoint was edited since, or it never rendered (%)',
+                            delivery_id, coalesce(why, 'no error recorded')
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Run postback.send_test(endpoint) for a new test request.';
+        END IF;
+        RAISE EXCEPTION 'delivery % does not render, so there is nothing to send: %', delivery_id, why
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   HINT = 'Fix the endpoint or the conversion; postback.preview(endpoint, conversion_id) shows what would be sent now.';
     END IF;
-    PERFORM postback.resend(ARRAY[delivery_id]);
     RETURN delivery_id;
 END
 $$;
@@ -230,10 +252,94 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION postback.replay(endpoint text, since timestamptz, until timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF since IS NULL OR until IS NULL OR since >= until THEN
+        RAISE EXCEPTION 'replay needs since < until (got % and %)', since, until
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- test deliveries (no conversion) are never replayed to the partner
+    RETURN postback.resend(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = postback.endpoint_id(endpoint) AND d.state = 'succeeded'
+           AND d.conversion_id IS NOT NULL AND d.created_at >= since AND d.created_at < until));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.endpoints_fill_defaults() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_OP = 'INSERT' OR NEW.headers IS DISTINCT FROM OLD.headers THEN
+        PERFORM postback.validate_headers(NEW.headers);
+    END IF;
+    IF TG_OP = 'INSERT' OR NEW.url_template IS DISTINCT FROM OLD.url_template THEN
+        PERFORM postback.validate_template(NEW.url_template);
+    END IF;
+    IF NEW.body_template IS NOT NULL
+       AND (TG_OP = 'INSERT' OR NEW.body_template IS DISTINCT FROM OLD.body_template) THEN
+        PERFORM postback.validate_body_template(NEW.body_template);
+    END IF;
+    IF NEW.partners IS NOT NULL THEN
+        PERFORM postback.validate_partners(NEW.partners);
+    END IF;
+    IF NEW.conditions IS NOT NULL THEN
+        PERFORM postback.validate_conditions(NEW.conditions);
+    END IF;
+    IF NEW.success_statuses IS NOT NULL THEN
+        PERFORM postback.validate_statuses(NEW.success_statuses, 'success_statuses');
+    END IF;
+    IF NEW.retry_statuses IS NOT NULL THEN
+        PERFORM postback.validate_statuses(NEW.retry_statuses, 'retry_statuses');
+    END IF;
+    IF NEW.success_body_pattern IS NOT NULL THEN
+        PERFORM postback.validate_success_pattern(NEW.success_body_pattern);
+    END IF;
+    NEW.method := pg_catalog.upper(coalesce(NEW.method,
+                                 CASE NEW.kind WHEN 'webhook' THEN 'POST' ELSE 'GET' END));
+    NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(pg_catalog.cardinality(NEW.retry_schedule), 0) + 1);
+    IF TG_OP = 'UPDATE' THEN
+        NEW.updated_at := now();
+        -- what the deliveries' requests were rendered from: queued ones are
+        -- rendered again (endpoints_rerender_queue), finished ones when resent
+        IF (NEW.kind, NEW.method, NEW.url_template, NEW.body_template, NEW.status_map,
+            NEW.drop_empty_params, NEW.success_body_pattern)
+           IS DISTINCT FROM
+           (OLD.kind, OLD.method, OLD.url_template, OLD.body_template, OLD.status_map,
+            OLD.drop_empty_params, OLD.success_body_pattern) THEN
+            NEW.revised_at := now();
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.rerender_queue() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM postback.rerender(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = NEW.id AND d.state IN ('pending', 'in_flight') AND d.conversion_id IS NOT NULL));
+    UPDATE postback.deliveries d
+       SET state = 'dead', completed_at = now(), rendered = false,
+           last_error = 'the endpoint was edited after this test was queued; run postback.send_test again'
+     WHERE d.endpoint_id = NEW.id AND d.state = 'pending' AND d.conversion_id IS NULL;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER endpoints_rerender_queue
+    AFTER UPDATE ON postback.endpoints
+    FOR EACH ROW WHEN (NEW.revised_at IS DISTINCT FROM OLD.revised_at)
+    EXECUTE FUNCTION postback.rerender_queue();
+
 -- Privileges ---------------------------------------------------------------
 
 REVOKE EXECUTE ON FUNCTION postback.sign_request(bigint, text, text, text, text, text, text, jsonb, jsonb, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.live_secrets(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.rerender(bigint[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.rerender_queue() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.preview_request(bigint, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.test_request(bigint, jsonb) FROM PUBLIC;
 
@@ -336,7 +442,16 @@ $$;
 COMMENT ON FUNCTION postback.sign_request(bigint, text, text, text, text, text, text, jsonb, jsonb, text, text) IS 'Internal: the URL and full headers (signatures and {hash:…} digests at the positions url_hashes names) a request would be sent with now; no row for a NULL url.';
 COMMENT ON FUNCTION postback.check_json_nesting(text, text) IS 'Internal: raises an error naming the column when a JSON value (as text) nests arrays and objects deeper than 32 levels; true otherwise. Used by the attributes CHECK constraints of conversions and clicks.';
 COMMENT ON COLUMN postback.deliveries.url_hashes IS 'Where the URL template''s {hash:…} digests go: [{"at": byte offset in url, "alg", "parts": values and literals, null for the secret}]. The worker computes each digest with the endpoint''s secret when it sends; nothing in the url text is ever expanded.';
-COMMENT ON COLUMN postback.deliveries.rendered IS 'False when the request could not be rendered at enqueue (last_error says why): such a delivery stays dead and no retry sends it.';
+COMMENT ON COLUMN postback.deliveries.rendered IS 'False when the request could not be rendered (last_error says why): such a delivery stays dead; a retry renders it again from its conversion first.';
 COMMENT ON FUNCTION postback.live_secrets(bigint) IS 'Internal: the unexpired secrets of an endpoint, newest first (what signs its requests and fills its {hash:…} digests); owner only.';
 COMMENT ON FUNCTION postback.preview_request(bigint, bigint) IS 'Internal: the request one endpoint would get for one conversion (idempotency_key, url, url_hashes, body), rendered as the enqueue trigger would, the render error if any, and whether the endpoint''s filters route the conversion to it.';
 COMMENT ON FUNCTION postback.test_request(bigint, jsonb) IS 'Internal: the request a test delivery of an endpoint sends (sample values, overridable), with its event, status, filled success pattern and the render error if any.';
+COMMENT ON TABLE postback.deliveries IS 'One request to one endpoint announcing one conversion status, rendered at enqueue and retried unchanged; rendered again from its conversion when its endpoint''s request settings are edited (queued ones at once, finished ones when resent).';
+COMMENT ON FUNCTION postback.resend(bigint[]) IS 'Internal: sends finished deliveries again now, with a fresh attempt budget and max_age, rendered again from their conversions when they never rendered or their endpoint was edited since; returns how many.';
+COMMENT ON FUNCTION postback.retry(bigint) IS 'Sends a dead (or succeeded) delivery again now (rendered again from its conversion if its endpoint was edited since or it never rendered); its attempts are kept and numbering continues. Operators may call it.';
+COMMENT ON FUNCTION postback.replay(text, timestamptz, timestamptz) IS 'Sends again the succeeded deliveries of an endpoint created in [since, until), same idempotency keys and, unless the endpoint was edited since, same requests; test deliveries are left out; returns how many.';
+COMMENT ON COLUMN postback.endpoints.revised_at IS 'When kind, method, url_template, body_template, status_map, drop_empty_params or success_body_pattern last changed: deliveries rendered before it are rendered again (queued ones at once, finished ones when resent).';
+COMMENT ON COLUMN postback.deliveries.rendered_at IS 'When the request was rendered (at enqueue, or again after an edit of its endpoint).';
+COMMENT ON FUNCTION postback.rerender(bigint[]) IS 'Internal: renders deliveries again from their conversions with their endpoints as they are now, keeping id, idempotency key, event, status and attempts; one that no longer renders is dead with the reason. Returns how many have a request to send.';
+COMMENT ON FUNCTION postback.rerender_queue() IS 'Trigger: after an endpoint''s request settings change, renders its queued deliveries again (a queued test delivery is dead with a reason instead).';
+COMMENT ON TRIGGER endpoints_rerender_queue ON postback.endpoints IS 'Renders an endpoint''s queued deliveries again when revised_at changes.';

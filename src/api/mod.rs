@@ -20,6 +20,7 @@ mod conversions;
 mod endpoints;
 mod functions;
 mod preview;
+mod rerender;
 mod rows;
 mod status;
 

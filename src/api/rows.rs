@@ -154,3 +154,32 @@ pub(super) fn delivery_insert(lifecycle: bool, legacy: bool) -> String {
              {conflict}"
     )
 }
+
+/// Deliveries with their conversions (and clicks), to render again: the
+/// delivery's id, endpoint, event, status and key, then the conversion columns.
+pub(super) fn deliveries_to_render() -> String {
+    format!(
+        "SELECT d.id, d.endpoint_id, d.event, d.status, d.idempotency_key, {CONVERSION_COLUMNS}
+           FROM postback.deliveries d
+           JOIN postback.conversions c ON c.id = d.conversion_id
+           LEFT JOIN postback.clicks k ON k.click_id = c.click_id
+          WHERE d.id = ANY ($1::bigint[])
+          ORDER BY d.id"
+    )
+}
+
+/// Writes requests rendered again, keeping each delivery's id, key, attempts and
+/// place in its lifecycle order. One queued or dead that no longer renders is
+/// dead with the reason and nothing to send (`rendered = false`); one being
+/// sent right now or that succeeded keeps what it sent.
+pub(super) const UPDATE_RENDERED: &str = "
+    UPDATE postback.deliveries d
+       SET method = r.m, url = r.u, body = r.b, url_hashes = r.h::jsonb, success_pattern = r.pat,
+           rendered = r.err IS NULL, rendered_at = now(),
+           state = CASE WHEN r.err IS NULL THEN d.state ELSE 'dead' END,
+           completed_at = CASE WHEN r.err IS NULL THEN d.completed_at ELSE coalesce(d.completed_at, now()) END,
+           last_error = coalesce(r.err, d.last_error)
+      FROM (SELECT unnest($1::bigint[]) AS id, unnest($2::text[]) AS m, unnest($3::text[]) AS u,
+                   unnest($4::text[]) AS b, unnest($5::text[]) AS h, unnest($6::text[]) AS pat,
+                   unnest($7::text[]) AS err) AS r
+     WHERE d.id = r.id AND (r.err IS NULL OR d.state IN ('pending', 'dead'))";

@@ -45,11 +45,17 @@ impl Worker {
         let cache = &self.endpoints;
         let claimed_and_endpoints = txn::run("claiming deliveries", || {
             let claimed = queue::claim(limit as i32, &blocked, &rooms)?;
-            // endpoints are read again once their cached settings are ENDPOINT_TTL old
+            // endpoints are read again once their cached settings are ENDPOINT_TTL
+            // old, or when the endpoint was edited since (its queue is rendered anew)
             let mut ids: Vec<i64> = claimed
                 .iter()
+                .filter(|c| {
+                    cache.get(&c.endpoint_id).is_none_or(|e| {
+                        now_instant.duration_since(e.read_at) >= ENDPOINT_TTL
+                            || e.config.revised_at_us < c.endpoint_revised_at_us
+                    })
+                })
                 .map(|c| c.endpoint_id)
-                .filter(|id| cache.get(id).is_none_or(|e| now_instant.duration_since(e.read_at) >= ENDPOINT_TTL))
                 .collect();
             ids.sort_unstable();
             ids.dedup();

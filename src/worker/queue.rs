@@ -28,6 +28,9 @@ pub struct Claimed {
     pub remaining_age_ms: i64,
     /// the endpoint's success_body_pattern with this delivery's values
     pub success_pattern: Option<String>,
+    /// the endpoint's revised_at now (Unix µs): settings the worker holds from
+    /// before it are read again (an edit has rendered the queue anew)
+    pub endpoint_revised_at_us: i64,
 }
 
 pub struct EndpointConfig {
@@ -51,6 +54,8 @@ pub struct EndpointConfig {
     pub timestamp_param: String,
     pub signature_param: String,
     pub secrets: Vec<String>,
+    /// revised_at as read (Unix µs)
+    pub revised_at_us: i64,
 }
 
 /// The installed version of the extension in this database, if any.
@@ -114,7 +119,9 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                         (SELECT (extract(epoch FROM d.created_at + e.max_age + coalesce(d.age_credit, interval '0')
                                                     - now()) * 1000.0)::bigint
                            FROM postback.endpoints e WHERE e.id = d.endpoint_id),
-                        d.attempts - d.attempt_offset, d.success_pattern, d.url_hashes::text"
+                        d.attempts - d.attempt_offset, d.success_pattern, d.url_hashes::text,
+                        (SELECT (extract(epoch FROM e.revised_at) * 1000000)::bigint
+                           FROM postback.endpoints e WHERE e.id = d.endpoint_id)"
             ),
             None,
             &[
@@ -141,6 +148,7 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                 budget_no: row.get::<i32>(9)?.unwrap_or(1),
                 success_pattern: row.get::<String>(10)?,
                 url_hashes: row.get::<String>(11)?,
+                endpoint_revised_at_us: row.get::<i64>(12)?.unwrap_or(i64::MAX),
             });
         }
         Ok(out)
@@ -205,7 +213,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     e.timestamp_param, e.signature_param,
                     postback.live_secrets(e.id),
                     e.url_template, e.headers::text, e.max_in_flight, e.rate_limit::float8,
-                    e.success_statuses, e.retry_statuses
+                    e.success_statuses, e.retry_statuses, (extract(epoch FROM e.revised_at) * 1000000)::bigint
                FROM postback.endpoints e WHERE e.id = ANY ($1::bigint[])",
             None,
             &[ids.into()],
@@ -244,6 +252,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     timestamp_param,
                     signature_param,
                     secrets: row.get::<Vec<String>>(11)?.unwrap_or_default(),
+                    revised_at_us: row.get::<i64>(18)?.unwrap_or(i64::MIN),
                     origin: crate::rules::url_policy::literal_origin(&url_template)
                         .map_err(|e| format!("the endpoint's url_template is no longer valid: {e}")),
                     headers: match row.get::<String>(13)? {

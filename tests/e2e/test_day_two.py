@@ -1,0 +1,131 @@
+"""Day two: what an operator does to an endpoint or a delivery never strands or garbles a postback."""
+
+import psycopg
+import pytest
+
+from helpers import convert_for, scoped_endpoint
+from receiver import Receiver
+
+
+def deliveries(conn, name):
+    return conn.execute(
+        "SELECT d.id, d.state, d.attempts, d.url, d.idempotency_key, d.last_error, d.rendered "
+        "FROM postback.deliveries d JOIN postback.endpoints e ON e.id = d.endpoint_id "
+        "WHERE e.name = %s ORDER BY d.id", (name,)).fetchall()
+
+
+def wait_states(cluster, conn, name, want):
+    """Waits until the deliveries of `name` are in the states `want` (in id order)."""
+    return cluster.wait_for(lambda: (lambda rows: rows if [r[1] for r in rows] == want else None)(
+        deliveries(conn, name)), what=f"deliveries of {name} in states {want}")
+
+
+def test_an_edited_endpoint_sends_its_queue_as_it_now_renders_queued_backoff_and_dead(cluster, receiver):
+    moved = Receiver().start()
+    try:
+        receiver.script("/old", {"status": 500}, {"status": 404})
+        with cluster.connect() as conn:
+            name = scoped_endpoint(conn, receiver.url("/old?c={click_id}"), "edit",
+                                   retry_schedule=["1 hour"], max_attempts=5)
+            convert_for(conn, name, tx=f"{name}-backoff")
+            wait_states(cluster, conn, name, ["pending"])  # 500: waits an hour for its retry
+            convert_for(conn, name, tx=f"{name}-dead")
+            wait_states(cluster, conn, name, ["pending", "dead"])  # 404: dead at once
+            conn.execute("SELECT postback.pause(%s)", (name,))
+            convert_for(conn, name, tx=f"{name}-q1")
+            convert_for(conn, name, tx=f"{name}-q2")
+            before = deliveries(conn, name)
+            assert [r[1] for r in before] == ["pending", "dead", "pending", "pending"]
+            # the partner moved: another host, port and path, one more value
+            conn.execute("UPDATE postback.endpoints SET url_template = %s WHERE name = %s",
+                         (moved.url("/new?c={click_id}&tx={transaction_id}"), name))
+            after = deliveries(conn, name)
+            # queued ones (in backoff included) are rendered again at once, same keys;
+            # the dead one keeps what it was until it is resent
+            for b, a in zip(before, after):
+                assert a[4] == b[4]
+            assert [a[3].startswith(moved.url("/new?c=")) for a in after] == [True, False, True, True]
+            assert after[0][3].endswith(f"&tx={name}-backoff")
+            conn.execute("SELECT postback.resume(%s)", (name,))
+            conn.execute("UPDATE postback.deliveries SET next_attempt_at = now() WHERE id = %s", (after[0][0],))
+            assert conn.execute("SELECT postback.retry_dead(%s)", (name,)).fetchone()[0] == 1
+            final = wait_states(cluster, conn, name, ["succeeded"] * 4)
+        sent = sorted(f'{s["path"]}?{s["raw_query"]}' for s in moved.seen())
+        assert sent == sorted(r[3][len(moved.url("")):] for r in final), sent
+        assert sorted(s["query"]["tx"] for s in moved.seen()) == sorted(
+            f"{name}-{t}" for t in ("backoff", "dead", "q1", "q2"))
+        assert len(receiver.seen()) == 2  # only the two first attempts went to the old place
+        # attempts kept their numbering across the edit
+        numbers = conn_attempts(cluster, final[0][0])
+        assert numbers == [1, 2]
+    finally:
+        moved.stop()
+
+
+def conn_attempts(cluster, delivery_id):
+    with cluster.connect() as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT attempt_no FROM postback.attempts WHERE delivery_id = %s ORDER BY attempt_no", (delivery_id,))]
+
+
+def test_an_edit_while_the_worker_holds_the_old_settings_never_kills_a_delivery(cluster, receiver):
+    moved = Receiver().start()
+    try:
+        with cluster.connect() as conn:
+            name = scoped_endpoint(conn, receiver.url("/a?c={click_id}"), "hot")
+            convert_for(conn, name, tx=f"{name}-1")
+            wait_states(cluster, conn, name, ["succeeded"])  # the worker now holds the settings
+            conn.execute("UPDATE postback.endpoints SET url_template = %s WHERE name = %s",
+                         (moved.url("/b?c={click_id}"), name))
+            convert_for(conn, name, tx=f"{name}-2")  # within the worker's 1 s settings cache
+            rows = wait_states(cluster, conn, name, ["succeeded", "succeeded"])
+        assert rows[1][3].startswith(moved.url("/b?c="))
+        assert [s["path"] for s in moved.seen()] == ["/b"]
+    finally:
+        moved.stop()
+
+
+def test_a_delivery_that_never_rendered_is_rendered_again_when_retried(cluster, receiver):
+    with cluster.connect() as conn:
+        name = scoped_endpoint(conn, receiver.url("/m?half={attributes.payout|mul:0.5}&cid={click_id}"), "rr")
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event, attributes) "
+                     "VALUES ('c-rr', %s, %s, '{\"payout\": \"12,50\"}')", (f"{name}-1", name))
+        [(did, state, _, url, _, error, rendered)] = deliveries(conn, name)
+        assert (state, url, rendered) == ("dead", "", False) and "12,50" in error
+        # still unrenderable: refused with the reason, nothing sent, still dead
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
+            conn.execute("SELECT postback.retry(%s)", (did,))
+        assert "does not render" in str(err.value) and "12,50" in str(err.value)
+        assert err.value.diag.message_hint.startswith("Fix the endpoint or the conversion")
+        assert conn.execute("SELECT postback.retry_dead(%s)", (name,)).fetchone()[0] == 0
+        assert deliveries(conn, name)[0][1] == "dead" and receiver.seen("/m") == []
+        # the operator fixes the value; the retry renders from the conversion as it is now
+        conn.execute("UPDATE postback.conversions SET attributes = '{\"payout\": \"12.50\"}' "
+                     "WHERE transaction_id = %s", (f"{name}-1",))
+        assert conn.execute("SELECT postback.retry(%s)", (did,)).fetchone()[0] == did
+        wait_states(cluster, conn, name, ["succeeded"])
+    assert [s["raw_query"] for s in receiver.seen("/m")] == ["half=6.25&cid=c-rr"]
+
+
+def test_replay_leaves_test_deliveries_out_and_an_edit_retires_a_queued_test(cluster, receiver):
+    with cluster.connect() as conn:
+        name = scoped_endpoint(conn, receiver.url("/t?c={click_id}"), "tst")
+        conn.execute("SELECT postback.send_test(%s)", (name,))
+        convert_for(conn, name, tx=f"{name}-1")
+        wait_states(cluster, conn, name, ["succeeded", "succeeded"])
+        assert conn.execute("SELECT postback.replay(%s, now() - interval '1 hour')", (name,)).fetchone()[0] == 1
+        wait_states(cluster, conn, name, ["succeeded", "succeeded"])
+        cluster.wait_for(lambda: len(receiver.seen("/t")) == 3, what="the replay")
+        assert sum("TEST-CLICK" in s["raw_query"] for s in receiver.seen("/t")) == 1
+        # a test queued behind a pause when the endpoint is edited has nothing to render from
+        conn.execute("SELECT postback.pause(%s)", (name,))
+        test_id = conn.execute("SELECT postback.send_test(%s)", (name,)).fetchone()[0]
+        conn.execute("UPDATE postback.endpoints SET url_template = %s WHERE name = %s",
+                     (receiver.url("/t2?c={click_id}"), name))
+        state, error = conn.execute("SELECT state, last_error FROM postback.deliveries WHERE id = %s",
+                                    (test_id,)).fetchone()
+        assert state == "dead" and "run postback.send_test again" in error
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
+            conn.execute("SELECT postback.retry(%s)", (test_id,))
+        assert "postback.send_test" in err.value.diag.message_hint
+        conn.execute("SELECT postback.resume(%s)", (name,))
