@@ -8,7 +8,7 @@ PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 PGRX_VERSION=0.18.0
 
 missing=()
-for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo; do
+for pkg in postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo curl; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
 done
 if ((${#missing[@]})); then

@@ -74,7 +74,7 @@ COMMENT ON COLUMN postback.attempts.outcome IS 'succeeded, retry (another attemp
 COMMENT ON FUNCTION postback.endpoints_fill_defaults() IS 'Trigger: validates templates, headers and the success pattern; fills method from kind and max_attempts from the retry schedule.';
 COMMENT ON FUNCTION postback.refuse_delete_with_deliveries() IS 'Trigger: refuses deleting endpoints or conversions that deliveries still refer to.';
 COMMENT ON FUNCTION postback.delete_attempts_of_deleted_deliveries() IS 'Trigger: removes the attempts of deleted deliveries.';
-COMMENT ON FUNCTION postback.worker_status() IS 'Whether the delivery worker runs, its pid, database, counters and last error, and a hint when it does not run.';
+COMMENT ON FUNCTION postback.worker_status() IS 'Whether a delivery worker serves this database (running), its pid, database, counters and last error (also: waiting for ALTER EXTENSION … UPDATE), and a hint when none does: not preloaded, postback.database_name naming no database or another one, or not running.';
 
 COMMENT ON VIEW postback.delivery_summary IS 'Deliveries per endpoint and state, with the age of the oldest unfinished one.';
 COMMENT ON COLUMN postback.delivery_summary.endpoint_id IS 'Endpoint id.';
@@ -185,23 +185,23 @@ COMMENT ON COLUMN postback.endpoint_health.p95_ms_24h IS '95th percentile attemp
 COMMENT ON COLUMN postback.endpoint_health.consecutive_failures IS 'Failed attempts since the last successful one.';
 COMMENT ON COLUMN postback.endpoint_health.failing_since IS 'Since when the endpoint fails; NULL while it succeeds.';
 COMMENT ON COLUMN postback.endpoint_health.last_success_at IS 'Start of the last successful attempt.';
-COMMENT ON COLUMN postback.endpoint_health.last_error IS 'Error of the last failed attempt.';
+COMMENT ON COLUMN postback.endpoint_health.last_error IS 'Error of the last failed attempt while the endpoint is failing (NULL once an attempt succeeds).';
 COMMENT ON COLUMN postback.endpoint_health.pending IS 'Deliveries waiting or in flight.';
 COMMENT ON COLUMN postback.endpoint_health.oldest_pending_age IS 'Age of the oldest waiting or in-flight delivery.';
 
-COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period), in total and per event and per endpoint (the other column NULL): success rate, commit-to-success latency, dedup, reversal and match rates.';
+COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period), in total and per event, per endpoint and per partner (breakdown): success rate, dead deliveries, commit-to-success latency; dedup, reversal and match rates on the total rows.';
 COMMENT ON COLUMN postback.metrics.period IS '24h, 7d or all.';
-COMMENT ON COLUMN postback.metrics.event IS 'Conversion event of the row; NULL in total and per-endpoint rows.';
-COMMENT ON COLUMN postback.metrics.endpoint IS 'Endpoint of the row; NULL in total and per-event rows.';
+COMMENT ON COLUMN postback.metrics.event IS 'Conversion event of a per-event row; NULL in the others.';
+COMMENT ON COLUMN postback.metrics.endpoint IS 'Endpoint of a per-endpoint row; NULL in the others.';
 COMMENT ON COLUMN postback.metrics.deliveries_finished IS 'Deliveries created in the period that succeeded or died.';
 COMMENT ON COLUMN postback.metrics.deliveries_succeeded IS 'Of those, succeeded.';
 COMMENT ON COLUMN postback.metrics.success_rate IS 'Postback success rate: deliveries_succeeded ÷ deliveries_finished.';
-COMMENT ON COLUMN postback.metrics.avg_commit_to_success_ms IS 'Average time from enqueue (the conversion''s commit) to success, ms.';
-COMMENT ON COLUMN postback.metrics.p95_commit_to_success_ms IS '95th percentile time from enqueue to success, ms.';
-COMMENT ON COLUMN postback.metrics.conversions IS 'Conversions created in the period (all events and endpoints).';
-COMMENT ON COLUMN postback.metrics.dedup_rate IS 'Duplicates refused ÷ conversions offered (conversions + duplicates) in the period.';
-COMMENT ON COLUMN postback.metrics.reversal_rate IS 'Conversions now reversed, refunded or charged back ÷ those plus the approved ones, in the period.';
-COMMENT ON COLUMN postback.metrics.match_rate IS 'Conversions with a recorded click ÷ conversions, in the period.';
+COMMENT ON COLUMN postback.metrics.avg_commit_to_success_ms IS 'Average time from enqueue (the conversion''s commit) to success, ms; deliveries resent by hand (retry, replay) are left out.';
+COMMENT ON COLUMN postback.metrics.p95_commit_to_success_ms IS '95th percentile time from enqueue to success, ms; deliveries resent by hand are left out.';
+COMMENT ON COLUMN postback.metrics.conversions IS 'Conversions created in the period (total rows only: a conversion is not per endpoint).';
+COMMENT ON COLUMN postback.metrics.dedup_rate IS 'Duplicates refused ÷ conversions offered (conversions + duplicates) in the period; total rows only.';
+COMMENT ON COLUMN postback.metrics.reversal_rate IS 'Conversions now reversed, refunded or charged back ÷ those plus the approved ones, in the period; total rows only.';
+COMMENT ON COLUMN postback.metrics.match_rate IS 'Conversions with a recorded click ÷ conversions, in the period; total rows only.';
 
 COMMENT ON VIEW postback.dead_letters IS 'Dead deliveries for review, with endpoint, conversion, attempts, last status code and error; postback.retry(delivery_id) sends one again.';
 COMMENT ON COLUMN postback.dead_letters.delivery_id IS 'Delivery id (for postback.retry).';
@@ -237,3 +237,19 @@ COMMENT ON COLUMN postback.deliveries.rendered_at IS 'When the request was rende
 COMMENT ON FUNCTION postback.rerender(bigint[]) IS 'Internal: renders deliveries again from their conversions with their endpoints as they are now, keeping id, idempotency key, event, status and attempts; one that no longer renders is dead with the reason. Returns how many have a request to send.';
 COMMENT ON FUNCTION postback.rerender_queue() IS 'Trigger: after an endpoint''s request settings change, renders its queued deliveries again (a queued test delivery is dead with a reason instead).';
 COMMENT ON TRIGGER endpoints_rerender_queue ON postback.endpoints IS 'Renders an endpoint''s queued deliveries again when revised_at changes.';
+COMMENT ON COLUMN postback.endpoint_health.held_by IS 'Why its deliveries are not being sent now, if anything holds them: inactive, paused, no live secret (an endpoint that signs or has a {hash:…} waits for one), or an open circuit breaker; NULL otherwise.';
+COMMENT ON FUNCTION postback.validate_secret(text, text) IS 'Raises an error if a secret cannot sign with the scheme (standard-webhooks wants "whsec_" and base64; none of the others accepts an empty one), naming the format, never the secret; true otherwise.';
+COMMENT ON FUNCTION postback.needs_secret(text, text) IS 'Whether an endpoint with this signing scheme and URL template needs a live secret to send (it signs, or its template has a {hash:…}); its deliveries wait while it has none. The worker applies the same rule.';
+COMMENT ON FUNCTION postback.endpoint_secrets_check() IS 'Trigger: refuses a secret that cannot sign with its endpoint''s scheme when it is inserted or changed.';
+COMMENT ON FUNCTION postback.validate_status_map(jsonb) IS 'Raises an error naming the key if an endpoint''s status_map maps anything but a conversion status, or to anything but a string or a number; true otherwise.';
+COMMENT ON FUNCTION postback.validate_events(text[]) IS 'Raises an error if an endpoint''s events list is empty, holds NULL, or a name no conversion event can have; true otherwise.';
+COMMENT ON FUNCTION postback.held_by(bigint) IS 'Why an endpoint''s deliveries are not being sent now (inactive, paused, no live secret, open circuit breaker), or NULL; read by endpoint_health and explain.';
+COMMENT ON FUNCTION postback.explain(bigint) IS 'Why each endpoint did or did not receive a conversion: fired or not, the reason (inactive, the filter that left it out naming what it wants and what the conversion has, created after it), the deliveries with their announced statuses, states, attempts, next attempt and last error, and what holds the endpoint now. Operators and analysts may call it.';
+COMMENT ON FUNCTION postback.explain(text) IS 'postback.explain for the conversion with this transaction_id.';
+COMMENT ON FUNCTION postback.explain_routing(bigint) IS 'Internal: for every endpoint, the first of its filters that leaves the conversion out (what it wants, what the conversion has), or NULL when all match.';
+COMMENT ON FUNCTION postback.curl_command(text, text, jsonb, text, bigint) IS 'A curl command line for a request (method, URL, headers, body, timeout in ms), every argument single-quoted for the shell.';
+COMMENT ON FUNCTION postback.curl(bigint) IS 'A delivery''s request as a curl command line to run by hand: method, URL, headers with a fresh signature, body, the endpoint''s timeout. The endpoint''s own header values are shown to the extension owner only ([redacted] for operators). Owner and operators; never logged.';
+COMMENT ON COLUMN postback.metrics.partner IS 'Partner of a per-partner row (NULL there: conversions without a partner); NULL in the others.';
+COMMENT ON COLUMN postback.metrics.breakdown IS 'total, event, endpoint or partner: which rows these are.';
+COMMENT ON COLUMN postback.metrics.deliveries_dead IS 'Deliveries created in the period that died.';
+COMMENT ON FUNCTION postback.validate_endpoint_choices(text, text, text, text[]) IS 'Raises an error naming the column and the valid values if an endpoint''s kind, method, signing_scheme or statuses holds anything else; true otherwise.';

@@ -207,6 +207,26 @@ $$;
 -- Views
 -- ---------------------------------------------------------------------------
 
+-- Why an endpoint's deliveries are not being sent now, if anything holds
+-- them (one definition, read by endpoint_health and explain). It runs as the
+-- owner (analysts read endpoint_health) and says only whether a live secret
+-- exists, never what it is.
+CREATE FUNCTION postback.held_by(endpoint_id bigint) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+             WHEN NOT e.active THEN 'inactive: set active = true to enqueue and send again'
+             WHEN e.paused_at IS NOT NULL THEN 'paused: postback.resume(endpoint) sends again'
+             WHEN postback.needs_secret(e.signing_scheme, e.url_template)
+                  AND NOT EXISTS (SELECT 1 FROM postback.endpoint_secrets k
+                                   WHERE k.endpoint_id = e.id AND (k.expires_at IS NULL OR k.expires_at > now()))
+                 THEN 'no live secret: its deliveries wait until one is inserted into postback.endpoint_secrets'
+             WHEN s.breaker = 'open' THEN 'circuit breaker open: a probe request goes out after the cooldown'
+           END
+      FROM postback.endpoints e
+      LEFT JOIN postback.endpoint_state s ON s.endpoint_id = e.id
+     WHERE e.id = held_by.endpoint_id
+$$;
+
 -- Per endpoint, the last hour and the last 24 hours, and now.
 CREATE VIEW postback.endpoint_health AS
 WITH recent AS (
@@ -246,31 +266,41 @@ SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NUL
        round(l.p50_ms_1h::numeric, 1) AS p50_ms_1h, round(l.p95_ms_1h::numeric, 1) AS p95_ms_1h,
        round(l.p50_ms_24h::numeric, 1) AS p50_ms_24h, round(l.p95_ms_24h::numeric, 1) AS p95_ms_24h,
        coalesce(s.consecutive_failures, 0) AS consecutive_failures, s.failing_since, s.last_success_at,
-       s.last_error, coalesce(s.breaker, 'closed') AS breaker, s.breaker_since, s.breaker_reason,
-       coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age
+       CASE WHEN coalesce(s.consecutive_failures, 0) > 0 THEN s.last_error END AS last_error,
+       coalesce(s.breaker, 'closed') AS breaker, s.breaker_since, s.breaker_reason,
+       coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age,
+       postback.held_by(e.id) AS held_by
   FROM postback.endpoints e
   LEFT JOIN recent r ON r.endpoint_id = e.id
   LEFT JOIN latency l ON l.endpoint_id = e.id
   LEFT JOIN backlog b ON b.endpoint_id = e.id
   LEFT JOIN postback.endpoint_state s ON s.endpoint_id = e.id;
 
--- The standard postback metrics, per window, per event and per endpoint
--- (rows with event or endpoint NULL are the totals over them).
+-- The standard postback metrics, per window, in total and per event, per
+-- endpoint and per partner (rows with event, endpoint and partner NULL are
+-- the totals; `breakdown` says which a row is). Conversion figures (dedup,
+-- reversal, match) are the window's totals and only on the total rows.
+-- Commit-to-success latency leaves out deliveries sent again by hand (retry,
+-- replay), whose completion says when someone resent them.
 CREATE VIEW postback.metrics AS
 WITH windows (name, since) AS (
     VALUES ('24h', now() - interval '24 hours'), ('7d', now() - interval '7 days'), ('all', '-infinity'::timestamptz)),
 delivered AS (
-    SELECT w.name AS window_name, d.event, e.name AS endpoint,
+    SELECT w.name AS window_name, d.event, e.name AS endpoint, c.partner,
+           CASE WHEN grouping(d.event) = 0 THEN 'event' WHEN grouping(e.name) = 0 THEN 'endpoint'
+                WHEN grouping(c.partner) = 0 THEN 'partner' ELSE 'total' END AS breakdown,
            count(*) FILTER (WHERE d.state = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE d.state = 'dead') AS dead,
            count(*) FILTER (WHERE d.state IN ('succeeded', 'dead')) AS finished,
-           avg(extract(epoch FROM d.completed_at - d.created_at) * 1000.0) FILTER (WHERE d.state = 'succeeded') AS avg_ms,
+           avg(extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
+               FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0) AS avg_ms,
            percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
-               FILTER (WHERE d.state = 'succeeded') AS p95_ms
+               FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0) AS p95_ms
       FROM windows w
       JOIN postback.deliveries d ON d.created_at >= w.since
       JOIN postback.endpoints e ON e.id = d.endpoint_id
-     WHERE d.conversion_id IS NOT NULL
-     GROUP BY GROUPING SETS ((w.name), (w.name, d.event), (w.name, e.name))),
+      JOIN postback.conversions c ON c.id = d.conversion_id
+     GROUP BY GROUPING SETS ((w.name), (w.name, d.event), (w.name, e.name), (w.name, c.partner))),
 converted AS (
     SELECT w.name AS window_name,
            count(c.id) AS conversions,
@@ -288,10 +318,13 @@ SELECT d.window_name AS period, d.event, d.endpoint,
        round(d.succeeded::numeric / nullif(d.finished, 0), 4) AS success_rate,
        round(d.avg_ms::numeric, 1) AS avg_commit_to_success_ms,
        round(d.p95_ms::numeric, 1) AS p95_commit_to_success_ms,
-       c.conversions,
-       round(c.duplicates::numeric / nullif(c.conversions + c.duplicates, 0), 4) AS dedup_rate,
-       round(c.reversed::numeric / nullif(c.approved + c.reversed, 0), 4) AS reversal_rate,
-       round(c.matched::numeric / nullif(c.conversions, 0), 4) AS match_rate
+       CASE WHEN d.breakdown = 'total' THEN c.conversions END AS conversions,
+       CASE WHEN d.breakdown = 'total' THEN round(c.duplicates::numeric / nullif(c.conversions + c.duplicates, 0), 4) END
+           AS dedup_rate,
+       CASE WHEN d.breakdown = 'total' THEN round(c.reversed::numeric / nullif(c.approved + c.reversed, 0), 4) END
+           AS reversal_rate,
+       CASE WHEN d.breakdown = 'total' THEN round(c.matched::numeric / nullif(c.conversions, 0), 4) END AS match_rate,
+       d.partner, d.breakdown, d.dead AS deliveries_dead
   FROM delivered d JOIN converted c USING (window_name);
 
 -- Dead deliveries, newest first, with what is needed to review and retry them.
@@ -330,3 +363,104 @@ CREATE TRIGGER endpoints_rerender_queue
     AFTER UPDATE ON postback.endpoints
     FOR EACH ROW WHEN (NEW.revised_at IS DISTINCT FROM OLD.revised_at)
     EXECUTE FUNCTION postback.rerender_queue();
+
+-- "Why didn't it fire?": for every endpoint, whether it received the
+-- conversion and, if not, the reason (inactive, a filter naming what it wants
+-- and what the conversion has, created after the conversion); for those that
+-- did, the deliveries, their states, attempts, next attempt and last error,
+-- and what holds the endpoint now. Operators and analysts may call it.
+CREATE FUNCTION postback.explain(conversion_id bigint)
+RETURNS TABLE (endpoint text, fired boolean, reason text, delivery_ids bigint[], announced text[],
+               states text[], attempts integer, next_attempt_at timestamptz, last_error text, held_by text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c postback.conversions;
+BEGIN
+    SELECT * INTO c FROM postback.conversions x WHERE x.id = explain.conversion_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown conversion id %', conversion_id
+            USING ERRCODE = 'no_data_found', HINT = 'postback.explain(transaction_id) takes a transaction id.';
+    END IF;
+    RETURN QUERY
+    SELECT e.name,
+           d.ids IS NOT NULL,
+           CASE
+             WHEN d.ids IS NOT NULL AND r.filtered_out_by IS NOT NULL
+                 THEN 'fired for an earlier status; not for the current one: ' || r.filtered_out_by
+             WHEN d.ids IS NOT NULL THEN 'fired'
+             WHEN NOT e.active THEN 'not fired: the endpoint is inactive (active = false)'
+             WHEN r.filtered_out_by IS NOT NULL THEN 'not fired: ' || r.filtered_out_by
+             WHEN e.created_at > c.created_at
+                 THEN format('not fired: the endpoint was created at %s, after the conversion (%s)', e.created_at, c.created_at)
+             ELSE format('not fired: its filters match now but did not when the conversion was written '
+                         '(the endpoint was last changed at %s)', e.updated_at)
+           END,
+           d.ids, d.announced, d.states, d.attempts, d.next_at, d.last_error,
+           postback.held_by(e.id)
+      FROM postback.endpoints e
+      LEFT JOIN postback.explain_routing(c.id) r ON r.endpoint_id = e.id
+      LEFT JOIN LATERAL (
+           SELECT array_agg(x.id ORDER BY x.id) AS ids, array_agg(x.status ORDER BY x.id) AS announced,
+                  array_agg(x.state ORDER BY x.id) AS states, sum(x.attempts)::integer AS attempts,
+                  min(x.next_attempt_at) FILTER (WHERE x.state = 'pending') AS next_at,
+                  (array_agg(x.last_error ORDER BY x.id DESC))[1] AS last_error
+             FROM postback.deliveries x
+            WHERE x.conversion_id = c.id AND x.endpoint_id = e.id
+           HAVING count(*) > 0) d ON true
+     ORDER BY d.ids IS NULL, e.name;
+END
+$$;
+
+CREATE FUNCTION postback.explain(transaction_id text)
+RETURNS TABLE (endpoint text, fired boolean, reason text, delivery_ids bigint[], announced text[],
+               states text[], attempts integer, next_attempt_at timestamptz, last_error text, held_by text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    found bigint;
+BEGIN
+    SELECT c.id INTO found FROM postback.conversions c WHERE c.transaction_id = explain.transaction_id;
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'no conversion has transaction_id "%"', transaction_id
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'A duplicate insert skipped by ON CONFLICT is counted in postback.conversion_duplicates, not stored.';
+    END IF;
+    RETURN QUERY SELECT * FROM postback.explain(found);
+END
+$$;
+
+-- A delivery's request as a curl command line a person can run to reproduce
+-- it: method, URL, headers (with a fresh signature where the endpoint signs),
+-- body, the endpoint's timeout. The endpoint's own header values (credentials)
+-- are shown to the extension's owner only; others see [redacted]. Nothing of
+-- it is logged.
+CREATE FUNCTION postback.curl(delivery_id bigint) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    d postback.deliveries;
+    e postback.endpoints;
+    f record;
+    shown jsonb;
+BEGIN
+    SELECT * INTO d FROM postback.deliveries x WHERE x.id = curl.delivery_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown delivery id %', delivery_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF NOT d.rendered THEN
+        RAISE EXCEPTION 'delivery % has no request to show: %', delivery_id, d.last_error
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Fix the endpoint or the conversion; postback.retry renders it again from the conversion.';
+    END IF;
+    SELECT * INTO e FROM postback.endpoints x WHERE x.id = d.endpoint_id;
+    SELECT * INTO f FROM postback.sign_request(
+        e.id, e.kind, e.signing_scheme, e.signature_header, e.timestamp_param, e.signature_param,
+        d.url, d.url_hashes, nullif(e.headers, '{}'), d.body, d.idempotency_key);
+    shown := CASE
+        WHEN pg_has_role(session_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = 'postback.endpoints'::regclass), 'USAGE')
+            THEN f.headers
+        ELSE (SELECT jsonb_object_agg(h.key, CASE WHEN e.headers ? h.key THEN to_jsonb('[redacted]'::text) ELSE h.value END)
+                FROM jsonb_each(f.headers) h)
+    END;
+    RETURN postback.curl_command(d.method, f.url, coalesce(shown, '{}'), d.body,
+                                 (extract(epoch FROM e.timeout) * 1000)::bigint);
+END
+$$;

@@ -27,6 +27,11 @@ REVOKE EXECUTE ON FUNCTION postback.send_test(text, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.pause(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.resume(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.purge(interval, integer, boolean, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.explain(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.explain(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.explain_routing(bigint) FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA postback FROM PUBLIC;
 
 -- Read access for analysts: everything but credentials. endpoints.headers
@@ -49,7 +54,8 @@ BEGIN
                    'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
                    'postback.metrics, postback.dead_letters TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats() TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
+                   'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);
 END
 $$;
 
@@ -63,7 +69,8 @@ BEGIN
     EXECUTE format('GRANT INSERT, UPDATE ON postback.conversions, postback.clicks TO %s', role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint), postback.retry(bigint), '
                    'postback.retry_dead(text, timestamptz), postback.replay(text, timestamptz, timestamptz), '
-                   'postback.send_test(text, jsonb), postback.pause(text), postback.resume(text) TO %s', role);
+                   'postback.send_test(text, jsonb), postback.pause(text), postback.resume(text), '
+                   'postback.curl(bigint) TO %s', role);
 END
 $$;
 

@@ -123,6 +123,9 @@ CREATE TABLE postback.endpoints (
 -- are checked here so that a bad one is refused when it is given.
 CREATE FUNCTION postback.endpoints_fill_defaults() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    seen text[];
+    unseen text[];
 BEGIN
     IF TG_OP = 'INSERT' OR NEW.headers IS DISTINCT FROM OLD.headers THEN
         PERFORM postback.validate_headers(NEW.headers);
@@ -136,6 +139,21 @@ BEGIN
     END IF;
     IF NEW.partners IS NOT NULL THEN
         PERFORM postback.validate_partners(NEW.partners);
+    END IF;
+    IF NEW.status_map IS NOT NULL AND (TG_OP = 'INSERT' OR NEW.status_map IS DISTINCT FROM OLD.status_map) THEN
+        PERFORM postback.validate_status_map(NEW.status_map);
+    END IF;
+    IF NEW.events IS NOT NULL AND (TG_OP = 'INSERT' OR NEW.events IS DISTINCT FROM OLD.events) THEN
+        PERFORM postback.validate_events(NEW.events);
+        -- events are free text: say when one has not been seen lately (a typo never fires)
+        SELECT pg_catalog.array_agg(DISTINCT r.event ORDER BY r.event) INTO seen
+          FROM (SELECT c.event FROM postback.conversions c ORDER BY c.id DESC LIMIT 10000) r;
+        unseen := ARRAY(SELECT u FROM pg_catalog.unnest(NEW.events) u WHERE u <> ALL (seen));
+        IF seen IS NOT NULL AND pg_catalog.cardinality(unseen) > 0 THEN
+            RAISE NOTICE 'endpoint "%": no recent conversion has event %; the events seen lately are %',
+                         NEW.name, unseen, seen
+                USING HINT = 'An endpoint fires only for conversions whose event it lists, spelled exactly.';
+        END IF;
     END IF;
     IF NEW.conditions IS NOT NULL THEN
         PERFORM postback.validate_conditions(NEW.conditions);
@@ -151,7 +169,16 @@ BEGIN
     END IF;
     NEW.method := pg_catalog.upper(coalesce(NEW.method,
                                  CASE NEW.kind WHEN 'webhook' THEN 'POST' ELSE 'GET' END));
+    IF NEW.kind IS NOT NULL AND NEW.method IS NOT NULL AND NEW.signing_scheme IS NOT NULL THEN
+        PERFORM postback.validate_endpoint_choices(NEW.kind, NEW.method, NEW.signing_scheme, NEW.statuses);
+    END IF;
     NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(pg_catalog.cardinality(NEW.retry_schedule), 0) + 1);
+    IF TG_OP = 'UPDATE' AND NEW.signing_scheme IS DISTINCT FROM OLD.signing_scheme THEN
+        -- the live secrets must sign with the new scheme (expire those that do not)
+        PERFORM postback.validate_secret(NEW.signing_scheme, k.secret)
+           FROM postback.endpoint_secrets k
+          WHERE k.endpoint_id = NEW.id AND (k.expires_at IS NULL OR k.expires_at > now());
+    END IF;
     IF TG_OP = 'UPDATE' THEN
         NEW.updated_at := now();
         -- what the deliveries' requests were rendered from: queued ones are
@@ -187,6 +214,22 @@ CREATE TABLE postback.endpoint_secrets (
 CREATE INDEX endpoint_secrets_endpoint ON postback.endpoint_secrets (endpoint_id);
 REVOKE ALL ON postback.endpoint_secrets FROM PUBLIC;
 
+-- A secret that cannot sign with its endpoint's scheme (a plain text for
+-- standard-webhooks, which wants whsec_ and base64) is refused when it is
+-- given, naming the format, never when a delivery is sent.
+CREATE FUNCTION postback.endpoint_secrets_check() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM postback.validate_secret(e.signing_scheme, NEW.secret)
+       FROM postback.endpoints e WHERE e.id = NEW.endpoint_id;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER endpoint_secrets_check
+    BEFORE INSERT OR UPDATE OF secret, endpoint_id ON postback.endpoint_secrets
+    FOR EACH ROW EXECUTE FUNCTION postback.endpoint_secrets_check();
+
 -- ---------------------------------------------------------------------------
 -- conversions: what operators insert
 -- ---------------------------------------------------------------------------
@@ -207,7 +250,7 @@ CREATE TABLE postback.conversions (
             CHECK (status IN ('pending', 'approved', 'rejected', 'reversed', 'refunded', 'chargeback')),
     amount         numeric
         CONSTRAINT amount_must_be_a_finite_number
-            CHECK (amount IS NULL OR amount NOT IN ('NaN'::numeric)),
+            CHECK (amount IS NULL OR amount NOT IN ('NaN'::numeric, 'Infinity'::numeric, '-Infinity'::numeric)),
     currency       text
         CONSTRAINT currency_must_be_an_iso_4217_uppercase_code
             CHECK (currency ~ '^[A-Z]{3}$'),
@@ -354,17 +397,17 @@ CREATE TABLE postback.endpoint_state (
 CREATE FUNCTION postback.refuse_delete_with_deliveries() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-    referenced bigint;
+    referenced text;
 BEGIN
     IF TG_TABLE_NAME = 'endpoints' THEN
-        SELECT o.id INTO referenced FROM old_rows o
+        SELECT format('endpoint %L', o.name) INTO referenced FROM old_rows o
          WHERE EXISTS (SELECT 1 FROM postback.deliveries d WHERE d.endpoint_id = o.id) LIMIT 1;
     ELSE
-        SELECT o.id INTO referenced FROM old_rows o
+        SELECT format('conversion %L', o.transaction_id) INTO referenced FROM old_rows o
          WHERE EXISTS (SELECT 1 FROM postback.deliveries d WHERE d.conversion_id = o.id) LIMIT 1;
     END IF;
     IF referenced IS NOT NULL THEN
-        RAISE EXCEPTION 'cannot delete % row % : it still has deliveries', TG_TABLE_NAME, referenced
+        RAISE EXCEPTION 'cannot delete %: it still has deliveries', referenced
             USING ERRCODE = 'foreign_key_violation',
                   HINT = CASE TG_TABLE_NAME
                       WHEN 'endpoints' THEN 'Set active = false to stop an endpoint, or delete its deliveries first.'

@@ -18,22 +18,32 @@ CREATE FUNCTION postback.worker_status(
 RETURNS record
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT a.pid IS NOT NULL,
+    -- running: a worker serves this database (one serving another does not)
+    SELECT a.pid IS NOT NULL AND a.datname = current_database(),
            a.pid,
            coalesce(s.started_at, a.backend_start),
            a.datname,
            s.last_wake, coalesce(s.sent, 0), coalesce(s.succeeded, 0), coalesce(s.failed, 0),
            coalesce(s.in_flight, 0), s.last_error, s.last_error_at,
            CASE
-               WHEN a.pid IS NOT NULL THEN NULL
+               WHEN a.pid IS NOT NULL AND a.datname = current_database() THEN NULL
                WHEN current_setting('shared_preload_libraries') !~ '(^|[\s,])pg_postback($|[\s,])'
                THEN 'pg_postback is not in shared_preload_libraries: add it and restart PostgreSQL. '
                     'Deliveries are queued and wait until the worker runs.'
+               WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database x WHERE x.datname = served.name)
+               THEN format('postback.database_name = %L names no database, so no worker runs: create it, or '
+                           'set postback.database_name = %L and reload. Deliveries queued here wait.',
+                           served.name, current_database())
+               WHEN served.name <> current_database()
+               THEN format('the worker serves database %L (postback.database_name), not this one (%L): '
+                           'deliveries queued here wait, and NOTIFY postback_alerts is sent there. Set '
+                           'postback.database_name = %L and reload to serve this one.',
+                           served.name, current_database(), current_database())
                ELSE 'the worker is not running; the postmaster restarts it within seconds after a '
-                    'crash. Check the server log and postback.database_name = '
-                    || quote_literal(current_setting('postback.database_name', true)) || '.'
+                    'crash. Check the server log (postback.database_name = '
+                    || quote_literal(served.name) || ').'
            END
-      FROM (SELECT 1) AS one
+      FROM (SELECT current_setting('postback.database_name', true) AS name) AS served
       LEFT JOIN pg_catalog.pg_stat_activity a ON a.backend_type = 'pg_postback worker'
       LEFT JOIN postback.worker_stats() s ON true
      LIMIT 1

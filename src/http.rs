@@ -14,8 +14,6 @@ use crate::rules::retry::AttemptResult;
 use crate::rules::target_policy::{self, Cidr};
 use crate::rules::text::{redact_url, truncate_utf8, unix_micros_now};
 
-const POLICY_MARKER: &str = "refused to connect to";
-
 #[derive(Debug, Clone)]
 pub struct Job {
     pub method: String,
@@ -108,9 +106,8 @@ impl Client {
         let result = match outcome {
             Ok(response) | Err(ureq::Error::Status(_, response)) => self.response(response),
             Err(ureq::Error::Transport(t)) => {
-                let message = redact_url(&t.to_string(), &job.url);
-                let permanent = message.contains(POLICY_MARKER)
-                    || matches!(t.kind(), ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme);
+                let (message, permanent) = describe(&t, job.timeout);
+                let message = redact_url(&message, &job.url);
                 if permanent {
                     AttemptResult::Permanent(message)
                 } else {
@@ -119,6 +116,35 @@ impl Client {
             }
         };
         Sent { started_unix_micros, duration_ms: start.elapsed().as_secs_f64() * 1000.0, result }
+    }
+}
+
+/// What went wrong on the wire, said once and plainly (ureq's own text
+/// repeats its kind and says "Dns Failed: resolve dns name" for an address
+/// the policy refused), and whether trying again cannot help.
+fn describe(t: &ureq::Transport, timeout: Duration) -> (String, bool) {
+    let io = std::error::Error::source(t).and_then(|s| s.downcast_ref::<io::Error>());
+    let cause = io.map(|e| e.to_string()).or_else(|| t.message().map(str::to_string));
+    let timed_out = io.is_some_and(|e| matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock));
+    let seconds = timeout.as_secs_f64();
+    match t.kind() {
+        // the resolver's own refusal (PermissionDenied) names the address and the setting
+        ureq::ErrorKind::Dns if io.is_some_and(|e| e.kind() == io::ErrorKind::PermissionDenied) => {
+            (cause.unwrap_or_default(), true)
+        }
+        ureq::ErrorKind::Dns => (format!("the host name does not resolve: {}", cause.unwrap_or_default()), false),
+        ureq::ErrorKind::ConnectionFailed if timed_out => {
+            ("no connection within 10 s (the connect timeout)".to_string(), false)
+        }
+        ureq::ErrorKind::ConnectionFailed => (format!("could not connect: {}", cause.unwrap_or_default()), false),
+        ureq::ErrorKind::Io if timed_out => {
+            (format!("no complete response within {seconds} s (the endpoint's timeout)"), false)
+        }
+        ureq::ErrorKind::Io => (format!("the connection failed: {}", cause.unwrap_or_default()), false),
+        ureq::ErrorKind::InvalidUrl | ureq::ErrorKind::UnknownScheme => {
+            (format!("the URL cannot be sent: {}", cause.unwrap_or_default()), true)
+        }
+        kind => (format!("{kind}: {}", cause.unwrap_or_default()), false),
     }
 }
 
@@ -180,6 +206,25 @@ mod tests {
             redact_url("GET https://n.test/a?sig=x: refused", "https://n.test/a?sig=x"),
             "GET https://n.test/a?…: refused"
         );
+    }
+
+    #[test]
+    fn transport_errors_are_said_once_with_the_timeout_and_the_policy_in_plain_words() {
+        let client = Client::new(vec![], 100, 1);
+        let AttemptResult::Permanent(e) = client.send(&job("http://10.1.2.3:80/".into())).result else { panic!() };
+        assert!(e.starts_with("refused to connect to 10.1.2.3") && !e.contains("Dns Failed"), "{e}");
+        let allow = target_policy::parse_allowlist("127.0.0.1/32").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(s);
+        });
+        let mut slow = job(format!("http://127.0.0.1:{port}/"));
+        slow.timeout = Duration::from_millis(300);
+        let AttemptResult::Transient(e) = Client::new(allow, 5, 1).send(&slow).result else { panic!() };
+        assert_eq!(e, "no complete response within 0.3 s (the endpoint's timeout)");
     }
 
     #[test]

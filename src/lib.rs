@@ -37,7 +37,17 @@ pgrx::extension_sql_file!(
 pgrx::extension_sql_file!(
     "../sql/operations.sql",
     name = "operations",
-    requires = ["enqueue", "views", test_request, wake_worker, rerender]
+    requires = [
+        "enqueue",
+        "views",
+        test_request,
+        wake_worker,
+        rerender,
+        needs_secret,
+        explain_routing,
+        curl_command,
+        sign_request
+    ]
 );
 pgrx::extension_sql_file!(
     "../sql/privileges.sql",

@@ -30,6 +30,21 @@ RETURNS TABLE ("idempotency_key" TEXT, "url" TEXT, "url_hashes" jsonb, "body" TE
 STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'test_request_wrapper';
 CREATE FUNCTION postback."rerender"("ids" bigint[]) RETURNS bigint
 STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'rerender_wrapper';
+CREATE FUNCTION postback."validate_secret"("scheme" TEXT, "secret" TEXT) RETURNS bool
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_secret_wrapper';
+CREATE FUNCTION postback."needs_secret"("signing_scheme" TEXT, "url_template" TEXT) RETURNS bool
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'needs_secret_wrapper';
+CREATE FUNCTION postback."validate_status_map"("status_map" jsonb) RETURNS bool
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_status_map_wrapper';
+CREATE FUNCTION postback."validate_events"("events" TEXT[]) RETURNS bool
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_events_wrapper';
+CREATE FUNCTION postback."validate_endpoint_choices"("kind" TEXT, "method" TEXT, "signing_scheme" TEXT, "statuses" TEXT[] DEFAULT NULL)
+RETURNS bool IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_endpoint_choices_wrapper';
+CREATE FUNCTION postback."explain_routing"("conversion_id" bigint)
+RETURNS TABLE ("endpoint_id" bigint, "filtered_out_by" TEXT)
+STRICT STABLE LANGUAGE c AS 'MODULE_PATHNAME', 'explain_routing_wrapper';
+CREATE FUNCTION postback."curl_command"("method" TEXT, "url" TEXT, "headers" jsonb, "body" TEXT, "timeout_ms" bigint)
+RETURNS TEXT IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'curl_command_wrapper';
 
 -- Deliveries: {hash:…} positions out of band; never-rendered rows stay dead --
 
@@ -270,6 +285,9 @@ $$;
 
 CREATE OR REPLACE FUNCTION postback.endpoints_fill_defaults() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    seen text[];
+    unseen text[];
 BEGIN
     IF TG_OP = 'INSERT' OR NEW.headers IS DISTINCT FROM OLD.headers THEN
         PERFORM postback.validate_headers(NEW.headers);
@@ -283,6 +301,21 @@ BEGIN
     END IF;
     IF NEW.partners IS NOT NULL THEN
         PERFORM postback.validate_partners(NEW.partners);
+    END IF;
+    IF NEW.status_map IS NOT NULL AND (TG_OP = 'INSERT' OR NEW.status_map IS DISTINCT FROM OLD.status_map) THEN
+        PERFORM postback.validate_status_map(NEW.status_map);
+    END IF;
+    IF NEW.events IS NOT NULL AND (TG_OP = 'INSERT' OR NEW.events IS DISTINCT FROM OLD.events) THEN
+        PERFORM postback.validate_events(NEW.events);
+        -- events are free text: say when one has not been seen lately (a typo never fires)
+        SELECT pg_catalog.array_agg(DISTINCT r.event ORDER BY r.event) INTO seen
+          FROM (SELECT c.event FROM postback.conversions c ORDER BY c.id DESC LIMIT 10000) r;
+        unseen := ARRAY(SELECT u FROM pg_catalog.unnest(NEW.events) u WHERE u <> ALL (seen));
+        IF seen IS NOT NULL AND pg_catalog.cardinality(unseen) > 0 THEN
+            RAISE NOTICE 'endpoint "%": no recent conversion has event %; the events seen lately are %',
+                         NEW.name, unseen, seen
+                USING HINT = 'An endpoint fires only for conversions whose event it lists, spelled exactly.';
+        END IF;
     END IF;
     IF NEW.conditions IS NOT NULL THEN
         PERFORM postback.validate_conditions(NEW.conditions);
@@ -298,7 +331,16 @@ BEGIN
     END IF;
     NEW.method := pg_catalog.upper(coalesce(NEW.method,
                                  CASE NEW.kind WHEN 'webhook' THEN 'POST' ELSE 'GET' END));
+    IF NEW.kind IS NOT NULL AND NEW.method IS NOT NULL AND NEW.signing_scheme IS NOT NULL THEN
+        PERFORM postback.validate_endpoint_choices(NEW.kind, NEW.method, NEW.signing_scheme, NEW.statuses);
+    END IF;
     NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(pg_catalog.cardinality(NEW.retry_schedule), 0) + 1);
+    IF TG_OP = 'UPDATE' AND NEW.signing_scheme IS DISTINCT FROM OLD.signing_scheme THEN
+        -- the live secrets must sign with the new scheme (expire those that do not)
+        PERFORM postback.validate_secret(NEW.signing_scheme, k.secret)
+           FROM postback.endpoint_secrets k
+          WHERE k.endpoint_id = NEW.id AND (k.expires_at IS NULL OR k.expires_at > now());
+    END IF;
     IF TG_OP = 'UPDATE' THEN
         NEW.updated_at := now();
         -- what the deliveries' requests were rendered from: queued ones are
@@ -334,12 +376,357 @@ CREATE TRIGGER endpoints_rerender_queue
     FOR EACH ROW WHEN (NEW.revised_at IS DISTINCT FROM OLD.revised_at)
     EXECUTE FUNCTION postback.rerender_queue();
 
+CREATE OR REPLACE FUNCTION postback.endpoint_secrets_check() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM postback.validate_secret(e.signing_scheme, NEW.secret)
+       FROM postback.endpoints e WHERE e.id = NEW.endpoint_id;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER endpoint_secrets_check
+    BEFORE INSERT OR UPDATE OF secret, endpoint_id ON postback.endpoint_secrets
+    FOR EACH ROW EXECUTE FUNCTION postback.endpoint_secrets_check();
+
+-- A numeric amount of Infinity passed "amount_must_be_a_finite_number" and was
+-- sent as payout=Infinity. Rows that hold one already are left as they are
+-- (a WARNING counts them); the constraint then checks new rows only.
+ALTER TABLE postback.conversions DROP CONSTRAINT amount_must_be_a_finite_number;
+ALTER TABLE postback.conversions ADD CONSTRAINT amount_must_be_a_finite_number
+    CHECK (amount IS NULL OR amount NOT IN ('NaN'::numeric, 'Infinity'::numeric, '-Infinity'::numeric)) NOT VALID;
+DO $$
+DECLARE
+    infinite bigint;
+BEGIN
+    SELECT count(*) INTO infinite FROM postback.conversions
+     WHERE amount IN ('Infinity'::numeric, '-Infinity'::numeric);
+    IF infinite = 0 THEN
+        ALTER TABLE postback.conversions VALIDATE CONSTRAINT amount_must_be_a_finite_number;
+    ELSE
+        RAISE WARNING 'pg_postback: % conversions have an infinite amount; amount_must_be_a_finite_number checks new rows only until they are corrected', infinite;
+    END IF;
+END
+$$;
+
+-- endpoint_health: held_by (why deliveries wait), last_error only while failing
+CREATE OR REPLACE FUNCTION postback.held_by(endpoint_id bigint) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE
+             WHEN NOT e.active THEN 'inactive: set active = true to enqueue and send again'
+             WHEN e.paused_at IS NOT NULL THEN 'paused: postback.resume(endpoint) sends again'
+             WHEN postback.needs_secret(e.signing_scheme, e.url_template)
+                  AND NOT EXISTS (SELECT 1 FROM postback.endpoint_secrets k
+                                   WHERE k.endpoint_id = e.id AND (k.expires_at IS NULL OR k.expires_at > now()))
+                 THEN 'no live secret: its deliveries wait until one is inserted into postback.endpoint_secrets'
+             WHEN s.breaker = 'open' THEN 'circuit breaker open: a probe request goes out after the cooldown'
+           END
+      FROM postback.endpoints e
+      LEFT JOIN postback.endpoint_state s ON s.endpoint_id = e.id
+     WHERE e.id = held_by.endpoint_id
+$$;
+
+CREATE OR REPLACE VIEW postback.endpoint_health AS
+WITH recent AS (
+    SELECT d.endpoint_id,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour')                              AS deliveries_1h,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour' AND d.state = 'succeeded')    AS succeeded_1h,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour' AND d.state = 'dead')         AS dead_1h,
+           count(*)                                                                                      AS deliveries_24h,
+           count(*) FILTER (WHERE d.state = 'succeeded')                                                 AS succeeded_24h,
+           count(*) FILTER (WHERE d.state = 'dead')                                                      AS dead_24h
+      FROM postback.deliveries d
+     WHERE d.created_at > now() - interval '24 hours' AND d.conversion_id IS NOT NULL
+     GROUP BY d.endpoint_id),
+latency AS (
+    SELECT d.endpoint_id,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)
+               FILTER (WHERE a.started_at > now() - interval '1 hour')                                   AS p50_ms_1h,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms)
+               FILTER (WHERE a.started_at > now() - interval '1 hour')                                   AS p95_ms_1h,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)                                    AS p50_ms_24h,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms)                                   AS p95_ms_24h
+      FROM postback.attempts a JOIN postback.deliveries d ON d.id = a.delivery_id
+     WHERE a.started_at > now() - interval '24 hours' AND a.status_code IS NOT NULL
+     GROUP BY d.endpoint_id),
+backlog AS (
+    SELECT d.endpoint_id, count(*) AS pending, min(d.created_at) AS oldest_pending_at
+      FROM postback.deliveries d
+     WHERE d.state IN ('pending', 'in_flight')
+     GROUP BY d.endpoint_id)
+SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NULL AS paused, e.paused_at,
+       coalesce(r.deliveries_1h, 0) AS deliveries_1h, coalesce(r.succeeded_1h, 0) AS succeeded_1h,
+       coalesce(r.dead_1h, 0) AS dead_1h,
+       round(r.succeeded_1h::numeric / nullif(r.succeeded_1h + r.dead_1h, 0), 4) AS success_rate_1h,
+       coalesce(r.deliveries_24h, 0) AS deliveries_24h, coalesce(r.succeeded_24h, 0) AS succeeded_24h,
+       coalesce(r.dead_24h, 0) AS dead_24h,
+       round(r.succeeded_24h::numeric / nullif(r.succeeded_24h + r.dead_24h, 0), 4) AS success_rate_24h,
+       round(l.p50_ms_1h::numeric, 1) AS p50_ms_1h, round(l.p95_ms_1h::numeric, 1) AS p95_ms_1h,
+       round(l.p50_ms_24h::numeric, 1) AS p50_ms_24h, round(l.p95_ms_24h::numeric, 1) AS p95_ms_24h,
+       coalesce(s.consecutive_failures, 0) AS consecutive_failures, s.failing_since, s.last_success_at,
+       CASE WHEN coalesce(s.consecutive_failures, 0) > 0 THEN s.last_error END AS last_error,
+       coalesce(s.breaker, 'closed') AS breaker, s.breaker_since, s.breaker_reason,
+       coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age,
+       postback.held_by(e.id) AS held_by
+  FROM postback.endpoints e
+  LEFT JOIN recent r ON r.endpoint_id = e.id
+  LEFT JOIN latency l ON l.endpoint_id = e.id
+  LEFT JOIN backlog b ON b.endpoint_id = e.id
+  LEFT JOIN postback.endpoint_state s ON s.endpoint_id = e.id;
+
+CREATE OR REPLACE FUNCTION postback.explain(conversion_id bigint)
+RETURNS TABLE (endpoint text, fired boolean, reason text, delivery_ids bigint[], announced text[],
+               states text[], attempts integer, next_attempt_at timestamptz, last_error text, held_by text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c postback.conversions;
+BEGIN
+    SELECT * INTO c FROM postback.conversions x WHERE x.id = explain.conversion_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown conversion id %', conversion_id
+            USING ERRCODE = 'no_data_found', HINT = 'postback.explain(transaction_id) takes a transaction id.';
+    END IF;
+    RETURN QUERY
+    SELECT e.name,
+           d.ids IS NOT NULL,
+           CASE
+             WHEN d.ids IS NOT NULL AND r.filtered_out_by IS NOT NULL
+                 THEN 'fired for an earlier status; not for the current one: ' || r.filtered_out_by
+             WHEN d.ids IS NOT NULL THEN 'fired'
+             WHEN NOT e.active THEN 'not fired: the endpoint is inactive (active = false)'
+             WHEN r.filtered_out_by IS NOT NULL THEN 'not fired: ' || r.filtered_out_by
+             WHEN e.created_at > c.created_at
+                 THEN format('not fired: the endpoint was created at %s, after the conversion (%s)', e.created_at, c.created_at)
+             ELSE format('not fired: its filters match now but did not when the conversion was written '
+                         '(the endpoint was last changed at %s)', e.updated_at)
+           END,
+           d.ids, d.announced, d.states, d.attempts, d.next_at, d.last_error,
+           postback.held_by(e.id)
+      FROM postback.endpoints e
+      LEFT JOIN postback.explain_routing(c.id) r ON r.endpoint_id = e.id
+      LEFT JOIN LATERAL (
+           SELECT array_agg(x.id ORDER BY x.id) AS ids, array_agg(x.status ORDER BY x.id) AS announced,
+                  array_agg(x.state ORDER BY x.id) AS states, sum(x.attempts)::integer AS attempts,
+                  min(x.next_attempt_at) FILTER (WHERE x.state = 'pending') AS next_at,
+                  (array_agg(x.last_error ORDER BY x.id DESC))[1] AS last_error
+             FROM postback.deliveries x
+            WHERE x.conversion_id = c.id AND x.endpoint_id = e.id
+           HAVING count(*) > 0) d ON true
+     ORDER BY d.ids IS NULL, e.name;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.explain(transaction_id text)
+RETURNS TABLE (endpoint text, fired boolean, reason text, delivery_ids bigint[], announced text[],
+               states text[], attempts integer, next_attempt_at timestamptz, last_error text, held_by text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    found bigint;
+BEGIN
+    SELECT c.id INTO found FROM postback.conversions c WHERE c.transaction_id = explain.transaction_id;
+    IF found IS NULL THEN
+        RAISE EXCEPTION 'no conversion has transaction_id "%"', transaction_id
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'A duplicate insert skipped by ON CONFLICT is counted in postback.conversion_duplicates, not stored.';
+    END IF;
+    RETURN QUERY SELECT * FROM postback.explain(found);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.grant_analyst(role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    readable text;
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO readable
+      FROM pg_attribute a
+     WHERE a.attrelid = 'postback.endpoints'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname <> 'headers';
+    EXECUTE format('GRANT USAGE ON SCHEMA postback TO %s', role);
+    EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
+                   'postback.conversion_duplicates, postback.clicks, postback.endpoint_state, '
+                   'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
+                   'postback.metrics, postback.dead_letters TO %s', role);
+    EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
+                   'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.curl(delivery_id bigint) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    d postback.deliveries;
+    e postback.endpoints;
+    f record;
+    shown jsonb;
+BEGIN
+    SELECT * INTO d FROM postback.deliveries x WHERE x.id = curl.delivery_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown delivery id %', delivery_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF NOT d.rendered THEN
+        RAISE EXCEPTION 'delivery % has no request to show: %', delivery_id, d.last_error
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Fix the endpoint or the conversion; postback.retry renders it again from the conversion.';
+    END IF;
+    SELECT * INTO e FROM postback.endpoints x WHERE x.id = d.endpoint_id;
+    SELECT * INTO f FROM postback.sign_request(
+        e.id, e.kind, e.signing_scheme, e.signature_header, e.timestamp_param, e.signature_param,
+        d.url, d.url_hashes, nullif(e.headers, '{}'), d.body, d.idempotency_key);
+    shown := CASE
+        WHEN pg_has_role(session_user, (SELECT c.relowner FROM pg_class c WHERE c.oid = 'postback.endpoints'::regclass), 'USAGE')
+            THEN f.headers
+        ELSE (SELECT jsonb_object_agg(h.key, CASE WHEN e.headers ? h.key THEN to_jsonb('[redacted]'::text) ELSE h.value END)
+                FROM jsonb_each(f.headers) h)
+    END;
+    RETURN postback.curl_command(d.method, f.url, coalesce(shown, '{}'), d.body,
+                                 (extract(epoch FROM e.timeout) * 1000)::bigint);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.grant_operator(role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM postback.grant_analyst(role);
+    EXECUTE format('GRANT INSERT, UPDATE ON postback.conversions, postback.clicks TO %s', role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint), postback.retry(bigint), '
+                   'postback.retry_dead(text, timestamptz), postback.replay(text, timestamptz, timestamptz), '
+                   'postback.send_test(text, jsonb), postback.pause(text), postback.resume(text), '
+                   'postback.curl(bigint) TO %s', role);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.worker_status(
+    OUT running       boolean,
+    OUT pid           integer,
+    OUT started_at    timestamptz,
+    OUT database      name,
+    OUT last_wake     timestamptz,
+    OUT sent          bigint,
+    OUT succeeded     bigint,
+    OUT failed        bigint,
+    OUT in_flight     integer,
+    OUT last_error    text,
+    OUT last_error_at timestamptz,
+    OUT hint          text)
+RETURNS record
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+    -- running: a worker serves this database (one serving another does not)
+    SELECT a.pid IS NOT NULL AND a.datname = current_database(),
+           a.pid,
+           coalesce(s.started_at, a.backend_start),
+           a.datname,
+           s.last_wake, coalesce(s.sent, 0), coalesce(s.succeeded, 0), coalesce(s.failed, 0),
+           coalesce(s.in_flight, 0), s.last_error, s.last_error_at,
+           CASE
+               WHEN a.pid IS NOT NULL AND a.datname = current_database() THEN NULL
+               WHEN current_setting('shared_preload_libraries') !~ '(^|[\s,])pg_postback($|[\s,])'
+               THEN 'pg_postback is not in shared_preload_libraries: add it and restart PostgreSQL. '
+                    'Deliveries are queued and wait until the worker runs.'
+               WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database x WHERE x.datname = served.name)
+               THEN format('postback.database_name = %L names no database, so no worker runs: create it, or '
+                           'set postback.database_name = %L and reload. Deliveries queued here wait.',
+                           served.name, current_database())
+               WHEN served.name <> current_database()
+               THEN format('the worker serves database %L (postback.database_name), not this one (%L): '
+                           'deliveries queued here wait, and NOTIFY postback_alerts is sent there. Set '
+                           'postback.database_name = %L and reload to serve this one.',
+                           served.name, current_database(), current_database())
+               ELSE 'the worker is not running; the postmaster restarts it within seconds after a '
+                    'crash. Check the server log (postback.database_name = '
+                    || quote_literal(served.name) || ').'
+           END
+      FROM (SELECT current_setting('postback.database_name', true) AS name) AS served
+      LEFT JOIN pg_catalog.pg_stat_activity a ON a.backend_type = 'pg_postback worker'
+      LEFT JOIN postback.worker_stats() s ON true
+     LIMIT 1
+$$;
+
+-- metrics: per partner, dead counts, conversion figures on total rows only
+CREATE OR REPLACE VIEW postback.metrics AS
+WITH windows (name, since) AS (
+    VALUES ('24h', now() - interval '24 hours'), ('7d', now() - interval '7 days'), ('all', '-infinity'::timestamptz)),
+delivered AS (
+    SELECT w.name AS window_name, d.event, e.name AS endpoint, c.partner,
+           CASE WHEN grouping(d.event) = 0 THEN 'event' WHEN grouping(e.name) = 0 THEN 'endpoint'
+                WHEN grouping(c.partner) = 0 THEN 'partner' ELSE 'total' END AS breakdown,
+           count(*) FILTER (WHERE d.state = 'succeeded') AS succeeded,
+           count(*) FILTER (WHERE d.state = 'dead') AS dead,
+           count(*) FILTER (WHERE d.state IN ('succeeded', 'dead')) AS finished,
+           avg(extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
+               FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0) AS avg_ms,
+           percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
+               FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0) AS p95_ms
+      FROM windows w
+      JOIN postback.deliveries d ON d.created_at >= w.since
+      JOIN postback.endpoints e ON e.id = d.endpoint_id
+      JOIN postback.conversions c ON c.id = d.conversion_id
+     GROUP BY GROUPING SETS ((w.name), (w.name, d.event), (w.name, e.name), (w.name, c.partner))),
+converted AS (
+    SELECT w.name AS window_name,
+           count(c.id) AS conversions,
+           count(c.id) FILTER (WHERE c.status = 'approved') AS approved,
+           count(c.id) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')) AS reversed,
+           count(k.click_id) AS matched,
+           (SELECT coalesce(sum(x.duplicates), 0) FROM postback.conversion_duplicates x WHERE x.seen_at >= w.since)
+               AS duplicates
+      FROM windows w
+      LEFT JOIN postback.conversions c ON c.created_at >= w.since
+      LEFT JOIN postback.clicks k ON k.click_id = c.click_id
+     GROUP BY w.name, w.since)
+SELECT d.window_name AS period, d.event, d.endpoint,
+       d.finished AS deliveries_finished, d.succeeded AS deliveries_succeeded,
+       round(d.succeeded::numeric / nullif(d.finished, 0), 4) AS success_rate,
+       round(d.avg_ms::numeric, 1) AS avg_commit_to_success_ms,
+       round(d.p95_ms::numeric, 1) AS p95_commit_to_success_ms,
+       CASE WHEN d.breakdown = 'total' THEN c.conversions END AS conversions,
+       CASE WHEN d.breakdown = 'total' THEN round(c.duplicates::numeric / nullif(c.conversions + c.duplicates, 0), 4) END
+           AS dedup_rate,
+       CASE WHEN d.breakdown = 'total' THEN round(c.reversed::numeric / nullif(c.approved + c.reversed, 0), 4) END
+           AS reversal_rate,
+       CASE WHEN d.breakdown = 'total' THEN round(c.matched::numeric / nullif(c.conversions, 0), 4) END AS match_rate,
+       d.partner, d.breakdown, d.dead AS deliveries_dead
+  FROM delivered d JOIN converted c USING (window_name);
+
+CREATE OR REPLACE FUNCTION postback.refuse_delete_with_deliveries() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    referenced text;
+BEGIN
+    IF TG_TABLE_NAME = 'endpoints' THEN
+        SELECT format('endpoint %L', o.name) INTO referenced FROM old_rows o
+         WHERE EXISTS (SELECT 1 FROM postback.deliveries d WHERE d.endpoint_id = o.id) LIMIT 1;
+    ELSE
+        SELECT format('conversion %L', o.transaction_id) INTO referenced FROM old_rows o
+         WHERE EXISTS (SELECT 1 FROM postback.deliveries d WHERE d.conversion_id = o.id) LIMIT 1;
+    END IF;
+    IF referenced IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot delete %: it still has deliveries', referenced
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = CASE TG_TABLE_NAME
+                      WHEN 'endpoints' THEN 'Set active = false to stop an endpoint, or delete its deliveries first.'
+                      ELSE 'Delete the conversion''s deliveries first (postback.deliveries), or keep the conversion.' END;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
 -- Privileges ---------------------------------------------------------------
 
 REVOKE EXECUTE ON FUNCTION postback.sign_request(bigint, text, text, text, text, text, text, jsonb, jsonb, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.live_secrets(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender(bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender_queue() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.explain(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.explain(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.explain_routing(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.preview_request(bigint, bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.test_request(bigint, jsonb) FROM PUBLIC;
 
@@ -455,3 +842,30 @@ COMMENT ON COLUMN postback.deliveries.rendered_at IS 'When the request was rende
 COMMENT ON FUNCTION postback.rerender(bigint[]) IS 'Internal: renders deliveries again from their conversions with their endpoints as they are now, keeping id, idempotency key, event, status and attempts; one that no longer renders is dead with the reason. Returns how many have a request to send.';
 COMMENT ON FUNCTION postback.rerender_queue() IS 'Trigger: after an endpoint''s request settings change, renders its queued deliveries again (a queued test delivery is dead with a reason instead).';
 COMMENT ON TRIGGER endpoints_rerender_queue ON postback.endpoints IS 'Renders an endpoint''s queued deliveries again when revised_at changes.';
+COMMENT ON COLUMN postback.endpoint_health.last_error IS 'Error of the last failed attempt while the endpoint is failing (NULL once an attempt succeeds).';
+COMMENT ON COLUMN postback.endpoint_health.held_by IS 'Why its deliveries are not being sent now, if anything holds them: inactive, paused, no live secret (an endpoint that signs or has a {hash:…} waits for one), or an open circuit breaker; NULL otherwise.';
+COMMENT ON FUNCTION postback.validate_secret(text, text) IS 'Raises an error if a secret cannot sign with the scheme (standard-webhooks wants "whsec_" and base64; none of the others accepts an empty one), naming the format, never the secret; true otherwise.';
+COMMENT ON FUNCTION postback.needs_secret(text, text) IS 'Whether an endpoint with this signing scheme and URL template needs a live secret to send (it signs, or its template has a {hash:…}); its deliveries wait while it has none. The worker applies the same rule.';
+COMMENT ON FUNCTION postback.endpoint_secrets_check() IS 'Trigger: refuses a secret that cannot sign with its endpoint''s scheme when it is inserted or changed.';
+COMMENT ON FUNCTION postback.validate_status_map(jsonb) IS 'Raises an error naming the key if an endpoint''s status_map maps anything but a conversion status, or to anything but a string or a number; true otherwise.';
+COMMENT ON FUNCTION postback.validate_events(text[]) IS 'Raises an error if an endpoint''s events list is empty, holds NULL, or a name no conversion event can have; true otherwise.';
+COMMENT ON FUNCTION postback.held_by(bigint) IS 'Why an endpoint''s deliveries are not being sent now (inactive, paused, no live secret, open circuit breaker), or NULL; read by endpoint_health and explain.';
+COMMENT ON FUNCTION postback.explain(bigint) IS 'Why each endpoint did or did not receive a conversion: fired or not, the reason (inactive, the filter that left it out naming what it wants and what the conversion has, created after it), the deliveries with their announced statuses, states, attempts, next attempt and last error, and what holds the endpoint now. Operators and analysts may call it.';
+COMMENT ON FUNCTION postback.explain(text) IS 'postback.explain for the conversion with this transaction_id.';
+COMMENT ON FUNCTION postback.explain_routing(bigint) IS 'Internal: for every endpoint, the first of its filters that leaves the conversion out (what it wants, what the conversion has), or NULL when all match.';
+COMMENT ON FUNCTION postback.curl_command(text, text, jsonb, text, bigint) IS 'A curl command line for a request (method, URL, headers, body, timeout in ms), every argument single-quoted for the shell.';
+COMMENT ON FUNCTION postback.curl(bigint) IS 'A delivery''s request as a curl command line to run by hand: method, URL, headers with a fresh signature, body, the endpoint''s timeout. The endpoint''s own header values are shown to the extension owner only ([redacted] for operators). Owner and operators; never logged.';
+COMMENT ON FUNCTION postback.worker_status() IS 'Whether a delivery worker serves this database (running), its pid, database, counters and last error (also: waiting for ALTER EXTENSION … UPDATE), and a hint when none does: not preloaded, postback.database_name naming no database or another one, or not running.';
+COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period), in total and per event, per endpoint and per partner (breakdown): success rate, dead deliveries, commit-to-success latency; dedup, reversal and match rates on the total rows.';
+COMMENT ON COLUMN postback.metrics.event IS 'Conversion event of a per-event row; NULL in the others.';
+COMMENT ON COLUMN postback.metrics.endpoint IS 'Endpoint of a per-endpoint row; NULL in the others.';
+COMMENT ON COLUMN postback.metrics.avg_commit_to_success_ms IS 'Average time from enqueue (the conversion''s commit) to success, ms; deliveries resent by hand (retry, replay) are left out.';
+COMMENT ON COLUMN postback.metrics.p95_commit_to_success_ms IS '95th percentile time from enqueue to success, ms; deliveries resent by hand are left out.';
+COMMENT ON COLUMN postback.metrics.conversions IS 'Conversions created in the period (total rows only: a conversion is not per endpoint).';
+COMMENT ON COLUMN postback.metrics.dedup_rate IS 'Duplicates refused ÷ conversions offered (conversions + duplicates) in the period; total rows only.';
+COMMENT ON COLUMN postback.metrics.reversal_rate IS 'Conversions now reversed, refunded or charged back ÷ those plus the approved ones, in the period; total rows only.';
+COMMENT ON COLUMN postback.metrics.match_rate IS 'Conversions with a recorded click ÷ conversions, in the period; total rows only.';
+COMMENT ON COLUMN postback.metrics.partner IS 'Partner of a per-partner row (NULL there: conversions without a partner); NULL in the others.';
+COMMENT ON COLUMN postback.metrics.breakdown IS 'total, event, endpoint or partner: which rows these are.';
+COMMENT ON COLUMN postback.metrics.deliveries_dead IS 'Deliveries created in the period that died.';
+COMMENT ON FUNCTION postback.validate_endpoint_choices(text, text, text, text[]) IS 'Raises an error naming the column and the valid values if an endpoint''s kind, method, signing_scheme or statuses holds anything else; true otherwise.';

@@ -318,7 +318,7 @@ fn enqueue_conversions<'a>(
         // SAFETY: the pointer is this trigger call's own TriggerData; registering
         // it makes new_rows / old_rows visible to this SPI connection.
         unsafe { pg_sys::SPI_register_trigger_data(trigger_data) };
-        let (endpoints, router) = load_endpoints(client, None)?;
+        let (endpoints, router) = load_endpoints(client, rows::Which::Active)?;
         if router.is_empty() {
             let n = if lifecycle {
                 0

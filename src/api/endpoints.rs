@@ -78,14 +78,10 @@ impl EndpointRow {
     }
 }
 
-/// The active endpoints (for the enqueue), or the one endpoint `only` names
-/// (for preview and send_test, active or not), with their router.
-pub(super) fn load_endpoints(client: &SpiClient, only: Option<i64>) -> SpiResult<(Vec<EndpointRow>, Router)> {
-    let rows = client.select(
-        &rows::endpoint_rows(only.is_some()),
-        None,
-        &only.map(|id| vec![id.into()]).unwrap_or_default(),
-    )?;
+/// The endpoints `which` names, with their router.
+pub(super) fn load_endpoints(client: &SpiClient, which: rows::Which) -> SpiResult<(Vec<EndpointRow>, Router)> {
+    let (query, args) = rows::endpoint_rows(which);
+    let rows = client.select(&query, None, &args)?;
     let mut endpoints = Vec::with_capacity(rows.len());
     let mut filters = Vec::with_capacity(rows.len());
     for row in rows {

@@ -15,7 +15,8 @@ use crate::rules::validate;
 #[pg_extern(immutable, parallel_safe)]
 fn render(template: &str, vars: JsonB) -> String {
     let parsed = Template::parse(template).unwrap_or_else(|e| invalid("template", format!("invalid template: {e}")));
-    template::render_url(&parsed, &object_of(vars, "vars"), RenderOptions::default())
+    template::render_url_hashed(&parsed, &object_of(vars, "vars"), RenderOptions::default())
+        .and_then(|(url, slots)| crate::rules::url_hash::expand_without_secret(&url, &slots))
         .unwrap_or_else(|e| invalid("vars", format!("rendering: {e}")))
 }
 
@@ -78,6 +79,65 @@ fn validate_partners(partners: Vec<Option<String>>) -> bool {
 fn validate_conditions(conditions: JsonB) -> bool {
     validate::conditions(&conditions.0).or_raise();
     true
+}
+
+/// Checks an endpoint's status_map: known statuses to strings or numbers.
+#[pg_extern(immutable, parallel_safe)]
+fn validate_status_map(status_map: JsonB) -> bool {
+    validate::status_map(&status_map.0).or_raise();
+    true
+}
+
+/// Checks an endpoint's events: a non-empty list of names a conversion's event can have.
+#[pg_extern(immutable, parallel_safe)]
+fn validate_events(events: Vec<Option<String>>) -> bool {
+    validate::events(&events).or_raise();
+    true
+}
+
+/// Checks an endpoint's kind, method, signing_scheme and statuses against
+/// their valid values, naming the column and the values.
+#[pg_extern(immutable, parallel_safe)]
+fn validate_endpoint_choices(
+    kind: &str,
+    method: &str,
+    signing_scheme: &str,
+    statuses: default!(Option<Vec<Option<String>>>, "NULL"),
+) -> bool {
+    validate::endpoint_choices(kind, method, signing_scheme, statuses.as_deref()).or_raise();
+    true
+}
+
+/// Checks a secret for an endpoint signing with `scheme` (the message never quotes it).
+#[pg_extern(immutable, parallel_safe)]
+fn validate_secret(scheme: &str, secret: &str) -> bool {
+    validate::secret(scheme, secret).or_raise();
+    true
+}
+
+/// Whether an endpoint with this signing scheme and URL template needs a live
+/// secret to send (it signs, or its template has a `{hash:…}`); its deliveries
+/// wait while it has none. The worker applies the same rule.
+#[pg_extern(immutable, parallel_safe)]
+fn needs_secret(signing_scheme: &str, url_template: &str) -> bool {
+    crate::rules::outgoing::needs_secret(signing_scheme, url_template)
+}
+
+/// A curl command line for a request (method, URL, headers as a JSON object
+/// of strings, body, timeout in ms), every argument quoted for the shell.
+#[pg_extern(immutable, parallel_safe)]
+fn curl_command(method: &str, url: &str, headers: JsonB, body: Option<&str>, timeout_ms: i64) -> String {
+    let headers: Vec<(String, String)> = match headers.0 {
+        serde_json::Value::Object(m) => m
+            .into_iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(v) => (k, v),
+                other => (k, other.to_string()),
+            })
+            .collect(),
+        _ => invalid("headers", "headers must be a JSON object"),
+    };
+    crate::rules::outgoing::curl_command(method, url, &headers, body, timeout_ms)
 }
 
 fn sign_error(e: signing::SignError) -> ! {

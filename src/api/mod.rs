@@ -18,6 +18,7 @@ use crate::rules::request::PG_EPOCH_OFFSET_MICROS;
 mod compat;
 mod conversions;
 mod endpoints;
+mod explain;
 mod functions;
 mod preview;
 mod rerender;

@@ -94,10 +94,25 @@ pub(super) fn conversion_with_click() -> String {
     )
 }
 
-/// Endpoints as the enqueue reads them: the active ones, or the one `$1` names.
-pub(super) fn endpoint_rows(one: bool) -> String {
-    let filter = if one { "id = $1" } else { "active" };
-    format!("SELECT {ENDPOINT_COLUMNS} FROM postback.endpoints WHERE {filter} ORDER BY id")
+/// Which endpoints to read.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Which {
+    /// the active ones (the enqueue)
+    Active,
+    /// the one with this id, active or not (preview, send_test, rendering again)
+    One(i64),
+    /// every endpoint (explain)
+    All,
+}
+
+/// Endpoints as the enqueue reads them, and the arguments of the query.
+pub(super) fn endpoint_rows(which: Which) -> (String, Vec<pgrx::datum::DatumWithOid<'static>>) {
+    let (filter, args) = match which {
+        Which::Active => ("WHERE active", vec![]),
+        Which::One(id) => ("WHERE id = $1", vec![id.into()]),
+        Which::All => ("", vec![]),
+    };
+    (format!("SELECT {ENDPOINT_COLUMNS} FROM postback.endpoints {filter} ORDER BY id"), args)
 }
 
 /// How many rows an INSERT statement wrote (its transition table).

@@ -15,7 +15,8 @@ pub struct Fields<'a> {
     pub partner: Option<&'a str>,
 }
 
-fn event_ok(e: &str) -> bool {
+/// An event name: 1 to 64 of a-z, 0-9, '_', '.', '-', not starting with '.' or '-'.
+pub fn event_ok(e: &str) -> bool {
     let b = e.as_bytes();
     !b.is_empty()
         && b.len() <= 64

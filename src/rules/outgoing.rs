@@ -63,6 +63,9 @@ pub const FORBIDDEN_HEADERS: &[&str] = &[
 /// The methods a delivery may use.
 pub const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH"];
 
+/// Endpoint kinds: a GET postback to a URL template, or a signed JSON webhook.
+pub const KINDS: &[&str] = &["postback", "webhook"];
+
 /// Longest header value an endpoint may set.
 pub const MAX_HEADER_VALUE_BYTES: usize = 8192;
 
@@ -91,6 +94,42 @@ pub fn check_header(name: &str, value: &str) -> Result<(), String> {
         return Err(format!("header \"{name}\" value is {} bytes; the limit is {MAX_HEADER_VALUE_BYTES}", value.len()));
     }
     Ok(())
+}
+
+/// Whether an endpoint's requests cannot be sent without a live secret: it
+/// signs (`signing_scheme` other than none) or its URL template has a
+/// `{hash:…}` digest. Its deliveries wait while it has none.
+pub fn needs_secret(signing_scheme: &str, url_template: &str) -> bool {
+    signing_scheme != "none"
+        || crate::rules::template::Template::parse(url_template)
+            .map(|t| t.macros().any(|m| m.hash.is_some()))
+            .unwrap_or(false)
+}
+
+/// A shell command line that sends a request as the worker would, with curl:
+/// every argument single-quoted (safe in any POSIX shell for any text), no
+/// redirects followed (curl's default), the endpoint's timeout as --max-time.
+pub fn curl_command(
+    method: &str,
+    url: &str,
+    headers: &[(String, String)],
+    body: Option<&str>,
+    timeout_ms: i64,
+) -> String {
+    fn quote(s: &str) -> String {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+    let mut out = format!("curl --silent --show-error --include --request {} {}", quote(method), quote(url));
+    out.push_str(&format!(" --max-time {}", (timeout_ms.max(1) as f64 / 1000.0)));
+    for (name, value) in headers {
+        out.push_str(" \\\n  --header ");
+        out.push_str(&quote(&format!("{name}: {value}")));
+    }
+    if let Some(body) = body {
+        out.push_str(" \\\n  --data-binary ");
+        out.push_str(&quote(body));
+    }
+    out
 }
 
 /// Checks a method before it goes on the request line.
@@ -294,5 +333,21 @@ mod tests {
         let s = Signing { scheme: "github".into(), ..Default::default() };
         let e = finalize("webhook", "https://n.test/h", &[], &[], Some("{}"), "k", &s, 0).unwrap_err();
         assert!(e.contains("no live secret"), "{e}");
+    }
+
+    #[test]
+    fn a_curl_command_quotes_every_argument_for_the_shell() {
+        let headers = vec![("X-Signature".to_string(), "ab'cd".to_string())];
+        let cmd = curl_command("POST", "https://p.example/h?a=1&b=2", &headers, Some("{\"n\": \"O'Brien\"}"), 10_000);
+        assert_eq!(
+            cmd,
+            "curl --silent --show-error --include --request 'POST' 'https://p.example/h?a=1&b=2' --max-time 10 \\\n  \
+             --header 'X-Signature: ab'\\''cd' \\\n  --data-binary '{\"n\": \"O'\\''Brien\"}'"
+        );
+        let get = curl_command("GET", "https://p.example/pb?c=$(id)", &[], None, 1500);
+        assert_eq!(
+            get,
+            "curl --silent --show-error --include --request 'GET' 'https://p.example/pb?c=$(id)' --max-time 1.5"
+        );
     }
 }

@@ -57,6 +57,48 @@ impl Filters {
     }
 }
 
+/// Why an endpoint's filters leave a conversion out: the first filter that
+/// does not match, with what it wants and what the conversion has.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Miss {
+    #[error("partner {} is not in partners {}", show(.got), list(.wanted))]
+    Partner { wanted: Vec<String>, got: Option<String> },
+    #[error("event \"{got}\" is not in events {}", list(.wanted))]
+    Event { wanted: Vec<String>, got: String },
+    #[error("status \"{got}\" is not in statuses {}", list(.wanted))]
+    Status { wanted: Vec<String>, got: String },
+    #[error("condition {key} = {wanted} does not match: the attributes have {}", .got.as_ref().map_or("no such key".to_string(), |v| format!("{key} = {v}")))]
+    Condition { key: String, wanted: Value, got: Option<Value> },
+}
+
+fn show(p: &Option<String>) -> String {
+    p.as_ref().map_or("NULL (none recorded)".to_string(), |p| format!("\"{p}\""))
+}
+
+fn list(l: &[String]) -> String {
+    format!("{{{}}}", l.join(","))
+}
+
+impl Filters {
+    /// The first filter that leaves the conversion out, or None when all match.
+    pub fn why_not(&self, s: &Subject) -> Option<Miss> {
+        if let Some(wanted) = &self.partners {
+            if !s.partner.is_some_and(|p| wanted.iter().any(|w| w == p)) {
+                return Some(Miss::Partner { wanted: wanted.clone(), got: s.partner.map(str::to_string) });
+            }
+        }
+        if !listed(&self.events, s.event) {
+            return Some(Miss::Event { wanted: self.events.clone().unwrap_or_default(), got: s.event.to_string() });
+        }
+        if !listed(&self.statuses, s.status) {
+            return Some(Miss::Status { wanted: self.statuses.clone().unwrap_or_default(), got: s.status.to_string() });
+        }
+        let conditions = self.conditions.as_ref()?;
+        let (key, wanted) = conditions.iter().find(|(k, v)| !s.attributes.get(*k).is_some_and(|a| contains(a, v)))?;
+        Some(Miss::Condition { key: key.clone(), wanted: wanted.clone(), got: s.attributes.get(key).cloned() })
+    }
+}
+
 /// The endpoints of one statement, indexed for matching.
 #[derive(Debug, Default)]
 pub struct Router {
@@ -319,5 +361,33 @@ mod tests {
         assert!(contains(&n(r#"{"a": 0.0}"#), &n(r#"{"a": -0}"#)));
         assert!(!contains(&n(r#"{"a": 0.1}"#), &n(r#"{"a": 0.10000000000000001}"#)));
         assert!(!contains(&n(r#"{"a": -5}"#), &n(r#"{"a": 5}"#)));
+    }
+
+    #[test]
+    fn why_not_names_the_first_filter_that_fails_with_both_values() {
+        let attributes = obj(json!({"offer_id": 12, "geo": "DE"}));
+        let subject = Subject { partner: Some("net-a"), event: "sale", status: "approved", attributes: &attributes };
+        let f = |partners: Option<Vec<&str>>, events: Option<Vec<&str>>, conditions: Option<Value>| Filters {
+            partners: partners.map(|l| l.into_iter().map(String::from).collect()),
+            events: events.map(|l| l.into_iter().map(String::from).collect()),
+            statuses: None,
+            conditions: conditions.map(obj),
+        };
+        assert_eq!(f(None, None, None).why_not(&subject), None);
+        let miss = f(Some(vec!["net-b"]), None, None).why_not(&subject).unwrap();
+        assert_eq!(miss.to_string(), "partner \"net-a\" is not in partners {net-b}");
+        let miss = f(None, Some(vec!["sales", "lead"]), None).why_not(&subject).unwrap();
+        assert_eq!(miss.to_string(), "event \"sale\" is not in events {sales,lead}");
+        let miss = f(None, None, Some(json!({"offer_id": "12"}))).why_not(&subject).unwrap();
+        assert_eq!(miss.to_string(), "condition offer_id = \"12\" does not match: the attributes have offer_id = 12");
+        let miss = f(None, None, Some(json!({"sub": "x"}))).why_not(&subject).unwrap();
+        assert_eq!(miss.to_string(), "condition sub = \"x\" does not match: the attributes have no such key");
+        let none = Subject { partner: None, ..subject };
+        let miss = f(Some(vec!["net-a"]), None, None).why_not(&none).unwrap();
+        assert_eq!(miss.to_string(), "partner NULL (none recorded) is not in partners {net-a}");
+        // why_not agrees with matches
+        for filters in [f(None, None, Some(json!({"geo": "DE"}))), f(Some(vec!["net-a"]), Some(vec!["sale"]), None)] {
+            assert_eq!(filters.why_not(&subject).is_none(), filters.matches(&subject));
+        }
     }
 }

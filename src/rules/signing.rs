@@ -74,6 +74,11 @@ impl Scheme {
     }
 }
 
+/// Whether `secret` can sign with `scheme` (the error says why not, never quoting it).
+pub fn check_secret(scheme: Scheme, secret: &str) -> Result<(), SignError> {
+    key(scheme, secret).map(|_| ())
+}
+
 /// The HMAC key of a secret for a scheme.
 fn key(scheme: Scheme, secret: &str) -> Result<Vec<u8>, SignError> {
     if secret.is_empty() {

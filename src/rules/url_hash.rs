@@ -98,6 +98,18 @@ pub fn from_value(value: &Value) -> Result<Vec<HashSlot>, String> {
     Ok(out)
 }
 
+/// A URL rendered without an endpoint (`postback.render`) cannot hold its
+/// digests: every {hash:…} is over the secret, computed when the request is
+/// sent. An error instead of a URL with the digest left out.
+pub fn expand_without_secret(url: &str, slots: &[HashSlot]) -> Result<String, String> {
+    if !slots.is_empty() {
+        return Err("{hash:…} over the secret is computed when the request is sent, with the endpoint's \
+                    secret; postback.preview(endpoint, conversion_id) shows it"
+            .into());
+    }
+    Ok(url.to_string())
+}
+
 /// Inserts each slot's digest, computed with `secret`, at its offset. The URL
 /// text is never searched: only the given positions are filled.
 pub fn expand(url: &str, slots: &[HashSlot], secret: Option<&str>) -> Result<String, String> {

@@ -90,6 +90,91 @@ pub fn scheme(name: &str) -> Result<Scheme, Refusal> {
     })
 }
 
+/// An endpoint's status_map: known conversion statuses to the text the
+/// partner expects (a number is sent as its text).
+pub fn status_map(map: &Value) -> Result<(), Refusal> {
+    use crate::rules::conversion_rules::STATUSES;
+    let hint = format!("e.g. {{\"approved\": \"1\", \"reversed\": \"2\"}}; the statuses are {}", STATUSES.join(", "));
+    let Value::Object(map) = map else {
+        return Err(Refusal::invalid("status_map", "must be a JSON object of status to value").hint(hint));
+    };
+    for (status, value) in map {
+        if !STATUSES.contains(&status.as_str()) {
+            let why =
+                format!("\"{}\" is not a conversion status (one of {})", status.escape_default(), STATUSES.join(", "));
+            return Err(Refusal::invalid("status_map", why).hint(hint));
+        }
+        if !matches!(value, Value::String(_) | Value::Number(_)) {
+            let why = format!("the value of \"{status}\" must be a string or a number (got {value})");
+            return Err(Refusal::invalid("status_map", why).hint(hint));
+        }
+    }
+    Ok(())
+}
+
+/// An endpoint's events: NULL (every event, not checked here) or a non-empty
+/// list of event names as conversions spell them.
+pub fn events(events: &[Option<String>]) -> Result<(), Refusal> {
+    let hint =
+        "Events are written as conversions.event is: 1 to 64 of a-z, 0-9, '_', '.', '-'; NULL fires for every event.";
+    if events.is_empty() {
+        return Err(Refusal::invalid("events", "the list is empty (use NULL for every event)").hint(hint));
+    }
+    for e in events {
+        let Some(e) = e else { return Err(Refusal::invalid("events", "the list holds NULL").hint(hint)) };
+        if !crate::rules::conversion_rules::event_ok(e) {
+            let why = format!("\"{}\" can never match a conversion's event", e.escape_default());
+            return Err(Refusal::invalid("events", why).hint(hint));
+        }
+    }
+    Ok(())
+}
+
+/// An endpoint's enumerated settings, each one of its valid values (refused
+/// here, naming the column and the values, before a CHECK constraint would
+/// answer with the whole row).
+pub fn endpoint_choices(
+    kind: &str,
+    method: &str,
+    signing_scheme: &str,
+    statuses: Option<&[Option<String>]>,
+) -> Result<(), Refusal> {
+    use crate::rules::outgoing::{KINDS, METHODS};
+    let one_of = |column: &str, value: &str, valid: &[&str]| {
+        if valid.contains(&value) {
+            Ok(())
+        } else {
+            Err(Refusal::invalid(column, format!("\"{}\" is not one of {}", value.escape_default(), valid.join(", "))))
+        }
+    };
+    one_of("kind", kind, KINDS)?;
+    one_of("method", method, METHODS)?;
+    let mut schemes = vec!["none"];
+    schemes.extend(SCHEME_NAMES);
+    one_of("signing_scheme", signing_scheme, &schemes)?;
+    for status in statuses.unwrap_or_default() {
+        let Some(status) = status else { return Err(Refusal::invalid("statuses", "the list holds NULL")) };
+        one_of("statuses", status, crate::rules::conversion_rules::STATUSES)?;
+    }
+    Ok(())
+}
+
+/// A secret for an endpoint that signs with `scheme` (`none`: a secret for
+/// `{hash:…}` digests, any non-empty text). The message never quotes it.
+pub fn secret(scheme: &str, secret: &str) -> Result<(), Refusal> {
+    let scheme = match scheme {
+        "none" => crate::rules::signing::Scheme::HmacHex,
+        other => Scheme::parse(other).map_err(|e| Refusal::new(Kind::InvalidValue, "secret", e.message))?,
+    };
+    crate::rules::signing::check_secret(scheme, secret).map_err(|e| {
+        let hint = match scheme {
+            Scheme::StandardWebhooks => "A standard-webhooks secret is \"whsec_\" followed by base64 of 24 to 64 random bytes, e.g. 'whsec_' || encode(gen_random_bytes(32), 'base64') with pgcrypto.",
+            _ => "Use the secret the partner gave you, as text.",
+        };
+        Refusal::new(Kind::InvalidValue, "secret", format!("invalid secret: {}", e.message)).hint(hint)
+    })
+}
+
 /// A JSON value (as text) nesting at most `MAX_JSON_NESTING` deep; `column`
 /// is named. A CHECK constraint: the value is refused when its row is
 /// written, never when a later import reads it.
@@ -125,6 +210,54 @@ mod tests {
         let r = refused(nesting(&deep, "conversions.attributes"));
         assert_eq!((r.kind, r.field.as_str()), (Kind::CheckViolation, "conversions.attributes"));
         assert!(nesting("[[1]]", "x").is_ok() && url_template("https://p.example/?c={click_id}").is_ok());
+    }
+
+    #[test]
+    fn status_maps_name_known_statuses_and_events_are_spelled_as_conversions_spell_them() {
+        assert!(status_map(&json!({"approved": "1", "reversed": 2})).is_ok());
+        let r = refused(status_map(&json!({"aproved": "1"})));
+        assert!(r.message.contains("\"aproved\" is not a conversion status (one of pending, approved"), "{r:?}");
+        assert!(refused(status_map(&json!({"approved": null}))).message.contains("string or a number (got null)"));
+        assert!(refused(status_map(&json!({"approved": {"x": 1}}))).message.contains("string or a number"));
+        assert!(refused(status_map(&json!([1]))).message.contains("JSON object"));
+        assert!(events(&[Some("sale".into()), Some("first_deposit".into())]).is_ok());
+        assert!(refused(events(&[Some("Sale".into())])).message.contains("\"Sale\" can never match"));
+        assert!(refused(events(&[])).message.contains("use NULL for every event"));
+        assert_eq!(refused(events(&[None])).field, "events");
+    }
+
+    #[test]
+    fn enumerated_settings_name_the_column_and_the_valid_values() {
+        assert!(endpoint_choices("webhook", "POST", "github", Some(&[Some("approved".into())])).is_ok());
+        assert_eq!(
+            refused(endpoint_choices("sms", "GET", "none", None)).message,
+            "invalid kind: \"sms\" is not one of postback, webhook"
+        );
+        assert_eq!(
+            refused(endpoint_choices("postback", "DELETE", "none", None)).message,
+            "invalid method: \"DELETE\" is not one of GET, POST, PUT, PATCH"
+        );
+        assert!(refused(endpoint_choices("webhook", "POST", "md5", None)).message.contains("none, hmac-sha256-hex"));
+        let r = refused(endpoint_choices("postback", "GET", "none", Some(&[Some("paid".into())])));
+        assert_eq!(
+            r.message,
+            "invalid statuses: \"paid\" is not one of pending, approved, rejected, reversed, refunded, chargeback"
+        );
+    }
+
+    #[test]
+    fn a_secret_must_fit_its_endpoints_scheme_and_is_never_quoted() {
+        assert!(secret("hmac-sha256-hex", "my-plain-secret").is_ok());
+        assert!(secret("none", "k").is_ok());
+        assert!(secret("standard-webhooks", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_ok());
+        let r = refused(secret("standard-webhooks", "my-plain-secret"));
+        assert_eq!((r.kind, r.field.as_str()), (Kind::InvalidValue, "secret"));
+        assert!(r.message.contains("whsec_") && !r.message.contains("my-plain-secret"), "{r:?}");
+        assert!(r.hint.unwrap().contains("base64"));
+        assert!(refused(secret("github", "")).message.contains("must not be empty"));
+        assert!(crate::rules::outgoing::needs_secret("github", "https://p.example/"));
+        assert!(crate::rules::outgoing::needs_secret("none", "https://p.example/?s={hash:sha256:click_id,secret}"));
+        assert!(!crate::rules::outgoing::needs_secret("none", "https://p.example/?c={click_id}"));
     }
 
     #[test]

@@ -31,6 +31,10 @@ mod tests {
             check_values("postback.endpoints", "endpoint_method_must_be_get_post_put_or_patch"),
             owned(crate::rules::outgoing::METHODS)
         );
+        assert_eq!(
+            check_values("postback.endpoints", "endpoint_kind_must_be_postback_or_webhook"),
+            owned(crate::rules::outgoing::KINDS)
+        );
         let mut schemes = vec!["none".to_string()];
         schemes.extend(owned(crate::rules::signing::SCHEME_NAMES));
         assert_eq!(check_values("postback.endpoints", "endpoint_signing_scheme_must_be_known"), schemes);

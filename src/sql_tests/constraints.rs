@@ -121,15 +121,15 @@ mod tests {
         let ins = "INSERT INTO postback.endpoints (name, kind, url_template, signing_scheme)";
         assert_refused(
             &format!("{ins} VALUES ('a', 'sms', 'https://x.test/', 'none')"),
-            "endpoint_kind_must_be_postback_or_webhook",
+            "invalid kind: \"sms\" is not one of postback, webhook",
         );
         assert_refused(
             &format!("{ins} VALUES ('b', 'webhook', 'https://x.test/', 'md5')"),
-            "endpoint_signing_scheme_must_be_known",
+            "invalid signing_scheme: \"md5\" is not one of none, hmac-sha256-hex",
         );
         assert_refused(
             "INSERT INTO postback.endpoints (name, url_template, statuses) VALUES ('c', 'https://x.test/', '{approved,paid}')",
-            "endpoint_statuses_must_be_known_conversion_statuses",
+            "invalid statuses: \"paid\" is not one of pending, approved",
         );
         assert_refused(
             "INSERT INTO postback.endpoints (name, url_template, retry_schedule) VALUES ('d', 'https://x.test/', '{1 minute,-1 second}')",
@@ -143,6 +143,52 @@ mod tests {
         assert_refused(
             "INSERT INTO postback.endpoints (name, url_template) VALUES ('dup', 'https://x.test/')",
             "endpoint_name_is_unique",
+        );
+    }
+
+    #[pg_test]
+    fn secrets_status_maps_events_and_amounts_are_checked_when_given() {
+        Spi::run(
+            "INSERT INTO postback.endpoints (name, kind, url_template, signing_scheme)
+             VALUES ('sw', 'webhook', 'https://x.test/', 'standard-webhooks'),
+                    ('hx', 'webhook', 'https://x.test/', 'hmac-sha256-hex')",
+        )
+        .unwrap();
+        let secret = |endpoint: &str, secret: &str| {
+            format!(
+                "INSERT INTO postback.endpoint_secrets (endpoint_id, secret)
+                 SELECT id, '{secret}' FROM postback.endpoints WHERE name = '{endpoint}'"
+            )
+        };
+        let e = error_of(&secret("sw", "my-plain-secret")).expect("a plain secret is refused for standard-webhooks");
+        assert!(e.contains("invalid secret: standard-webhooks secret must start with \"whsec_\""), "{e}");
+        assert!(!e.contains("my-plain-secret"), "the secret is never quoted: {e}");
+        assert_eq!(error_of(&secret("sw", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")), None);
+        assert_eq!(error_of(&secret("hx", "my-plain-secret")), None);
+        // a scheme change must fit the live secrets
+        assert_refused(
+            "UPDATE postback.endpoints SET signing_scheme = 'standard-webhooks' WHERE name = 'hx'",
+            "invalid secret: standard-webhooks secret must start with",
+        );
+        assert_refused(
+            "INSERT INTO postback.endpoints (name, url_template, status_map) VALUES ('sm', 'https://x.test/', '{\"aproved\": \"1\"}')",
+            "invalid status_map: \"aproved\" is not a conversion status (one of pending, approved",
+        );
+        assert_refused(
+            "INSERT INTO postback.endpoints (name, url_template, status_map) VALUES ('sm', 'https://x.test/', '{\"approved\": null}')",
+            "invalid status_map: the value of \"approved\" must be a string or a number",
+        );
+        assert_refused(
+            "INSERT INTO postback.endpoints (name, url_template, events) VALUES ('ev', 'https://x.test/', '{Sale}')",
+            "invalid events: \"Sale\" can never match a conversion's event",
+        );
+        assert_refused(
+            "INSERT INTO postback.conversions (click_id, transaction_id, amount) VALUES ('c', 'inf', 'Infinity')",
+            "amount_must_be_a_finite_number",
+        );
+        assert_refused(
+            "INSERT INTO postback.conversions (click_id, transaction_id, amount) VALUES ('c', 'ninf', '-Infinity')",
+            "amount_must_be_a_finite_number",
         );
     }
 
@@ -176,8 +222,14 @@ mod tests {
             &[endpoint.into(), conversion.into()],
         )
         .unwrap();
-        assert_refused("DELETE FROM postback.endpoints WHERE name = 'guarded'", "it still has deliveries");
-        assert_refused("DELETE FROM postback.conversions WHERE transaction_id = 'guard-1'", "it still has deliveries");
+        assert_refused(
+            "DELETE FROM postback.endpoints WHERE name = 'guarded'",
+            "cannot delete endpoint 'guarded': it still has deliveries",
+        );
+        assert_refused(
+            "DELETE FROM postback.conversions WHERE transaction_id = 'guard-1'",
+            "cannot delete conversion 'guard-1': it still",
+        );
         Spi::run(
             "INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, outcome)
                   SELECT id, 1, now(), 'retry' FROM postback.deliveries WHERE idempotency_key = 'k-guard';

@@ -234,4 +234,62 @@ mod tests {
         );
         assert_eq!(count("SELECT count(*) FROM postback.deliveries WHERE url = 'https://aff7.test/pb?c=k6&s=6'"), 1);
     }
+
+    #[pg_test]
+    fn explain_says_for_every_endpoint_whether_it_fired_and_why_not() {
+        Spi::run(
+            "INSERT INTO postback.endpoints (name, url_template, partners, events, conditions, active) VALUES
+                 ('x-fired', 'https://n.test/a?c={click_id}', '{net-a}', '{sale}', NULL, true),
+                 ('x-inactive', 'https://n.test/b', NULL, NULL, NULL, false),
+                 ('x-partner', 'https://n.test/c', '{net-b}', NULL, NULL, true),
+                 ('x-event', 'https://n.test/d', NULL, '{sales}', NULL, true),
+                 ('x-condition', 'https://n.test/e', NULL, NULL, '{\"offer_id\": \"12\"}', true);
+             INSERT INTO postback.conversions (click_id, transaction_id, event, partner, attributes, created_at)
+             VALUES ('c-x', 'tx-explain', 'sale', 'net-a', '{\"offer_id\": 12}', now() - interval '1 hour');
+             INSERT INTO postback.endpoints (name, url_template) VALUES ('x-later', 'https://n.test/f');",
+        )
+        .unwrap();
+        let reason = |endpoint: &str| {
+            Spi::get_one_with_args::<String>(
+                "SELECT coalesce(fired::text || ' | ' || reason, 'no row')
+                   FROM postback.explain('tx-explain') WHERE endpoint = $1",
+                &[endpoint.into()],
+            )
+            .unwrap()
+            .unwrap_or_default()
+        };
+        assert_eq!(reason("x-fired"), "true | fired");
+        assert_eq!(reason("x-inactive"), "false | not fired: the endpoint is inactive (active = false)");
+        assert_eq!(reason("x-partner"), "false | not fired: partner \"net-a\" is not in partners {net-b}");
+        assert_eq!(reason("x-event"), "false | not fired: event \"sale\" is not in events {sales}");
+        assert_eq!(
+            reason("x-condition"),
+            "false | not fired: condition offer_id = \"12\" does not match: the attributes have offer_id = 12"
+        );
+        assert!(
+            reason("x-later").starts_with("false | not fired: the endpoint was created at"),
+            "{}",
+            reason("x-later")
+        );
+        let (states, announced) = Spi::get_two::<Vec<String>, Vec<String>>(
+            "SELECT states, announced FROM postback.explain('tx-explain') WHERE endpoint = 'x-fired'",
+        )
+        .unwrap();
+        assert_eq!((states.unwrap(), announced.unwrap()), (vec!["pending".to_string()], vec!["approved".to_string()]));
+        // a later status the endpoint does not announce
+        Spi::run(
+            "UPDATE postback.endpoints SET statuses = '{approved}' WHERE name = 'x-fired';
+                  UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id = 'tx-explain'",
+        )
+        .unwrap();
+        assert_eq!(
+            reason("x-fired"),
+            "true | fired for an earlier status; not for the current one: status \"reversed\" is not in statuses {approved}"
+        );
+        assert_refused(
+            "SELECT * FROM postback.explain('no-such-tx')",
+            "no conversion has transaction_id \"no-such-tx\"",
+        );
+        assert_refused("SELECT * FROM postback.explain(-1::bigint)", "unknown conversion id -1");
+    }
 }

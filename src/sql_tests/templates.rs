@@ -185,4 +185,12 @@ mod tests {
             Spi::get_one::<String>("SELECT last_error FROM postback.deliveries WHERE state = 'dead'").unwrap().unwrap();
         assert!(reason.contains("the limit is 2048 (postback.max_body_bytes)"), "{reason}");
     }
+
+    #[pg_test]
+    fn render_refuses_a_hash_over_the_secret_instead_of_leaving_it_out() {
+        assert_refused(
+            "SELECT postback.render('https://x.test/?h={hash:md5:click_id,secret}&c=1', '{\"click_id\": \"a\"}')",
+            "{hash:…} over the secret is computed when the request is sent",
+        );
+    }
 }

@@ -39,9 +39,11 @@ impl Worker {
             return;
         }
         let now = now_us();
-        let blocked = self.scheduler.blocked(now);
-        let rooms = self.scheduler.rooms(now);
         let now_instant = Instant::now();
+        self.held.retain(|_, until| *until > now_instant);
+        let mut blocked = self.scheduler.blocked(now);
+        blocked.extend(self.held.keys());
+        let rooms = self.scheduler.rooms(now);
         let cache = &self.endpoints;
         let claimed_and_endpoints = txn::run("claiming deliveries", || {
             let claimed = queue::claim(limit as i32, &blocked, &rooms)?;
@@ -116,6 +118,12 @@ impl Worker {
                 self.records.push(dead_record(&c, "endpoint no longer exists".into()));
                 continue;
             };
+            if endpoint.config.needs_secret && endpoint.config.secrets.is_empty() {
+                // waits for a secret without spending an attempt; read again after ENDPOINT_TTL
+                self.held.insert(c.endpoint_id, Instant::now() + ENDPOINT_TTL);
+                release.push(c.id);
+                continue;
+            }
             let mut judging = endpoint.judging.clone();
             if let Some(p) = c.success_pattern.take() {
                 // the pattern holds this delivery's values

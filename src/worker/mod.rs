@@ -149,11 +149,14 @@ impl SchemaWait {
             Ok(other) => {
                 if let Some(v) = &other {
                     if self.logged.as_deref() != Some(v.as_str()) {
-                        log!(
-                            "pg_postback worker: the extension is at version {v} but the library is {}; \
+                        let message = format!(
+                            "the extension is at version {v} but the library is {}; \
                              deliveries wait until ALTER EXTENSION pg_postback UPDATE",
                             env!("CARGO_PKG_VERSION")
                         );
+                        log!("pg_postback worker: {message}");
+                        // worker_status (whatever the schema's version) shows it as last_error
+                        shared::SHARED.exclusive().set_last_error(&message, crate::rules::text::unix_micros_now());
                     }
                 }
                 self.logged = other;
@@ -209,6 +212,9 @@ struct Worker {
     next_due: Option<Instant>,
     /// the schema speaks this library's version and leases were reclaimed
     ready: bool,
+    /// endpoints that need a live secret and have none, until when their
+    /// deliveries are left unclaimed (then their settings are read again)
+    held: HashMap<i64, Instant>,
 }
 
 fn now_us() -> i64 {
@@ -249,6 +255,7 @@ impl Worker {
             maybe_due: true,
             next_due: None,
             ready: false,
+            held: HashMap::new(),
         }
     }
 

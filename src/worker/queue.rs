@@ -56,6 +56,8 @@ pub struct EndpointConfig {
     pub secrets: Vec<String>,
     /// revised_at as read (Unix µs)
     pub revised_at_us: i64,
+    /// it signs or its template has a {hash:…}: nothing is sent without a live secret
+    pub needs_secret: bool,
 }
 
 /// The installed version of the extension in this database, if any.
@@ -233,6 +235,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
             let signature_param = need(&mut missing, row.get::<String>(10)?, "signature_param").unwrap_or_default();
             let url_template = need(&mut missing, row.get::<String>(12)?, "url_template").unwrap_or_default();
             let max_in_flight = need(&mut missing, row.get::<i32>(14)?, "max_in_flight").unwrap_or(1);
+            let needs_secret = crate::rules::outgoing::needs_secret(&signing_scheme, &url_template);
             let missing = if missing.is_empty() {
                 Ok(())
             } else {
@@ -253,6 +256,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                     signature_param,
                     secrets: row.get::<Vec<String>>(11)?.unwrap_or_default(),
                     revised_at_us: row.get::<i64>(18)?.unwrap_or(i64::MIN),
+                    needs_secret,
                     origin: crate::rules::url_policy::literal_origin(&url_template)
                         .map_err(|e| format!("the endpoint's url_template is no longer valid: {e}")),
                     headers: match row.get::<String>(13)? {

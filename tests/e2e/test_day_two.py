@@ -1,5 +1,7 @@
 """Day two: what an operator does to an endpoint or a delivery never strands or garbles a postback."""
 
+import time
+
 import psycopg
 import pytest
 
@@ -28,7 +30,8 @@ def test_an_edited_endpoint_sends_its_queue_as_it_now_renders_queued_backoff_and
             name = scoped_endpoint(conn, receiver.url("/old?c={click_id}"), "edit",
                                    retry_schedule=["1 hour"], max_attempts=5)
             convert_for(conn, name, tx=f"{name}-backoff")
-            wait_states(cluster, conn, name, ["pending"])  # 500: waits an hour for its retry
+            cluster.wait_for(lambda: [(r[1], r[2]) for r in deliveries(conn, name)] == [("pending", 1)],
+                             what="the first attempt")  # 500: waits an hour for its retry
             convert_for(conn, name, tx=f"{name}-dead")
             wait_states(cluster, conn, name, ["pending", "dead"])  # 404: dead at once
             conn.execute("SELECT postback.pause(%s)", (name,))
@@ -129,3 +132,94 @@ def test_replay_leaves_test_deliveries_out_and_an_edit_retires_a_queued_test(clu
             conn.execute("SELECT postback.retry(%s)", (test_id,))
         assert "postback.send_test" in err.value.diag.message_hint
         conn.execute("SELECT postback.resume(%s)", (name,))
+
+
+def test_a_signing_endpoint_without_a_live_secret_holds_its_deliveries_until_one_is_given(cluster, receiver):
+    with cluster.connect() as conn:
+        name = scoped_endpoint(conn, receiver.url("/signed"), "sec", kind="webhook", signing_scheme="github")
+        convert_for(conn, name, 2)
+        # nothing is sent and no attempt is spent while there is no secret
+        cluster.wait_for(lambda: conn.execute(
+            "SELECT held_by FROM postback.endpoint_health WHERE endpoint = %s", (name,)).fetchone()[0],
+            what="endpoint_health to say why")
+        held_by = conn.execute("SELECT held_by FROM postback.endpoint_health WHERE endpoint = %s", (name,)).fetchone()[0]
+        assert held_by.startswith("no live secret"), held_by
+        time.sleep(1.5)
+        rows = deliveries(conn, name)
+        assert [(r[1], r[2]) for r in rows] == [("pending", 0), ("pending", 0)]
+        assert receiver.seen("/signed") == []
+        conn.execute("INSERT INTO postback.endpoint_secrets (endpoint_id, secret) "
+                     "SELECT id, 'partner-secret' FROM postback.endpoints WHERE name = %s", (name,))
+        wait_states(cluster, conn, name, ["succeeded", "succeeded"])
+        assert conn.execute("SELECT held_by FROM postback.endpoint_health WHERE endpoint = %s",
+                            (name,)).fetchone()[0] is None
+    seen = receiver.seen("/signed")
+    assert len(seen) == 2
+    assert all(s["headers"]["x-hub-signature-256"].startswith("sha256=") for s in seen)
+
+
+def test_an_event_no_conversion_has_had_is_named_in_a_notice(cluster):
+    notices = []
+    with cluster.connect() as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        convert_for(conn, "sale")
+        scoped = scoped_endpoint(conn, "http://127.0.0.1:9/pb?c={click_id}", "evt")
+        conn.execute("UPDATE postback.endpoints SET events = '{sales}' WHERE name = %s", (scoped,))
+        conn.execute("UPDATE postback.endpoints SET active = false WHERE name = %s", (scoped,))
+    assert any(f'endpoint "{scoped}": no recent conversion has event {{sales}}' in n and "sale" in n
+               for n in notices), notices
+
+
+def test_curl_reproduces_a_delivery_by_hand_and_shows_credentials_to_the_owner_only(cluster, receiver):
+    import subprocess
+    with cluster.connect() as conn:
+        name = scoped_endpoint(conn, receiver.url("/hook"), "curl", kind="webhook", signing_scheme="github",
+                               headers='{"Authorization": "Bearer tok-123"}')
+        conn.execute("INSERT INTO postback.endpoint_secrets (endpoint_id, secret) "
+                     "SELECT id, 'hook-secret' FROM postback.endpoints WHERE name = %s", (name,))
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event, attributes) "
+                     "VALUES ('c-curl', %s, %s, '{\"note\": \"O''Brien $(id) `x`\"}')", (f"{name}-1", name))
+        [(did, *_)] = wait_states(cluster, conn, name, ["succeeded"])
+        command = conn.execute("SELECT postback.curl(%s)", (did,)).fetchone()[0]
+        assert "Bearer tok-123" in command and "X-Hub-Signature-256: sha256=" in command
+        conn.execute("DROP ROLE IF EXISTS curl_op")
+        conn.execute("CREATE ROLE curl_op LOGIN")
+        conn.execute("SELECT postback.grant_operator('curl_op')")
+    # run by hand: the receiver gets the same body and a signature that verifies
+    out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0 and out.stdout.startswith("HTTP/1.1 200"), out
+    first, again = receiver.seen("/hook")
+    assert again["body"] == first["body"] and "O'Brien $(id) `x`" in again["body"]
+    assert again["headers"]["authorization"] == "Bearer tok-123"
+    with cluster.connect() as conn:
+        assert conn.execute("SELECT postback.verify(%s, 'hook-secret', 'github', %s)",
+                            (again["body"], again["headers"]["x-hub-signature-256"])).fetchone()[0]
+    with psycopg.connect(cluster.dsn().replace("user=postgres", "user=curl_op"), autocommit=True) as op:
+        shown = op.execute("SELECT postback.curl(%s)", (did,)).fetchone()[0]
+        assert "tok-123" not in shown and "[redacted]" in shown and "sha256=" in shown
+        # an operator explains a conversion too (no credentials in it)
+        rows = op.execute("SELECT endpoint, fired, reason FROM postback.explain(%s) WHERE endpoint = %s",
+                          (f"{name}-1", name)).fetchall()
+        assert rows == [(name, True, "fired")]
+
+
+def test_worker_status_tells_the_truth_in_a_database_it_does_not_serve(cluster, make_cluster):
+    with cluster.connect() as conn:
+        conn.execute("DROP DATABASE IF EXISTS not_served")
+        conn.execute("CREATE DATABASE not_served")
+    with cluster.connect("not_served") as conn:
+        conn.execute("CREATE EXTENSION pg_postback")
+        running, database, hint = conn.execute(
+            "SELECT running, database, hint FROM postback.worker_status()").fetchone()
+    assert running is False and database == "postgres"
+    assert "serves database 'postgres' (postback.database_name), not this one ('not_served')" in hint, hint
+    assert "postback.database_name = 'not_served'" in hint
+    with cluster.connect() as conn:
+        conn.execute("DROP DATABASE not_served")
+    # a name that is no database
+    c = make_cluster(settings={"postback.database_name": "'nowhere'"})
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_postback")
+        running, hint = conn.execute("SELECT running, hint FROM postback.worker_status()").fetchone()
+    assert running is False
+    assert "postback.database_name = 'nowhere' names no database" in hint, hint

@@ -145,8 +145,13 @@ def test_views_answer_and_roles_hold(cluster, receiver):
             "SELECT deliveries_finished, deliveries_succeeded FROM postback.metrics "
             "WHERE period = '24h' AND endpoint = %s", (name,)).fetchone()
         assert per_endpoint == (3, 2)
-        assert conn.execute("SELECT count(*) FROM postback.metrics WHERE endpoint IS NULL AND event IS NULL"
+        assert conn.execute("SELECT count(*) FROM postback.metrics WHERE breakdown = 'total'"
                             ).fetchone()[0] == 3
+        # conversion figures only on the total rows; per-endpoint rows carry delivery figures and dead counts
+        assert conn.execute("SELECT conversions, dedup_rate, deliveries_dead FROM postback.metrics "
+                            "WHERE period = '24h' AND endpoint = %s", (name,)).fetchone() == (None, None, 1)
+        assert conn.execute("SELECT count(*) FROM postback.metrics WHERE breakdown = 'total' AND conversions IS NULL"
+                            ).fetchone()[0] == 0
         dead = conn.execute("SELECT last_status_code, attempts FROM postback.dead_letters WHERE endpoint = %s",
                             (name,)).fetchall()
         assert dead == [(500, 1)]

@@ -115,6 +115,9 @@ def test_data_and_pending_deliveries_survive_the_update_and_are_delivered(make_c
             time.sleep(1.5)
             assert r.seen() == []
             assert f"extension is at version 0.1.0 but the library is {CURRENT}" in c.log()
+            # and worker_status says so, whatever the schema's version
+            last_error = conn.execute("SELECT last_error FROM postback.worker_status()").fetchone()[0]
+            assert "ALTER EXTENSION pg_postback UPDATE" in last_error, last_error
             before = conn.execute(
                 "SELECT count(*), count(*) FILTER (WHERE state = 'pending') FROM postback.deliveries").fetchone()
             assert before == (100, 100)
