@@ -112,7 +112,7 @@ static INT_GUCS: [IntGuc; 10] = [
     },
     IntGuc {
         name: c"postback.retention",
-        short: c"How long finished deliveries and their attempts are kept; 0 keeps them forever.",
+        short: c"How long succeeded deliveries and their attempts are kept; 0 keeps them forever.",
         long: c"Every hour the worker deletes succeeded deliveries (and their attempts) that completed longer \
           ago than this, in batches of 10,000 rows, one transaction each. Dead deliveries are kept for \
           review; delete them with postback.purge(..., include_dead => true).",

@@ -205,6 +205,24 @@ fn need<T>(missing: &mut Vec<&'static str>, value: Option<T>, column: &'static s
     value
 }
 
+/// An endpoint's success and retry status lists: NULL means the default; a
+/// stored list that does not parse fails its deliveries with the reason (a
+/// broken list never means the default).
+fn status_rules(
+    success: Option<Vec<String>>,
+    retry: Option<Vec<String>>,
+) -> Result<crate::rules::retry::StatusRules, String> {
+    let defaults = crate::rules::retry::StatusRules::default();
+    let parse = |v: Option<Vec<String>>, d: Vec<(u16, u16)>, what: &str| match v {
+        None => Ok(d),
+        Some(v) => crate::rules::retry::parse_statuses(&v, what),
+    };
+    Ok(crate::rules::retry::StatusRules {
+        success: parse(success, defaults.success, "success_statuses")?,
+        retry: parse(retry, defaults.retry, "retry_statuses")?,
+    })
+}
+
 /// Settings and live secrets of the endpoints of a batch.
 pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
     Spi::connect(|client| {
@@ -263,22 +281,7 @@ pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
                         None => Ok(Vec::new()),
                         Some(t) => crate::rules::outgoing::parse_stored_headers(&t),
                     },
-                    status_rules: {
-                        let defaults = crate::rules::retry::StatusRules::default();
-                        // a stored list that does not parse fails its deliveries with the
-                        // reason: NULL means the default, a broken list never does
-                        let parse = |v: Option<Vec<String>>, d: Vec<(u16, u16)>, what: &str| match v {
-                            None => Ok(d),
-                            Some(v) => crate::rules::retry::parse_statuses(&v, what),
-                        };
-                        match (
-                            parse(row.get::<Vec<String>>(16)?, defaults.success, "success_statuses"),
-                            parse(row.get::<Vec<String>>(17)?, defaults.retry, "retry_statuses"),
-                        ) {
-                            (Ok(success), Ok(retry)) => Ok(crate::rules::retry::StatusRules { success, retry }),
-                            (Err(e), _) | (_, Err(e)) => Err(e),
-                        }
-                    },
+                    status_rules: status_rules(row.get::<Vec<String>>(16)?, row.get::<Vec<String>>(17)?),
                     limits: crate::rules::scheduler::Limits {
                         max_in_flight: max_in_flight.max(1) as u32,
                         rate_per_sec: row.get::<f64>(15)?,

@@ -223,3 +223,23 @@ def test_worker_status_tells_the_truth_in_a_database_it_does_not_serve(cluster, 
         running, hint = conn.execute("SELECT running, hint FROM postback.worker_status()").fetchone()
     assert running is False
     assert "postback.database_name = 'nowhere' names no database" in hint, hint
+
+
+def test_a_webhook_that_died_at_the_body_limit_is_never_sent_empty(cluster, receiver):
+    with cluster.connect() as conn:
+        name = scoped_endpoint(conn, receiver.url("/big"), "big", kind="webhook",
+                               body_template='{"note": "{attributes.note}"}')
+        conn.execute("SET postback.max_body_bytes = 1024")
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event, attributes) "
+                     "VALUES ('c', %s, %s, jsonb_build_object('note', repeat('x', 2000)))", (f"{name}-1", name))
+        [(did, state, _, _, _, error, rendered)] = deliveries(conn, name)
+        assert state == "dead" and rendered is False and "1024" in error, error
+        # still over the limit: refused with the reason, nothing sent (0.2.0 sent it signed with an empty body)
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as err:
+            conn.execute("SELECT postback.retry(%s)", (did,))
+        assert "1024" in str(err.value)
+        conn.execute("RESET postback.max_body_bytes")
+        assert conn.execute("SELECT postback.retry(%s)", (did,)).fetchone()[0] == did
+        wait_states(cluster, conn, name, ["succeeded"])
+    [seen] = receiver.seen("/big")
+    assert "x" * 2000 in seen["body"]
