@@ -68,6 +68,7 @@ bench-tools: install-release
 
 bench: bench-tools
 	python3 bench/run.py
+	python3 bench/metrics.py
 
 bench-quick: bench-tools
 	python3 bench/run.py --quick

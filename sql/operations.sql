@@ -276,44 +276,138 @@ SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NUL
   LEFT JOIN backlog b ON b.endpoint_id = e.id
   LEFT JOIN postback.endpoint_state s ON s.endpoint_id = e.id;
 
+-- Finished deliveries (succeeded or dead) of conversions, counted per hour of
+-- completion (UTC), endpoint, event and partner ('' for none), with their
+-- commit-to-success latency (deliveries resent by hand left out): what
+-- roll_up stores and what metrics adds for the hours not rolled up yet.
+CREATE FUNCTION postback.finished_between(since timestamptz, until timestamptz)
+RETURNS TABLE (hour timestamptz, endpoint_id bigint, event text, partner text, succeeded bigint, dead bigint,
+               timed bigint, latency_ms_sum double precision, latency_hist bigint[])
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT date_trunc('hour', d.completed_at, 'UTC'), d.endpoint_id, d.event, coalesce(c.partner, ''),
+           count(*) FILTER (WHERE d.state = 'succeeded'),
+           count(*) FILTER (WHERE d.state = 'dead'),
+           count(*) FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0),
+           coalesce(sum(extract(epoch FROM d.completed_at - d.created_at)::float8 * 1000.0)
+                        FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), 0),
+           postback.latency_histogram(coalesce(
+               array_agg(extract(epoch FROM d.completed_at - d.created_at)::float8 * 1000.0)
+                   FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), '{}'))
+      FROM postback.deliveries d
+      JOIN postback.conversions c ON c.id = d.conversion_id
+     WHERE d.completed_at >= finished_between.since AND d.completed_at < finished_between.until
+       AND d.state IN ('succeeded', 'dead')
+     GROUP BY 1, 2, 3, 4
+$$;
+
+CREATE AGGREGATE postback.histogram_sum(bigint[]) (SFUNC = postback.histogram_add, STYPE = bigint[]);
+
+-- Moves finished deliveries into delivery_rollup, at most max_span of history
+-- per call (one transaction each); hours older than 8 days are merged into
+-- days. The worker calls it every minute until it says nothing is left.
+CREATE FUNCTION postback.roll_up(max_span interval DEFAULT '1 day') RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    since timestamptz;
+    target timestamptz := date_trunc('minute', now()) - interval '1 minute';
+    until timestamptz;
+BEGIN
+    SELECT s.rolled_until INTO since FROM postback.rollup_state s FOR UPDATE;
+    IF since IS NULL OR since = '-infinity' THEN
+        SELECT coalesce(date_trunc('hour', min(d.completed_at), 'UTC'), target) INTO since
+          FROM postback.deliveries d WHERE d.completed_at IS NOT NULL;
+    END IF;
+    until := least(target, since + max_span);
+    IF until > since THEN
+        INSERT INTO postback.delivery_rollup AS r
+               (span, hour, endpoint_id, event, partner, succeeded, dead, timed, latency_ms_sum, latency_hist)
+        SELECT 'hour', f.* FROM postback.finished_between(since, until) f
+        ON CONFLICT (span, hour, endpoint_id, event, partner) DO UPDATE
+           SET succeeded = r.succeeded + excluded.succeeded, dead = r.dead + excluded.dead,
+               timed = r.timed + excluded.timed, latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum,
+               latency_hist = postback.histogram_add(r.latency_hist, excluded.latency_hist);
+    END IF;
+    WITH old AS (
+        DELETE FROM postback.delivery_rollup r
+         WHERE r.span = 'hour' AND r.hour < date_trunc('day', now() - interval '8 days', 'UTC')
+        RETURNING r.*)
+    INSERT INTO postback.delivery_rollup AS r
+           (span, hour, endpoint_id, event, partner, succeeded, dead, timed, latency_ms_sum, latency_hist)
+    SELECT 'day', date_trunc('day', o.hour, 'UTC'), o.endpoint_id, o.event, o.partner, sum(o.succeeded),
+           sum(o.dead), sum(o.timed), sum(o.latency_ms_sum), postback.histogram_sum(o.latency_hist)
+      FROM old o GROUP BY 2, 3, 4, 5
+    ON CONFLICT (span, hour, endpoint_id, event, partner) DO UPDATE
+       SET succeeded = r.succeeded + excluded.succeeded, dead = r.dead + excluded.dead,
+           timed = r.timed + excluded.timed, latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum,
+           latency_hist = postback.histogram_add(r.latency_hist, excluded.latency_hist);
+    INSERT INTO postback.rollup_state AS s (rolled_until) VALUES (greatest(until, since))
+    ON CONFLICT (singleton) DO UPDATE SET rolled_until = excluded.rolled_until;
+    RETURN until < target;
+END
+$$;
+
 -- The standard postback metrics, per window, in total and per event, per
 -- endpoint and per partner (rows with event, endpoint and partner NULL are
--- the totals; `breakdown` says which a row is). Conversion figures (dedup,
--- reversal, match) are the window's totals and only on the total rows.
--- Commit-to-success latency leaves out deliveries sent again by hand (retry,
--- replay), whose completion says when someone resent them.
+-- the totals; `breakdown` says which a row is). Deliveries count in the hour
+-- (UTC) they finished: windows start on the hour. Delivery figures come from
+-- delivery_rollup plus the minutes not rolled up yet, so they stay cheap as
+-- history grows and survive the purge. Conversion figures (dedup, reversal,
+-- match) are the window's totals, only on the total rows.
 CREATE VIEW postback.metrics AS
 WITH windows (name, since) AS (
-    VALUES ('24h', now() - interval '24 hours'), ('7d', now() - interval '7 days'), ('all', '-infinity'::timestamptz)),
+    VALUES ('24h', date_trunc('hour', now() - interval '24 hours', 'UTC')),
+           ('7d', date_trunc('hour', now() - interval '7 days', 'UTC')),
+           ('all', '-infinity'::timestamptz)),
+finished AS (
+    SELECT r.hour, r.endpoint_id, r.event, r.partner, r.succeeded, r.dead, r.timed, r.latency_ms_sum, r.latency_hist
+      FROM postback.delivery_rollup r
+    UNION ALL
+    SELECT f.hour, f.endpoint_id, f.event, f.partner, f.succeeded, f.dead, f.timed, f.latency_ms_sum, f.latency_hist
+      FROM (SELECT coalesce((SELECT s.rolled_until FROM postback.rollup_state s), '-infinity') AS since) u,
+           postback.finished_between(u.since, 'infinity') f),
 delivered AS (
-    SELECT w.name AS window_name, d.event, e.name AS endpoint, c.partner,
-           CASE WHEN grouping(d.event) = 0 THEN 'event' WHEN grouping(e.name) = 0 THEN 'endpoint'
-                WHEN grouping(c.partner) = 0 THEN 'partner' ELSE 'total' END AS breakdown,
-           count(*) FILTER (WHERE d.state = 'succeeded') AS succeeded,
-           count(*) FILTER (WHERE d.state = 'dead') AS dead,
-           count(*) FILTER (WHERE d.state IN ('succeeded', 'dead')) AS finished,
-           avg(extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
-               FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0) AS avg_ms,
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
-               FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0) AS p95_ms
+    SELECT w.name AS window_name, f.event, coalesce(e.name, 'deleted endpoint ' || f.endpoint_id) AS endpoint,
+           nullif(f.partner, '') AS partner,
+           CASE WHEN grouping(f.event) = 0 THEN 'event'
+                WHEN grouping(coalesce(e.name, 'deleted endpoint ' || f.endpoint_id)) = 0 THEN 'endpoint'
+                WHEN grouping(f.partner) = 0 THEN 'partner' ELSE 'total' END AS breakdown,
+           sum(f.succeeded)::bigint AS succeeded, sum(f.dead)::bigint AS dead,
+           sum(f.succeeded + f.dead)::bigint AS finished,
+           sum(f.latency_ms_sum) / nullif(sum(f.timed), 0) AS avg_ms,
+           postback.histogram_quantile(postback.histogram_sum(f.latency_hist), 0.95) AS p95_ms
       FROM windows w
-      JOIN postback.deliveries d ON d.created_at >= w.since
-      JOIN postback.endpoints e ON e.id = d.endpoint_id
-      JOIN postback.conversions c ON c.id = d.conversion_id
-     GROUP BY GROUPING SETS ((w.name), (w.name, d.event), (w.name, e.name), (w.name, c.partner))),
+      JOIN finished f ON f.hour >= w.since
+      LEFT JOIN postback.endpoints e ON e.id = f.endpoint_id
+     GROUP BY GROUPING SETS ((w.name), (w.name, f.event), (w.name, coalesce(e.name, 'deleted endpoint ' || f.endpoint_id)),
+                            (w.name, f.partner))),
+conversion_figures AS (
+    -- one pass over conversions for the three windows
+    SELECT count(*) FILTER (WHERE c.created_at >= now() - interval '24 hours') AS n_24h,
+           count(*) FILTER (WHERE c.created_at >= now() - interval '7 days') AS n_7d,
+           count(*) AS n_all,
+           count(*) FILTER (WHERE c.status = 'approved' AND c.created_at >= now() - interval '24 hours') AS a_24h,
+           count(*) FILTER (WHERE c.status = 'approved' AND c.created_at >= now() - interval '7 days') AS a_7d,
+           count(*) FILTER (WHERE c.status = 'approved') AS a_all,
+           count(*) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')
+                              AND c.created_at >= now() - interval '24 hours') AS r_24h,
+           count(*) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')
+                              AND c.created_at >= now() - interval '7 days') AS r_7d,
+           count(*) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')) AS r_all,
+           count(k.click_id) FILTER (WHERE c.created_at >= now() - interval '24 hours') AS m_24h,
+           count(k.click_id) FILTER (WHERE c.created_at >= now() - interval '7 days') AS m_7d,
+           count(k.click_id) AS m_all
+      FROM postback.conversions c
+      LEFT JOIN postback.clicks k ON k.click_id = c.click_id),
 converted AS (
-    SELECT w.name AS window_name,
-           count(c.id) AS conversions,
-           count(c.id) FILTER (WHERE c.status = 'approved') AS approved,
-           count(c.id) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')) AS reversed,
-           count(k.click_id) AS matched,
-           (SELECT coalesce(sum(x.duplicates), 0) FROM postback.conversion_duplicates x WHERE x.seen_at >= w.since)
+    SELECT v.window_name, v.conversions, v.approved, v.reversed, v.matched,
+           (SELECT coalesce(sum(x.duplicates), 0) FROM postback.conversion_duplicates x WHERE x.seen_at >= v.since)
                AS duplicates
-      FROM windows w
-      LEFT JOIN postback.conversions c ON c.created_at >= w.since
-      LEFT JOIN postback.clicks k ON k.click_id = c.click_id
-     GROUP BY w.name, w.since)
-SELECT d.window_name AS period, d.event, d.endpoint,
+      FROM conversion_figures f,
+           LATERAL (VALUES ('24h', now() - interval '24 hours', f.n_24h, f.a_24h, f.r_24h, f.m_24h),
+                           ('7d', now() - interval '7 days', f.n_7d, f.a_7d, f.r_7d, f.m_7d),
+                           ('all', '-infinity'::timestamptz, f.n_all, f.a_all, f.r_all, f.m_all))
+               AS v (window_name, since, conversions, approved, reversed, matched))
+SELECT d.window_name AS period, d.event, CASE WHEN d.breakdown = 'endpoint' THEN d.endpoint END AS endpoint,
        d.finished AS deliveries_finished, d.succeeded AS deliveries_succeeded,
        round(d.succeeded::numeric / nullif(d.finished, 0), 4) AS success_rate,
        round(d.avg_ms::numeric, 1) AS avg_commit_to_success_ms,

@@ -28,6 +28,7 @@ REVOKE EXECUTE ON FUNCTION postback.pause(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.resume(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.purge(interval, integer, boolean, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.roll_up(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain(text) FROM PUBLIC;
@@ -52,7 +53,7 @@ BEGIN
     EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
                    'postback.conversion_duplicates, postback.clicks, postback.endpoint_state, '
                    'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
-                   'postback.metrics, postback.dead_letters TO %s', role);
+                   'postback.metrics, postback.dead_letters, postback.delivery_rollup TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
                    'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);

@@ -392,6 +392,35 @@ CREATE TABLE postback.endpoint_state (
 );
 
 -- ---------------------------------------------------------------------------
+-- delivery_rollup: finished deliveries counted by the hour (UTC), kept after
+-- the deliveries themselves are purged; postback.metrics reads it
+-- ---------------------------------------------------------------------------
+CREATE TABLE postback.delivery_rollup (
+    span           text             NOT NULL
+        CONSTRAINT rollup_span_must_be_hour_or_day CHECK (span IN ('hour', 'day')),
+    hour           timestamptz      NOT NULL,
+    endpoint_id    bigint           NOT NULL,
+    event          text             NOT NULL,
+    partner        text             NOT NULL,
+    succeeded      bigint           NOT NULL,
+    dead           bigint           NOT NULL,
+    timed          bigint           NOT NULL,
+    latency_ms_sum double precision NOT NULL,
+    latency_hist   bigint[]         NOT NULL,
+    PRIMARY KEY (span, hour, endpoint_id, event, partner)
+);
+REVOKE ALL ON postback.delivery_rollup FROM PUBLIC;
+
+-- How far delivery_rollup goes: deliveries finished before rolled_until are in
+-- it. One row, written by the first postback.roll_up (none yet: nothing rolled);
+-- not created here, so that a dump's row restores without a conflict.
+CREATE TABLE postback.rollup_state (
+    singleton    boolean     PRIMARY KEY DEFAULT true CONSTRAINT rollup_state_has_one_row CHECK (singleton),
+    rolled_until timestamptz NOT NULL
+);
+REVOKE ALL ON postback.rollup_state FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
 -- Integrity guards standing in for foreign keys on the hot tables
 -- ---------------------------------------------------------------------------
 CREATE FUNCTION postback.refuse_delete_with_deliveries() RETURNS trigger
@@ -443,6 +472,8 @@ CREATE TRIGGER deliveries_delete_attempts
 -- are delivered again (at-least-once; receivers deduplicate by idempotency key).
 -- ---------------------------------------------------------------------------
 SELECT pg_catalog.pg_extension_config_dump('postback.endpoints', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.delivery_rollup', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.rollup_state', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.endpoints_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.endpoint_secrets', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.endpoint_secrets_id_seq', '');

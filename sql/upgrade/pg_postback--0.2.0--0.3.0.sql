@@ -45,6 +45,12 @@ RETURNS TABLE ("endpoint_id" bigint, "filtered_out_by" TEXT)
 STRICT STABLE LANGUAGE c AS 'MODULE_PATHNAME', 'explain_routing_wrapper';
 CREATE FUNCTION postback."curl_command"("method" TEXT, "url" TEXT, "headers" jsonb, "body" TEXT, "timeout_ms" bigint)
 RETURNS TEXT IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'curl_command_wrapper';
+CREATE FUNCTION postback."latency_histogram"("values" double precision[]) RETURNS bigint[]
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'latency_histogram_wrapper';
+CREATE FUNCTION postback."histogram_add"("a" bigint[], "b" bigint[]) RETURNS bigint[]
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'histogram_add_wrapper';
+CREATE FUNCTION postback."histogram_quantile"("counts" bigint[], "q" double precision) RETURNS double precision
+IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'histogram_quantile_wrapper';
 
 -- Deliveries: {hash:…} positions out of band; never-rendered rows stay dead --
 
@@ -549,7 +555,7 @@ BEGIN
     EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
                    'postback.conversion_duplicates, postback.clicks, postback.endpoint_state, '
                    'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
-                   'postback.metrics, postback.dead_letters TO %s', role);
+                   'postback.metrics, postback.dead_letters, postback.delivery_rollup TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
                    'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);
@@ -647,39 +653,157 @@ AS $$
      LIMIT 1
 $$;
 
--- metrics: per partner, dead counts, conversion figures on total rows only
+-- ---------------------------------------------------------------------------
+-- delivery_rollup: finished deliveries counted by the hour (UTC), kept after
+-- the deliveries themselves are purged; postback.metrics reads it
+-- ---------------------------------------------------------------------------
+CREATE TABLE postback.delivery_rollup (
+    span           text             NOT NULL
+        CONSTRAINT rollup_span_must_be_hour_or_day CHECK (span IN ('hour', 'day')),
+    hour           timestamptz      NOT NULL,
+    endpoint_id    bigint           NOT NULL,
+    event          text             NOT NULL,
+    partner        text             NOT NULL,
+    succeeded      bigint           NOT NULL,
+    dead           bigint           NOT NULL,
+    timed          bigint           NOT NULL,
+    latency_ms_sum double precision NOT NULL,
+    latency_hist   bigint[]         NOT NULL,
+    PRIMARY KEY (span, hour, endpoint_id, event, partner)
+);
+REVOKE ALL ON postback.delivery_rollup FROM PUBLIC;
+
+-- How far delivery_rollup goes: deliveries finished before rolled_until are in
+-- it. One row, written by the first postback.roll_up (none yet: nothing rolled);
+-- not created here, so that a dump's row restores without a conflict.
+CREATE TABLE postback.rollup_state (
+    singleton    boolean     PRIMARY KEY DEFAULT true CONSTRAINT rollup_state_has_one_row CHECK (singleton),
+    rolled_until timestamptz NOT NULL
+);
+REVOKE ALL ON postback.rollup_state FROM PUBLIC;
+
+SELECT pg_catalog.pg_extension_config_dump('postback.delivery_rollup', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.rollup_state', '');
+
+CREATE FUNCTION postback.finished_between(since timestamptz, until timestamptz)
+RETURNS TABLE (hour timestamptz, endpoint_id bigint, event text, partner text, succeeded bigint, dead bigint,
+               timed bigint, latency_ms_sum double precision, latency_hist bigint[])
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT date_trunc('hour', d.completed_at, 'UTC'), d.endpoint_id, d.event, coalesce(c.partner, ''),
+           count(*) FILTER (WHERE d.state = 'succeeded'),
+           count(*) FILTER (WHERE d.state = 'dead'),
+           count(*) FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0),
+           coalesce(sum(extract(epoch FROM d.completed_at - d.created_at)::float8 * 1000.0)
+                        FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), 0),
+           postback.latency_histogram(coalesce(
+               array_agg(extract(epoch FROM d.completed_at - d.created_at)::float8 * 1000.0)
+                   FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), '{}'))
+      FROM postback.deliveries d
+      JOIN postback.conversions c ON c.id = d.conversion_id
+     WHERE d.completed_at >= finished_between.since AND d.completed_at < finished_between.until
+       AND d.state IN ('succeeded', 'dead')
+     GROUP BY 1, 2, 3, 4
+$$;
+
+CREATE AGGREGATE postback.histogram_sum(bigint[]) (SFUNC = postback.histogram_add, STYPE = bigint[]);
+
+CREATE FUNCTION postback.roll_up(max_span interval DEFAULT '1 day') RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    since timestamptz;
+    target timestamptz := date_trunc('minute', now()) - interval '1 minute';
+    until timestamptz;
+BEGIN
+    SELECT s.rolled_until INTO since FROM postback.rollup_state s FOR UPDATE;
+    IF since IS NULL OR since = '-infinity' THEN
+        SELECT coalesce(date_trunc('hour', min(d.completed_at), 'UTC'), target) INTO since
+          FROM postback.deliveries d WHERE d.completed_at IS NOT NULL;
+    END IF;
+    until := least(target, since + max_span);
+    IF until > since THEN
+        INSERT INTO postback.delivery_rollup AS r
+               (span, hour, endpoint_id, event, partner, succeeded, dead, timed, latency_ms_sum, latency_hist)
+        SELECT 'hour', f.* FROM postback.finished_between(since, until) f
+        ON CONFLICT (span, hour, endpoint_id, event, partner) DO UPDATE
+           SET succeeded = r.succeeded + excluded.succeeded, dead = r.dead + excluded.dead,
+               timed = r.timed + excluded.timed, latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum,
+               latency_hist = postback.histogram_add(r.latency_hist, excluded.latency_hist);
+    END IF;
+    WITH old AS (
+        DELETE FROM postback.delivery_rollup r
+         WHERE r.span = 'hour' AND r.hour < date_trunc('day', now() - interval '8 days', 'UTC')
+        RETURNING r.*)
+    INSERT INTO postback.delivery_rollup AS r
+           (span, hour, endpoint_id, event, partner, succeeded, dead, timed, latency_ms_sum, latency_hist)
+    SELECT 'day', date_trunc('day', o.hour, 'UTC'), o.endpoint_id, o.event, o.partner, sum(o.succeeded),
+           sum(o.dead), sum(o.timed), sum(o.latency_ms_sum), postback.histogram_sum(o.latency_hist)
+      FROM old o GROUP BY 2, 3, 4, 5
+    ON CONFLICT (span, hour, endpoint_id, event, partner) DO UPDATE
+       SET succeeded = r.succeeded + excluded.succeeded, dead = r.dead + excluded.dead,
+           timed = r.timed + excluded.timed, latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum,
+           latency_hist = postback.histogram_add(r.latency_hist, excluded.latency_hist);
+    INSERT INTO postback.rollup_state AS s (rolled_until) VALUES (greatest(until, since))
+    ON CONFLICT (singleton) DO UPDATE SET rolled_until = excluded.rolled_until;
+    RETURN until < target;
+END
+$$;
+
+-- metrics: from delivery_rollup, per partner, dead counts, conversion figures on total rows only
 CREATE OR REPLACE VIEW postback.metrics AS
 WITH windows (name, since) AS (
-    VALUES ('24h', now() - interval '24 hours'), ('7d', now() - interval '7 days'), ('all', '-infinity'::timestamptz)),
+    VALUES ('24h', date_trunc('hour', now() - interval '24 hours', 'UTC')),
+           ('7d', date_trunc('hour', now() - interval '7 days', 'UTC')),
+           ('all', '-infinity'::timestamptz)),
+finished AS (
+    SELECT r.hour, r.endpoint_id, r.event, r.partner, r.succeeded, r.dead, r.timed, r.latency_ms_sum, r.latency_hist
+      FROM postback.delivery_rollup r
+    UNION ALL
+    SELECT f.hour, f.endpoint_id, f.event, f.partner, f.succeeded, f.dead, f.timed, f.latency_ms_sum, f.latency_hist
+      FROM (SELECT coalesce((SELECT s.rolled_until FROM postback.rollup_state s), '-infinity') AS since) u,
+           postback.finished_between(u.since, 'infinity') f),
 delivered AS (
-    SELECT w.name AS window_name, d.event, e.name AS endpoint, c.partner,
-           CASE WHEN grouping(d.event) = 0 THEN 'event' WHEN grouping(e.name) = 0 THEN 'endpoint'
-                WHEN grouping(c.partner) = 0 THEN 'partner' ELSE 'total' END AS breakdown,
-           count(*) FILTER (WHERE d.state = 'succeeded') AS succeeded,
-           count(*) FILTER (WHERE d.state = 'dead') AS dead,
-           count(*) FILTER (WHERE d.state IN ('succeeded', 'dead')) AS finished,
-           avg(extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
-               FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0) AS avg_ms,
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM d.completed_at - d.created_at) * 1000.0)
-               FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0) AS p95_ms
+    SELECT w.name AS window_name, f.event, coalesce(e.name, 'deleted endpoint ' || f.endpoint_id) AS endpoint,
+           nullif(f.partner, '') AS partner,
+           CASE WHEN grouping(f.event) = 0 THEN 'event'
+                WHEN grouping(coalesce(e.name, 'deleted endpoint ' || f.endpoint_id)) = 0 THEN 'endpoint'
+                WHEN grouping(f.partner) = 0 THEN 'partner' ELSE 'total' END AS breakdown,
+           sum(f.succeeded)::bigint AS succeeded, sum(f.dead)::bigint AS dead,
+           sum(f.succeeded + f.dead)::bigint AS finished,
+           sum(f.latency_ms_sum) / nullif(sum(f.timed), 0) AS avg_ms,
+           postback.histogram_quantile(postback.histogram_sum(f.latency_hist), 0.95) AS p95_ms
       FROM windows w
-      JOIN postback.deliveries d ON d.created_at >= w.since
-      JOIN postback.endpoints e ON e.id = d.endpoint_id
-      JOIN postback.conversions c ON c.id = d.conversion_id
-     GROUP BY GROUPING SETS ((w.name), (w.name, d.event), (w.name, e.name), (w.name, c.partner))),
+      JOIN finished f ON f.hour >= w.since
+      LEFT JOIN postback.endpoints e ON e.id = f.endpoint_id
+     GROUP BY GROUPING SETS ((w.name), (w.name, f.event), (w.name, coalesce(e.name, 'deleted endpoint ' || f.endpoint_id)),
+                            (w.name, f.partner))),
+conversion_figures AS (
+    -- one pass over conversions for the three windows
+    SELECT count(*) FILTER (WHERE c.created_at >= now() - interval '24 hours') AS n_24h,
+           count(*) FILTER (WHERE c.created_at >= now() - interval '7 days') AS n_7d,
+           count(*) AS n_all,
+           count(*) FILTER (WHERE c.status = 'approved' AND c.created_at >= now() - interval '24 hours') AS a_24h,
+           count(*) FILTER (WHERE c.status = 'approved' AND c.created_at >= now() - interval '7 days') AS a_7d,
+           count(*) FILTER (WHERE c.status = 'approved') AS a_all,
+           count(*) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')
+                              AND c.created_at >= now() - interval '24 hours') AS r_24h,
+           count(*) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')
+                              AND c.created_at >= now() - interval '7 days') AS r_7d,
+           count(*) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')) AS r_all,
+           count(k.click_id) FILTER (WHERE c.created_at >= now() - interval '24 hours') AS m_24h,
+           count(k.click_id) FILTER (WHERE c.created_at >= now() - interval '7 days') AS m_7d,
+           count(k.click_id) AS m_all
+      FROM postback.conversions c
+      LEFT JOIN postback.clicks k ON k.click_id = c.click_id),
 converted AS (
-    SELECT w.name AS window_name,
-           count(c.id) AS conversions,
-           count(c.id) FILTER (WHERE c.status = 'approved') AS approved,
-           count(c.id) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')) AS reversed,
-           count(k.click_id) AS matched,
-           (SELECT coalesce(sum(x.duplicates), 0) FROM postback.conversion_duplicates x WHERE x.seen_at >= w.since)
+    SELECT v.window_name, v.conversions, v.approved, v.reversed, v.matched,
+           (SELECT coalesce(sum(x.duplicates), 0) FROM postback.conversion_duplicates x WHERE x.seen_at >= v.since)
                AS duplicates
-      FROM windows w
-      LEFT JOIN postback.conversions c ON c.created_at >= w.since
-      LEFT JOIN postback.clicks k ON k.click_id = c.click_id
-     GROUP BY w.name, w.since)
-SELECT d.window_name AS period, d.event, d.endpoint,
+      FROM conversion_figures f,
+           LATERAL (VALUES ('24h', now() - interval '24 hours', f.n_24h, f.a_24h, f.r_24h, f.m_24h),
+                           ('7d', now() - interval '7 days', f.n_7d, f.a_7d, f.r_7d, f.m_7d),
+                           ('all', '-infinity'::timestamptz, f.n_all, f.a_all, f.r_all, f.m_all))
+               AS v (window_name, since, conversions, approved, reversed, matched))
+SELECT d.window_name AS period, d.event, CASE WHEN d.breakdown = 'endpoint' THEN d.endpoint END AS endpoint,
        d.finished AS deliveries_finished, d.succeeded AS deliveries_succeeded,
        round(d.succeeded::numeric / nullif(d.finished, 0), 4) AS success_rate,
        round(d.avg_ms::numeric, 1) AS avg_commit_to_success_ms,
@@ -723,6 +847,7 @@ REVOKE EXECUTE ON FUNCTION postback.live_secrets(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender(bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender_queue() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.roll_up(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain(text) FROM PUBLIC;
@@ -856,16 +981,37 @@ COMMENT ON FUNCTION postback.explain_routing(bigint) IS 'Internal: for every end
 COMMENT ON FUNCTION postback.curl_command(text, text, jsonb, text, bigint) IS 'A curl command line for a request (method, URL, headers, body, timeout in ms), every argument single-quoted for the shell.';
 COMMENT ON FUNCTION postback.curl(bigint) IS 'A delivery''s request as a curl command line to run by hand: method, URL, headers with a fresh signature, body, the endpoint''s timeout. The endpoint''s own header values are shown to the extension owner only ([redacted] for operators). Owner and operators; never logged.';
 COMMENT ON FUNCTION postback.worker_status() IS 'Whether a delivery worker serves this database (running), its pid, database, counters and last error (also: waiting for ALTER EXTENSION … UPDATE), and a hint when none does: not preloaded, postback.database_name naming no database or another one, or not running.';
-COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period), in total and per event, per endpoint and per partner (breakdown): success rate, dead deliveries, commit-to-success latency; dedup, reversal and match rates on the total rows.';
+COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period; deliveries count in the hour they finished, windows start on the hour), in total and per event, per endpoint and per partner (breakdown): success rate, dead deliveries, commit-to-success latency (from delivery_rollup, so they survive the purge); dedup, reversal and match rates on the total rows.';
 COMMENT ON COLUMN postback.metrics.event IS 'Conversion event of a per-event row; NULL in the others.';
 COMMENT ON COLUMN postback.metrics.endpoint IS 'Endpoint of a per-endpoint row; NULL in the others.';
 COMMENT ON COLUMN postback.metrics.avg_commit_to_success_ms IS 'Average time from enqueue (the conversion''s commit) to success, ms; deliveries resent by hand (retry, replay) are left out.';
-COMMENT ON COLUMN postback.metrics.p95_commit_to_success_ms IS '95th percentile time from enqueue to success, ms; deliveries resent by hand are left out.';
+COMMENT ON COLUMN postback.metrics.p95_commit_to_success_ms IS '95th percentile time from enqueue to success, ms, from a histogram (within 9%); deliveries resent by hand are left out.';
 COMMENT ON COLUMN postback.metrics.conversions IS 'Conversions created in the period (total rows only: a conversion is not per endpoint).';
 COMMENT ON COLUMN postback.metrics.dedup_rate IS 'Duplicates refused ÷ conversions offered (conversions + duplicates) in the period; total rows only.';
 COMMENT ON COLUMN postback.metrics.reversal_rate IS 'Conversions now reversed, refunded or charged back ÷ those plus the approved ones, in the period; total rows only.';
 COMMENT ON COLUMN postback.metrics.match_rate IS 'Conversions with a recorded click ÷ conversions, in the period; total rows only.';
 COMMENT ON COLUMN postback.metrics.partner IS 'Partner of a per-partner row (NULL there: conversions without a partner); NULL in the others.';
 COMMENT ON COLUMN postback.metrics.breakdown IS 'total, event, endpoint or partner: which rows these are.';
-COMMENT ON COLUMN postback.metrics.deliveries_dead IS 'Deliveries created in the period that died.';
+COMMENT ON COLUMN postback.metrics.deliveries_dead IS 'Deliveries that died in the period.';
 COMMENT ON FUNCTION postback.validate_endpoint_choices(text, text, text, text[]) IS 'Raises an error naming the column and the valid values if an endpoint''s kind, method, signing_scheme or statuses holds anything else; true otherwise.';
+COMMENT ON COLUMN postback.metrics.deliveries_finished IS 'Deliveries that finished (succeeded or died) in the period.';
+COMMENT ON TABLE postback.delivery_rollup IS 'Finished deliveries of conversions counted per hour of completion (UTC; rows older than 8 days merged per day), endpoint, event and partner; kept after the deliveries are purged. Written by postback.roll_up, read by postback.metrics.';
+COMMENT ON COLUMN postback.delivery_rollup.span IS 'hour, or day once the hour is older than 8 days.';
+COMMENT ON COLUMN postback.delivery_rollup.hour IS 'Start (UTC) of the hour or day the deliveries finished in.';
+COMMENT ON COLUMN postback.delivery_rollup.endpoint_id IS 'Endpoint id.';
+COMMENT ON COLUMN postback.delivery_rollup.event IS 'Conversion event.';
+COMMENT ON COLUMN postback.delivery_rollup.partner IS 'Conversion partner; empty for none.';
+COMMENT ON COLUMN postback.delivery_rollup.succeeded IS 'Deliveries that succeeded.';
+COMMENT ON COLUMN postback.delivery_rollup.dead IS 'Deliveries that died.';
+COMMENT ON COLUMN postback.delivery_rollup.timed IS 'Successes whose commit-to-success latency counts (not resent by hand).';
+COMMENT ON COLUMN postback.delivery_rollup.latency_ms_sum IS 'Sum of their commit-to-success latencies, ms.';
+COMMENT ON COLUMN postback.delivery_rollup.latency_hist IS 'Histogram of those latencies: 108 counts, four buckets per doubling from 1 ms (postback.histogram_quantile reads it).';
+COMMENT ON TABLE postback.rollup_state IS 'How far postback.delivery_rollup goes (one row, once postback.roll_up has run).';
+COMMENT ON COLUMN postback.rollup_state.singleton IS 'Always true: the table has one row.';
+COMMENT ON COLUMN postback.rollup_state.rolled_until IS 'Deliveries that finished before this are counted in delivery_rollup.';
+COMMENT ON FUNCTION postback.finished_between(timestamptz, timestamptz) IS 'Finished deliveries of conversions in [since, until), counted per hour (UTC), endpoint, event and partner, with their commit-to-success latency histogram: what roll_up stores and metrics adds for the minutes not rolled up yet.';
+COMMENT ON FUNCTION postback.roll_up(interval) IS 'Internal (the worker calls it every minute): moves up to max_span of finished deliveries into delivery_rollup, merges hours older than 8 days into days; true when more is left.';
+COMMENT ON AGGREGATE postback.histogram_sum(bigint[]) IS 'Adds latency histograms bucket by bucket.';
+COMMENT ON FUNCTION postback.latency_histogram(double precision[]) IS 'A latency histogram (108 buckets, four per doubling from 1 ms) of values in ms.';
+COMMENT ON FUNCTION postback.histogram_add(bigint[], bigint[]) IS 'The sum of two latency histograms.';
+COMMENT ON FUNCTION postback.histogram_quantile(bigint[], double precision) IS 'The q quantile (0 to 1) of a latency histogram in ms, within 9% of the exact value; NULL when empty.';

@@ -140,6 +140,25 @@ fn curl_command(method: &str, url: &str, headers: JsonB, body: Option<&str>, tim
     crate::rules::outgoing::curl_command(method, url, &headers, body, timeout_ms)
 }
 
+/// A latency histogram (`rules::histogram`: four buckets per doubling) of values in ms.
+#[pg_extern(immutable, parallel_safe)]
+fn latency_histogram(values: Vec<Option<f64>>) -> Vec<i64> {
+    crate::rules::histogram::of(&values.into_iter().flatten().collect::<Vec<_>>())
+}
+
+/// The sum of two latency histograms.
+#[pg_extern(immutable, parallel_safe)]
+fn histogram_add(a: Vec<Option<i64>>, b: Vec<Option<i64>>) -> Vec<i64> {
+    let plain = |v: Vec<Option<i64>>| v.into_iter().map(Option::unwrap_or_default).collect::<Vec<_>>();
+    crate::rules::histogram::add(&plain(a), &plain(b))
+}
+
+/// The `q` quantile of a latency histogram in ms (within 9%); NULL when empty.
+#[pg_extern(immutable, parallel_safe)]
+fn histogram_quantile(counts: Vec<Option<i64>>, q: f64) -> Option<f64> {
+    crate::rules::histogram::quantile(&counts.into_iter().map(Option::unwrap_or_default).collect::<Vec<_>>(), q)
+}
+
 fn sign_error(e: signing::SignError) -> ! {
     raise(Refusal::new(Kind::InvalidValue, e.argument, e.message).argument())
 }

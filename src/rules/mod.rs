@@ -5,6 +5,7 @@
 
 pub mod conversion_rules;
 pub mod health;
+pub mod histogram;
 pub mod outgoing;
 pub mod refusal;
 pub mod request;

@@ -137,8 +137,8 @@ mod tests {
             dumped.as_deref(),
             Some(
                 "attempts,attempts_id_seq,clicks,conversion_duplicates,conversion_duplicates_id_seq,conversions,\
-                 conversions_id_seq,deliveries,deliveries_id_seq,endpoint_secrets,endpoint_secrets_id_seq,\
-                 endpoints,endpoints_id_seq"
+                 conversions_id_seq,deliveries,deliveries_id_seq,delivery_rollup,endpoint_secrets,\
+                 endpoint_secrets_id_seq,endpoints,endpoints_id_seq,rollup_state"
             )
         );
     }

@@ -6,4 +6,5 @@ mod catalog;
 mod constraints;
 mod fanout;
 mod helpers;
+mod metrics;
 mod templates;

@@ -39,6 +39,24 @@ impl Worker {
     }
 }
 
+/// Brings postback.delivery_rollup up to the last minute, a day of history per
+/// transaction (after an update from 0.2.0 the first call backfills).
+pub(super) fn roll_up() {
+    for _ in 0..ROLLUP_MAX_STEPS {
+        match txn::run("rolling up finished deliveries", queue::roll_up) {
+            Ok(true) if !shutdown_requested() => {}
+            Ok(_) => break,
+            Err(e) => {
+                note_error(&e);
+                break;
+            }
+        }
+    }
+}
+
+/// Most days of history one roll-up pass moves (the next pass goes on).
+const ROLLUP_MAX_STEPS: usize = 60;
+
 /// Deletes succeeded deliveries older than postback.retention, one bounded
 /// batch per transaction, so no lock is held for long.
 pub(super) fn purge() {

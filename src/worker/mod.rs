@@ -32,7 +32,7 @@ pub mod shared;
 mod txn;
 
 use claim::{CachedEndpoint, Judging};
-use maintenance::purge;
+use maintenance::{purge, roll_up};
 use pool::{Done, Pool, Work};
 use queue::{Claimed, EndpointConfig, Record};
 use record::dead_record;
@@ -42,6 +42,8 @@ use record::dead_record;
 pub const WORKER_TYPE: &str = "pg_postback worker";
 /// How often finished deliveries older than postback.retention are deleted.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// How often finished deliveries are rolled up for postback.metrics.
+const ROLLUP_EVERY: Duration = Duration::from_secs(60);
 /// Rows per purge transaction, and transactions per purge run.
 const PURGE_BATCH: i32 = 10_000;
 const PURGE_MAX_BATCHES: usize = 100;
@@ -81,6 +83,7 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     // the first purge runs a minute after start, then every hour
     let mut last_purge = Instant::now() - PURGE_EVERY + Duration::from_secs(60);
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
+    let mut last_rollup = Instant::now() - ROLLUP_EVERY + Duration::from_secs(5);
 
     while !shutdown_requested() {
         if BackgroundWorker::sighup_received() {
@@ -102,8 +105,14 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
             last_housekeeping = Instant::now();
             worker.housekeeping();
         }
+        if last_rollup.elapsed() >= ROLLUP_EVERY {
+            last_rollup = Instant::now();
+            roll_up();
+        }
         if last_purge.elapsed() >= PURGE_EVERY {
             last_purge = Instant::now();
+            // finished deliveries are counted before any is deleted
+            roll_up();
             purge();
         }
     }

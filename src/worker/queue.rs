@@ -416,6 +416,12 @@ pub fn purge_batch(older_than_secs: i64, batch: i32) -> SpiResult<i64> {
     .map(|n| n.unwrap_or(0))
 }
 
+/// Moves at most a day of finished deliveries into postback.delivery_rollup;
+/// true when more is left to roll up.
+pub fn roll_up() -> SpiResult<bool> {
+    Spi::get_one::<bool>("SELECT postback.roll_up()").map(|more| more.unwrap_or(false))
+}
+
 /// Returns leased deliveries to the queue, recording the interrupted attempt
 /// so that a request the receiver may have seen is explained. Leases of a
 /// worker that no longer runs are taken: at start all of them, later only

@@ -243,3 +243,11 @@ def test_a_webhook_that_died_at_the_body_limit_is_never_sent_empty(cluster, rece
         wait_states(cluster, conn, name, ["succeeded"])
     [seen] = receiver.seen("/big")
     assert "x" * 2000 in seen["body"]
+
+
+def test_the_worker_keeps_the_metrics_rollup(cluster):
+    with cluster.connect() as conn:
+        # roll_up writes its state on its first call, a few seconds after the worker starts
+        until = cluster.wait_for(lambda: conn.execute("SELECT rolled_until FROM postback.rollup_state").fetchone(),
+                                 what="the worker's first roll-up")[0]
+        assert until > conn.execute("SELECT now() - interval '1 hour'").fetchone()[0]
