@@ -239,7 +239,8 @@ CREATE TABLE postback.conversions (
         CONSTRAINT click_id_must_be_1_to_512_characters
             CHECK (length(click_id) BETWEEN 1 AND 512),
     transaction_id text        NOT NULL
-        CONSTRAINT transaction_id_is_unique UNIQUE
+        -- named so that the error of a repeated transaction_id says what to write
+        CONSTRAINT transaction_id_is_unique_use_on_conflict_do_nothing_to_skip UNIQUE
         CONSTRAINT transaction_id_must_be_1_to_256_characters
             CHECK (length(transaction_id) BETWEEN 1 AND 256),
     event          text        NOT NULL DEFAULT 'conversion'

@@ -840,6 +840,17 @@ BEGIN
 END
 $$;
 
+-- A repeated transaction_id is refused by the unique constraint; its name now
+-- says what to write to skip repeats (a hint a trigger could only give at the
+-- cost of a second look-up per row).
+ALTER TABLE postback.conversions
+    RENAME CONSTRAINT transaction_id_is_unique TO transaction_id_is_unique_use_on_conflict_do_nothing_to_skip;
+DO $$
+BEGIN
+    RAISE WARNING 'pg_postback 0.3.0: constraint transaction_id_is_unique on postback.conversions is now transaction_id_is_unique_use_on_conflict_do_nothing_to_skip; ON CONFLICT (transaction_id) is unaffected, ON CONFLICT ON CONSTRAINT must use the new name';
+END
+$$;
+
 -- Privileges ---------------------------------------------------------------
 
 REVOKE EXECUTE ON FUNCTION postback.sign_request(bigint, text, text, text, text, text, text, jsonb, jsonb, text, text) FROM PUBLIC;

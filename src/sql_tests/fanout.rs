@@ -103,7 +103,7 @@ mod tests {
             .unwrap();
         assert_refused(
             "INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1')",
-            "transaction_id_is_unique",
+            "violates unique constraint \"transaction_id_is_unique_use_on_conflict_do_nothing_to_skip\"",
         );
         Spi::run(
             "INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('c', 'd1'), ('c', 'd2'), ('c', 'd3')
