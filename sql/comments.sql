@@ -273,3 +273,4 @@ COMMENT ON AGGREGATE postback.histogram_sum(bigint[]) IS 'Adds latency histogram
 COMMENT ON FUNCTION postback.latency_histogram(double precision[]) IS 'A latency histogram (108 buckets, four per doubling from 1 ms) of values in ms.';
 COMMENT ON FUNCTION postback.histogram_add(bigint[], bigint[]) IS 'The sum of two latency histograms.';
 COMMENT ON FUNCTION postback.histogram_quantile(bigint[], double precision) IS 'The q quantile (0 to 1) of a latency histogram in ms, within 9% of the exact value; NULL when empty.';
+COMMENT ON FUNCTION postback.purge_tests(interval) IS 'Deletes finished test deliveries (send_test, no conversion) created before now() - older_than (default: all), with their attempts; returns how many. Operators may call it.';

@@ -203,6 +203,25 @@ BEGIN
 END
 $$;
 
+-- Deletes finished test deliveries (send_test: no conversion) created before
+-- now() - older_than, with their attempts; real postbacks are never touched.
+-- Operators may call it.
+CREATE FUNCTION postback.purge_tests(older_than interval DEFAULT '0') RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval (got %)', older_than
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM postback.deliveries d
+     WHERE d.conversion_id IS NULL AND d.state IN ('succeeded', 'dead') AND d.created_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 -- ---------------------------------------------------------------------------
 -- Views
 -- ---------------------------------------------------------------------------

@@ -28,6 +28,7 @@ REVOKE EXECUTE ON FUNCTION postback.pause(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.resume(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.purge(interval, integer, boolean, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.purge_tests(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.roll_up(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
@@ -71,7 +72,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint), postback.retry(bigint), '
                    'postback.retry_dead(text, timestamptz), postback.replay(text, timestamptz, timestamptz), '
                    'postback.send_test(text, jsonb), postback.pause(text), postback.resume(text), '
-                   'postback.curl(bigint) TO %s', role);
+                   'postback.curl(bigint), postback.purge_tests(interval) TO %s', role);
 END
 $$;
 

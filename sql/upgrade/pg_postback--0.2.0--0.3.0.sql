@@ -594,6 +594,22 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION postback.purge_tests(older_than interval DEFAULT '0') RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval (got %)', older_than
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM postback.deliveries d
+     WHERE d.conversion_id IS NULL AND d.state IN ('succeeded', 'dead') AND d.created_at < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION postback.grant_operator(role regrole) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -602,7 +618,7 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.preview(text, bigint), postback.retry(bigint), '
                    'postback.retry_dead(text, timestamptz), postback.replay(text, timestamptz, timestamptz), '
                    'postback.send_test(text, jsonb), postback.pause(text), postback.resume(text), '
-                   'postback.curl(bigint) TO %s', role);
+                   'postback.curl(bigint), postback.purge_tests(interval) TO %s', role);
 END
 $$;
 
@@ -858,6 +874,7 @@ REVOKE EXECUTE ON FUNCTION postback.live_secrets(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender(bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender_queue() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.purge_tests(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.roll_up(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
@@ -1026,3 +1043,4 @@ COMMENT ON AGGREGATE postback.histogram_sum(bigint[]) IS 'Adds latency histogram
 COMMENT ON FUNCTION postback.latency_histogram(double precision[]) IS 'A latency histogram (108 buckets, four per doubling from 1 ms) of values in ms.';
 COMMENT ON FUNCTION postback.histogram_add(bigint[], bigint[]) IS 'The sum of two latency histograms.';
 COMMENT ON FUNCTION postback.histogram_quantile(bigint[], double precision) IS 'The q quantile (0 to 1) of a latency histogram in ms, within 9% of the exact value; NULL when empty.';
+COMMENT ON FUNCTION postback.purge_tests(interval) IS 'Deletes finished test deliveries (send_test, no conversion) created before now() - older_than (default: all), with their attempts; returns how many. Operators may call it.';

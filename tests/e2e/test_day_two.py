@@ -132,6 +132,11 @@ def test_replay_leaves_test_deliveries_out_and_an_edit_retires_a_queued_test(clu
             conn.execute("SELECT postback.retry(%s)", (test_id,))
         assert "postback.send_test" in err.value.diag.message_hint
         conn.execute("SELECT postback.resume(%s)", (name,))
+        # test deliveries are purged on their own; the postback stays
+        assert conn.execute("SELECT postback.purge_tests()").fetchone()[0] >= 2
+        left = conn.execute("SELECT d.conversion_id IS NULL FROM postback.deliveries d "
+                            "JOIN postback.endpoints e ON e.id = d.endpoint_id WHERE e.name = %s", (name,)).fetchall()
+        assert left == [(False,)]
 
 
 def test_a_signing_endpoint_without_a_live_secret_holds_its_deliveries_until_one_is_given(cluster, receiver):
