@@ -169,10 +169,17 @@ BEGIN
     END IF;
     NEW.method := pg_catalog.upper(coalesce(NEW.method,
                                  CASE NEW.kind WHEN 'webhook' THEN 'POST' ELSE 'GET' END));
+    NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(pg_catalog.cardinality(NEW.retry_schedule), 0) + 1);
     IF NEW.kind IS NOT NULL AND NEW.method IS NOT NULL AND NEW.signing_scheme IS NOT NULL THEN
         PERFORM postback.validate_endpoint_choices(NEW.kind, NEW.method, NEW.signing_scheme, NEW.statuses);
     END IF;
-    NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(pg_catalog.cardinality(NEW.retry_schedule), 0) + 1);
+    PERFORM postback.validate_endpoint_settings(
+        NEW.name, NEW.kind, NEW.signing_scheme,
+        ARRAY(SELECT extract(epoch FROM s.step)::float8
+                FROM pg_catalog.unnest(NEW.retry_schedule) WITH ORDINALITY AS s (step, n) ORDER BY s.n),
+        NEW.max_attempts, extract(epoch FROM NEW.max_age)::float8, extract(epoch FROM NEW.timeout)::float8,
+        NEW.max_in_flight, NEW.rate_limit::float8, extract(epoch FROM NEW.initial_delay)::float8,
+        NEW.signature_header, NEW.timestamp_param, NEW.signature_param, NEW.body_template IS NOT NULL);
     IF TG_OP = 'UPDATE' AND NEW.signing_scheme IS DISTINCT FROM OLD.signing_scheme THEN
         -- the live secrets must sign with the new scheme (expire those that do not)
         PERFORM postback.validate_secret(NEW.signing_scheme, k.secret)

@@ -40,6 +40,12 @@ CREATE FUNCTION postback."validate_events"("events" TEXT[]) RETURNS bool
 IMMUTABLE STRICT PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_events_wrapper';
 CREATE FUNCTION postback."validate_endpoint_choices"("kind" TEXT, "method" TEXT, "signing_scheme" TEXT, "statuses" TEXT[] DEFAULT NULL)
 RETURNS bool IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_endpoint_choices_wrapper';
+CREATE FUNCTION postback."validate_endpoint_settings"(
+	"name" TEXT, "kind" TEXT, "signing_scheme" TEXT, "retry_schedule_secs" double precision[], "max_attempts" INT,
+	"max_age_secs" double precision, "timeout_secs" double precision, "max_in_flight" INT,
+	"rate_limit" double precision, "initial_delay_secs" double precision, "signature_header" TEXT,
+	"timestamp_param" TEXT, "signature_param" TEXT, "has_body_template" bool
+) RETURNS bool IMMUTABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'validate_endpoint_settings_wrapper';
 CREATE FUNCTION postback."explain_routing"("conversion_id" bigint)
 RETURNS TABLE ("endpoint_id" bigint, "filtered_out_by" TEXT)
 STRICT STABLE LANGUAGE c AS 'MODULE_PATHNAME', 'explain_routing_wrapper';
@@ -337,10 +343,17 @@ BEGIN
     END IF;
     NEW.method := pg_catalog.upper(coalesce(NEW.method,
                                  CASE NEW.kind WHEN 'webhook' THEN 'POST' ELSE 'GET' END));
+    NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(pg_catalog.cardinality(NEW.retry_schedule), 0) + 1);
     IF NEW.kind IS NOT NULL AND NEW.method IS NOT NULL AND NEW.signing_scheme IS NOT NULL THEN
         PERFORM postback.validate_endpoint_choices(NEW.kind, NEW.method, NEW.signing_scheme, NEW.statuses);
     END IF;
-    NEW.max_attempts := coalesce(NEW.max_attempts, coalesce(pg_catalog.cardinality(NEW.retry_schedule), 0) + 1);
+    PERFORM postback.validate_endpoint_settings(
+        NEW.name, NEW.kind, NEW.signing_scheme,
+        ARRAY(SELECT extract(epoch FROM s.step)::float8
+                FROM pg_catalog.unnest(NEW.retry_schedule) WITH ORDINALITY AS s (step, n) ORDER BY s.n),
+        NEW.max_attempts, extract(epoch FROM NEW.max_age)::float8, extract(epoch FROM NEW.timeout)::float8,
+        NEW.max_in_flight, NEW.rate_limit::float8, extract(epoch FROM NEW.initial_delay)::float8,
+        NEW.signature_header, NEW.timestamp_param, NEW.signature_param, NEW.body_template IS NOT NULL);
     IF TG_OP = 'UPDATE' AND NEW.signing_scheme IS DISTINCT FROM OLD.signing_scheme THEN
         -- the live secrets must sign with the new scheme (expire those that do not)
         PERFORM postback.validate_secret(NEW.signing_scheme, k.secret)
@@ -1044,3 +1057,4 @@ COMMENT ON FUNCTION postback.latency_histogram(double precision[]) IS 'A latency
 COMMENT ON FUNCTION postback.histogram_add(bigint[], bigint[]) IS 'The sum of two latency histograms.';
 COMMENT ON FUNCTION postback.histogram_quantile(bigint[], double precision) IS 'The q quantile (0 to 1) of a latency histogram in ms, within 9% of the exact value; NULL when empty.';
 COMMENT ON FUNCTION postback.purge_tests(interval) IS 'Deletes finished test deliveries (send_test, no conversion) created before now() - older_than (default: all), with their attempts; returns how many. Operators may call it.';
+COMMENT ON FUNCTION postback.validate_endpoint_settings(text, text, text, double precision[], integer, double precision, double precision, integer, double precision, double precision, text, text, text, boolean) IS 'Raises an error naming the column, its bounds and the value if an endpoint''s bounded settings (name, retry_schedule, max_attempts, max_age, timeout, max_in_flight, rate_limit, initial_delay, signature_header, timestamp_param, signature_param, a postback''s signing scheme or body) are out of bounds, before a CHECK constraint would answer with the whole row; true otherwise.';

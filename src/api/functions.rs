@@ -108,6 +108,47 @@ fn validate_endpoint_choices(
     true
 }
 
+/// Checks an endpoint's bounded settings (intervals in seconds), naming the
+/// column, its bounds and the value, before a CHECK constraint would answer
+/// with the whole row.
+#[pg_extern(immutable, parallel_safe)]
+#[allow(clippy::too_many_arguments)]
+fn validate_endpoint_settings(
+    name: Option<&str>,
+    kind: Option<&str>,
+    signing_scheme: Option<&str>,
+    retry_schedule_secs: Option<Vec<Option<f64>>>,
+    max_attempts: Option<i32>,
+    max_age_secs: Option<f64>,
+    timeout_secs: Option<f64>,
+    max_in_flight: Option<i32>,
+    rate_limit: Option<f64>,
+    initial_delay_secs: Option<f64>,
+    signature_header: Option<&str>,
+    timestamp_param: Option<&str>,
+    signature_param: Option<&str>,
+    has_body_template: Option<bool>,
+) -> bool {
+    validate::endpoint_settings(&validate::EndpointSettings {
+        name,
+        kind,
+        signing_scheme,
+        retry_schedule_secs: retry_schedule_secs.as_deref(),
+        max_attempts,
+        max_age_secs,
+        timeout_secs,
+        max_in_flight,
+        rate_limit,
+        initial_delay_secs,
+        signature_header,
+        timestamp_param,
+        signature_param,
+        has_body_template: has_body_template.unwrap_or(false),
+    })
+    .or_raise();
+    true
+}
+
 /// Checks a secret for an endpoint signing with `scheme` (the message never quotes it).
 #[pg_extern(immutable, parallel_safe)]
 fn validate_secret(scheme: &str, secret: &str) -> bool {

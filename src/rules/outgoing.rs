@@ -69,7 +69,8 @@ pub const KINDS: &[&str] = &["postback", "webhook"];
 /// Longest header value an endpoint may set.
 pub const MAX_HEADER_VALUE_BYTES: usize = 8192;
 
-fn is_token_char(c: char) -> bool {
+/// An RFC 7230 token character (header names).
+pub fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
 }
 

@@ -159,6 +159,89 @@ pub fn endpoint_choices(
     Ok(())
 }
 
+/// An endpoint's other bounded settings, as SQL reads them (intervals in
+/// seconds); a value that is NULL here is left to its NOT NULL constraint.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EndpointSettings<'a> {
+    pub name: Option<&'a str>,
+    pub kind: Option<&'a str>,
+    pub signing_scheme: Option<&'a str>,
+    pub retry_schedule_secs: Option<&'a [Option<f64>]>,
+    pub max_attempts: Option<i32>,
+    pub max_age_secs: Option<f64>,
+    pub timeout_secs: Option<f64>,
+    pub max_in_flight: Option<i32>,
+    pub rate_limit: Option<f64>,
+    pub initial_delay_secs: Option<f64>,
+    pub signature_header: Option<&'a str>,
+    pub timestamp_param: Option<&'a str>,
+    pub signature_param: Option<&'a str>,
+    pub has_body_template: bool,
+}
+
+/// Each of an endpoint's bounded settings within its bounds, refused naming the
+/// column, the bounds and the value given (never the whole row).
+pub fn endpoint_settings(e: &EndpointSettings) -> Result<(), Refusal> {
+    let within = |column: &str, value: Option<f64>, lo: f64, hi: f64, bounds: &str| match value {
+        Some(v) if v.is_nan() || v < lo || v > hi => Err(Refusal::invalid(column, format!("{v} is outside {bounds}"))),
+        _ => Ok(()),
+    };
+    if let Some(name) = e.name {
+        let n = name.chars().count();
+        if n == 0 || n > 100 || name.chars().any(char::is_control) {
+            let why = format!("must be 1 to 100 characters without control characters (got {n})");
+            return Err(Refusal::invalid("name", why));
+        }
+    }
+    for (i, step) in e.retry_schedule_secs.unwrap_or_default().iter().enumerate() {
+        match step {
+            Some(s) if *s > 0.0 => {}
+            Some(s) => {
+                return Err(Refusal::invalid(
+                    "retry_schedule",
+                    format!("step {} is {s} s; every step must be positive", i + 1),
+                ))
+            }
+            None => return Err(Refusal::invalid("retry_schedule", format!("step {} is NULL", i + 1))),
+        }
+    }
+    within("max_attempts", e.max_attempts.map(f64::from), 1.0, 100.0, "1 to 100")?;
+    within("max_age", e.max_age_secs, f64::MIN_POSITIVE, f64::MAX, "a positive interval (seconds)")?;
+    within("timeout", e.timeout_secs, 0.001, 300.0, "1 millisecond to 5 minutes (seconds)")?;
+    within("max_in_flight", e.max_in_flight.map(f64::from), 1.0, 256.0, "1 to 256")?;
+    within("rate_limit", e.rate_limit, f64::MIN_POSITIVE, 100_000.0, "above 0 and up to 100000 requests per second")?;
+    within("initial_delay", e.initial_delay_secs, 0.0, 86_400.0, "0 to 1 day (seconds)")?;
+    if let Some(h) = e.signature_header {
+        if h.is_empty() || h.len() > 100 || !h.chars().all(crate::rules::outgoing::is_token_char) {
+            let why =
+                format!("\"{}\" is not a header name (1 to 100 of A-Z a-z 0-9 !#$%&'*+-.^_`|~)", h.escape_default());
+            return Err(Refusal::invalid("signature_header", why));
+        }
+    }
+    for (column, value) in [("timestamp_param", e.timestamp_param), ("signature_param", e.signature_param)] {
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '~' | '-');
+        if let Some(v) = value.filter(|v| v.is_empty() || v.len() > 50 || !v.chars().all(plain)) {
+            let why = format!(
+                "\"{}\" is not a plain query parameter name (1 to 50 of A-Z a-z 0-9 _ . ~ -)",
+                v.escape_default()
+            );
+            return Err(Refusal::invalid(column, why));
+        }
+    }
+    if e.kind == Some("postback") {
+        if let Some(s) = e.signing_scheme.filter(|s| !matches!(*s, "none" | "hmac-sha256-hex" | "hmac-sha256-base64")) {
+            let why = format!("a postback (GET) is signed with hmac-sha256-hex or hmac-sha256-base64, not \"{s}\"");
+            return Err(
+                Refusal::invalid("signing_scheme", why).hint("Webhooks take every scheme: set kind = 'webhook'.")
+            );
+        }
+        if e.has_body_template {
+            return Err(Refusal::invalid("body_template", "only a webhook has a body (kind = 'webhook')"));
+        }
+    }
+    Ok(())
+}
+
 /// A secret for an endpoint that signs with `scheme` (`none`: a secret for
 /// `{hash:…}` digests, any non-empty text). The message never quotes it.
 pub fn secret(scheme: &str, secret: &str) -> Result<(), Refusal> {
@@ -243,6 +326,38 @@ mod tests {
             r.message,
             "invalid statuses: \"paid\" is not one of pending, approved, rejected, reversed, refunded, chargeback"
         );
+    }
+
+    #[test]
+    fn bounded_settings_name_the_column_the_bounds_and_the_value() {
+        let ok = EndpointSettings {
+            name: Some("n"),
+            kind: Some("postback"),
+            signing_scheme: Some("none"),
+            ..Default::default()
+        };
+        assert!(endpoint_settings(&ok).is_ok());
+        let r = refused(endpoint_settings(&EndpointSettings { timeout_secs: Some(600.0), ..ok }));
+        assert_eq!(r.message, "invalid timeout: 600 is outside 1 millisecond to 5 minutes (seconds)");
+        let r = refused(endpoint_settings(&EndpointSettings { max_attempts: Some(0), ..ok }));
+        assert_eq!(r.message, "invalid max_attempts: 0 is outside 1 to 100");
+        let steps = [Some(60.0), Some(-1.0)];
+        let r = refused(endpoint_settings(&EndpointSettings { retry_schedule_secs: Some(&steps), ..ok }));
+        assert_eq!(r.message, "invalid retry_schedule: step 2 is -1 s; every step must be positive");
+        let r = refused(endpoint_settings(&EndpointSettings { rate_limit: Some(0.0), ..ok }));
+        assert_eq!(r.field, "rate_limit");
+        let r = refused(endpoint_settings(&EndpointSettings { signing_scheme: Some("stripe"), ..ok }));
+        assert!(r.message.contains("hmac-sha256-hex or hmac-sha256-base64, not \"stripe\"") && r.hint.is_some());
+        let r = refused(endpoint_settings(&EndpointSettings { has_body_template: true, ..ok }));
+        assert_eq!(r.field, "body_template");
+        let r = refused(endpoint_settings(&EndpointSettings { signature_header: Some("X Sig"), ..ok }));
+        assert_eq!(r.field, "signature_header");
+        let r = refused(endpoint_settings(&EndpointSettings { timestamp_param: Some("t&s"), ..ok }));
+        assert_eq!(r.field, "timestamp_param");
+        assert_eq!(refused(endpoint_settings(&EndpointSettings { name: Some(""), ..ok })).field, "name");
+        let webhook =
+            EndpointSettings { kind: Some("webhook"), signing_scheme: Some("stripe"), has_body_template: true, ..ok };
+        assert!(endpoint_settings(&webhook).is_ok());
     }
 
     #[test]

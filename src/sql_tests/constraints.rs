@@ -34,6 +34,12 @@ mod tests {
             "INSERT INTO postback.endpoints (name, url_template, headers) VALUES ('h', 'https://n.test/', '[1]')",
         );
         assert!(d.starts_with("22023 | column: headers | headers is a JSON object"), "{d}");
+        // a bounded setting names its column, never the whole row (whose headers are credentials)
+        let d = diagnostics_of(
+            "INSERT INTO postback.endpoints (name, url_template, headers, max_in_flight)
+             VALUES ('m', 'https://n.test/', '{\"Authorization\": \"Bearer tok\"}', 0)",
+        );
+        assert_eq!(d, "22023 | column: max_in_flight");
         let d = diagnostics_of("SELECT postback.sign('x', 'k', 'md5')");
         assert!(d.starts_with("22023 | argument: scheme | one of hmac-sha256-hex"), "{d}");
         let d = diagnostics_of("SELECT postback.sign('x', '', 'github')");
@@ -133,11 +139,11 @@ mod tests {
         );
         assert_refused(
             "INSERT INTO postback.endpoints (name, url_template, retry_schedule) VALUES ('d', 'https://x.test/', '{1 minute,-1 second}')",
-            "endpoint_retry_schedule_must_hold_positive_intervals",
+            "invalid retry_schedule: step 2 is -1 s; every step must be positive",
         );
         assert_refused(
             "INSERT INTO postback.endpoints (name, url_template, timeout) VALUES ('e', 'https://x.test/', '1 hour')",
-            "endpoint_timeout_must_be_between_1ms_and_5min",
+            "invalid timeout: 3600 is outside 1 millisecond to 5 minutes (seconds)",
         );
         insert_endpoint("dup");
         assert_refused(
@@ -331,7 +337,7 @@ mod tests {
             ("url_template = 'https://n.test/?t={click_id|shout}'", "unknown filter \"shout\""),
             ("success_statuses = '{200-abc}'", "invalid success_statuses: \"200-abc\""),
             ("retry_statuses = '{}'", "invalid retry_statuses: the list is empty"),
-            ("initial_delay = '2 days'", "endpoint_initial_delay_must_be_between_0_and_1_day"),
+            ("initial_delay = '2 days'", "invalid initial_delay: 172800 is outside 0 to 1 day (seconds)"),
             ("success_body_pattern = '^{transaction_id}:OK($'", "invalid regular expression"),
         ] {
             assert_refused(&format!("UPDATE postback.endpoints SET {set} WHERE id = {id}"), expected);

@@ -42,7 +42,7 @@ mod tests {
         );
         assert_refused(
             "INSERT INTO postback.endpoints (name, url_template, signing_scheme) VALUES ('p', 'https://n.test/', 'stripe')",
-            "endpoint_postback_signs_only_with_hmac_sha256_hex_or_base64",
+            "invalid signing_scheme: a postback (GET) is signed with hmac-sha256-hex or hmac-sha256-base64, not \"stripe\"",
         );
         assert_refused(
             "INSERT INTO postback.endpoints (name, url_template, success_body_pattern) VALUES ('q', 'https://n.test/', '(')",
