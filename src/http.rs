@@ -30,6 +30,9 @@ pub struct Sent {
     pub result: AttemptResult,
 }
 
+/// How long a connection may take to open, whatever the endpoint's timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct Client {
     agent: ureq::Agent,
     max_body: usize,
@@ -65,7 +68,7 @@ impl Client {
     pub fn new(allowlist: Vec<Cidr>, max_body: usize, connections: usize) -> Client {
         let agent = ureq::AgentBuilder::new()
             .redirects(0)
-            .timeout_connect(Duration::from_secs(10))
+            .timeout_connect(CONNECT_TIMEOUT)
             .max_idle_connections(connections.max(1) * 4)
             .max_idle_connections_per_host(connections.max(1))
             .no_delay(true)
@@ -134,7 +137,7 @@ fn describe(t: &ureq::Transport, timeout: Duration) -> (String, bool) {
         }
         ureq::ErrorKind::Dns => (format!("the host name does not resolve: {}", cause.unwrap_or_default()), false),
         ureq::ErrorKind::ConnectionFailed if timed_out => {
-            ("no connection within 10 s (the connect timeout)".to_string(), false)
+            (format!("no connection within {} s (the connect timeout)", CONNECT_TIMEOUT.as_secs_f64()), false)
         }
         ureq::ErrorKind::ConnectionFailed => (format!("could not connect: {}", cause.unwrap_or_default()), false),
         ureq::ErrorKind::Io if timed_out => {
