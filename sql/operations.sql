@@ -271,7 +271,8 @@ latency AS (
      WHERE a.started_at > now() - interval '24 hours' AND a.status_code IS NOT NULL
      GROUP BY d.endpoint_id),
 backlog AS (
-    SELECT d.endpoint_id, count(*) AS pending, min(d.created_at) AS oldest_pending_at
+    SELECT d.endpoint_id, count(*) AS pending, min(d.created_at) AS oldest_pending_at,
+           count(*) FILTER (WHERE d.state = 'in_flight') AS in_flight
       FROM postback.deliveries d
      WHERE d.state IN ('pending', 'in_flight')
      GROUP BY d.endpoint_id)
@@ -288,7 +289,8 @@ SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NUL
        CASE WHEN coalesce(s.consecutive_failures, 0) > 0 THEN s.last_error END AS last_error,
        coalesce(s.breaker, 'closed') AS breaker, s.breaker_since, s.breaker_reason,
        coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age,
-       postback.held_by(e.id) AS held_by
+       postback.held_by(e.id) AS held_by,
+       coalesce(b.in_flight, 0) AS in_flight, s.slow_since
   FROM postback.endpoints e
   LEFT JOIN recent r ON r.endpoint_id = e.id
   LEFT JOIN latency l ON l.endpoint_id = e.id

@@ -396,7 +396,8 @@ CREATE TABLE postback.endpoint_state (
         CONSTRAINT endpoint_breaker_must_be_closed_open_or_half_open
             CHECK (breaker IN ('closed', 'open', 'half_open')),
     breaker_since        timestamptz,
-    breaker_reason       text
+    breaker_reason       text,
+    slow_since           timestamptz
 );
 
 -- ---------------------------------------------------------------------------

@@ -3,18 +3,21 @@
 -- SECURITY DEFINER: reading shared_preload_libraries needs pg_read_all_settings,
 -- and analysts should get the hint too.
 CREATE FUNCTION postback.worker_status(
-    OUT running       boolean,
-    OUT pid           integer,
-    OUT started_at    timestamptz,
-    OUT database      name,
-    OUT last_wake     timestamptz,
-    OUT sent          bigint,
-    OUT succeeded     bigint,
-    OUT failed        bigint,
-    OUT in_flight     integer,
-    OUT last_error    text,
-    OUT last_error_at timestamptz,
-    OUT hint          text)
+    OUT running        boolean,
+    OUT pid            integer,
+    OUT started_at     timestamptz,
+    OUT database       name,
+    OUT last_wake      timestamptz,
+    OUT sent           bigint,
+    OUT succeeded      bigint,
+    OUT failed         bigint,
+    OUT in_flight      integer,
+    OUT last_error     text,
+    OUT last_error_at  timestamptz,
+    OUT hint           text,
+    OUT concurrency    integer,
+    OUT slow_endpoints integer,
+    OUT in_flight_slow integer)
 RETURNS record
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -42,7 +45,8 @@ AS $$
                ELSE 'the worker is not running; the postmaster restarts it within seconds after a '
                     'crash. Check the server log (postback.database_name = '
                     || quote_literal(served.name) || ').'
-           END
+           END,
+           s.concurrency, coalesce(s.slow_endpoints, 0), coalesce(s.in_flight_slow, 0)
       FROM (SELECT current_setting('postback.database_name', true) AS name) AS served
       LEFT JOIN pg_catalog.pg_stat_activity a ON a.backend_type = 'pg_postback worker'
       LEFT JOIN postback.worker_stats() s ON true

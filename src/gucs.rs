@@ -11,7 +11,7 @@ use crate::rules::target_policy;
 pub static DATABASE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
-pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(64);
+pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(1024);
 pub static MAX_RESPONSE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(4096);
 pub static MAX_URL_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::rules::request::MAX_URL_BYTES as i32);
 pub static MAX_BODY_BYTES: GucSetting<i32> = GucSetting::<i32>::new(crate::rules::request::MAX_BODY_BYTES as i32);
@@ -59,12 +59,14 @@ static INT_GUCS: [IntGuc; 10] = [
     },
     IntGuc {
         name: c"postback.concurrency",
-        short: c"HTTP requests the worker keeps in flight at once, over all endpoints.",
-        long: c"Size of the worker's pool of sending threads (256 kB of stack reserved each). Each endpoint \
-          also has its own cap, postback.endpoints.max_in_flight, so a hanging endpoint holds at most that many.",
+        short: c"HTTP requests the worker keeps open at once, over all endpoints.",
+        long: c"Requests run on one event loop (a socket and a few kB each, no thread per request). Each \
+          endpoint also has its own cap, postback.endpoints.max_in_flight, and slow endpoints (a request out \
+          for a second or more) together hold at most half of this, so partners slow at once never take the \
+          capacity the others need. The worker raises its open-files limit to fit.",
         setting: &CONCURRENCY,
         min: 1,
-        max: 256,
+        max: 10_000,
         superuser_only: false,
         flags: GucFlags::empty(),
     },

@@ -428,7 +428,11 @@ BEGIN
 END
 $$;
 
--- endpoint_health: held_by (why deliveries wait), last_error only while failing
+-- Since when the worker finds an endpoint slow (endpoint_health.slow_since)
+ALTER TABLE postback.endpoint_state ADD COLUMN slow_since timestamptz;
+
+-- endpoint_health: held_by (why deliveries wait), last_error only while failing,
+-- in_flight and slow_since (how much of the sending capacity it holds)
 CREATE OR REPLACE FUNCTION postback.held_by(endpoint_id bigint) RETURNS text
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT CASE
@@ -469,7 +473,8 @@ latency AS (
      WHERE a.started_at > now() - interval '24 hours' AND a.status_code IS NOT NULL
      GROUP BY d.endpoint_id),
 backlog AS (
-    SELECT d.endpoint_id, count(*) AS pending, min(d.created_at) AS oldest_pending_at
+    SELECT d.endpoint_id, count(*) AS pending, min(d.created_at) AS oldest_pending_at,
+           count(*) FILTER (WHERE d.state = 'in_flight') AS in_flight
       FROM postback.deliveries d
      WHERE d.state IN ('pending', 'in_flight')
      GROUP BY d.endpoint_id)
@@ -486,7 +491,8 @@ SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NUL
        CASE WHEN coalesce(s.consecutive_failures, 0) > 0 THEN s.last_error END AS last_error,
        coalesce(s.breaker, 'closed') AS breaker, s.breaker_since, s.breaker_reason,
        coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age,
-       postback.held_by(e.id) AS held_by
+       postback.held_by(e.id) AS held_by,
+       coalesce(b.in_flight, 0) AS in_flight, s.slow_since
   FROM postback.endpoints e
   LEFT JOIN recent r ON r.endpoint_id = e.id
   LEFT JOIN latency l ON l.endpoint_id = e.id
@@ -635,19 +641,34 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION postback.worker_status(
-    OUT running       boolean,
-    OUT pid           integer,
-    OUT started_at    timestamptz,
-    OUT database      name,
-    OUT last_wake     timestamptz,
-    OUT sent          bigint,
-    OUT succeeded     bigint,
-    OUT failed        bigint,
-    OUT in_flight     integer,
-    OUT last_error    text,
-    OUT last_error_at timestamptz,
-    OUT hint          text)
+-- worker_stats and worker_status say how much of the sending capacity slow
+-- endpoints hold (new columns at the end). Their grants come back below with
+-- grant_operator/grant_analyst for the roles that have them.
+DROP FUNCTION postback.worker_status();
+DROP FUNCTION postback.worker_stats();
+CREATE FUNCTION postback."worker_stats"() RETURNS TABLE (
+	"pid" INT, "started_at" timestamp with time zone, "last_wake" timestamp with time zone,
+	"sent" bigint, "succeeded" bigint, "failed" bigint, "in_flight" INT, "last_error" TEXT,
+	"last_error_at" timestamp with time zone, "concurrency" INT, "slow_endpoints" INT, "in_flight_slow" INT
+)
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'worker_stats_wrapper';
+REVOKE EXECUTE ON FUNCTION postback.worker_stats() FROM PUBLIC;
+CREATE FUNCTION postback.worker_status(
+    OUT running        boolean,
+    OUT pid            integer,
+    OUT started_at     timestamptz,
+    OUT database       name,
+    OUT last_wake      timestamptz,
+    OUT sent           bigint,
+    OUT succeeded      bigint,
+    OUT failed         bigint,
+    OUT in_flight      integer,
+    OUT last_error     text,
+    OUT last_error_at  timestamptz,
+    OUT hint           text,
+    OUT concurrency    integer,
+    OUT slow_endpoints integer,
+    OUT in_flight_slow integer)
 RETURNS record
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -675,12 +696,14 @@ AS $$
                ELSE 'the worker is not running; the postmaster restarts it within seconds after a '
                     'crash. Check the server log (postback.database_name = '
                     || quote_literal(served.name) || ').'
-           END
+           END,
+           s.concurrency, coalesce(s.slow_endpoints, 0), coalesce(s.in_flight_slow, 0)
       FROM (SELECT current_setting('postback.database_name', true) AS name) AS served
       LEFT JOIN pg_catalog.pg_stat_activity a ON a.backend_type = 'pg_postback worker'
       LEFT JOIN postback.worker_stats() s ON true
      LIMIT 1
 $$;
+REVOKE EXECUTE ON FUNCTION postback.worker_status() FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- delivery_rollup: finished deliveries counted by the hour (UTC), kept after
@@ -1021,7 +1044,12 @@ COMMENT ON FUNCTION postback.explain(text) IS 'postback.explain for the conversi
 COMMENT ON FUNCTION postback.explain_routing(bigint) IS 'Internal: for every endpoint, the first of its filters that leaves the conversion out (what it wants, what the conversion has), or NULL when all match.';
 COMMENT ON FUNCTION postback.curl_command(text, text, jsonb, text, bigint) IS 'A curl command line for a request (method, URL, headers, body, timeout in ms), every argument single-quoted for the shell.';
 COMMENT ON FUNCTION postback.curl(bigint) IS 'A delivery''s request as a curl command line to run by hand: method, URL, headers with a fresh signature, body, the endpoint''s timeout. The endpoint''s own header values are shown to the extension owner only ([redacted] for operators). Owner and operators; never logged.';
-COMMENT ON FUNCTION postback.worker_status() IS 'Whether a delivery worker serves this database (running), its pid, database, counters and last error (also: waiting for ALTER EXTENSION … UPDATE), and a hint when none does: not preloaded, postback.database_name naming no database or another one, or not running.';
+COMMENT ON FUNCTION postback.worker_status() IS 'Whether a delivery worker serves this database (running), its pid, database, counters and last error (also: waiting for ALTER EXTENSION … UPDATE), and a hint when none does: not preloaded, postback.database_name naming no database or another one, or not running; concurrency, and how many endpoints are slow and how many requests they hold (at most half of concurrency).';
+COMMENT ON COLUMN postback.endpoint_state.slow_since IS 'Since when the worker counts this endpoint slow (a request out for a second or more, or answers lately that slow): slow endpoints together hold at most half of postback.concurrency. NULL while it is not.';
+COMMENT ON COLUMN postback.endpoint_health.in_flight IS 'Deliveries on the wire now (claimed by the worker).';
+COMMENT ON COLUMN postback.endpoint_health.slow_since IS 'Since when the worker counts it slow (a request out for a second or more, or answers lately that slow); slow endpoints together hold at most half of postback.concurrency, so they never take the capacity other endpoints need. NULL while it is not.';
+COMMENT ON FUNCTION postback.worker_stats() IS 'The worker''s figures from shared memory: pid, start, last wake, requests sent, in flight, last error; concurrency (most requests open at once), slow endpoints and their requests in flight.';
+
 COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period; deliveries count in the hour they finished, windows start on the hour), in total and per event, per endpoint and per partner (breakdown): success rate, dead deliveries, commit-to-success latency (from delivery_rollup, so they survive the purge); dedup, reversal and match rates on the total rows.';
 COMMENT ON COLUMN postback.metrics.event IS 'Conversion event of a per-event row; NULL in the others.';
 COMMENT ON COLUMN postback.metrics.endpoint IS 'Endpoint of a per-endpoint row; NULL in the others.';

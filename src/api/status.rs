@@ -27,6 +27,9 @@ fn worker_stats() -> TableIterator<
         name!(in_flight, i32),
         name!(last_error, Option<String>),
         name!(last_error_at, Option<TimestampWithTimeZone>),
+        name!(concurrency, i32),
+        name!(slow_endpoints, i32),
+        name!(in_flight_slow, i32),
     ),
 > {
     if !crate::worker::shared::available() {
@@ -43,5 +46,8 @@ fn worker_stats() -> TableIterator<
         s.in_flight,
         s.last_error(),
         timestamp(s.last_error_at),
+        s.concurrency,
+        s.slow_endpoints,
+        s.in_flight_slow,
     ))
 }

@@ -4,11 +4,14 @@
 //! `rate_limit` requests per second (a token bucket), and a circuit breaker
 //! that stops sending to an endpoint that fails continuously and lets one
 //! probe through after a cool-down. Across endpoints: round robin, so a
-//! backlog for one endpoint never starves another's due deliveries.
+//! backlog for one endpoint never starves another's due deliveries; and slow
+//! endpoints (a request out for longer than `SLOW_AFTER_US`, or answers that
+//! lately took that long) together hold at most `SLOW_SHARE` of the sending
+//! capacity, so partners that are slow at once never take all of it.
 //!
 //! Times are microseconds on any monotonic or wall clock the caller chooses.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 /// Deliveries a healthy endpoint may hold waiting beyond what it has in flight.
 pub const QUEUE_EXTRA: u32 = 64;
@@ -16,6 +19,17 @@ pub const QUEUE_EXTRA: u32 = 64;
 pub const QUEUE_FACTOR: u32 = 16;
 /// Most deliveries held for one endpoint.
 pub const MAX_HELD: u32 = 1024;
+
+/// An endpoint is slow while one of its requests has been out this long, or
+/// while its answers lately took this long (a moving average).
+pub const SLOW_AFTER_US: i64 = 1_000_000;
+/// The part of the sending capacity that slow endpoints may hold together
+/// (the rest stays for the others).
+pub const SLOW_SHARE: f64 = 0.5;
+/// How often which endpoints are slow is worked out again.
+const SLOW_TICK_US: i64 = 10_000;
+/// Weight of the newest answer in the moving average of answer times.
+const LATENCY_WEIGHT: f64 = 0.25;
 
 /// How many deliveries a healthy endpoint may hold (in flight and waiting).
 /// The claim asks SQL for the same figure with these constants as parameters.
@@ -99,6 +113,12 @@ struct Breaker {
 struct Slot<T> {
     limits: Limits,
     in_flight: u32,
+    /// when each request in flight started (a multiset: start → how many)
+    started: BTreeMap<i64, u32>,
+    /// moving average of how long answers took, µs (None before the first)
+    latency_us: Option<f64>,
+    /// counted among the slow endpoints (worked out every SLOW_TICK_US)
+    slow: bool,
     queue: VecDeque<T>,
     tokens: f64,
     refilled_us: i64,
@@ -122,8 +142,8 @@ impl<T> Slot<T> {
     fn capacity(&self, now_us: i64) -> u32 {
         let allowed = self.allowed(now_us);
         match self.breaker.state {
-            // while the last attempts failed, hold no more than can go out
-            BreakerState::Closed if self.breaker.failures > 0 => allowed,
+            // while the last attempts failed, or it is slow, hold no more than can go out
+            BreakerState::Closed if self.breaker.failures > 0 || self.slow => allowed,
             BreakerState::Closed => healthy_capacity(allowed),
             _ => allowed,
         }
@@ -142,6 +162,56 @@ impl<T> Slot<T> {
     fn has_token(&self) -> bool {
         self.limits.rate_per_sec.is_none() || self.tokens >= 1.0
     }
+
+    /// A request out for SLOW_AFTER_US, or answers lately that slow.
+    fn is_slow(&self, now_us: i64) -> bool {
+        let oldest_out = self.started.keys().next().is_some_and(|&t| now_us - t >= SLOW_AFTER_US);
+        oldest_out || self.latency_us.is_some_and(|l| l >= SLOW_AFTER_US as f64)
+    }
+
+    fn request_started(&mut self, now_us: i64) {
+        self.in_flight += 1;
+        *self.started.entry(now_us).or_insert(0) += 1;
+    }
+
+    /// Forgets a request that finished (the oldest, when its start is not known here).
+    fn request_finished(&mut self, started_us: i64, now_us: i64) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let key =
+            if self.started.contains_key(&started_us) { Some(started_us) } else { self.started.keys().next().copied() };
+        if let Some(key) = key {
+            match self.started.get_mut(&key) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    self.started.remove(&key);
+                }
+            }
+        }
+        let took = (now_us - started_us).max(0) as f64;
+        self.latency_us = Some(match self.latency_us {
+            None => took,
+            Some(avg) => avg + LATENCY_WEIGHT * (took - avg),
+        });
+    }
+}
+
+/// How much of the sending capacity slow endpoints hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlowShare {
+    /// endpoints slow now
+    pub endpoints: u32,
+    /// their requests in flight
+    pub in_flight: u32,
+    /// most requests they may have in flight together
+    pub cap: u32,
+}
+
+/// An endpoint that became slow, or fast again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowChange {
+    pub endpoint_id: i64,
+    pub slow: bool,
+    pub at_us: i64,
 }
 
 /// The worker's view of every endpoint it has claimed deliveries for.
@@ -152,11 +222,72 @@ pub struct Scheduler<T> {
     ring: VecDeque<i64>,
     /// open → half-open changes made by `next_ready`, for the caller to record
     probes: Vec<Transition>,
+    /// the sending capacity (most requests in flight, all endpoints)
+    capacity: u32,
+    /// requests in flight of endpoints counted slow
+    slow_in_flight: u32,
+    slow_endpoints: u32,
+    slow_ticked_us: i64,
+    /// endpoints that became slow or fast again, for the caller to record
+    slow_changes: Vec<SlowChange>,
 }
 
 impl<T> Scheduler<T> {
     pub fn new(settings: BreakerSettings) -> Scheduler<T> {
-        Scheduler { settings, slots: HashMap::new(), ring: VecDeque::new(), probes: Vec::new() }
+        Scheduler {
+            settings,
+            slots: HashMap::new(),
+            ring: VecDeque::new(),
+            probes: Vec::new(),
+            capacity: u32::MAX,
+            slow_in_flight: 0,
+            slow_endpoints: 0,
+            slow_ticked_us: i64::MIN,
+            slow_changes: Vec::new(),
+        }
+    }
+
+    /// The sending capacity: most requests in flight, all endpoints together.
+    pub fn set_capacity(&mut self, capacity: u32) {
+        self.capacity = capacity.max(1);
+    }
+
+    /// Most requests slow endpoints may have in flight together.
+    fn slow_cap(&self) -> u32 {
+        ((self.capacity as f64 * SLOW_SHARE) as u32).max(1)
+    }
+
+    /// Works out again which endpoints are slow (at most every SLOW_TICK_US).
+    fn tick(&mut self, now_us: i64) {
+        if now_us.saturating_sub(self.slow_ticked_us) < SLOW_TICK_US {
+            return;
+        }
+        self.slow_ticked_us = now_us;
+        let (mut endpoints, mut in_flight) = (0, 0);
+        for (&id, slot) in self.slots.iter_mut() {
+            let slow = slot.is_slow(now_us);
+            if slow != slot.slow {
+                slot.slow = slow;
+                self.slow_changes.push(SlowChange { endpoint_id: id, slow, at_us: now_us });
+            }
+            if slow {
+                endpoints += 1;
+                in_flight += slot.in_flight;
+            }
+        }
+        self.slow_endpoints = endpoints;
+        self.slow_in_flight = in_flight;
+    }
+
+    /// How much of the sending capacity slow endpoints hold now.
+    pub fn slow_share(&mut self, now_us: i64) -> SlowShare {
+        self.tick(now_us);
+        SlowShare { endpoints: self.slow_endpoints, in_flight: self.slow_in_flight, cap: self.slow_cap() }
+    }
+
+    /// Endpoints that became slow or fast again since the last call.
+    pub fn take_slow_changes(&mut self) -> Vec<SlowChange> {
+        std::mem::take(&mut self.slow_changes)
     }
 
     pub fn set_settings(&mut self, settings: BreakerSettings) {
@@ -170,6 +301,9 @@ impl<T> Scheduler<T> {
         self.slots.entry(endpoint_id).or_insert_with(|| Slot {
             limits: Limits { max_in_flight: 1, rate_per_sec: None },
             in_flight: 0,
+            started: BTreeMap::new(),
+            latency_us: None,
+            slow: false,
             queue: VecDeque::new(),
             tokens: 1.0,
             refilled_us: now_us,
@@ -243,13 +377,16 @@ impl<T> Scheduler<T> {
     }
 
     /// The next delivery to send, round robin over endpoints that have room,
-    /// a rate token and a breaker that lets it through.
+    /// a rate token and a breaker that lets it through (a slow endpoint also
+    /// needs room in the slow endpoints' share).
     pub fn next_ready(&mut self, now_us: i64) -> Option<(i64, T)> {
+        self.tick(now_us);
+        let slow_full = self.slow_in_flight >= self.slow_cap();
         for _ in 0..self.ring.len() {
             let id = self.ring.pop_front()?;
             self.ring.push_back(id);
             let Some(slot) = self.slots.get_mut(&id) else { continue };
-            if slot.queue.is_empty() || slot.in_flight >= slot.allowed(now_us) {
+            if slot.queue.is_empty() || slot.in_flight >= slot.allowed(now_us) || (slot.slow && slow_full) {
                 continue;
             }
             slot.refill(now_us);
@@ -271,7 +408,10 @@ impl<T> Scheduler<T> {
                     reason: "cool-down over; one probe request".into(),
                 });
             }
-            slot.in_flight += 1;
+            slot.request_started(now_us);
+            if slot.slow {
+                self.slow_in_flight += 1;
+            }
             let item = slot.queue.pop_front()?;
             return Some((id, item));
         }
@@ -283,11 +423,23 @@ impl<T> Scheduler<T> {
         std::mem::take(&mut self.probes)
     }
 
-    /// Records that a request finished; returns the breaker's transition, if any.
-    pub fn finished(&mut self, endpoint_id: i64, health: Health, now_us: i64, error: &str) -> Option<Transition> {
+    /// Records that a request (started at `started_us`, as `next_ready` was
+    /// told) finished; returns the breaker's transition, if any.
+    pub fn finished(
+        &mut self,
+        endpoint_id: i64,
+        started_us: i64,
+        health: Health,
+        now_us: i64,
+        error: &str,
+    ) -> Option<Transition> {
         let settings = self.settings;
         let slot = self.slot(endpoint_id, now_us);
-        slot.in_flight = slot.in_flight.saturating_sub(1);
+        slot.request_finished(started_us, now_us);
+        if slot.slow {
+            self.slow_in_flight = self.slow_in_flight.saturating_sub(1);
+        }
+        let slot = self.slot(endpoint_id, now_us);
         let b = &mut slot.breaker;
         let from = b.state;
         match health {
@@ -360,8 +512,18 @@ impl<T> Scheduler<T> {
     }
 
     /// Deliveries waiting here, all endpoints.
+    #[cfg(test)]
     pub fn queued(&self) -> usize {
         self.slots.values().map(|s| s.queue.len()).sum()
+    }
+
+    /// Deliveries waiting here that could go on the wire now or as soon as
+    /// a request of their own endpoint finishes: those of slow endpoints
+    /// while the slow share is full, and of open breakers, are left out (they
+    /// must not stop the claim of other endpoints' deliveries).
+    pub fn sendable(&self, now_us: i64) -> usize {
+        let slow_full = self.slow_in_flight >= self.slow_cap();
+        self.slots.values().filter(|s| s.allowed(now_us) > 0 && !(s.slow && slow_full)).map(|s| s.queue.len()).sum()
     }
 
     /// When a waiting delivery may next become ready (a rate token or the end
@@ -437,7 +599,7 @@ mod tests {
         assert!(s.next_ready(0).is_some() && s.next_ready(0).is_some());
         assert_eq!(s.next_ready(0), None, "never more than max_in_flight on the wire");
         assert_eq!(s.in_flight(1), 2);
-        s.finished(1, Health::Success, 1, "");
+        s.finished(1, 0, Health::Success, 1, "");
         assert_eq!(s.blocked(1), Vec::<i64>::new());
         assert_eq!(s.rooms(1), vec![(1, 1)]);
         assert_eq!(s.offer(1, 3, 1), Ok(()));
@@ -468,7 +630,7 @@ mod tests {
         while t <= 3 * S {
             while s.next_ready(t).is_some() {
                 sent += 1;
-                s.finished(1, Health::Success, t, "");
+                s.finished(1, t, Health::Success, t, "");
             }
             t += S / 100;
         }
@@ -486,9 +648,9 @@ mod tests {
         for _ in 0..3 {
             s.next_ready(0).unwrap();
         }
-        assert_eq!(s.finished(1, Health::Failure, 1, "HTTP 503"), None);
-        assert_eq!(s.finished(1, Health::Failure, 2, "HTTP 503"), None);
-        let t = s.finished(1, Health::Failure, 3, "timeout").unwrap();
+        assert_eq!(s.finished(1, 0, Health::Failure, 1, "HTTP 503"), None);
+        assert_eq!(s.finished(1, 0, Health::Failure, 2, "HTTP 503"), None);
+        let t = s.finished(1, 0, Health::Failure, 3, "timeout").unwrap();
         assert_eq!((t.from, t.to), (BreakerState::Closed, BreakerState::Open));
         assert!(t.reason.contains("3 consecutive failures; last: timeout"), "{}", t.reason);
         // open: nothing is sent, and the waiting deliveries go back unspent
@@ -507,14 +669,14 @@ mod tests {
         let probes = s.take_probes();
         assert_eq!((probes.len(), probes[0].to), (1, BreakerState::HalfOpen));
         // a failed probe re-opens with a doubled cool-down
-        let t = s.finished(1, Health::Failure, later + 1, "refused").unwrap();
+        let t = s.finished(1, 0, Health::Failure, later + 1, "refused").unwrap();
         assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Open));
         assert_eq!(s.next_wakeup(later + 2), Some(later + 1 + 20 * S));
         // a successful probe closes it
         let again = later + 1 + 20 * S;
         s.offer(1, 102, again).unwrap();
         s.next_ready(again).unwrap();
-        let t = s.finished(1, Health::Success, again + 1, "").unwrap();
+        let t = s.finished(1, 0, Health::Success, again + 1, "").unwrap();
         assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Closed));
         assert_eq!(s.blocked(again + 2), Vec::<i64>::new());
     }
@@ -525,20 +687,20 @@ mod tests {
         for _ in 0..10 {
             s.offer(1, 0, 0).unwrap();
             s.next_ready(0).unwrap();
-            assert_eq!(s.finished(1, Health::Neutral, 0, "HTTP 404"), None);
+            assert_eq!(s.finished(1, 0, Health::Neutral, 0, "HTTP 404"), None);
         }
         for _ in 0..2 {
             s.offer(1, 0, 0).unwrap();
             s.next_ready(0).unwrap();
-            s.finished(1, Health::Failure, 0, "x");
+            s.finished(1, 0, Health::Failure, 0, "x");
         }
         s.offer(1, 0, 0).unwrap();
         s.next_ready(0).unwrap();
-        s.finished(1, Health::Success, 0, "");
+        s.finished(1, 0, Health::Success, 0, "");
         for _ in 0..2 {
             s.offer(1, 0, 0).unwrap();
             s.next_ready(0).unwrap();
-            assert_eq!(s.finished(1, Health::Failure, 0, "x"), None, "the success reset the count");
+            assert_eq!(s.finished(1, 0, Health::Failure, 0, "x"), None, "the success reset the count");
         }
     }
 
@@ -549,5 +711,92 @@ mod tests {
         assert_eq!(s.blocked(1), vec![1]);
         assert_eq!(s.offer(1, 7, 10 * S), Ok(()));
         assert_eq!(s.next_ready(10 * S), Some((1, 7)));
+    }
+
+    #[test]
+    fn slow_endpoints_together_hold_at_most_half_the_capacity() {
+        // ten slow partners with max_in_flight 8 (80 > 64) beside a fast one
+        let mut s = sched(&(1..=11).map(|id| (id, 8, None)).collect::<Vec<_>>());
+        s.set_capacity(64);
+        for id in 1..=11 {
+            for i in 0..8 {
+                s.offer(id, i, 0).unwrap();
+            }
+        }
+        // at first nobody is known to be slow: everything may go out
+        let mut out = 0;
+        while let Some((id, _)) = s.next_ready(0) {
+            if id != 11 {
+                out += 1;
+            }
+        }
+        assert_eq!(out, 80);
+        // the fast one answers at once; the others keep their requests out
+        for _ in 0..8 {
+            s.finished(11, 0, Health::Success, 1_000, "");
+        }
+        let t = 2 * S;
+        let share = s.slow_share(t);
+        assert_eq!(share, SlowShare { endpoints: 10, in_flight: 80, cap: 32 });
+        let changes = s.take_slow_changes();
+        assert_eq!(changes.len(), 10);
+        assert!(changes.iter().all(|c| c.slow && c.endpoint_id != 11 && c.at_us == t));
+        // the slow ones finish one round (5 s answers) and are offered more:
+        // they hold no more than they may send, and only 32 go out
+        for id in 1..=10 {
+            for _ in 0..8 {
+                s.finished(id, 0, Health::Success, 5 * S, "");
+            }
+        }
+        let t = 5 * S + SLOW_TICK_US;
+        for id in 1..=10 {
+            for i in 0..8 {
+                s.offer(id, i, t).unwrap();
+            }
+            assert_eq!(s.offer(id, 99, t), Err(99), "a slow endpoint holds only what it may send");
+        }
+        for i in 0..8 {
+            s.offer(11, 100 + i, t).unwrap();
+        }
+        let mut slow_out = 0;
+        let mut fast_out = 0;
+        while let Some((id, _)) = s.next_ready(t) {
+            if id == 11 {
+                fast_out += 1;
+            } else {
+                slow_out += 1;
+            }
+        }
+        assert_eq!((slow_out, fast_out), (32, 8), "the fast partner gets its max_in_flight");
+        assert_eq!(s.slow_share(t).in_flight, 32);
+        // what the slow ones still hold does not count as work at hand
+        assert_eq!(s.queued(), 80 - 32);
+        assert_eq!(s.sendable(t), 0);
+    }
+
+    #[test]
+    fn an_endpoint_is_slow_while_a_request_is_out_long_and_fast_again_after_quick_answers() {
+        let mut s = sched(&[(1, 4, None)]);
+        s.set_capacity(8);
+        s.offer(1, 0, 0).unwrap();
+        s.next_ready(0).unwrap();
+        assert_eq!(s.slow_share(S / 2).endpoints, 0, "half a second out is not slow yet");
+        assert_eq!(s.slow_share(S).endpoints, 1);
+        s.finished(1, 0, Health::Success, 3 * S, "");
+        // nothing out, but its answers lately took 3 s
+        assert_eq!(s.slow_share(3 * S + SLOW_TICK_US).endpoints, 1);
+        let mut t = 3 * S + SLOW_TICK_US;
+        let mut quick = 0;
+        while s.slow_share(t).endpoints == 1 {
+            s.offer(1, 0, t).unwrap();
+            s.next_ready(t).unwrap();
+            s.finished(1, t, Health::Success, t + 1_000, "");
+            t += SLOW_TICK_US;
+            quick += 1;
+            assert!(quick < 20);
+        }
+        assert!((4..=8).contains(&quick), "{quick} quick answers");
+        let changes = s.take_slow_changes();
+        assert_eq!(changes.iter().map(|c| c.slow).collect::<Vec<_>>(), vec![true, false]);
     }
 }

@@ -29,7 +29,8 @@ impl Worker {
     /// hands them to the scheduler (what has no room goes back unspent).
     pub(super) fn claim(&mut self) {
         // keep about one batch at hand; each endpoint's room bounds its share
-        let queued = self.scheduler.queued();
+        // (what slow endpoints hold beyond the slow share is not at hand)
+        let queued = self.scheduler.sendable(now_us());
         let batch = gucs::BATCH_SIZE.get().max(1) as usize;
         if queued >= batch / 2 {
             return;

@@ -1,5 +1,5 @@
 //! Putting claimed deliveries on the wire: what the scheduler lets through
-//! goes to a sending thread with everything it needs (request building,
+//! goes to the sending thread with everything it needs (request building,
 //! signing and the body check happen there, off the main loop).
 
 use super::*;
@@ -12,14 +12,19 @@ impl Worker {
             let Some((_, (mut c, config, judging))) = self.scheduler.next_ready(now) else { break };
             let payload = Payload::take(&mut c);
             let pattern = judging.pattern.clone();
-            let work: Work = Box::new(move |client: &Client| send_one(client, &payload, &config, pattern.as_deref()));
+            let work: Work = Box::new(move |client: Arc<Client>| {
+                Box::pin(async move { send_one(&client, &payload, &config, pattern.as_deref()).await })
+            });
             let key = self.next_key;
             self.next_key += 1;
-            self.in_flight.insert(key, InFlight { claimed: c, judging });
+            self.in_flight.insert(key, InFlight { claimed: c, judging, started_us: now });
             self.pool.submit(key, work);
         }
         self.transitions.extend(self.scheduler.take_probes());
-        if (!self.records.is_empty() || !self.transitions.is_empty()) && self.first_finished.is_none() {
+        self.slow_changes.extend(self.scheduler.take_slow_changes());
+        if (!self.records.is_empty() || !self.transitions.is_empty() || !self.slow_changes.is_empty())
+            && self.first_finished.is_none()
+        {
             // probes and the dead-at-once (could not be built) are written within RECORD_WITHIN
             self.first_finished = Some(Instant::now());
         }
@@ -47,9 +52,9 @@ impl Payload {
     }
 }
 
-/// On a sending thread: build the request, send it, check the body. A request
+/// On the sending thread: build the request, send it, check the body. A request
 /// that cannot be built is a permanent failure (dead with the reason).
-fn send_one(client: &Client, p: &Payload, endpoint: &EndpointConfig, pattern: Option<&str>) -> Done {
+async fn send_one(client: &Client, p: &Payload, endpoint: &EndpointConfig, pattern: Option<&str>) -> Done {
     let job = match build_job(p, endpoint, crate::rules::text::unix_micros_now() / 1_000_000) {
         Ok(job) => job,
         Err(e) => {
@@ -63,7 +68,7 @@ fn send_one(client: &Client, p: &Payload, endpoint: &EndpointConfig, pattern: Op
             };
         }
     };
-    let sent = client.send(&job);
+    let sent = client.send(&job).await;
     let body_check = match (&sent.result, pattern) {
         (AttemptResult::Response { body, .. }, Some(p)) => Some(retry::BodyCheck::of(p, body)),
         _ => None,

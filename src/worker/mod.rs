@@ -20,7 +20,7 @@ use crate::gucs;
 use crate::http::{self, Client, Job};
 use crate::rules::outgoing::{self, Signing};
 use crate::rules::retry::{self, AttemptResult, Decision, Jitter, Limits, Outcome};
-use crate::rules::scheduler::{BreakerSettings, BreakerState, Scheduler, Transition};
+use crate::rules::scheduler::{BreakerSettings, BreakerState, Scheduler, SlowChange, Transition};
 
 mod claim;
 mod dispatch;
@@ -199,6 +199,8 @@ fn note_error(message: &str) {
 struct InFlight {
     claimed: Claimed,
     judging: Judging,
+    /// when the scheduler let it out (its clock: now_us)
+    started_us: i64,
 }
 
 /// The worker's state between passes of its loop.
@@ -214,6 +216,8 @@ struct Worker {
     first_finished: Option<Instant>,
     records: Vec<Record>,
     transitions: Vec<Transition>,
+    /// endpoints that became slow or fast again, to record
+    slow_changes: Vec<SlowChange>,
     jitter: Jitter,
     /// more deliveries may be due: claim again when there is room
     maybe_due: bool,
@@ -241,23 +245,28 @@ fn breaker_settings() -> BreakerSettings {
 fn build_pool() -> Pool {
     let concurrency = gucs::CONCURRENCY.get().max(1) as usize;
     let max_body = gucs::MAX_RESPONSE_BYTES.get().max(0) as usize;
-    let client = Arc::new(Client::new(gucs::allowed_targets(), max_body, concurrency));
+    // keep-alive connections per host: what one busy endpoint may use
+    let client = Arc::new(Client::new(gucs::allowed_targets(), max_body, concurrency.min(256)));
     Pool::new(concurrency, client)
 }
 
 impl Worker {
     fn new() -> Worker {
+        let pool = build_pool();
+        let mut scheduler = Scheduler::new(breaker_settings());
+        scheduler.set_capacity(pool.size() as u32);
         Worker {
             endpoints: HashMap::new(),
-            pool: build_pool(),
+            pool,
             rebuild_pool: false,
-            scheduler: Scheduler::new(breaker_settings()),
+            scheduler,
             in_flight: HashMap::new(),
             next_key: 0,
             finished: Vec::new(),
             first_finished: None,
             records: Vec::new(),
             transitions: Vec::new(),
+            slow_changes: Vec::new(),
             jitter: Jitter::new(
                 crate::rules::text::unix_micros_now() as u64 ^ ((unsafe { pg_sys::MyProcPid } as u64) << 32),
             ),
@@ -275,6 +284,9 @@ impl Worker {
             Ok(n) if n > 0 => log!("pg_postback worker: retrying {n} deliveries interrupted by a restart"),
             Ok(_) => {}
             Err(e) => note_error(&e),
+        }
+        if let Err(e) = txn::run("forgetting slow endpoints", queue::forget_slow) {
+            note_error(&e);
         }
         match txn::run("reading breakers", queue::open_breakers) {
             Ok(open) => {
@@ -324,6 +336,7 @@ impl Worker {
         }
         if self.rebuild_pool && self.in_flight.is_empty() {
             self.pool = build_pool();
+            self.scheduler.set_capacity(self.pool.size() as u32);
             self.rebuild_pool = false;
         }
         // 2. claim while there is room and work may be due
@@ -333,7 +346,14 @@ impl Worker {
         }
         // 3. send what the per-endpoint limits allow
         self.send();
-        shared::SHARED.exclusive().in_flight = self.in_flight.len() as i32;
+        let share = self.scheduler.slow_share(now_us());
+        {
+            let mut s = shared::SHARED.exclusive();
+            s.in_flight = self.in_flight.len() as i32;
+            s.concurrency = self.pool.size() as i32;
+            s.slow_endpoints = share.endpoints as i32;
+            s.in_flight_slow = share.in_flight as i32;
+        }
         // 4. wait for a result, a commit, a due retry or the poll interval
         let now = now_us();
         let mut wait = poll;
@@ -350,7 +370,7 @@ impl Worker {
                 self.maybe_due = true;
             }
             self.collect(wait.min(RECORD_WITHIN));
-        } else if self.maybe_due && self.slots_free() > self.scheduler.queued() {
+        } else if self.maybe_due && self.slots_free() > self.scheduler.sendable(now) {
             // the last claim was full: go on at once
         } else {
             // a commit sets the latch; the poll interval is only the fallback

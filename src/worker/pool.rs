@@ -1,108 +1,121 @@
-//! Sending threads. Threads only do HTTP; every Postgres call stays on the
-//! worker's main thread. Each job's result comes back on its own as soon as
-//! its request finishes (no batch barrier), tagged with the job's key.
+//! The sending thread: one thread running a tokio event loop, on which every
+//! request is a task. Every Postgres call stays on the worker's main thread.
+//! Each job's result comes back on its own as soon as its request finishes
+//! (no batch barrier), tagged with the job's key.
 //!
-//! Why threads and not an event loop: a waiting request costs a parked thread
-//! with a small stack (256 KiB reserved, a few pages touched), and the number
-//! of slots is a setting (`postback.concurrency`, default 64); with the
-//! per-endpoint `max_in_flight` cap a hanging partner holds at most that many.
-//! The blocking client (ureq) keeps the code simple and measured well enough
-//! (worker private memory 16-27 MiB in `make bench`); an async client would add a runtime to the worker.
+//! Why an event loop and not a thread per request: a request waiting on a
+//! slow partner costs a socket and a small task (a few KiB), so thousands may
+//! be open at once (`postback.concurrency`, default 1024) within a few MiB;
+//! with threads, partners that were slow together took the whole pool. The
+//! per-delivery work (building and signing the request, the body check) runs
+//! in the task; a panic in it fails that delivery alone.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::http::{Client, Sent};
 use crate::rules::retry::{AttemptResult, BodyCheck};
 
-/// One delivery's work on a sending thread: build the request (sign, fill the
+/// One delivery's work on the sending thread: build the request (sign, fill the
 /// digests), send it, check the body against its success pattern. Everything
-/// whose cost grows with a value's size happens here, off the main thread.
-pub type Work = Box<dyn FnOnce(&Client) -> Done + Send>;
+/// whose cost grows with a value's size happens there, off the main thread.
+pub type Work = Box<dyn FnOnce(Arc<Client>) -> Pin<Box<dyn Future<Output = Done> + Send>> + Send>;
 
-/// What a sending thread hands back.
+/// What the sending thread hands back.
 pub struct Done {
     pub sent: Sent,
     /// the success_body_pattern's verdict on the body, when there is a pattern and a response
     pub body_check: Option<BodyCheck>,
 }
 
-/// Runs one delivery's work; a panic becomes a transient failure of that
-/// delivery (recorded and retried), and the thread lives on to take the next.
-pub fn run_guarded(work: Work, client: &Client) -> Done {
-    let started_unix_micros = crate::rules::text::unix_micros_now();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(client))) {
-        Ok(done) => done,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Done {
-                sent: Sent {
-                    started_unix_micros,
-                    duration_ms: 0.0,
-                    result: AttemptResult::Transient(format!(
-                        "the sending thread failed while sending ({}); retried",
-                        crate::rules::text::truncate_utf8(&what, 200)
-                    )),
-                },
-                body_check: None,
-            }
-        }
+/// A panic while sending, as that delivery's transient failure (recorded and retried).
+fn panicked(what: &str, started_unix_micros: i64) -> Done {
+    Done {
+        sent: Sent {
+            started_unix_micros,
+            duration_ms: 0.0,
+            result: AttemptResult::Transient(format!(
+                "the sending thread failed while sending ({}); retried",
+                crate::rules::text::truncate_utf8(what, 200)
+            )),
+        },
+        body_check: None,
     }
 }
 
-/// Stack reserved per sending thread; ureq and rustls need far less.
-const STACK_BYTES: usize = 256 * 1024;
+/// Most threads the event loop may start for blocking host-name lookups.
+const LOOKUP_THREADS: usize = 4;
 
 pub struct Pool {
-    jobs: Option<Sender<(u64, Work)>>,
+    jobs: Option<tokio::sync::mpsc::UnboundedSender<(u64, Work)>>,
     results: Receiver<(u64, Done)>,
     cancel: Arc<AtomicBool>,
     size: usize,
 }
 
 impl Pool {
+    /// `size`: most requests open at once.
     pub fn new(size: usize, client: Arc<Client>) -> Pool {
-        let (job_tx, job_rx) = mpsc::channel::<(u64, Work)>();
+        raise_open_files_limit(size);
+        let (job_tx, mut job_rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Work)>();
         let (result_tx, results) = mpsc::channel();
-        let job_rx = Arc::new(Mutex::new(job_rx));
         let cancel = Arc::new(AtomicBool::new(false));
-        for n in 0..size {
-            let job_rx = Arc::clone(&job_rx);
-            let result_tx = result_tx.clone();
-            let client = Arc::clone(&client);
-            let cancel = Arc::clone(&cancel);
-            std::thread::Builder::new()
-                .name(format!("pg_postback-send-{n}"))
-                .stack_size(STACK_BYTES)
-                .spawn(move || loop {
-                    let next = job_rx.lock().map(|rx| rx.recv());
-                    let Ok(Ok((key, work))) = next else { return };
-                    if cancel.load(Ordering::Relaxed) {
-                        continue; // abandoned: the lease brings it back later
+        let cancelled = Arc::clone(&cancel);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(LOOKUP_THREADS)
+            .build()
+            .expect("building the sending thread's event loop");
+        std::thread::Builder::new()
+            .name("pg_postback-send".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    while let Some((key, work)) = job_rx.recv().await {
+                        if cancelled.load(Ordering::Relaxed) {
+                            continue; // abandoned: the lease brings it back later
+                        }
+                        let result_tx = result_tx.clone();
+                        let client = Arc::clone(&client);
+                        tokio::spawn(async move {
+                            let started = crate::rules::text::unix_micros_now();
+                            // its own task: a panic ends that task alone and is seen here
+                            let done = match tokio::spawn(async move { work(client).await }).await {
+                                Ok(done) => done,
+                                Err(e) if e.is_panic() => {
+                                    let panic = e.into_panic();
+                                    let what = panic
+                                        .downcast_ref::<&str>()
+                                        .map(|s| s.to_string())
+                                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                                        .unwrap_or_else(|| "unknown panic".into());
+                                    panicked(&what, started)
+                                }
+                                Err(_) => return, // cancelled at shutdown: the lease brings it back
+                            };
+                            let _ = result_tx.send((key, done));
+                        });
                     }
-                    if result_tx.send((key, run_guarded(work, &client))).is_err() {
-                        return;
-                    }
-                })
-                .expect("spawning a sending thread");
-        }
+                });
+                // the channel closed: in-flight requests are abandoned to their leases
+                runtime.shutdown_background();
+            })
+            .expect("spawning the sending thread");
         Pool { jobs: Some(job_tx), results, cancel, size }
     }
 
+    /// Most requests open at once.
     pub fn size(&self) -> usize {
         self.size
     }
 
-    /// Hands one request to the sending threads.
+    /// Hands one request to the sending thread.
     pub fn submit(&self, key: u64, work: Work) {
         let tx = self.jobs.as_ref().expect("pool is running");
-        tx.send((key, work)).expect("sending threads are alive");
+        tx.send((key, work)).expect("the sending thread is alive");
     }
 
     /// Results that finished, waiting at most `wait` for the first one.
@@ -116,7 +129,7 @@ impl Pool {
         }
     }
 
-    /// Stops starting queued requests (they are abandoned to their leases).
+    /// Stops starting requests not yet started (they are abandoned to their leases).
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
     }
@@ -124,9 +137,23 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        // closing the channel ends the idle threads; busy ones end after their request
+        // closing the channel ends the event loop; open requests are dropped
         self.cancel.store(true, Ordering::Relaxed);
         self.jobs.take();
+    }
+}
+
+/// Each open request holds a socket: lets the process open as many as the
+/// hard limit allows (the soft limit is often 1024, which Postgres' own files share).
+fn raise_open_files_limit(requests: usize) {
+    let wanted = (requests as u64).saturating_mul(2).saturating_add(1024);
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= wanted {
+            return;
+        }
+        limit.rlim_cur = wanted.min(limit.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
     }
 }
 
@@ -135,23 +162,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_panicking_send_is_a_transient_failure_and_the_slot_comes_back() {
+    fn a_panicking_send_is_a_transient_failure_of_that_delivery_alone() {
         let client = Arc::new(Client::new(vec![], 100, 1));
         let pool = Pool::new(1, client);
         // more panics than threads: each one comes back as a result, and the
         // one thread goes on to the next job
         for key in 0..3 {
-            pool.submit(key, Box::new(|_: &Client| -> Done { panic!("boom {}", 32 - 128i32) }));
+            pool.submit(key, Box::new(|_| Box::pin(async { panic!("boom {}", 32 - 128i32) })));
         }
         pool.submit(
             3,
-            Box::new(|_: &Client| Done {
-                sent: Sent {
-                    started_unix_micros: 0,
-                    duration_ms: 1.0,
-                    result: AttemptResult::Permanent("fine".into()),
-                },
-                body_check: None,
+            Box::new(|_| {
+                Box::pin(async {
+                    Done {
+                        sent: Sent {
+                            started_unix_micros: 0,
+                            duration_ms: 1.0,
+                            result: AttemptResult::Permanent("fine".into()),
+                        },
+                        body_check: None,
+                    }
+                })
             }),
         );
         let mut got = Vec::new();

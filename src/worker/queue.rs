@@ -500,6 +500,31 @@ pub fn record_transitions(transitions: &[crate::rules::scheduler::Transition]) -
     )
 }
 
+/// Records when endpoints became slow (`endpoint_state.slow_since`), or
+/// clears it when they are fast again.
+pub fn record_slow(changes: &[crate::rules::scheduler::SlowChange]) -> SpiResult<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = changes.iter().map(|c| c.endpoint_id).collect();
+    let since: Vec<Option<f64>> = changes.iter().map(|c| c.slow.then_some(c.at_us as f64 / 1e6)).collect();
+    let order: Vec<i64> = (0..changes.len() as i64).collect();
+    Spi::run_with_args(
+        "INSERT INTO postback.endpoint_state AS s (endpoint_id, slow_since)
+         SELECT DISTINCT ON (t.e) t.e, to_timestamp(t.since)
+           FROM unnest($1::bigint[], $2::float8[], $3::bigint[]) AS t(e, since, n)
+          WHERE EXISTS (SELECT 1 FROM postback.endpoints x WHERE x.id = t.e)
+          ORDER BY t.e, t.n DESC
+         ON CONFLICT (endpoint_id) DO UPDATE SET slow_since = excluded.slow_since",
+        &[ids.into(), since.into(), order.into()],
+    )
+}
+
+/// Forgets which endpoints a previous worker found slow (at start).
+pub fn forget_slow() -> SpiResult<()> {
+    Spi::run("UPDATE postback.endpoint_state SET slow_since = NULL WHERE slow_since IS NOT NULL")
+}
+
 /// Deactivates endpoints that have failed for longer than `after_secs`, and
 /// announces it (state "disabled"). Returns how many.
 pub fn disable_failing(after_secs: i64) -> SpiResult<i64> {

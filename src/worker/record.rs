@@ -50,7 +50,8 @@ impl Worker {
             } else {
                 failed += 1
             }
-            if let Some(t) = self.scheduler.finished(c.endpoint_id, health, now, error.as_deref().unwrap_or("")) {
+            let error_text = error.as_deref().unwrap_or("");
+            if let Some(t) = self.scheduler.finished(c.endpoint_id, f.started_us, health, now, error_text) {
                 self.transitions.push(t);
             }
             self.records.push(Record {
@@ -82,13 +83,16 @@ impl Worker {
         let now = now_us();
         // an open breaker sends its waiting deliveries back unspent
         let blocked: Vec<i64> = self.scheduler.take_blocked_queued(now).into_iter().map(|(c, _, _)| c.id).collect();
-        if self.records.is_empty() && self.transitions.is_empty() && blocked.is_empty() {
+        self.slow_changes.extend(self.scheduler.take_slow_changes());
+        if self.records.is_empty() && self.transitions.is_empty() && blocked.is_empty() && self.slow_changes.is_empty()
+        {
             return;
         }
         self.first_finished = None;
         let records = std::mem::take(&mut self.records);
         let transitions = std::mem::take(&mut self.transitions);
-        record_all(&records, &transitions, &blocked);
+        let slow = std::mem::take(&mut self.slow_changes);
+        record_all(&records, &transitions, &slow, &blocked);
         self.maybe_due = true;
     }
 }
@@ -108,18 +112,20 @@ pub(super) fn dead_record(c: &Claimed, error: String) -> Record {
     }
 }
 
-/// Records finished attempts, breaker transitions and unsent deliveries in
+/// Records finished attempts, breaker transitions, endpoints that became
+/// slow or fast again, and unsent deliveries in
 /// one transaction; if that fails, each record in its own subtransaction so
 /// that one bad record cannot lose the others. A record that still fails
 /// stays in flight and its lease brings it back.
-pub(super) fn record_all(records: &[Record], transitions: &[Transition], unsent: &[i64]) {
-    if records.is_empty() && transitions.is_empty() && unsent.is_empty() {
+pub(super) fn record_all(records: &[Record], transitions: &[Transition], slow: &[SlowChange], unsent: &[i64]) {
+    if records.is_empty() && transitions.is_empty() && slow.is_empty() && unsent.is_empty() {
         return;
     }
     let whole = txn::run("recording attempts", || {
         txn::in_subtransaction(|| {
             queue::record(records)?;
             queue::record_transitions(transitions)?;
+            queue::record_slow(slow)?;
             queue::release(unsent)
         })
     });
@@ -135,6 +141,9 @@ pub(super) fn record_all(records: &[Record], transitions: &[Transition], unsent:
                 }
                 if let Err(e) = txn::in_subtransaction(|| queue::record_transitions(transitions)) {
                     note_error(&format!("could not record breaker transitions: {e}"));
+                }
+                if let Err(e) = txn::in_subtransaction(|| queue::record_slow(slow)) {
+                    note_error(&format!("could not record slow endpoints: {e}"));
                 }
                 if let Err(e) = txn::in_subtransaction(|| queue::release(unsent)) {
                     note_error(&format!("could not return unsent deliveries: {e}"));

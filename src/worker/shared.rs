@@ -19,6 +19,11 @@ pub struct WorkerShared {
     pub succeeded: i64,
     pub failed: i64,
     pub in_flight: i32,
+    /// most requests open at once (postback.concurrency)
+    pub concurrency: i32,
+    /// endpoints slow now, and their requests in flight
+    pub slow_endpoints: i32,
+    pub in_flight_slow: i32,
     pub last_error_at: i64,
     last_error_len: usize,
     last_error: [u8; ERROR_BYTES],
@@ -35,6 +40,9 @@ impl Default for WorkerShared {
             succeeded: 0,
             failed: 0,
             in_flight: 0,
+            concurrency: 0,
+            slow_endpoints: 0,
+            in_flight_slow: 0,
             last_error_at: 0,
             last_error_len: 0,
             last_error: [0; ERROR_BYTES],
@@ -85,6 +93,8 @@ pub fn unregister_self() {
     s.latch = 0;
     s.pid = 0;
     s.in_flight = 0;
+    s.slow_endpoints = 0;
+    s.in_flight_slow = 0;
 }
 
 /// Sets the worker's latch, if a worker is running.
