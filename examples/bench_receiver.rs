@@ -2,7 +2,8 @@
 //! a thread per connection). Answers `200 ok` to everything and remembers when
 //! each request arrived; `GET /__arrivals` returns "unix_micros path?query"
 //! lines, `GET /__reset` forgets them. Under `/fail20` the first request of
-//! every fifth transaction (`t=…5`, `t=…10`, …) is answered 500.
+//! every fifth transaction (`t=…5`, `t=…10`, …) is answered 500; under
+//! `/slow5` the answer comes after 5 seconds (a slow partner).
 //!
 //! usage: bench_receiver PORT
 
@@ -68,6 +69,10 @@ fn serve(stream: TcpStream, arrivals: Arrivals, failed: Failed) -> std::io::Resu
             _ if fails_once(&target, &failed) => {
                 write!(writer, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\nfail")?;
                 continue;
+            }
+            _ if target.starts_with("/slow5") => {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                "slow".to_string()
             }
             _ => {
                 arrivals.lock().unwrap().push((now_micros(), target));

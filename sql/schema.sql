@@ -343,6 +343,9 @@ CREATE TABLE postback.deliveries (
 -- The worker's "due" query: only pending rows are indexed, so the index stays
 -- as small as the backlog rather than the history.
 CREATE INDEX deliveries_due ON postback.deliveries (next_attempt_at) WHERE state = 'pending';
+-- A slow endpoint's due deliveries, claimed on their own (a few per endpoint),
+-- so that their backlog never fills the window the others are claimed from.
+CREATE INDEX deliveries_endpoint_due ON postback.deliveries (endpoint_id, next_attempt_at) WHERE state = 'pending';
 -- Expired leases (a crash mid-flight) are found here.
 CREATE INDEX deliveries_leased ON postback.deliveries (lease_expires_at) WHERE state = 'in_flight';
 -- Time windows (health, metrics, replay, retention) over an append-mostly table:

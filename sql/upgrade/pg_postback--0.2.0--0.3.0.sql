@@ -155,6 +155,14 @@ $$;
 CREATE INDEX IF NOT EXISTS deliveries_conversion ON postback.deliveries (conversion_id, endpoint_id, id)
     WHERE conversion_id IS NOT NULL;
 
+-- A slow endpoint's due deliveries are claimed on their own through this index
+-- (its backlog never fills the window the others are claimed from). Like
+-- deliveries_conversion above: on a large backlog, build it first with
+--   CREATE INDEX CONCURRENTLY deliveries_endpoint_due ON postback.deliveries
+--       (endpoint_id, next_attempt_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_endpoint_due ON postback.deliveries (endpoint_id, next_attempt_at)
+    WHERE state = 'pending';
+
 -- Attributes nest at most 32 levels (a deeper click or conversion is refused
 -- when written, naming the column, instead of failing a later import whole).
 ALTER TABLE postback.conversions ADD CONSTRAINT attributes_nest_at_most_32_levels

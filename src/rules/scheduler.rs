@@ -119,6 +119,9 @@ struct Slot<T> {
     latency_us: Option<f64>,
     /// counted among the slow endpoints (worked out every SLOW_TICK_US)
     slow: bool,
+    /// the last claim filled it up (more of its deliveries are probably due):
+    /// claimed again as soon as half its room is free
+    backlogged: bool,
     queue: VecDeque<T>,
     tokens: f64,
     refilled_us: i64,
@@ -126,9 +129,13 @@ struct Slot<T> {
 }
 
 impl<T> Slot<T> {
-    /// How many requests may be in flight now (a half-open breaker allows one probe).
+    /// How many requests may be in flight now (a half-open breaker allows one
+    /// probe; an endpoint that has not answered yet, one).
     fn allowed(&self, now_us: i64) -> u32 {
         match self.breaker.state {
+            // slow start: one request until the endpoint has answered once, so
+            // that partners hanging from the start hold one slot each, not max_in_flight
+            BreakerState::Closed if self.latency_us.is_none() => 1,
             BreakerState::Closed => self.limits.max_in_flight.max(1),
             BreakerState::HalfOpen => 1,
             BreakerState::Open if now_us >= self.breaker.since_us + self.breaker.cooldown_us => 1,
@@ -161,6 +168,17 @@ impl<T> Slot<T> {
 
     fn has_token(&self) -> bool {
         self.limits.rate_per_sec.is_none() || self.tokens >= 1.0
+    }
+
+    /// How many more deliveries it may hold.
+    fn room(&self, now_us: i64) -> i32 {
+        self.capacity(now_us) as i32 - self.in_flight as i32 - self.queue.len() as i32
+    }
+
+    /// Worth a claim: at least half of what it may hold is free.
+    fn claimable(&self, now_us: i64) -> bool {
+        let room = self.room(now_us);
+        room > 0 && room >= (self.capacity(now_us) as i32 + 1) / 2
     }
 
     /// A request out for SLOW_AFTER_US, or answers lately that slow.
@@ -304,6 +322,7 @@ impl<T> Scheduler<T> {
             started: BTreeMap::new(),
             latency_us: None,
             slow: false,
+            backlogged: false,
             queue: VecDeque::new(),
             tokens: 1.0,
             refilled_us: now_us,
@@ -339,30 +358,71 @@ impl<T> Scheduler<T> {
         }
     }
 
-    /// Endpoints whose deliveries should not be claimed now: those with no
-    /// room (in flight + waiting here ≥ what is allowed) or an open breaker.
+    /// Endpoints whose deliveries should not be claimed with the others: those
+    /// with less than half their room free (in flight + waiting here, against
+    /// what they may hold: claims come in batches, not one by one), an open
+    /// breaker, or slow (claimed on their own: `slow_rooms`).
     pub fn blocked(&self, now_us: i64) -> Vec<i64> {
-        let mut out: Vec<i64> = self
+        let mut out: Vec<i64> =
+            self.slots.iter().filter(|(_, s)| s.slow || !s.claimable(now_us)).map(|(id, _)| *id).collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Room left per endpoint known here (what it may hold minus in flight and
+    /// waiting), for the endpoints that are not blocked and that the last
+    /// claim filled up (an endpoint that got less has nothing more due).
+    pub fn rooms(&self, now_us: i64) -> Vec<(i64, i32)> {
+        let mut out: Vec<(i64, i32)> = self
             .slots
             .iter()
-            .filter(|(_, s)| s.in_flight + s.queue.len() as u32 >= s.capacity(now_us))
-            .map(|(id, _)| *id)
+            .filter(|(_, s)| !s.slow && s.backlogged && s.claimable(now_us))
+            .map(|(id, s)| (*id, s.room(now_us)))
             .collect();
         out.sort_unstable();
         out
     }
 
-    /// Room left per endpoint known here (allowed minus in flight and waiting),
-    /// for the endpoints that are not blocked.
-    pub fn rooms(&self, now_us: i64) -> Vec<(i64, i32)> {
-        let mut out: Vec<(i64, i32)> = self
-            .slots
-            .iter()
-            .map(|(id, s)| (*id, s.capacity(now_us) as i32 - s.in_flight as i32 - s.queue.len() as i32))
-            .filter(|(_, room)| *room > 0)
-            .collect();
+    /// Room of the slow endpoints, claimed on their own: what each may send,
+    /// within what is left of the slow share (in round-robin order).
+    /// `all`: also those the last claim did not fill up (new deliveries may be due).
+    pub fn slow_rooms(&mut self, now_us: i64, all: bool) -> Vec<(i64, i32)> {
+        self.tick(now_us);
+        let waiting: u32 = self.slots.values().filter(|s| s.slow).map(|s| s.queue.len() as u32).sum();
+        let mut left = self.slow_cap().saturating_sub(self.slow_in_flight + waiting) as i32;
+        let mut out = Vec::new();
+        for id in &self.ring {
+            if left <= 0 {
+                break;
+            }
+            let Some(s) = self.slots.get(id) else { continue };
+            let room = s.room(now_us).min(left);
+            if s.slow && room > 0 && (all || s.backlogged) {
+                out.push((*id, room));
+                left -= room;
+            }
+        }
         out.sort_unstable();
         out
+    }
+
+    /// After a claim: which endpoints it filled up. `asked` are the rooms the
+    /// claim was given; `got` how many each received. An endpoint that got
+    /// what it asked for, or that was filled up, probably has more due.
+    pub fn claimed(&mut self, asked: &[(i64, i32)], got: &HashMap<i64, usize>, now_us: i64) {
+        for (id, room) in asked {
+            if let Some(slot) = self.slots.get_mut(id) {
+                slot.backlogged = got.get(id).copied().unwrap_or(0) >= *room as usize;
+            }
+        }
+        for id in got.keys() {
+            if asked.iter().any(|(a, _)| a == id) {
+                continue;
+            }
+            if let Some(slot) = self.slots.get_mut(id) {
+                slot.backlogged = slot.room(now_us) <= 0;
+            }
+        }
     }
 
     /// Takes a claimed delivery. When the endpoint has no room for it, it
@@ -517,13 +577,17 @@ impl<T> Scheduler<T> {
         self.slots.values().map(|s| s.queue.len()).sum()
     }
 
-    /// Deliveries waiting here that could go on the wire now or as soon as
-    /// a request of their own endpoint finishes: those of slow endpoints
-    /// while the slow share is full, and of open breakers, are left out (they
-    /// must not stop the claim of other endpoints' deliveries).
+    /// Deliveries waiting here that could go on the wire now: those behind
+    /// their endpoint's max_in_flight, of slow endpoints while the slow share
+    /// is full, and of open breakers are left out (they must not stop the
+    /// claim of other endpoints' deliveries).
     pub fn sendable(&self, now_us: i64) -> usize {
         let slow_full = self.slow_in_flight >= self.slow_cap();
-        self.slots.values().filter(|s| s.allowed(now_us) > 0 && !(s.slow && slow_full)).map(|s| s.queue.len()).sum()
+        self.slots
+            .values()
+            .filter(|s| !(s.slow && slow_full))
+            .map(|s| s.queue.len().min(s.allowed(now_us).saturating_sub(s.in_flight) as usize))
+            .sum()
     }
 
     /// When a waiting delivery may next become ready (a rate token or the end
@@ -578,10 +642,12 @@ mod tests {
         BreakerSettings { failures_to_open: 3, cooldown_us: 10 * S, max_cooldown_us: 60 * S }
     }
 
+    /// Endpoints that have answered before (past the slow start).
     fn sched(endpoints: &[(i64, u32, Option<f64>)]) -> Scheduler<u32> {
         let mut s = Scheduler::new(settings());
         for &(id, max, rate) in endpoints {
             s.set_limits(id, Limits { max_in_flight: max, rate_per_sec: rate }, 0);
+            s.slot(id, 0).latency_us = Some(0.0);
         }
         s
     }
@@ -600,9 +666,16 @@ mod tests {
         assert_eq!(s.next_ready(0), None, "never more than max_in_flight on the wire");
         assert_eq!(s.in_flight(1), 2);
         s.finished(1, 0, Health::Success, 1, "");
+        assert_eq!(s.offer(1, 3, 1), Ok(()), "one finished: room for one");
+        // claimed again once half of what it may hold is free (claims come in batches)
+        assert_eq!(s.blocked(1), vec![1]);
+        while s.next_ready(1).is_some() {
+            s.finished(1, 0, Health::Success, 1, "");
+        }
         assert_eq!(s.blocked(1), Vec::<i64>::new());
-        assert_eq!(s.rooms(1), vec![(1, 1)]);
-        assert_eq!(s.offer(1, 3, 1), Ok(()));
+        assert_eq!(s.rooms(1), vec![], "the last claim did not fill it up: nothing more is due");
+        s.claimed(&[(1, 66)], &[(1, 66)].into_iter().collect(), 1);
+        assert_eq!(s.rooms(1), vec![(1, 65)], "one still in flight");
     }
 
     #[test]
@@ -669,14 +742,14 @@ mod tests {
         let probes = s.take_probes();
         assert_eq!((probes.len(), probes[0].to), (1, BreakerState::HalfOpen));
         // a failed probe re-opens with a doubled cool-down
-        let t = s.finished(1, 0, Health::Failure, later + 1, "refused").unwrap();
+        let t = s.finished(1, later, Health::Failure, later + 1, "refused").unwrap();
         assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Open));
         assert_eq!(s.next_wakeup(later + 2), Some(later + 1 + 20 * S));
         // a successful probe closes it
         let again = later + 1 + 20 * S;
         s.offer(1, 102, again).unwrap();
         s.next_ready(again).unwrap();
-        let t = s.finished(1, 0, Health::Success, again + 1, "").unwrap();
+        let t = s.finished(1, again, Health::Success, again + 1, "").unwrap();
         assert_eq!((t.from, t.to), (BreakerState::HalfOpen, BreakerState::Closed));
         assert_eq!(s.blocked(again + 2), Vec::<i64>::new());
     }
@@ -772,11 +845,25 @@ mod tests {
         // what the slow ones still hold does not count as work at hand
         assert_eq!(s.queued(), 80 - 32);
         assert_eq!(s.sendable(t), 0);
+        // slow endpoints are claimed on their own, within what is left of the share
+        let blocked = s.blocked(t);
+        assert!((1..=10).all(|id| blocked.contains(&id)), "{blocked:?}");
+        assert!(s.rooms(t).iter().all(|(id, _)| *id == 11));
+        assert_eq!(s.slow_rooms(t, true), vec![], "32 out and 48 waiting: the share is taken");
+        let mut u = sched(&[(1, 8, None), (2, 8, None)]);
+        u.set_capacity(20);
+        for id in [1, 2] {
+            u.offer(id, 0, 0).unwrap();
+            u.next_ready(0).unwrap();
+        }
+        // both slow with one request out each: 10 - 2 = 8 left, 7 rooms each
+        assert_eq!(u.slow_rooms(2 * S, true).iter().map(|(_, r)| r).sum::<i32>(), 8);
     }
 
     #[test]
     fn an_endpoint_is_slow_while_a_request_is_out_long_and_fast_again_after_quick_answers() {
-        let mut s = sched(&[(1, 4, None)]);
+        let mut s: Scheduler<u32> = Scheduler::new(settings());
+        s.set_limits(1, Limits { max_in_flight: 4, rate_per_sec: None }, 0);
         s.set_capacity(8);
         s.offer(1, 0, 0).unwrap();
         s.next_ready(0).unwrap();
@@ -798,5 +885,39 @@ mod tests {
         assert!((4..=8).contains(&quick), "{quick} quick answers");
         let changes = s.take_slow_changes();
         assert_eq!(changes.iter().map(|c| c.slow).collect::<Vec<_>>(), vec![true, false]);
+    }
+
+    #[test]
+    fn an_endpoint_sends_one_request_until_it_has_answered_once() {
+        let mut s: Scheduler<u32> = Scheduler::new(settings());
+        s.set_limits(1, Limits { max_in_flight: 8, rate_per_sec: None }, 0);
+        for i in 0..8 {
+            s.offer(1, i, 0).unwrap();
+        }
+        assert!(s.next_ready(0).is_some());
+        assert_eq!(s.next_ready(0), None, "a partner that hangs from the start holds one slot");
+        assert_eq!(s.sendable(0), 0);
+        s.finished(1, 0, Health::Success, 2_000, "");
+        assert_eq!(s.sendable(2_000), 7);
+        assert_eq!((0..8).filter_map(|_| s.next_ready(2_000)).count(), 7, "then its max_in_flight");
+    }
+
+    #[test]
+    fn only_endpoints_the_last_claim_filled_up_ask_for_another() {
+        let mut s = sched(&[(1, 2, None), (2, 2, None)]);
+        // 1 got all it asked for, 2 got less: 2 has nothing more due
+        let got: HashMap<i64, usize> = [(1, 66), (2, 3)].into_iter().collect();
+        for _ in 0..66 {
+            s.offer(1, 0, 0).unwrap();
+        }
+        for _ in 0..3 {
+            s.offer(2, 0, 0).unwrap();
+        }
+        s.claimed(&[(1, 66), (2, 66)], &got, 0);
+        while let Some((id, _)) = s.next_ready(0) {
+            s.finished(id, 0, Health::Success, 0, "");
+        }
+        assert_eq!(s.rooms(0), vec![(1, 66)], "2 is idle: no claim on its account");
+        assert_eq!(s.blocked(0), Vec::<i64>::new(), "but a claim for new work still takes its deliveries");
     }
 }

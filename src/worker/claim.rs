@@ -45,9 +45,16 @@ impl Worker {
         let mut blocked = self.scheduler.blocked(now);
         blocked.extend(self.held.keys());
         let rooms = self.scheduler.rooms(now);
+        let mut slow_rooms = self.scheduler.slow_rooms(now, self.fresh_work);
+        slow_rooms.retain(|(id, _)| !self.held.contains_key(id));
+        if !self.fresh_work && rooms.is_empty() && slow_rooms.is_empty() {
+            // nothing new may be due and no endpoint known here has room to fill
+            self.maybe_due = false;
+            return;
+        }
         let cache = &self.endpoints;
         let claimed_and_endpoints = txn::run("claiming deliveries", || {
-            let claimed = queue::claim(limit as i32, &blocked, &rooms)?;
+            let claimed = queue::claim(limit as i32, &blocked, &rooms, &slow_rooms)?;
             // endpoints are read again once their cached settings are ENDPOINT_TTL
             // old, or when the endpoint was edited since (its queue is rendered anew)
             let mut ids: Vec<i64> = claimed
@@ -77,14 +84,20 @@ impl Worker {
         self.remember_endpoints(&refreshed, fresh, now, now_instant);
         // more may be due if the claim was full or left endpoints out
         self.maybe_due = claimed.len() >= limit;
+        self.fresh_work = claimed.len() >= limit;
         if !blocked.is_empty() && !claimed.is_empty() {
             self.maybe_due = true;
         }
         if claimed.is_empty() {
             self.next_due = next_due();
-        } else {
-            self.offer(claimed, now);
         }
+        let mut got: HashMap<i64, usize> = HashMap::new();
+        for c in &claimed {
+            *got.entry(c.endpoint_id).or_default() += 1;
+        }
+        self.offer(claimed, now);
+        let asked: Vec<(i64, i32)> = rooms.iter().chain(slow_rooms.iter()).copied().collect();
+        self.scheduler.claimed(&asked, &got, now);
     }
 
     /// Keeps the endpoints read again (and forgets those deleted since).

@@ -221,6 +221,12 @@ struct Worker {
     jitter: Jitter,
     /// more deliveries may be due: claim again when there is room
     maybe_due: bool,
+    /// deliveries may have been committed or fallen due since the last claim
+    /// (a commit, a due retry, the poll interval, a claim that came back
+    /// full); without it a claim runs only for endpoints with room to fill
+    fresh_work: bool,
+    /// when fresh_work was last set by the poll interval
+    last_poll: Instant,
     /// when the earliest scheduled retry falls due
     next_due: Option<Instant>,
     /// the schema speaks this library's version and leases were reclaimed
@@ -271,6 +277,8 @@ impl Worker {
                 crate::rules::text::unix_micros_now() as u64 ^ ((unsafe { pg_sys::MyProcPid } as u64) << 32),
             ),
             maybe_due: true,
+            fresh_work: true,
+            last_poll: Instant::now(),
             next_due: None,
             ready: false,
             held: HashMap::new(),
@@ -305,12 +313,14 @@ impl Worker {
         }
         self.ready = true;
         self.maybe_due = true;
+        self.fresh_work = true;
     }
 
     fn reload(&mut self) {
         self.scheduler.set_settings(breaker_settings());
         self.rebuild_pool = true;
         self.maybe_due = true;
+        self.fresh_work = true;
     }
 
     fn slots_free(&self) -> usize {
@@ -341,7 +351,11 @@ impl Worker {
         }
         // 2. claim while there is room and work may be due
         let due_now = self.next_due.is_some_and(|t| Instant::now() >= t);
-        if (self.maybe_due || due_now) && !shutdown_requested() {
+        if due_now || self.last_poll.elapsed() >= poll {
+            self.fresh_work = true;
+            self.last_poll = Instant::now();
+        }
+        if (self.maybe_due || self.fresh_work) && !shutdown_requested() {
             self.claim();
         }
         // 3. send what the per-endpoint limits allow
@@ -368,6 +382,7 @@ impl Worker {
             // wait on the results instead (a commit is seen within RECORD_WITHIN)
             if wait_latch(Duration::ZERO) {
                 self.maybe_due = true;
+                self.fresh_work = true;
             }
             self.collect(wait.min(RECORD_WITHIN));
         } else if self.maybe_due && self.slots_free() > self.scheduler.sendable(now) {
@@ -376,6 +391,7 @@ impl Worker {
             // a commit sets the latch; the poll interval is only the fallback
             wait_latch(wait.max(Duration::from_millis(1)));
             self.maybe_due = true;
+            self.fresh_work = true;
         }
     }
 

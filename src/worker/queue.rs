@@ -70,21 +70,25 @@ pub fn installed_version() -> SpiResult<Option<String>> {
 /// endpoint and conversion) is finished; no endpoint gets more than its room:
 /// `rooms` for the endpoints the worker already holds requests of, else its
 /// max_in_flight. The lease names this worker.
-pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec<Claimed>> {
-    // as jsonb objects keyed by endpoint id: a lookup per candidate is a binary
-    // search, not a scan of 1,000 array elements
-    let blocked: serde_json::Map<String, serde_json::Value> =
-        blocked.iter().map(|id| (id.to_string(), serde_json::Value::Bool(true))).collect();
+/// `blocked` endpoints are left out of the window of due deliveries that the
+/// others are claimed from; `slow_rooms` are claimed on their own, each up to
+/// its room (the backlog of a slow endpoint never fills the window).
+pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)], slow_rooms: &[(i64, i32)]) -> SpiResult<Vec<Claimed>> {
+    // rooms as jsonb objects keyed by endpoint id: a lookup per candidate is a
+    // binary search, not a scan of 1,000 array elements
     let rooms: serde_json::Map<String, serde_json::Value> =
         rooms.iter().map(|(id, room)| (id.to_string(), (*room).into())).collect();
-    let (blocked, rooms) = (pgrx::JsonB(blocked.into()), pgrx::JsonB(rooms.into()));
+    let slow: serde_json::Map<String, serde_json::Value> =
+        slow_rooms.iter().map(|(id, room)| (id.to_string(), (*room).into())).collect();
+    let (rooms, slow) = (pgrx::JsonB(rooms.into()), pgrx::JsonB(slow.into()));
     Spi::connect_mut(|client| {
         let rows = client.update(
             &format!(
                 "WITH candidates AS (
                      SELECT d.id, d.endpoint_id, d.next_attempt_at FROM postback.deliveries d
                       WHERE d.state = 'pending' AND d.next_attempt_at <= now()
-                        AND NOT ($2::jsonb ? d.endpoint_id::text)
+                        -- a constant array (one-shot plan): hashed, one lookup per row
+                        AND d.endpoint_id <> ALL ($2::bigint[])
                         -- a scalar subquery: one index probe per candidate, never a hash of every pending row
                         AND (d.predecessor_id IS NULL
                              OR coalesce((SELECT p.state FROM postback.deliveries p WHERE p.id = d.predecessor_id),
@@ -105,11 +109,27 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
                        CROSS JOIN LATERAL (SELECT x.max_in_flight FROM postback.endpoints x
                                             WHERE x.id = c.endpoint_id AND x.active AND x.paused_at IS NULL
                                             LIMIT 1) e),
+                 -- slow endpoints, each up to its room (deliveries_endpoint_due)
+                 slow AS (
+                     SELECT d.id
+                       FROM jsonb_each_text($7::jsonb) AS s(endpoint, room)
+                       CROSS JOIN LATERAL (
+                           SELECT d.id FROM postback.deliveries d
+                            WHERE d.endpoint_id = s.endpoint::bigint AND d.state = 'pending'
+                              AND d.next_attempt_at <= now()
+                              AND (d.predecessor_id IS NULL
+                                   OR coalesce((SELECT p.state FROM postback.deliveries p WHERE p.id = d.predecessor_id),
+                                               'gone') NOT IN ('pending', 'in_flight'))
+                            ORDER BY d.next_attempt_at
+                            LIMIT s.room::int) d
+                      WHERE EXISTS (SELECT 1 FROM postback.endpoints x
+                                     WHERE x.id = s.endpoint::bigint AND x.active AND x.paused_at IS NULL)),
                  -- = ANY (ARRAY(…)): primary-key probes, never a scan of the whole table
                  due AS (
                      SELECT d.id FROM postback.deliveries d
                       WHERE d.id = ANY (ARRAY(SELECT r.id FROM ranked r WHERE r.n <= r.room
-                                               ORDER BY r.next_attempt_at LIMIT $1))
+                                               ORDER BY r.next_attempt_at LIMIT $1)
+                                        || ARRAY(SELECT slow.id FROM slow))
                         AND d.state = 'pending'
                       FOR UPDATE OF d SKIP LOCKED)
                  UPDATE postback.deliveries d
@@ -128,11 +148,12 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)]) -> SpiResult<Vec
             None,
             &[
                 limit.into(),
-                blocked.into(),
+                blocked.to_vec().into(),
                 rooms.into(),
                 (crate::rules::scheduler::QUEUE_FACTOR as i32).into(),
                 (crate::rules::scheduler::QUEUE_EXTRA as i32).into(),
                 (crate::rules::scheduler::MAX_HELD as i32).into(),
+                slow.into(),
             ],
         )?;
         let mut out = Vec::with_capacity(rows.len());
