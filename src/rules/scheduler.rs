@@ -498,6 +498,13 @@ impl<T> Scheduler<T> {
         slot.request_finished(started_us, now_us);
         if slot.slow {
             self.slow_in_flight = self.slow_in_flight.saturating_sub(1);
+        } else if slot.is_slow(now_us) {
+            // a first slow answer counts at once, before its max_in_flight opens up
+            slot.slow = true;
+            let in_flight = slot.in_flight;
+            self.slow_endpoints += 1;
+            self.slow_in_flight += in_flight;
+            self.slow_changes.push(SlowChange { endpoint_id, slow: true, at_us: now_us });
         }
         let slot = self.slot(endpoint_id, now_us);
         let b = &mut slot.breaker;

@@ -157,6 +157,53 @@ class Hanging:
         self.sock.close()
 
 
+class SlowLoris:
+    """Reads the request, then trickles a valid response one byte a second
+    (a partner whose headers never finish within any sane timeout)."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.stopped = False
+        self.requests = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self):
+        while not self.stopped:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        try:
+            conn.recv(65536)
+            self.requests += 1
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok":
+                if self.stopped:
+                    break
+                conn.sendall(bytes([byte]))
+                time.sleep(1)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def stop(self):
+        self.stopped = True
+        self.sock.close()
+
+
 def main(argv):
     """Demo mode: serve on a port and print each request as a JSON line.
     /flaky answers 503 once, then 200."""

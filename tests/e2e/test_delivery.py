@@ -252,22 +252,25 @@ def test_immediate_stop_and_restart_loses_nothing(make_cluster, receiver):
 
 def test_fast_shutdown_abandons_slow_requests_and_retries_them_after_restart(make_cluster, receiver):
     c = make_cluster()
-    receiver.script("/hang", *[{"delay": 8.0, "status": 200}] * 5, {"status": 200})
+    # one quick answer first: past the slow start, all five go out at once
+    receiver.script("/hang", {"status": 200}, *[{"delay": 8.0, "status": 200}] * 5, {"status": 200})
     with c.connect() as conn:
         conn.execute("CREATE EXTENSION pg_postback")
         name = endpoint(conn, receiver.url("/hang?c={click_id}&tx={transaction_id}"), timeout="30 seconds")
+        convert(conn, 1)
+        wait_finished(c, conn, name, 1)
         convert(conn, 5)
-        c.wait_for(lambda: len(receiver.seen("/hang")) >= 5, what="requests in flight")
+        c.wait_for(lambda: len(receiver.seen("/hang")) >= 6, what="requests in flight")
     started = time.monotonic()
     c.stop("fast", timeout=30)
     assert time.monotonic() - started < 7
     assert "pg_postback worker shutting down" in c.log()
     c.start()
     with c.connect() as conn:
-        rows = wait_finished(c, conn, name, 5, timeout=60)
+        rows = wait_finished(c, conn, name, 6, timeout=60)
         assert {r[1] for r in rows} == {"succeeded"}
         outcomes = [r[4] for r in attempts(conn, name)]
-    assert outcomes.count("succeeded") == 5 and len(outcomes) >= 10
+    assert outcomes.count("succeeded") == 6 and len(outcomes) >= 11
 
 
 def test_a_later_status_waits_for_the_earlier_one(cluster, receiver):

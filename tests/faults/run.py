@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..", "..")
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 from cluster import Cluster  # noqa: E402
-from receiver import Hanging, Receiver  # noqa: E402
+from receiver import Hanging, Receiver, SlowLoris  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 import psycopg  # noqa: E402
@@ -126,6 +126,17 @@ def never_answers(s):
     s.endpoint(url=h.url("/h?k={transaction_id}"), timeout="1 second", max_attempts=2, retry_schedule=["100 ms"])
     s.convert(20)
     return 20
+
+
+def slow_loris(s):
+    # headers trickled one byte a second: cut off by the endpoint's timeout like a
+    # partner that never answers, and dead with that reason after its attempts
+    loris = SlowLoris().start()
+    s.extra.append(loris)
+    s.endpoint(url=loris.url("/l?k={transaction_id}"), timeout="2 seconds", max_attempts=2,
+               retry_schedule=["100 ms"])
+    s.convert(10)
+    return 10
 
 
 def resets_mid_response(s):
@@ -229,6 +240,7 @@ def concurrent_inserters(s):
 SCENARIOS = [
     ("500 for a while, then recovers", recovers_after_500s, True),
     ("accepts and never answers", never_answers, False),
+    ("slow loris: headers a byte a second", slow_loris, True),
     ("resets mid-response", resets_mid_response, True),
     ("closes keep-alive connections", closes_keep_alive, False),
     ("10 MiB body and an endless body", huge_and_endless_bodies, False),
