@@ -4,7 +4,8 @@ usage: python3 bench/run.py [--quick]
 
 Starts its own throwaway preloaded cluster and loopback receivers (the release build
 must be installed: `make bench` / `make bench-quick` do it). The enqueue figures come
-from bench/enqueue.py, run first in its own cluster without the worker.
+from bench/enqueue.py, run first in its own cluster without the worker; the many-slow-
+partners figures from bench/slow_partners.py, in its own cluster with default settings.
 """
 
 import json
@@ -33,6 +34,7 @@ GOALS = {
     "noisy_drain_ratio": ("<=", 1.5), "noisy_p99_ms": ("<=", 50), "many_endpoints_ratio": (">=", 0.8),
     "depth_ratio": ("<=", 1.2), "worker_rss_mib": ("<=", 64),
     "lifecycle_history_ratio": ("<=", 1.2), "lifecycle_vs_plain_ratio": ("<=", 3.0),
+    "noisy_many_ratio": ("<=", 1.5), "noisy_many_p99_added_ms": ("<=", 50), "open_requests_rss_mib": ("<=", 64),
 }
 
 
@@ -139,6 +141,15 @@ def main():
     for key in ("fanout_ratio", "fanout_overhead", "fanout_1000_endpoints_overhead", "many_partners_overhead_ratio",
                 "clicks_1m_ratio", "lifecycle_history_ratio", "lifecycle_vs_plain_ratio"):
         results[key] = enq[key]
+
+    step("many slow partners and 1,000 open requests (bench/slow_partners.py, its own cluster, defaults)")
+    subprocess.run([sys.executable, os.path.join(HERE, "slow_partners.py")] + (["--quick"] if QUICK else []),
+                   check=True)
+    with open(os.path.join(ROOT, "target", "bench", "slow.json")) as f:
+        slow = json.load(f)
+    for key in ("noisy_many_ratio", "noisy_many_p99_added_ms", "open_requests_rss_mib",
+                "worker_threads_at_open_requests"):
+        results[key] = slow[key]
 
     port = free_port()
     receiver = subprocess.Popen([os.path.join(TARGET, "bench_receiver"), str(port)])
