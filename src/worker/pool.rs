@@ -1,5 +1,5 @@
-//! The sending thread: one thread running a tokio event loop, on which every
-//! request is a task. Every Postgres call stays on the worker's main thread.
+//! The sending threads: a tokio event loop on SENDING_THREADS threads, on which
+//! every request is a task. Every Postgres call stays on the worker's main thread.
 //! Each job's result comes back on its own as soon as its request finishes
 //! (no batch barrier), tagged with the job's key.
 //!
@@ -47,6 +47,11 @@ fn panicked(what: &str, started_unix_micros: i64) -> Done {
     }
 }
 
+/// Threads of the event loop: two, so that a request's answer is read while
+/// the other is busy (signing, a body check, a TLS handshake) or descheduled;
+/// measured with 64 requests in flight, the median request took 1.5 ms on two
+/// threads and 3.5-4.5 ms on one.
+const SENDING_THREADS: usize = 2;
 /// Most threads the event loop may start for blocking host-name lookups.
 const LOOKUP_THREADS: usize = 4;
 
@@ -65,13 +70,16 @@ impl Pool {
         let (result_tx, results) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let cancelled = Arc::clone(&cancel);
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(SENDING_THREADS)
+            .thread_name("pg_postback-send")
             .enable_all()
             .max_blocking_threads(LOOKUP_THREADS)
             .build()
             .expect("building the sending thread's event loop");
+        // hands each job to the event loop as a task (the tasks run on its threads)
         std::thread::Builder::new()
-            .name("pg_postback-send".into())
+            .name("pg_postback-jobs".into())
             .spawn(move || {
                 runtime.block_on(async move {
                     while let Some((key, work)) = job_rx.recv().await {
@@ -191,6 +199,8 @@ mod tests {
             pool.finished(Duration::from_millis(100), &mut got);
         }
         assert_eq!(got.len(), 4);
+        // two threads: results come back in any order
+        got.sort_by_key(|(key, _)| *key);
         for (key, done) in &got[..3] {
             assert!(matches!(&done.sent.result, AttemptResult::Transient(e) if e.contains("boom -96")), "{key}");
         }
