@@ -5,7 +5,7 @@ usage: python3 bench/slow_partners.py [--quick]
 Its own cluster with the worker's default settings (concurrency, breaker, endpoint
 defaults: max_in_flight 8, timeout 10 s). For 10, 50 and 200 slow partners (half answer
 after 5 s, half never answer), each with a backlog that keeps it busy, one fast partner
-drains 2,000 deliveries; the figure is that drain's time beside them ÷ alone, and the
+drains 4,000 deliveries; the figure is that drain's time beside them ÷ alone, and the
 commit-to-receipt p99 of single conversions beside them minus alone. Then 1,000
 endpoints × 1 request to a partner that never answers: the worker's private memory
 (RssAnon) and its thread count while they are all open.
@@ -28,7 +28,7 @@ from receiver import Hanging  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 TARGET = os.path.join(ROOT, "target", "release", "examples")
-FAST_N = 2000
+FAST_N = 4000
 
 
 def step(message):

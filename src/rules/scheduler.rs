@@ -409,10 +409,12 @@ impl<T> Scheduler<T> {
     /// After a claim: which endpoints it filled up. `asked` are the rooms the
     /// claim was given; `got` how many each received. An endpoint that got
     /// what it asked for, or that was filled up, probably has more due.
-    pub fn claimed(&mut self, asked: &[(i64, i32)], got: &HashMap<i64, usize>, now_us: i64) {
+    /// `full`: the claim stopped at its limit (whoever got some may have more).
+    pub fn claimed(&mut self, asked: &[(i64, i32)], got: &HashMap<i64, usize>, full: bool, now_us: i64) {
         for (id, room) in asked {
             if let Some(slot) = self.slots.get_mut(id) {
-                slot.backlogged = got.get(id).copied().unwrap_or(0) >= *room as usize;
+                let n = got.get(id).copied().unwrap_or(0);
+                slot.backlogged = n >= *room as usize || (full && n > 0);
             }
         }
         for id in got.keys() {
@@ -420,7 +422,7 @@ impl<T> Scheduler<T> {
                 continue;
             }
             if let Some(slot) = self.slots.get_mut(id) {
-                slot.backlogged = slot.room(now_us) <= 0;
+                slot.backlogged = full || slot.room(now_us) <= 0;
             }
         }
     }
@@ -681,7 +683,7 @@ mod tests {
         }
         assert_eq!(s.blocked(1), Vec::<i64>::new());
         assert_eq!(s.rooms(1), vec![], "the last claim did not fill it up: nothing more is due");
-        s.claimed(&[(1, 66)], &[(1, 66)].into_iter().collect(), 1);
+        s.claimed(&[(1, 66)], &[(1, 66)].into_iter().collect(), false, 1);
         assert_eq!(s.rooms(1), vec![(1, 65)], "one still in flight");
     }
 
@@ -920,7 +922,7 @@ mod tests {
         for _ in 0..3 {
             s.offer(2, 0, 0).unwrap();
         }
-        s.claimed(&[(1, 66), (2, 66)], &got, 0);
+        s.claimed(&[(1, 66), (2, 66)], &got, false, 0);
         while let Some((id, _)) = s.next_ready(0) {
             s.finished(id, 0, Health::Success, 0, "");
         }

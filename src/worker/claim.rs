@@ -52,9 +52,14 @@ impl Worker {
             self.maybe_due = false;
             return;
         }
+        // new work may be anywhere: the window; otherwise only the endpoints
+        // known to have more, each on its own
+        let window = self.fresh_work;
+        let listed: Vec<(i64, i32)> =
+            if window { slow_rooms.clone() } else { rooms.iter().chain(slow_rooms.iter()).copied().collect() };
         let cache = &self.endpoints;
         let claimed_and_endpoints = txn::run("claiming deliveries", || {
-            let claimed = queue::claim(limit as i32, &blocked, &rooms, &slow_rooms)?;
+            let claimed = queue::claim(limit as i32, &blocked, &rooms, &listed, window)?;
             // endpoints are read again once their cached settings are ENDPOINT_TTL
             // old, or when the endpoint was edited since (its queue is rendered anew)
             let mut ids: Vec<i64> = claimed
@@ -91,13 +96,14 @@ impl Worker {
         if claimed.is_empty() {
             self.next_due = next_due();
         }
+        let full = claimed.len() >= limit;
         let mut got: HashMap<i64, usize> = HashMap::new();
         for c in &claimed {
             *got.entry(c.endpoint_id).or_default() += 1;
         }
         self.offer(claimed, now);
         let asked: Vec<(i64, i32)> = rooms.iter().chain(slow_rooms.iter()).copied().collect();
-        self.scheduler.claimed(&asked, &got, now);
+        self.scheduler.claimed(&asked, &got, full, now);
     }
 
     /// Keeps the endpoints read again (and forgets those deleted since).

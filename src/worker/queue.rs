@@ -70,16 +70,27 @@ pub fn installed_version() -> SpiResult<Option<String>> {
 /// endpoint and conversion) is finished; no endpoint gets more than its room:
 /// `rooms` for the endpoints the worker already holds requests of, else its
 /// max_in_flight. The lease names this worker.
-/// `blocked` endpoints are left out of the window of due deliveries that the
-/// others are claimed from; `slow_rooms` are claimed on their own, each up to
-/// its room (the backlog of a slow endpoint never fills the window).
-pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)], slow_rooms: &[(i64, i32)]) -> SpiResult<Vec<Claimed>> {
+/// With `window`, the earliest due deliveries of any endpoint but the
+/// `blocked` ones are claimed (each endpoint up to its room in `rooms`, the
+/// healthy capacity for endpoints not listed): what a commit or a due retry
+/// may have brought. The `listed` endpoints are claimed on their own, each up
+/// to its room, through deliveries_endpoint_due: slow endpoints (their
+/// backlog never fills the window), and without `window` the endpoints the
+/// last claim filled up, so that a claim never reads the queued deliveries of
+/// endpoints that cannot take more.
+pub fn claim(
+    limit: i32,
+    blocked: &[i64],
+    rooms: &[(i64, i32)],
+    listed: &[(i64, i32)],
+    window: bool,
+) -> SpiResult<Vec<Claimed>> {
     // rooms as jsonb objects keyed by endpoint id: a lookup per candidate is a
     // binary search, not a scan of 1,000 array elements
     let rooms: serde_json::Map<String, serde_json::Value> =
         rooms.iter().map(|(id, room)| (id.to_string(), (*room).into())).collect();
     let slow: serde_json::Map<String, serde_json::Value> =
-        slow_rooms.iter().map(|(id, room)| (id.to_string(), (*room).into())).collect();
+        listed.iter().map(|(id, room)| (id.to_string(), (*room).into())).collect();
     let (rooms, slow) = (pgrx::JsonB(rooms.into()), pgrx::JsonB(slow.into()));
     Spi::connect_mut(|client| {
         // an index scan in due order, never a bitmap scan: only an index scan
@@ -91,7 +102,7 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)], slow_rooms: &[(i
             &format!(
                 "WITH candidates AS (
                      SELECT d.id, d.endpoint_id, d.next_attempt_at FROM postback.deliveries d
-                      WHERE d.state = 'pending' AND d.next_attempt_at <= now()
+                      WHERE $8::bool AND d.state = 'pending' AND d.next_attempt_at <= now()
                         -- a constant array (one-shot plan): hashed, one lookup per row
                         AND d.endpoint_id <> ALL ($2::bigint[])
                         -- a scalar subquery: one index probe per candidate, never a hash of every pending row
@@ -114,12 +125,12 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)], slow_rooms: &[(i
                        CROSS JOIN LATERAL (SELECT x.max_in_flight FROM postback.endpoints x
                                             WHERE x.id = c.endpoint_id AND x.active AND x.paused_at IS NULL
                                             LIMIT 1) e),
-                 -- slow endpoints, each up to its room (deliveries_endpoint_due)
-                 slow AS (
-                     SELECT d.id
+                 -- listed endpoints, each up to its room (deliveries_endpoint_due)
+                 listed AS (
+                     SELECT d.id, d.next_attempt_at
                        FROM jsonb_each_text($7::jsonb) AS s(endpoint, room)
                        CROSS JOIN LATERAL (
-                           SELECT d.id FROM postback.deliveries d
+                           SELECT d.id, d.next_attempt_at FROM postback.deliveries d
                             WHERE d.endpoint_id = s.endpoint::bigint AND d.state = 'pending'
                               AND d.next_attempt_at <= now()
                               AND (d.predecessor_id IS NULL
@@ -134,7 +145,7 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)], slow_rooms: &[(i
                      SELECT d.id FROM postback.deliveries d
                       WHERE d.id = ANY (ARRAY(SELECT r.id FROM ranked r WHERE r.n <= r.room
                                                ORDER BY r.next_attempt_at LIMIT $1)
-                                        || ARRAY(SELECT slow.id FROM slow))
+                                        || ARRAY(SELECT l.id FROM listed l ORDER BY l.next_attempt_at LIMIT $1))
                         AND d.state = 'pending'
                       FOR UPDATE OF d SKIP LOCKED)
                  UPDATE postback.deliveries d
@@ -159,6 +170,7 @@ pub fn claim(limit: i32, blocked: &[i64], rooms: &[(i64, i32)], slow_rooms: &[(i
                 (crate::rules::scheduler::QUEUE_EXTRA as i32).into(),
                 (crate::rules::scheduler::MAX_HELD as i32).into(),
                 slow.into(),
+                window.into(),
             ],
         )?;
         let mut out = Vec::with_capacity(rows.len());
