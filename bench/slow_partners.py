@@ -5,10 +5,11 @@ usage: python3 bench/slow_partners.py [--quick]
 Its own cluster with the worker's default settings (concurrency, breaker, endpoint
 defaults: max_in_flight 8, timeout 10 s). For 10, 50 and 200 slow partners (half answer
 after 5 s, half never answer), each with a backlog that keeps it busy, one fast partner
-drains 4,000 deliveries; the figure is that drain's time beside them ÷ alone, and the
-commit-to-receipt p99 of single conversions beside them minus alone. Then 1,000
-endpoints × 1 request to a partner that never answers: the worker's private memory
-(RssAnon) and its thread count while they are all open.
+drains 4,000 deliveries; the figure is that drain's time beside them ÷ alone (measured
+just before, on the same history), and the
+commit-to-receipt p99 of single conversions beside them minus alone. Then, in a
+cluster of its own: 1,000 endpoints × 1 request to a partner that never answers, the
+worker's private memory (RssAnon) and its thread count while they are all open.
 """
 
 import json
@@ -117,7 +118,12 @@ def slow_partners(conn, tag, n, base, hanging, backlog):
 
 
 def stop_partners(conn, tag):
+    """Pauses them and ends what they still have queued (each run starts from an
+    empty queue, as the scenarios are independent)."""
     conn.execute("UPDATE postback.endpoints SET active = false, paused_at = now() WHERE name LIKE %s", (tag + "-%",))
+    conn.execute("UPDATE postback.deliveries SET state = 'dead', completed_at = now(), "
+                 "last_error = 'bench: scenario over' WHERE state = 'pending' "
+                 "AND endpoint_id = ANY (ARRAY(SELECT id FROM postback.endpoints WHERE name LIKE %s))", (tag + "-%",))
 
 
 def rss_of(pid):
@@ -128,6 +134,51 @@ def rss_of(pid):
             if key in ("RssAnon", "Threads"):
                 out[key] = int(value.split()[0])
     return out
+
+
+def open_requests(results):
+    """1,000 endpoints x 1 request to a partner that never answers, in a cluster of
+    its own (a fresh worker): its private memory and threads while all are open."""
+    step("1,000 endpoints x 1 request to a partner that never answers (own cluster)")
+    c = Cluster.create(settings={"max_connections": "50"})
+    try:
+        c.start()
+        with c.connect() as conn:
+            conn.autocommit = True
+            conn.execute("CREATE EXTENSION pg_postback")
+            c.wait_for(lambda: status(conn)[3], what="the worker's first pass")
+            opener = Hanging().start()
+            pid = conn.execute("SELECT pid FROM postback.worker_status()").fetchone()[0]
+            before = rss_of(pid)
+            conn.execute(
+                "INSERT INTO postback.endpoints (name, url_template, events, max_in_flight, timeout) "
+                "SELECT 'open-' || g, %s || g || '?t={transaction_id}', '{open}', 1, '60 seconds' "
+                "FROM generate_series(1, 1000) g", (opener.url("/open/"),))
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event) "
+                         "SELECT 'c', 'open-' || g, 'open' FROM generate_series(1, 1000) g")
+            deadline = time.monotonic() + 20
+            peak = {"RssAnon": 0, "Threads": 0}
+            opened = 0
+            while time.monotonic() < deadline:
+                opened = max(opened, status(conn)[0])
+                now = rss_of(pid)
+                peak = {k: max(peak[k], now[k]) for k in peak}
+                if opened >= 1000:
+                    break
+                time.sleep(0.2)
+            for _ in range(10):  # a while with all of them open
+                now = rss_of(pid)
+                peak = {k: max(peak[k], now[k]) for k in peak}
+                time.sleep(0.2)
+            results["open_requests"] = opened
+            results["open_requests_rss_mib"] = peak["RssAnon"] / 1024
+            results["rss_before_open_mib"] = before["RssAnon"] / 1024
+            results["worker_threads_at_open_requests"] = peak["Threads"]
+            print(f"    {opened} open; RssAnon {before['RssAnon'] / 1024:.1f} -> {peak['RssAnon'] / 1024:.1f} MiB; "
+                  f"threads {peak['Threads']}", flush=True)
+            opener.stop()
+    finally:
+        c.destroy()
 
 
 def main():
@@ -160,6 +211,8 @@ def main():
                     time.sleep(1)
                 for n in (10, 50, 200):
                     tag = f"s{n}{breaker}"
+                    # alone again, just before: the same history as the run beside them
+                    alone = drain(conn, f"a{tag}", f"{base}/a{tag}?t={{transaction_id}}")
                     step(f"{n} slow partners (half 5 s, half hanging), breaker {breaker}, beside a fast one")
                     slow_partners(conn, tag, n, base, hanging, 40)
                     time.sleep(1.5)  # the slow ones are out for over a second: counted slow
@@ -178,42 +231,11 @@ def main():
             results["noisy_many_ratio"] = worst
             results["noisy_many_p99_added_ms"] = worst_p99
 
-            step("1,000 endpoints x 1 request to a partner that never answers")
-            conn.execute("ALTER SYSTEM SET postback.breaker_failures = 0")
-            conn.execute("SELECT pg_reload_conf()")
-            time.sleep(1)
-            pid = conn.execute("SELECT pid FROM postback.worker_status()").fetchone()[0]
-            before = rss_of(pid)
-            conn.execute(
-                "INSERT INTO postback.endpoints (name, url_template, events, max_in_flight, timeout) "
-                "SELECT 'open-' || g, %s || g || '?t={transaction_id}', '{open}', 1, '60 seconds' "
-                "FROM generate_series(1, 1000) g", (hanging.url("/open/"),))
-            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event) "
-                         "SELECT 'c', 'open-' || g, 'open' FROM generate_series(1, 1000) g")
-            deadline = time.monotonic() + 20
-            peak = {"RssAnon": 0, "Threads": 0}
-            opened = 0
-            while time.monotonic() < deadline:
-                opened = max(opened, status(conn)[0])
-                now = rss_of(pid)
-                peak = {k: max(peak[k], now[k]) for k in peak}
-                if opened >= 1000:
-                    break
-                time.sleep(0.2)
-            for _ in range(10):  # a while with all of them open
-                now = rss_of(pid)
-                peak = {k: max(peak[k], now[k]) for k in peak}
-                time.sleep(0.2)
-            results["open_requests"] = opened
-            results["open_requests_rss_mib"] = peak["RssAnon"] / 1024
-            results["rss_before_open_mib"] = before["RssAnon"] / 1024
-            results["worker_threads_at_open_requests"] = peak["Threads"]
-            print(f"    {opened} open; RssAnon {before['RssAnon'] / 1024:.1f} -> {peak['RssAnon'] / 1024:.1f} MiB; "
-                  f"threads {peak['Threads']}", flush=True)
     finally:
         c.destroy()
         receiver.terminate()
         hanging.stop()
+    open_requests(results)
     out = os.path.join(ROOT, "target", "bench")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "slow.json"), "w") as f:

@@ -122,6 +122,8 @@ struct Slot<T> {
     /// the last claim filled it up (more of its deliveries are probably due):
     /// claimed again as soon as half its room is free
     backlogged: bool,
+    /// listed in the scheduler's ring
+    in_ring: bool,
     queue: VecDeque<T>,
     tokens: f64,
     refilled_us: i64,
@@ -236,8 +238,15 @@ pub struct SlowChange {
 pub struct Scheduler<T> {
     settings: BreakerSettings,
     slots: HashMap<i64, Slot<T>>,
-    /// round-robin order of endpoints
+    /// round-robin order of the endpoints with deliveries waiting here (an
+    /// endpoint leaves it once found with none): a send looks only at those,
+    /// never at every endpoint known
     ring: VecDeque<i64>,
+    /// where the next slow_rooms starts, so that each slow endpoint gets its turn
+    slow_cursor: usize,
+    /// when the earliest open breaker's cool-down ends (worked out with the
+    /// slow endpoints, and when a breaker opens)
+    open_until: Option<i64>,
     /// open → half-open changes made by `next_ready`, for the caller to record
     probes: Vec<Transition>,
     /// the sending capacity (most requests in flight, all endpoints)
@@ -256,6 +265,8 @@ impl<T> Scheduler<T> {
             settings,
             slots: HashMap::new(),
             ring: VecDeque::new(),
+            slow_cursor: 0,
+            open_until: None,
             probes: Vec::new(),
             capacity: u32::MAX,
             slow_in_flight: 0,
@@ -282,7 +293,12 @@ impl<T> Scheduler<T> {
         }
         self.slow_ticked_us = now_us;
         let (mut endpoints, mut in_flight) = (0, 0);
+        let mut open_until: Option<i64> = None;
         for (&id, slot) in self.slots.iter_mut() {
+            if slot.breaker.state == BreakerState::Open {
+                let until = slot.breaker.since_us + slot.breaker.cooldown_us;
+                open_until = Some(open_until.map_or(until, |t| t.min(until)));
+            }
             let slow = slot.is_slow(now_us);
             if slow != slot.slow {
                 slot.slow = slow;
@@ -295,6 +311,7 @@ impl<T> Scheduler<T> {
         }
         self.slow_endpoints = endpoints;
         self.slow_in_flight = in_flight;
+        self.open_until = open_until;
     }
 
     /// How much of the sending capacity slow endpoints hold now.
@@ -313,9 +330,6 @@ impl<T> Scheduler<T> {
     }
 
     fn slot(&mut self, endpoint_id: i64, now_us: i64) -> &mut Slot<T> {
-        if !self.slots.contains_key(&endpoint_id) {
-            self.ring.push_back(endpoint_id);
-        }
         self.slots.entry(endpoint_id).or_insert_with(|| Slot {
             limits: Limits { max_in_flight: 1, rate_per_sec: None },
             in_flight: 0,
@@ -323,6 +337,7 @@ impl<T> Scheduler<T> {
             latency_us: None,
             slow: false,
             backlogged: false,
+            in_ring: false,
             queue: VecDeque::new(),
             tokens: 1.0,
             refilled_us: now_us,
@@ -384,23 +399,33 @@ impl<T> Scheduler<T> {
     }
 
     /// Room of the slow endpoints, claimed on their own: what each may send,
-    /// within what is left of the slow share (in round-robin order).
+    /// within what is left of the slow share (each in turn).
     /// `all`: also those the last claim did not fill up (new deliveries may be due).
     pub fn slow_rooms(&mut self, now_us: i64, all: bool) -> Vec<(i64, i32)> {
         self.tick(now_us);
         let waiting: u32 = self.slots.values().filter(|s| s.slow).map(|s| s.queue.len() as u32).sum();
         let mut left = self.slow_cap().saturating_sub(self.slow_in_flight + waiting) as i32;
+        let mut slow: Vec<i64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.slow && (all || s.backlogged) && s.room(now_us) > 0)
+            .map(|(id, _)| *id)
+            .collect();
+        slow.sort_unstable();
         let mut out = Vec::new();
-        for id in &self.ring {
+        if slow.is_empty() {
+            return out;
+        }
+        // each call starts one further along, so that every slow endpoint gets its turn
+        self.slow_cursor = (self.slow_cursor + 1) % slow.len();
+        for i in 0..slow.len() {
             if left <= 0 {
                 break;
             }
-            let Some(s) = self.slots.get(id) else { continue };
-            let room = s.room(now_us).min(left);
-            if s.slow && room > 0 && (all || s.backlogged) {
-                out.push((*id, room));
-                left -= room;
-            }
+            let id = slow[(self.slow_cursor + i) % slow.len()];
+            let room = self.slots[&id].room(now_us).min(left);
+            out.push((id, room));
+            left -= room;
         }
         out.sort_unstable();
         out
@@ -435,6 +460,10 @@ impl<T> Scheduler<T> {
             return Err(item);
         }
         slot.queue.push_back(item);
+        if !slot.in_ring {
+            slot.in_ring = true;
+            self.ring.push_back(endpoint_id);
+        }
         Ok(())
     }
 
@@ -446,9 +475,13 @@ impl<T> Scheduler<T> {
         let slow_full = self.slow_in_flight >= self.slow_cap();
         for _ in 0..self.ring.len() {
             let id = self.ring.pop_front()?;
-            self.ring.push_back(id);
             let Some(slot) = self.slots.get_mut(&id) else { continue };
-            if slot.queue.is_empty() || slot.in_flight >= slot.allowed(now_us) || (slot.slow && slow_full) {
+            if slot.queue.is_empty() {
+                slot.in_ring = false; // back in with its next delivery
+                continue;
+            }
+            self.ring.push_back(id);
+            if slot.in_flight >= slot.allowed(now_us) || (slot.slow && slow_full) {
                 continue;
             }
             slot.refill(now_us);
@@ -546,11 +579,17 @@ impl<T> Scheduler<T> {
                 };
                 b.state = BreakerState::Open;
                 b.since_us = now_us;
+                let until = now_us + b.cooldown_us;
                 let reason = if from == BreakerState::HalfOpen {
                     format!("probe failed: {error}")
                 } else {
                     format!("{} consecutive failures; last: {error}", b.failures)
                 };
+                // (one already over is stale: a tick has not seen it go half-open yet)
+                self.open_until = Some(match self.open_until {
+                    Some(t) if t > now_us => t.min(until),
+                    _ => until,
+                });
                 Some(Transition { endpoint_id, from, to: BreakerState::Open, at_us: now_us, reason })
             }
         }
@@ -560,7 +599,8 @@ impl<T> Scheduler<T> {
     /// returned to the queue unspent.
     pub fn take_blocked_queued(&mut self, now_us: i64) -> Vec<T> {
         let mut out = Vec::new();
-        for slot in self.slots.values_mut() {
+        for id in &self.ring {
+            let Some(slot) = self.slots.get_mut(id) else { continue };
             let keep = slot.capacity(now_us) as usize;
             let room = keep.saturating_sub(slot.in_flight as usize);
             while slot.queue.len() > room {
@@ -592,8 +632,9 @@ impl<T> Scheduler<T> {
     /// claim of other endpoints' deliveries).
     pub fn sendable(&self, now_us: i64) -> usize {
         let slow_full = self.slow_in_flight >= self.slow_cap();
-        self.slots
-            .values()
+        self.ring
+            .iter()
+            .filter_map(|id| self.slots.get(id))
             .filter(|s| !(s.slow && slow_full))
             .map(|s| s.queue.len().min(s.allowed(now_us).saturating_sub(s.in_flight) as usize))
             .sum()
@@ -602,14 +643,14 @@ impl<T> Scheduler<T> {
     /// When a waiting delivery may next become ready (a rate token or the end
     /// of a cool-down), if that is later than now.
     pub fn next_wakeup(&self, now_us: i64) -> Option<i64> {
-        self.slots
-            .values()
+        // only endpoints with deliveries waiting here (the ring), and the
+        // earliest end of an open breaker's cool-down
+        self.ring
+            .iter()
+            .filter_map(|id| self.slots.get(id))
             .filter_map(|s| {
-                if s.queue.is_empty() && s.breaker.state != BreakerState::Open {
+                if s.queue.is_empty() || s.breaker.state == BreakerState::Open {
                     return None;
-                }
-                if s.breaker.state == BreakerState::Open {
-                    return Some(s.breaker.since_us + s.breaker.cooldown_us);
                 }
                 match s.limits.rate_per_sec {
                     Some(rate) if s.tokens < 1.0 && rate > 0.0 => {
@@ -618,6 +659,7 @@ impl<T> Scheduler<T> {
                     _ => None,
                 }
             })
+            .chain(self.open_until)
             .filter(|&t| t > now_us)
             .min()
     }
