@@ -40,7 +40,7 @@ def ids_of(conn, pattern):
     return [r[0] for r in conn.execute("SELECT id FROM postback.endpoints WHERE name LIKE %s", (pattern,))]
 
 
-def wait_settled(conn, pattern, n, timeout=120):
+def wait_settled(conn, pattern, n, timeout=float(os.environ.get("SLOW_TIMEOUT", "120"))):
     """When all n settled; None if they did not within the timeout (a stall)."""
     ids = ids_of(conn, pattern)
     deadline = time.monotonic() + timeout

@@ -172,6 +172,16 @@ impl<T> Slot<T> {
         self.limits.rate_per_sec.is_none() || self.tokens >= 1.0
     }
 
+    /// When the next rate token comes (now, without a rate limit).
+    fn next_token_us(&self) -> i64 {
+        match self.limits.rate_per_sec {
+            Some(rate) if self.tokens < 1.0 && rate > 0.0 => {
+                self.refilled_us + ((1.0 - self.tokens) / rate * 1e6).ceil() as i64
+            }
+            _ => self.refilled_us,
+        }
+    }
+
     /// How many more deliveries it may hold.
     fn room(&self, now_us: i64) -> i32 {
         self.capacity(now_us) as i32 - self.in_flight as i32 - self.queue.len() as i32
@@ -247,6 +257,9 @@ pub struct Scheduler<T> {
     /// when the earliest open breaker's cool-down ends (worked out with the
     /// slow endpoints, and when a breaker opens)
     open_until: Option<i64>,
+    /// when a waiting delivery of a rate-limited endpoint gets its token
+    /// (noted when a send spends or lacks one)
+    token_until: Option<i64>,
     /// open → half-open changes made by `next_ready`, for the caller to record
     probes: Vec<Transition>,
     /// the sending capacity (most requests in flight, all endpoints)
@@ -267,6 +280,7 @@ impl<T> Scheduler<T> {
             ring: VecDeque::new(),
             slow_cursor: 0,
             open_until: None,
+            token_until: None,
             probes: Vec::new(),
             capacity: u32::MAX,
             slow_in_flight: 0,
@@ -486,10 +500,16 @@ impl<T> Scheduler<T> {
             }
             slot.refill(now_us);
             if !slot.has_token() {
+                let at = slot.next_token_us();
+                self.token_until = Some(self.token_until.filter(|&t| t > now_us).map_or(at, |t| t.min(at)));
                 continue;
             }
             if slot.limits.rate_per_sec.is_some() {
                 slot.tokens -= 1.0;
+                if slot.queue.len() > 1 {
+                    let at = slot.next_token_us();
+                    self.token_until = Some(self.token_until.filter(|&t| t > now_us).map_or(at, |t| t.min(at)));
+                }
             }
             if slot.breaker.state == BreakerState::Open {
                 // the cool-down is over: this request is the probe
@@ -643,25 +663,8 @@ impl<T> Scheduler<T> {
     /// When a waiting delivery may next become ready (a rate token or the end
     /// of a cool-down), if that is later than now.
     pub fn next_wakeup(&self, now_us: i64) -> Option<i64> {
-        // only endpoints with deliveries waiting here (the ring), and the
-        // earliest end of an open breaker's cool-down
-        self.ring
-            .iter()
-            .filter_map(|id| self.slots.get(id))
-            .filter_map(|s| {
-                if s.queue.is_empty() || s.breaker.state == BreakerState::Open {
-                    return None;
-                }
-                match s.limits.rate_per_sec {
-                    Some(rate) if s.tokens < 1.0 && rate > 0.0 => {
-                        Some(s.refilled_us + ((1.0 - s.tokens) / rate * 1e6).ceil() as i64)
-                    }
-                    _ => None,
-                }
-            })
-            .chain(self.open_until)
-            .filter(|&t| t > now_us)
-            .min()
+        // noted as sends happen: no walk over the endpoints on every pass
+        self.token_until.into_iter().chain(self.open_until).filter(|&t| t > now_us).min()
     }
 
     #[cfg(test)]

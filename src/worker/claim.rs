@@ -24,6 +24,11 @@ pub(super) struct CachedEndpoint {
 /// reading them again: a change applies to requests sent after that.
 const ENDPOINT_TTL: Duration = Duration::from_secs(1);
 
+/// Most endpoints claimed each on its own (deliveries_endpoint_due) when no
+/// new work came in; with more, the window over the due index is cheaper
+/// (measured: 1,000 probes per claim cost more than the window they replace).
+const LISTED_AT_MOST: usize = 64;
+
 impl Worker {
     /// Claims due deliveries up to the room left, reads their endpoints, and
     /// hands them to the scheduler (what has no room goes back unspent).
@@ -53,8 +58,9 @@ impl Worker {
             return;
         }
         // new work may be anywhere: the window; otherwise only the endpoints
-        // known to have more, each on its own
-        let window = self.fresh_work;
+        // known to have more, each on its own (one index probe each: past
+        // LISTED_AT_MOST of them the window costs less)
+        let window = self.fresh_work || rooms.len() > LISTED_AT_MOST;
         let listed: Vec<(i64, i32)> =
             if window { slow_rooms.clone() } else { rooms.iter().chain(slow_rooms.iter()).copied().collect() };
         let cache = &self.endpoints;
