@@ -70,6 +70,9 @@ impl Pool {
         let (result_tx, results) = mpsc::channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let cancelled = Arc::clone(&cancel);
+        // the threads started here inherit a mask that blocks every signal:
+        // Postgres' signals (SIGTERM, SIGHUP, latch wake-ups) reach the main thread
+        let restore = SignalsBlocked::new();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(SENDING_THREADS)
             .thread_name("pg_postback-send")
@@ -112,6 +115,7 @@ impl Pool {
                 runtime.shutdown_background();
             })
             .expect("spawning the sending thread");
+        drop(restore);
         Pool { jobs: Some(job_tx), results, cancel, size }
     }
 
@@ -148,6 +152,30 @@ impl Drop for Pool {
         // closing the channel ends the event loop; open requests are dropped
         self.cancel.store(true, Ordering::Relaxed);
         self.jobs.take();
+    }
+}
+
+/// Blocks every signal in the calling thread until dropped (threads spawned
+/// meanwhile keep the mask).
+struct SignalsBlocked(libc::sigset_t);
+
+impl SignalsBlocked {
+    fn new() -> SignalsBlocked {
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            SignalsBlocked(old)
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut());
+        }
     }
 }
 
