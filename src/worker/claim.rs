@@ -94,15 +94,12 @@ impl Worker {
         };
         self.remember_endpoints(&refreshed, fresh, now, now_instant);
         // more may be due if the claim was full or left endpoints out
-        self.maybe_due = claimed.len() >= limit;
-        self.fresh_work = claimed.len() >= limit;
-        if !blocked.is_empty() && !claimed.is_empty() {
-            self.maybe_due = true;
-        }
+        let full = claimed.len() >= limit;
+        self.maybe_due = full || (!blocked.is_empty() && !claimed.is_empty());
+        self.fresh_work = full;
         if claimed.is_empty() {
             self.next_due = next_due();
         }
-        let full = claimed.len() >= limit;
         let mut got: HashMap<i64, usize> = HashMap::new();
         for c in &claimed {
             *got.entry(c.endpoint_id).or_default() += 1;
