@@ -225,6 +225,15 @@ impl<T> Slot<T> {
     }
 }
 
+/// Keeps the earlier of a noted time and `at`; a noted time already past is
+/// stale (what it waited for has happened) and gives way.
+fn note_earliest(noted: &mut Option<i64>, at: i64, now_us: i64) {
+    *noted = Some(match *noted {
+        Some(t) if t > now_us => t.min(at),
+        _ => at,
+    });
+}
+
 /// How much of the sending capacity slow endpoints hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SlowShare {
@@ -501,14 +510,14 @@ impl<T> Scheduler<T> {
             slot.refill(now_us);
             if !slot.has_token() {
                 let at = slot.next_token_us();
-                self.token_until = Some(self.token_until.filter(|&t| t > now_us).map_or(at, |t| t.min(at)));
+                note_earliest(&mut self.token_until, at, now_us);
                 continue;
             }
             if slot.limits.rate_per_sec.is_some() {
                 slot.tokens -= 1.0;
                 if slot.queue.len() > 1 {
                     let at = slot.next_token_us();
-                    self.token_until = Some(self.token_until.filter(|&t| t > now_us).map_or(at, |t| t.min(at)));
+                    note_earliest(&mut self.token_until, at, now_us);
                 }
             }
             if slot.breaker.state == BreakerState::Open {
@@ -606,10 +615,7 @@ impl<T> Scheduler<T> {
                     format!("{} consecutive failures; last: {error}", b.failures)
                 };
                 // (one already over is stale: a tick has not seen it go half-open yet)
-                self.open_until = Some(match self.open_until {
-                    Some(t) if t > now_us => t.min(until),
-                    _ => until,
-                });
+                note_earliest(&mut self.open_until, until, now_us);
                 Some(Transition { endpoint_id, from, to: BreakerState::Open, at_us: now_us, reason })
             }
         }
