@@ -17,40 +17,56 @@ CREATE FUNCTION postback.worker_status(
     OUT hint           text,
     OUT concurrency    integer,
     OUT slow_endpoints integer,
-    OUT in_flight_slow integer)
-RETURNS record
+    OUT in_flight_slow integer,
+    OUT worker         integer,
+    OUT workers        integer,
+    OUT state          text)
+RETURNS SETOF record
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    -- running: a worker serves this database (one serving another does not)
-    SELECT a.pid IS NOT NULL AND a.datname = current_database(),
-           a.pid,
-           coalesce(s.started_at, a.backend_start),
-           a.datname,
-           s.last_wake, coalesce(s.sent, 0), coalesce(s.succeeded, 0), coalesce(s.failed, 0),
-           coalesce(s.in_flight, 0), s.last_error, s.last_error_at,
-           CASE
-               WHEN a.pid IS NOT NULL AND a.datname = current_database() THEN NULL
-               WHEN current_setting('shared_preload_libraries') !~ '(^|[\s,])pg_postback($|[\s,])'
-               THEN 'pg_postback is not in shared_preload_libraries: add it and restart PostgreSQL. '
-                    'Deliveries are queued and wait until the worker runs.'
-               WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database x WHERE x.datname = served.name)
-               THEN format('postback.database_name = %L names no database, so no worker runs: create it, or '
-                           'set postback.database_name = %L and reload. Deliveries queued here wait.',
-                           served.name, current_database())
-               WHEN served.name <> current_database()
-               THEN format('the worker serves database %L (postback.database_name), not this one (%L): '
-                           'deliveries queued here wait, and NOTIFY postback_alerts is sent there. Set '
-                           'postback.database_name = %L and reload to serve this one.',
-                           served.name, current_database(), current_database())
-               ELSE 'the worker is not running; the postmaster restarts it within seconds after a '
-                    'crash. Check the server log (postback.database_name = '
-                    || quote_literal(served.name) || ').'
-           END,
-           s.concurrency, coalesce(s.slow_endpoints, 0), coalesce(s.in_flight_slow, 0)
-      FROM (SELECT current_setting('postback.database_name', true) AS name) AS served
-      LEFT JOIN pg_catalog.pg_stat_activity a ON a.backend_type = 'pg_postback worker'
-      LEFT JOIN postback.worker_stats() s ON true
-     LIMIT 1
+    -- one row per worker the launcher runs (every database's, this one's
+    -- first); and when none serves this database, one row saying why
+    WITH s AS (SELECT * FROM postback.worker_stats()),
+         listed AS (SELECT btrim(x, ' "') AS name
+                      FROM regexp_split_to_table(current_setting('postback.database_name', true), ',') AS x),
+         rows AS (
+             SELECT a.pid IS NOT NULL AS running, a.pid, coalesce(s.started_at, a.backend_start) AS started_at,
+                    s.database::name AS database, s.last_wake, s.sent, s.succeeded, s.failed, s.in_flight,
+                    s.last_error, s.last_error_at,
+                    CASE WHEN a.pid IS NULL THEN coalesce(s.state, 'not running: see the server log') END AS hint,
+                    s.concurrency, s.slow_endpoints, s.in_flight_slow, s.worker, s.workers, s.state
+               FROM s
+               LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = s.pid AND a.backend_type = 'pg_postback worker'
+             UNION ALL
+             SELECT false, NULL, NULL, current_database(), NULL, 0, 0, 0, 0, NULL, NULL,
+                    CASE
+                        WHEN current_setting('shared_preload_libraries') !~ '(^|[\s,])pg_postback($|[\s,])'
+                        THEN 'pg_postback is not in shared_preload_libraries: add it and restart PostgreSQL. '
+                             'Deliveries are queued and wait until the worker runs.'
+                        WHEN NOT EXISTS (SELECT 1 FROM listed l
+                                          JOIN pg_catalog.pg_database x ON x.datname = l.name)
+                        THEN format('postback.database_name = %L names no database, so no worker runs for it: '
+                                    'create it, or set postback.database_name = %L (or add %L to the list) and '
+                                    'reload. Deliveries queued here wait.',
+                                    current_setting('postback.database_name', true), current_database(),
+                                    current_database())
+                        WHEN NOT EXISTS (SELECT 1 FROM listed l WHERE l.name = current_database())
+                        THEN format('the workers serve postback.database_name = %L, not this database (%L): '
+                                    'deliveries queued here wait, and NOTIFY postback_alerts is sent there. Set '
+                                    'postback.database_name = %L (or add it to the list) and reload to serve this one.',
+                                    current_setting('postback.database_name', true), current_database(),
+                                    current_database())
+                             || coalesce(' Listed but no database: '
+                                         || (SELECT string_agg(quote_literal(l.name), ', ') FROM listed l
+                                              WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database x
+                                                                 WHERE x.datname = l.name)) || '.', '')
+                        ELSE 'no worker runs for this database yet: the pg_postback launcher starts one within '
+                             'seconds (and again after a crash); if none comes, check the server log and '
+                             'max_worker_processes.'
+                    END,
+                    NULL, 0, 0, NULL, NULL, NULL
+              WHERE NOT EXISTS (SELECT 1 FROM s WHERE s.database = current_database()))
+    SELECT * FROM rows r ORDER BY r.database <> current_database(), r.database, r.worker
 $$;
 
 CREATE VIEW postback.delivery_summary AS

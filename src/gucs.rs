@@ -9,6 +9,7 @@ use pgrx::pg_sys;
 use crate::rules::target_policy;
 
 pub static DATABASE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static WORKERS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(500);
 pub static CONCURRENCY: GucSetting<i32> = GucSetting::<i32>::new(1024);
@@ -35,7 +36,20 @@ struct IntGuc {
 }
 
 /// Every integer setting, registered in this order.
-static INT_GUCS: [IntGuc; 10] = [
+static INT_GUCS: [IntGuc; 11] = [
+    IntGuc {
+        name: c"postback.workers",
+        short: c"Delivery workers per database (0: one per two CPU cores, 1 to 4).",
+        long: c"The workers of a database share its queue: each owns the endpoints whose id modulo \
+          this number is its index, so per-endpoint limits, the breaker and lifecycle order hold. \
+          On reload the launcher stops a database's workers and starts the new number. Each worker \
+          takes one of max_worker_processes.",
+        setting: &WORKERS,
+        min: 0,
+        max: crate::rules::workers::MAX_PER_DATABASE,
+        superuser_only: false,
+        flags: GucFlags::empty(),
+    },
     IntGuc {
         name: c"postback.poll_interval",
         short: c"Longest time the worker sleeps before looking for due deliveries.",
@@ -149,15 +163,22 @@ static INT_GUCS: [IntGuc; 10] = [
 ];
 
 pub fn init() {
-    GucRegistry::define_string_guc(
-        c"postback.database_name",
-        c"Database the pg_postback background worker connects to.",
-        c"The worker delivers the queue of the pg_postback extension installed in this database. \
-          Changing it (and reloading) makes the worker restart and reconnect.",
-        &DATABASE_NAME,
-        GucContext::Sighup,
-        GucFlags::default(),
-    );
+    // SAFETY: the check hook is #[pg_guard]ed and only reads its argument.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            c"postback.database_name",
+            c"Databases the pg_postback workers deliver for: one name or a comma-separated list.",
+            c"Each listed database gets postback.workers workers delivering the queue of the \
+              pg_postback extension installed there. On reload the launcher starts the workers of \
+              added databases and stops those of removed ones; the others run on.",
+            &DATABASE_NAME,
+            GucContext::Sighup,
+            GucFlags::default(),
+            Some(check_database_list),
+            None,
+            None,
+        );
+    }
     for g in &INT_GUCS {
         let context = if g.superuser_only { GucContext::Suset } else { GucContext::Sighup };
         GucRegistry::define_int_guc(g.name, g.short, g.long, g.setting, g.min, g.max, context, g.flags);
@@ -186,14 +207,29 @@ unsafe extern "C-unwind" fn check_allowed_targets(
     _extra: *mut *mut std::ffi::c_void,
     _source: pg_sys::GucSource::Type,
 ) -> bool {
+    unsafe { check_with(newval, |v| target_policy::parse_allowlist(v).map(|_| ())) }
+}
+
+/// Refuses a database list that does not parse (empty names, duplicates).
+#[pg_guard]
+unsafe extern "C-unwind" fn check_database_list(
+    newval: *mut *mut std::ffi::c_char,
+    _extra: *mut *mut std::ffi::c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    unsafe { check_with(newval, |v| crate::rules::workers::parse_databases(v).map(|_| ())) }
+}
+
+/// A string setting's check: the parser's message becomes the error detail.
+unsafe fn check_with(newval: *mut *mut std::ffi::c_char, parse: impl FnOnce(&str) -> Result<(), String>) -> bool {
     let value = unsafe {
         if newval.is_null() || (*newval).is_null() {
             return true;
         }
         CStr::from_ptr(*newval).to_string_lossy().into_owned()
     };
-    match target_policy::parse_allowlist(&value) {
-        Ok(_) => true,
+    match parse(&value) {
+        Ok(()) => true,
         Err(message) => {
             let detail = CString::new(message).unwrap_or_default();
             unsafe {
@@ -206,6 +242,14 @@ unsafe extern "C-unwind" fn check_allowed_targets(
 
 pub fn database_name() -> String {
     DATABASE_NAME.get().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "postgres".to_string())
+}
+
+/// Workers per database: postback.workers, or (0) one per two CPU cores.
+pub fn workers_per_database() -> u32 {
+    match WORKERS.get() {
+        n if n > 0 => n as u32,
+        _ => crate::rules::workers::automatic_workers(std::thread::available_parallelism().map_or(1, |n| n.get())),
+    }
 }
 
 pub fn allowed_targets() -> Vec<target_policy::Cidr> {

@@ -650,14 +650,16 @@ END
 $$;
 
 -- worker_stats and worker_status say how much of the sending capacity slow
--- endpoints hold (new columns at the end). Their grants come back below with
+-- endpoints hold, and list every worker of every database (new columns at
+-- the end; worker_status returns a row per worker). Their grants come back below with
 -- grant_operator/grant_analyst for the roles that have them.
 DROP FUNCTION postback.worker_status();
 DROP FUNCTION postback.worker_stats();
 CREATE FUNCTION postback."worker_stats"() RETURNS TABLE (
 	"pid" INT, "started_at" timestamp with time zone, "last_wake" timestamp with time zone,
 	"sent" bigint, "succeeded" bigint, "failed" bigint, "in_flight" INT, "last_error" TEXT,
-	"last_error_at" timestamp with time zone, "concurrency" INT, "slow_endpoints" INT, "in_flight_slow" INT
+	"last_error_at" timestamp with time zone, "concurrency" INT, "slow_endpoints" INT, "in_flight_slow" INT,
+	"database" TEXT, "worker" INT, "workers" INT, "state" TEXT
 )
 STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'worker_stats_wrapper';
 REVOKE EXECUTE ON FUNCTION postback.worker_stats() FROM PUBLIC;
@@ -676,40 +678,56 @@ CREATE FUNCTION postback.worker_status(
     OUT hint           text,
     OUT concurrency    integer,
     OUT slow_endpoints integer,
-    OUT in_flight_slow integer)
-RETURNS record
+    OUT in_flight_slow integer,
+    OUT worker         integer,
+    OUT workers        integer,
+    OUT state          text)
+RETURNS SETOF record
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
-    -- running: a worker serves this database (one serving another does not)
-    SELECT a.pid IS NOT NULL AND a.datname = current_database(),
-           a.pid,
-           coalesce(s.started_at, a.backend_start),
-           a.datname,
-           s.last_wake, coalesce(s.sent, 0), coalesce(s.succeeded, 0), coalesce(s.failed, 0),
-           coalesce(s.in_flight, 0), s.last_error, s.last_error_at,
-           CASE
-               WHEN a.pid IS NOT NULL AND a.datname = current_database() THEN NULL
-               WHEN current_setting('shared_preload_libraries') !~ '(^|[\s,])pg_postback($|[\s,])'
-               THEN 'pg_postback is not in shared_preload_libraries: add it and restart PostgreSQL. '
-                    'Deliveries are queued and wait until the worker runs.'
-               WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database x WHERE x.datname = served.name)
-               THEN format('postback.database_name = %L names no database, so no worker runs: create it, or '
-                           'set postback.database_name = %L and reload. Deliveries queued here wait.',
-                           served.name, current_database())
-               WHEN served.name <> current_database()
-               THEN format('the worker serves database %L (postback.database_name), not this one (%L): '
-                           'deliveries queued here wait, and NOTIFY postback_alerts is sent there. Set '
-                           'postback.database_name = %L and reload to serve this one.',
-                           served.name, current_database(), current_database())
-               ELSE 'the worker is not running; the postmaster restarts it within seconds after a '
-                    'crash. Check the server log (postback.database_name = '
-                    || quote_literal(served.name) || ').'
-           END,
-           s.concurrency, coalesce(s.slow_endpoints, 0), coalesce(s.in_flight_slow, 0)
-      FROM (SELECT current_setting('postback.database_name', true) AS name) AS served
-      LEFT JOIN pg_catalog.pg_stat_activity a ON a.backend_type = 'pg_postback worker'
-      LEFT JOIN postback.worker_stats() s ON true
-     LIMIT 1
+    -- one row per worker the launcher runs (every database's, this one's
+    -- first); and when none serves this database, one row saying why
+    WITH s AS (SELECT * FROM postback.worker_stats()),
+         listed AS (SELECT btrim(x, ' "') AS name
+                      FROM regexp_split_to_table(current_setting('postback.database_name', true), ',') AS x),
+         rows AS (
+             SELECT a.pid IS NOT NULL AS running, a.pid, coalesce(s.started_at, a.backend_start) AS started_at,
+                    s.database::name AS database, s.last_wake, s.sent, s.succeeded, s.failed, s.in_flight,
+                    s.last_error, s.last_error_at,
+                    CASE WHEN a.pid IS NULL THEN coalesce(s.state, 'not running: see the server log') END AS hint,
+                    s.concurrency, s.slow_endpoints, s.in_flight_slow, s.worker, s.workers, s.state
+               FROM s
+               LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = s.pid AND a.backend_type = 'pg_postback worker'
+             UNION ALL
+             SELECT false, NULL, NULL, current_database(), NULL, 0, 0, 0, 0, NULL, NULL,
+                    CASE
+                        WHEN current_setting('shared_preload_libraries') !~ '(^|[\s,])pg_postback($|[\s,])'
+                        THEN 'pg_postback is not in shared_preload_libraries: add it and restart PostgreSQL. '
+                             'Deliveries are queued and wait until the worker runs.'
+                        WHEN NOT EXISTS (SELECT 1 FROM listed l
+                                          JOIN pg_catalog.pg_database x ON x.datname = l.name)
+                        THEN format('postback.database_name = %L names no database, so no worker runs for it: '
+                                    'create it, or set postback.database_name = %L (or add %L to the list) and '
+                                    'reload. Deliveries queued here wait.',
+                                    current_setting('postback.database_name', true), current_database(),
+                                    current_database())
+                        WHEN NOT EXISTS (SELECT 1 FROM listed l WHERE l.name = current_database())
+                        THEN format('the workers serve postback.database_name = %L, not this database (%L): '
+                                    'deliveries queued here wait, and NOTIFY postback_alerts is sent there. Set '
+                                    'postback.database_name = %L (or add it to the list) and reload to serve this one.',
+                                    current_setting('postback.database_name', true), current_database(),
+                                    current_database())
+                             || coalesce(' Listed but no database: '
+                                         || (SELECT string_agg(quote_literal(l.name), ', ') FROM listed l
+                                              WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_database x
+                                                                 WHERE x.datname = l.name)) || '.', '')
+                        ELSE 'no worker runs for this database yet: the pg_postback launcher starts one within '
+                             'seconds (and again after a crash); if none comes, check the server log and '
+                             'max_worker_processes.'
+                    END,
+                    NULL, 0, 0, NULL, NULL, NULL
+              WHERE NOT EXISTS (SELECT 1 FROM s WHERE s.database = current_database()))
+    SELECT * FROM rows r ORDER BY r.database <> current_database(), r.database, r.worker
 $$;
 REVOKE EXECUTE ON FUNCTION postback.worker_status() FROM PUBLIC;
 
@@ -1052,11 +1070,11 @@ COMMENT ON FUNCTION postback.explain(text) IS 'postback.explain for the conversi
 COMMENT ON FUNCTION postback.explain_routing(bigint) IS 'Internal: for every endpoint, the first of its filters that leaves the conversion out (what it wants, what the conversion has), or NULL when all match.';
 COMMENT ON FUNCTION postback.curl_command(text, text, jsonb, text, bigint) IS 'A curl command line for a request (method, URL, headers, body, timeout in ms), every argument single-quoted for the shell.';
 COMMENT ON FUNCTION postback.curl(bigint) IS 'A delivery''s request as a curl command line to run by hand: method, URL, headers with a fresh signature, body, the endpoint''s timeout. The endpoint''s own header values are shown to the extension owner only ([redacted] for operators). Owner and operators; never logged.';
-COMMENT ON FUNCTION postback.worker_status() IS 'Whether a delivery worker serves this database (running), its pid, database, counters and last error (also: waiting for ALTER EXTENSION … UPDATE), and a hint when none does: not preloaded, postback.database_name naming no database or another one, or not running; concurrency, and how many endpoints are slow and how many requests they hold (at most half of concurrency).';
+COMMENT ON FUNCTION postback.worker_status() IS 'One row per delivery worker the launcher runs, this database''s first (every database listed in postback.database_name, postback.workers each): running, pid, database, worker (1..workers), counters, last error (also: waiting for ALTER EXTENSION … UPDATE), state (delivering, waiting, restarting and why); concurrency, slow endpoints and the requests they hold. When no worker serves this database, one more row with a hint: not preloaded, postback.database_name naming no database or not this one, or not started yet.';
 COMMENT ON COLUMN postback.endpoint_state.slow_since IS 'Since when the worker counts this endpoint slow (a request out for a second or more, or answers lately that slow): slow endpoints together hold at most half of postback.concurrency. NULL while it is not.';
 COMMENT ON COLUMN postback.endpoint_health.in_flight IS 'Deliveries on the wire now (claimed by the worker).';
 COMMENT ON COLUMN postback.endpoint_health.slow_since IS 'Since when the worker counts it slow (a request out for a second or more, or answers lately that slow); slow endpoints together hold at most half of postback.concurrency, so they never take the capacity other endpoints need. NULL while it is not.';
-COMMENT ON FUNCTION postback.worker_stats() IS 'The worker''s figures from shared memory: pid, start, last wake, requests sent, in flight, last error; concurrency (most requests open at once), slow endpoints and their requests in flight.';
+COMMENT ON FUNCTION postback.worker_stats() IS 'Every worker''s figures from shared memory, one row per worker the launcher runs: pid, start, last wake, requests sent, in flight, last error; concurrency (most requests open at once), slow endpoints and their requests in flight; database, worker (1..workers), workers, state.';
 
 COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period; deliveries count in the hour they finished, windows start on the hour), in total and per event, per endpoint and per partner (breakdown): success rate, dead deliveries, commit-to-success latency (from delivery_rollup, so they survive the purge); dedup, reversal and match rates on the total rows.';
 COMMENT ON COLUMN postback.metrics.event IS 'Conversion event of a per-event row; NULL in the others.';

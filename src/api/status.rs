@@ -12,7 +12,8 @@ fn wake_worker() {
     crate::worker::shared::wake_at_commit();
 }
 
-/// The worker's own figures from shared memory (empty when not preloaded).
+/// Every worker's figures from shared memory, one row per worker the
+/// launcher runs (every database's; empty when not preloaded).
 #[pg_extern(volatile)]
 #[allow(clippy::type_complexity)]
 fn worker_stats() -> TableIterator<
@@ -30,24 +31,40 @@ fn worker_stats() -> TableIterator<
         name!(concurrency, i32),
         name!(slow_endpoints, i32),
         name!(in_flight_slow, i32),
+        name!(database, Option<String>),
+        name!(worker, i32),
+        name!(workers, i32),
+        name!(state, Option<String>),
     ),
 > {
     if !crate::worker::shared::available() {
-        return TableIterator::new(std::iter::empty());
+        return TableIterator::new(Vec::new());
     }
-    let s = *crate::worker::shared::SHARED.share();
-    TableIterator::once((
-        (s.pid != 0).then_some(s.pid),
-        timestamp(s.started_at),
-        timestamp(s.last_wake),
-        s.sent,
-        s.succeeded,
-        s.failed,
-        s.in_flight,
-        s.last_error(),
-        timestamp(s.last_error_at),
-        s.concurrency,
-        s.slow_endpoints,
-        s.in_flight_slow,
-    ))
+    let all = *crate::worker::shared::SHARED.share();
+    let rows: Vec<_> = all
+        .slots
+        .iter()
+        .filter(|s| s.assigned)
+        .map(|s| {
+            (
+                (s.pid != 0).then_some(s.pid),
+                timestamp(s.started_at),
+                timestamp(s.last_wake),
+                s.sent,
+                s.succeeded,
+                s.failed,
+                s.in_flight,
+                s.last_error(),
+                timestamp(s.last_error_at),
+                s.concurrency,
+                s.slow_endpoints,
+                s.in_flight_slow,
+                s.database.get(),
+                s.index as i32 + 1,
+                s.count as i32,
+                s.state.get(),
+            )
+        })
+        .collect();
+    TableIterator::new(rows)
 }

@@ -19,3 +19,4 @@ pub mod text;
 pub mod url_hash;
 pub mod url_policy;
 pub mod validate;
+pub mod workers;

@@ -64,8 +64,9 @@ impl Worker {
         let listed: Vec<(i64, i32)> =
             if window { slow_rooms.clone() } else { rooms.iter().chain(slow_rooms.iter()).copied().collect() };
         let cache = &self.endpoints;
+        let share = self.share;
         let claimed_and_endpoints = txn::run("claiming deliveries", || {
-            let claimed = queue::claim(limit as i32, &blocked, &rooms, &listed, window)?;
+            let claimed = queue::claim(limit as i32, &blocked, &rooms, &listed, window, share)?;
             // endpoints are read again once their cached settings are ENDPOINT_TTL
             // old, or when the endpoint was edited since (its queue is rendered anew)
             let mut ids: Vec<i64> = claimed
@@ -98,7 +99,7 @@ impl Worker {
         self.maybe_due = full || (!blocked.is_empty() && !claimed.is_empty());
         self.fresh_work = full;
         if claimed.is_empty() {
-            self.next_due = next_due();
+            self.next_due = next_due(self.share);
         }
         let mut got: HashMap<i64, usize> = HashMap::new();
         for c in &claimed {
@@ -168,8 +169,8 @@ impl Worker {
 }
 
 /// When the earliest scheduled retry is due, if any.
-fn next_due() -> Option<Instant> {
-    match txn::run("finding the next retry", queue::ms_until_next_due) {
+fn next_due(share: Share) -> Option<Instant> {
+    match txn::run("finding the next retry", || queue::ms_until_next_due(share)) {
         Ok(Some(ms)) => Some(Instant::now() + Duration::from_millis(ms.max(1) as u64)),
         Ok(None) => None,
         Err(e) => {

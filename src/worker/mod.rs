@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
 use crate::gucs;
@@ -24,6 +24,7 @@ use crate::rules::scheduler::{BreakerSettings, BreakerState, Scheduler, SlowChan
 
 mod claim;
 mod dispatch;
+pub mod launcher;
 mod maintenance;
 mod pool;
 mod queue;
@@ -34,7 +35,7 @@ mod txn;
 use claim::{CachedEndpoint, Judging};
 use maintenance::{purge, roll_up};
 use pool::{Done, Pool, Work};
-use queue::{Claimed, EndpointConfig, Record};
+use queue::{Claimed, EndpointConfig, Record, Share};
 use record::dead_record;
 
 /// The worker's backend type and application name (`pg_stat_activity`); the
@@ -51,15 +52,9 @@ const PURGE_MAX_BATCHES: usize = 100;
 /// How long in-flight requests may finish after SIGTERM before they are abandoned.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
+/// The launcher is registered at preload; it starts the workers.
 pub fn register() {
-    BackgroundWorkerBuilder::new(WORKER_TYPE)
-        .set_type(WORKER_TYPE)
-        .set_library("pg_postback")
-        .set_function("pg_postback_worker_main")
-        .enable_spi_access()
-        .enable_shmem_access(None)
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
+    launcher::register();
 }
 
 /// True once SIGTERM arrived. `BackgroundWorker::sigterm_received` clears on
@@ -68,17 +63,25 @@ fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
+/// A delivery worker, started by the launcher: its argument is its slot,
+/// where the launcher wrote its database and its share of the endpoints.
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn pg_postback_worker_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = gucs::database_name();
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    let Some(me) = shared::take_slot(arg.value()) else {
+        log!("pg_postback worker: slot {} was not set up by the launcher; exiting", arg.value());
+        return;
+    };
+    // whatever ends this process (an error, FATAL) clears its slot's pid and latch
+    unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
+    BackgroundWorker::connect_worker_to_spi(Some(&me.database), None);
     pin_session();
     shared::register_self(crate::rules::text::unix_micros_now());
-    log!("pg_postback worker started, connected to database \"{database}\"");
+    let share = Share { index: me.index as i32, count: me.count as i32 };
+    log!("pg_postback worker {}/{} started, connected to database \"{}\"", me.index + 1, me.count, me.database);
 
-    let mut worker = Worker::new();
+    let mut worker = Worker::new(share);
     let mut schema = SchemaWait::default();
     // the first purge runs a minute after start, then every hour
     let mut last_purge = Instant::now() - PURGE_EVERY + Duration::from_secs(60);
@@ -88,12 +91,6 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     while !shutdown_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            if gucs::database_name() != database {
-                log!("pg_postback worker: postback.database_name changed, restarting to reconnect");
-                worker.stop();
-                shared::unregister_self();
-                unsafe { pg_sys::proc_exit(1) };
-            }
             worker.reload();
         }
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
@@ -104,6 +101,10 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             last_housekeeping = Instant::now();
             worker.housekeeping();
+        }
+        // the database's first worker rolls up and purges for all of them
+        if share.index != 0 {
+            continue;
         }
         if last_rollup.elapsed() >= ROLLUP_EVERY {
             last_rollup = Instant::now();
@@ -118,7 +119,12 @@ pub extern "C-unwind" fn pg_postback_worker_main(_arg: pg_sys::Datum) {
     }
     worker.stop();
     shared::unregister_self();
-    log!("pg_postback worker shutting down");
+    log!("pg_postback worker shutting down (worker {}/{} of database \"{}\")", me.index + 1, me.count, me.database);
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    shared::unregister_self();
 }
 
 /// The worker's session: its name in pg_stat_activity, and a search_path in
@@ -152,8 +158,17 @@ impl SchemaWait {
         match txn::run("checking the schema", queue::installed_version) {
             Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {
                 self.logged = None;
+                shared::mine(|s| s.state.set("delivering"));
                 worker.start();
                 true
+            }
+            Ok(None) => {
+                shared::mine(|s| {
+                    s.state.set("waiting: pg_postback is not installed in this database (CREATE EXTENSION pg_postback)")
+                });
+                self.logged = None;
+                BackgroundWorker::wait_latch(Some(poll.max(Duration::from_secs(1))));
+                false
             }
             Ok(other) => {
                 if let Some(v) = &other {
@@ -165,7 +180,10 @@ impl SchemaWait {
                         );
                         log!("pg_postback worker: {message}");
                         // worker_status (whatever the schema's version) shows it as last_error
-                        shared::SHARED.exclusive().set_last_error(&message, crate::rules::text::unix_micros_now());
+                        shared::mine(|s| {
+                            s.set_last_error(&message, crate::rules::text::unix_micros_now());
+                            s.state.set("waiting for ALTER EXTENSION pg_postback UPDATE");
+                        });
                     }
                 }
                 self.logged = other;
@@ -192,7 +210,7 @@ const RECORD_BATCH: usize = 256;
 
 fn note_error(message: &str) {
     warning!("pg_postback worker: {message}");
-    shared::SHARED.exclusive().set_last_error(message, crate::rules::text::unix_micros_now());
+    shared::mine(|s| s.set_last_error(message, crate::rules::text::unix_micros_now()));
 }
 
 /// A request on the wire: what is needed to judge and record its result.
@@ -205,6 +223,8 @@ struct InFlight {
 
 /// The worker's state between passes of its loop.
 struct Worker {
+    /// the endpoints this worker owns
+    share: Share,
     endpoints: HashMap<i64, CachedEndpoint>,
     pool: Pool,
     rebuild_pool: bool,
@@ -257,11 +277,12 @@ fn build_pool() -> Pool {
 }
 
 impl Worker {
-    fn new() -> Worker {
+    fn new(share: Share) -> Worker {
         let pool = build_pool();
         let mut scheduler = Scheduler::new(breaker_settings());
         scheduler.set_capacity(pool.size() as u32);
         Worker {
+            share,
             endpoints: HashMap::new(),
             pool,
             rebuild_pool: false,
@@ -293,10 +314,10 @@ impl Worker {
             Ok(_) => {}
             Err(e) => note_error(&e),
         }
-        if let Err(e) = txn::run("forgetting slow endpoints", queue::forget_slow) {
+        if let Err(e) = txn::run("forgetting slow endpoints", || queue::forget_slow(self.share)) {
             note_error(&e);
         }
-        match txn::run("reading breakers", queue::open_breakers) {
+        match txn::run("reading breakers", || queue::open_breakers(self.share)) {
             Ok(open) => {
                 let now = now_us();
                 for (endpoint, state, failures, since) in open {
@@ -329,7 +350,7 @@ impl Worker {
 
     /// One pass: take finished results, record them, claim, send, wait.
     fn step(&mut self, poll: Duration) {
-        shared::SHARED.exclusive().last_wake = crate::rules::text::unix_micros_now();
+        shared::mine(|s| s.last_wake = crate::rules::text::unix_micros_now());
         // 1. results that finished, judged and recorded together: at once when
         //    nothing else is out, else once RECORD_WITHIN has passed or a
         //    batch has gathered (one transaction for many results)
@@ -361,13 +382,12 @@ impl Worker {
         // 3. send what the per-endpoint limits allow
         self.send();
         let share = self.scheduler.slow_share(now_us());
-        {
-            let mut s = shared::SHARED.exclusive();
+        shared::mine(|s| {
             s.in_flight = self.in_flight.len() as i32;
             s.concurrency = self.pool.size() as i32;
             s.slow_endpoints = share.endpoints as i32;
             s.in_flight_slow = share.in_flight as i32;
-        }
+        });
         // 4. wait for a result, a commit, a due retry or the poll interval
         let now = now_us();
         let mut wait = poll;
@@ -418,7 +438,7 @@ impl Worker {
         }
         self.record();
         self.in_flight.clear();
-        shared::SHARED.exclusive().in_flight = 0;
+        shared::mine(|s| s.in_flight = 0);
     }
 }
 

@@ -60,6 +60,14 @@ pub struct EndpointConfig {
     pub needs_secret: bool,
 }
 
+/// A worker's share of a database's endpoints: those whose id modulo
+/// `count` is `index` (see `rules::workers`).
+#[derive(Clone, Copy, Debug)]
+pub struct Share {
+    pub index: i32,
+    pub count: i32,
+}
+
 /// The installed version of the extension in this database, if any.
 pub fn installed_version() -> SpiResult<Option<String>> {
     Spi::get_one::<String>("SELECT (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_postback')")
@@ -84,6 +92,7 @@ pub fn claim(
     rooms: &[(i64, i32)],
     listed: &[(i64, i32)],
     window: bool,
+    share: Share,
 ) -> SpiResult<Vec<Claimed>> {
     // rooms as jsonb objects keyed by endpoint id: a lookup per candidate is a
     // binary search, not a scan of 1,000 array elements
@@ -105,6 +114,8 @@ pub fn claim(
                       WHERE $8::bool AND d.state = 'pending' AND d.next_attempt_at <= now()
                         -- a constant array (one-shot plan): hashed, one lookup per row
                         AND d.endpoint_id <> ALL ($2::bigint[])
+                        -- this worker's endpoints only: id modulo the workers = its index
+                        AND d.endpoint_id % $9 = $10
                         -- a scalar subquery: one index probe per candidate, never a hash of every pending row
                         AND (d.predecessor_id IS NULL
                              OR coalesce((SELECT p.state FROM postback.deliveries p WHERE p.id = d.predecessor_id),
@@ -171,6 +182,8 @@ pub fn claim(
                 (crate::rules::scheduler::MAX_HELD as i32).into(),
                 slow.into(),
                 window.into(),
+                (share.count.max(1) as i64).into(),
+                (share.index as i64).into(),
             ],
         )?;
         let mut out = Vec::with_capacity(rows.len());
@@ -209,14 +222,14 @@ pub fn release(ids: &[i64]) -> SpiResult<()> {
 }
 
 /// Breakers left open (or half-open) by a previous worker: (endpoint, state, failures, since µs).
-pub fn open_breakers() -> SpiResult<Vec<(i64, String, i32, i64)>> {
+pub fn open_breakers(share: Share) -> SpiResult<Vec<(i64, String, i32, i64)>> {
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT endpoint_id, breaker, consecutive_failures,
                     (extract(epoch FROM breaker_since) * 1000000.0)::bigint
-               FROM postback.endpoint_state WHERE breaker <> 'closed'",
+               FROM postback.endpoint_state WHERE breaker <> 'closed' AND endpoint_id % $1 = $2",
             None,
-            &[],
+            &[(share.count.max(1) as i64).into(), (share.index as i64).into()],
         )?;
         let mut out = Vec::new();
         for row in rows {
@@ -558,9 +571,13 @@ pub fn record_slow(changes: &[crate::rules::scheduler::SlowChange]) -> SpiResult
     )
 }
 
-/// Forgets which endpoints a previous worker found slow (at start).
-pub fn forget_slow() -> SpiResult<()> {
-    Spi::run("UPDATE postback.endpoint_state SET slow_since = NULL WHERE slow_since IS NOT NULL")
+/// Forgets which of its endpoints a previous worker found slow (at start).
+pub fn forget_slow(share: Share) -> SpiResult<()> {
+    Spi::run_with_args(
+        "UPDATE postback.endpoint_state SET slow_since = NULL
+          WHERE slow_since IS NOT NULL AND endpoint_id % $1 = $2",
+        &[(share.count.max(1) as i64).into(), (share.index as i64).into()],
+    )
 }
 
 /// Deactivates endpoints that have failed for longer than `after_secs`, and
@@ -582,10 +599,13 @@ pub fn disable_failing(after_secs: i64) -> SpiResult<i64> {
     .map(|n| n.unwrap_or(0))
 }
 
-/// Milliseconds until the earliest scheduled retry, if any is in the future.
-pub fn ms_until_next_due() -> SpiResult<Option<i64>> {
-    Spi::get_one::<i64>(
+/// Milliseconds until the earliest scheduled retry of this worker's
+/// endpoints, if any is in the future.
+pub fn ms_until_next_due(share: Share) -> SpiResult<Option<i64>> {
+    Spi::get_one_with_args::<i64>(
         "SELECT ceil(extract(epoch FROM min(next_attempt_at) - now()) * 1000.0)::bigint
-           FROM postback.deliveries WHERE state = 'pending' AND next_attempt_at > now()",
+           FROM postback.deliveries
+          WHERE state = 'pending' AND next_attempt_at > now() AND endpoint_id % $1 = $2",
+        &[(share.count.max(1) as i64).into(), (share.index as i64).into()],
     )
 }

@@ -71,10 +71,11 @@ impl Worker {
                 self.next_due = Some(self.next_due.map_or(at, |t| t.min(at)));
             }
         }
-        let mut s = shared::SHARED.exclusive();
-        s.sent += ok + failed;
-        s.succeeded += ok;
-        s.failed += failed;
+        shared::mine(|s| {
+            s.sent += ok + failed;
+            s.succeeded += ok;
+            s.failed += failed;
+        });
     }
 
     /// Writes the waiting records, breaker changes and deliveries an open

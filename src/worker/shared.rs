@@ -1,15 +1,55 @@
-//! State shared between the worker and other backends: the worker's latch
-//! (so a commit can wake it) and the figures `postback.worker_stats()` shows.
+//! State shared between the workers, their launcher and other backends: one
+//! slot per worker with its latch (so a commit can wake the workers of its
+//! database), its assignment (database, index, count) and the figures
+//! `postback.worker_stats()` shows.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
-const ERROR_BYTES: usize = 256;
+use crate::rules::workers::{Assignment, MAX_NAME_BYTES, MAX_WORKERS};
 
+const ERROR_BYTES: usize = 256;
+const STATE_BYTES: usize = 192;
+
+/// A short text kept in shared memory (truncated at a character boundary).
 #[derive(Copy, Clone)]
+pub struct ShortText<const N: usize> {
+    len: usize,
+    bytes: [u8; N],
+}
+
+impl<const N: usize> Default for ShortText<N> {
+    fn default() -> Self {
+        ShortText { len: 0, bytes: [0; N] }
+    }
+}
+
+impl<const N: usize> ShortText<N> {
+    pub fn set(&mut self, text: &str) {
+        let kept = crate::rules::text::truncate_utf8(text, N).as_bytes();
+        self.bytes[..kept.len()].copy_from_slice(kept);
+        self.len = kept.len();
+    }
+
+    pub fn get(&self) -> Option<String> {
+        (self.len > 0).then(|| String::from_utf8_lossy(&self.bytes[..self.len]).into_owned())
+    }
+}
+
+#[derive(Copy, Clone, Default)]
 pub struct WorkerShared {
+    /// the launcher gave this slot a worker (database, index, count below)
+    pub assigned: bool,
+    pub database: ShortText<{ MAX_NAME_BYTES + 1 }>,
+    pub index: u32,
+    pub count: u32,
+    /// the database's oid once the worker connected (0 before): commits in
+    /// that database wake it
+    pub database_oid: u32,
+    /// what the launcher or the worker says of it (waiting, restarting…)
+    pub state: ShortText<STATE_BYTES>,
     /// address of the worker's PGPROC latch (shared memory), 0 when not running
     pub latch: usize,
     pub pid: i32,
@@ -25,50 +65,45 @@ pub struct WorkerShared {
     pub slow_endpoints: i32,
     pub in_flight_slow: i32,
     pub last_error_at: i64,
-    last_error_len: usize,
-    last_error: [u8; ERROR_BYTES],
+    last_error: ShortText<ERROR_BYTES>,
 }
-
-impl Default for WorkerShared {
-    fn default() -> Self {
-        WorkerShared {
-            latch: 0,
-            pid: 0,
-            started_at: 0,
-            last_wake: 0,
-            sent: 0,
-            succeeded: 0,
-            failed: 0,
-            in_flight: 0,
-            concurrency: 0,
-            slow_endpoints: 0,
-            in_flight_slow: 0,
-            last_error_at: 0,
-            last_error_len: 0,
-            last_error: [0; ERROR_BYTES],
-        }
-    }
-}
-
-unsafe impl PGRXSharedMemory for WorkerShared {}
 
 impl WorkerShared {
     pub fn set_last_error(&mut self, message: &str, at: i64) {
-        let kept = crate::rules::text::truncate_utf8(message, ERROR_BYTES).as_bytes();
-        self.last_error[..kept.len()].copy_from_slice(kept);
-        self.last_error_len = kept.len();
+        self.last_error.set(message);
         self.last_error_at = at;
     }
 
     pub fn last_error(&self) -> Option<String> {
-        (self.last_error_len > 0).then(|| String::from_utf8_lossy(&self.last_error[..self.last_error_len]).into_owned())
+        self.last_error.get()
+    }
+
+    pub fn assignment(&self) -> Assignment {
+        Assignment { database: self.database.get().unwrap_or_default(), index: self.index, count: self.count }
     }
 }
 
-pub static SHARED: PgLwLock<WorkerShared> = unsafe { PgLwLock::new(c"pg_postback_worker") };
+/// Every worker's slot, and the launcher's pid.
+#[derive(Copy, Clone)]
+pub struct Slots {
+    pub launcher_pid: i32,
+    pub slots: [WorkerShared; MAX_WORKERS],
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots { launcher_pid: 0, slots: [WorkerShared::default(); MAX_WORKERS] }
+    }
+}
+
+unsafe impl PGRXSharedMemory for Slots {}
+
+pub static SHARED: PgLwLock<Slots> = unsafe { PgLwLock::new(c"pg_postback_workers") };
 
 /// Set in _PG_init under shared_preload_libraries; inherited by every backend.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
+/// This worker's slot (workers only).
+static MY_SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 pub fn init() {
     pg_shmem_init!(SHARED);
@@ -79,31 +114,89 @@ pub fn available() -> bool {
     PRELOADED.load(Ordering::Relaxed)
 }
 
-/// Called by the worker when it starts: publishes its latch and pid.
-pub fn register_self(now: i64) {
-    let mut s = SHARED.exclusive();
+/// Changes this worker's own slot.
+pub fn mine<R>(f: impl FnOnce(&mut WorkerShared) -> R) -> R {
+    let slot = MY_SLOT.load(Ordering::Relaxed);
+    let mut all = SHARED.exclusive();
+    f(&mut all.slots[slot.min(MAX_WORKERS - 1)])
+}
+
+/// The launcher sets a slot up for a worker it is about to start.
+pub fn assign(slot: usize, a: &Assignment, state: &str) {
+    let mut all = SHARED.exclusive();
+    let s = &mut all.slots[slot];
     *s = WorkerShared::default();
-    s.latch = unsafe { &raw mut (*pg_sys::MyProc).procLatch } as usize;
-    s.pid = unsafe { pg_sys::MyProcPid };
-    s.started_at = now;
+    s.assigned = true;
+    s.database.set(&a.database);
+    s.index = a.index;
+    s.count = a.count;
+    s.state.set(state);
+}
+
+/// The launcher frees a slot (its worker stopped for good).
+pub fn unassign(slot: usize) {
+    SHARED.exclusive().slots[slot] = WorkerShared::default();
+}
+
+/// The launcher says what became of a slot's worker.
+pub fn set_state(slot: usize, state: &str) {
+    SHARED.exclusive().slots[slot].state.set(state);
+}
+
+/// A worker takes its slot (its start argument) and learns its assignment;
+/// None when the launcher has not set that slot up.
+pub fn take_slot(slot: usize) -> Option<Assignment> {
+    if slot >= MAX_WORKERS {
+        return None;
+    }
+    let all = SHARED.share();
+    let s = &all.slots[slot];
+    if !s.assigned {
+        return None;
+    }
+    MY_SLOT.store(slot, Ordering::Relaxed);
+    Some(s.assignment())
+}
+
+/// Called by the worker once connected: publishes its latch and pid.
+pub fn register_self(now: i64) {
+    mine(|s| {
+        let kept = (s.assigned, s.database, s.index, s.count);
+        *s = WorkerShared::default();
+        (s.assigned, s.database, s.index, s.count) = kept;
+        s.latch = unsafe { &raw mut (*pg_sys::MyProc).procLatch } as usize;
+        s.pid = unsafe { pg_sys::MyProcPid };
+        s.database_oid = unsafe { pg_sys::MyDatabaseId }.to_u32();
+        s.started_at = now;
+    });
 }
 
 pub fn unregister_self() {
-    let mut s = SHARED.exclusive();
-    s.latch = 0;
-    s.pid = 0;
-    s.in_flight = 0;
-    s.slow_endpoints = 0;
-    s.in_flight_slow = 0;
+    mine(|s| {
+        s.latch = 0;
+        s.pid = 0;
+        s.in_flight = 0;
+        s.slow_endpoints = 0;
+        s.in_flight_slow = 0;
+    });
 }
 
-/// Sets the worker's latch, if a worker is running.
+/// Sets the latches of the workers serving this database.
 pub fn wake() {
     if !available() {
         return;
     }
-    let latch = SHARED.share().latch;
-    if latch != 0 {
+    let here = unsafe { pg_sys::MyDatabaseId }.to_u32();
+    let mut latches = [0usize; MAX_WORKERS];
+    {
+        let all = SHARED.share();
+        for (i, s) in all.slots.iter().enumerate() {
+            if s.database_oid == here {
+                latches[i] = s.latch;
+            }
+        }
+    }
+    for latch in latches.into_iter().filter(|&l| l != 0) {
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
     }
 }

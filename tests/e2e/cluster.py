@@ -47,6 +47,8 @@ class Cluster:
             "log_line_prefix": "'%m [%p] %b '",
             "fsync": "off",
             "max_connections": "50",
+            # one worker per database unless a test asks for more (the default follows the cores)
+            "postback.workers": "1",
         }
         self.settings.update(settings or {})
 
@@ -106,7 +108,7 @@ class Cluster:
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+                raise AssertionError(f"timed out after {timeout}s waiting for {what() if callable(what) else what}")
             time.sleep(interval)
 
 

@@ -208,17 +208,26 @@ def test_curl_reproduces_a_delivery_by_hand_and_shows_credentials_to_the_owner_o
         assert rows == [(name, True, "fired")]
 
 
+def conn_rows(cluster, database):
+    with cluster.connect() as conn:
+        row = conn.execute("SELECT running, state FROM postback.worker_status() WHERE database = %s",
+                           (database,)).fetchone()
+    return row if row and row[1] and "could not connect" in row[1] else None
+
+
 def test_worker_status_tells_the_truth_in_a_database_it_does_not_serve(cluster, make_cluster):
     with cluster.connect() as conn:
         conn.execute("DROP DATABASE IF EXISTS not_served")
         conn.execute("CREATE DATABASE not_served")
     with cluster.connect("not_served") as conn:
         conn.execute("CREATE EXTENSION pg_postback")
-        running, database, hint = conn.execute(
-            "SELECT running, database, hint FROM postback.worker_status()").fetchone()
-    assert running is False and database == "postgres"
-    assert "serves database 'postgres' (postback.database_name), not this one ('not_served')" in hint, hint
-    assert "postback.database_name = 'not_served'" in hint
+        rows = conn.execute("SELECT running, database, hint FROM postback.worker_status()").fetchall()
+    # this database first, with why no worker serves it; then the worker of the database it serves
+    (running, database, hint), served = rows
+    assert running is False and database == "not_served"
+    assert "serve postback.database_name = 'postgres', not this database ('not_served')" in hint, hint
+    assert "postback.database_name = 'not_served' (or add it to the list)" in hint
+    assert served == (True, "postgres", None), served
     with cluster.connect() as conn:
         conn.execute("DROP DATABASE not_served")
     # a name that is no database
@@ -228,6 +237,9 @@ def test_worker_status_tells_the_truth_in_a_database_it_does_not_serve(cluster, 
         running, hint = conn.execute("SELECT running, hint FROM postback.worker_status()").fetchone()
     assert running is False
     assert "postback.database_name = 'nowhere' names no database" in hint, hint
+    # and the launcher's row for it says what happened
+    row = c.wait_for(lambda: conn_rows(c, "nowhere"), what="the row of 'nowhere'")
+    assert row[0] is False and "could not connect to database \"nowhere\"" in row[1], row
 
 
 def test_a_webhook_that_died_at_the_body_limit_is_never_sent_empty(cluster, receiver):
