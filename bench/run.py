@@ -5,7 +5,10 @@ usage: python3 bench/run.py [--quick]
 Starts its own throwaway preloaded cluster and loopback receivers (the release build
 must be installed: `make bench` / `make bench-quick` do it). The enqueue figures come
 from bench/enqueue.py, run first in its own cluster without the worker; the many-slow-
-partners figures from bench/slow_partners.py, in its own cluster with default settings.
+partners figures from bench/slow_partners.py, in its own cluster with default settings;
+one worker beside two from bench/workers.py, in its own cluster; history beside the
+present (delivery rate and view timings with 10M finished deliveries, 1M in --quick)
+from bench/history.py, in its own cluster.
 """
 
 import json
@@ -35,6 +38,9 @@ GOALS = {
     "depth_ratio": ("<=", 1.2), "worker_rss_mib": ("<=", 64),
     "lifecycle_history_ratio": ("<=", 1.2), "lifecycle_vs_plain_ratio": ("<=", 3.0),
     "noisy_many_ratio": ("<=", 1.5), "noisy_many_p99_added_ms": ("<=", 50), "open_requests_rss_mib": ("<=", 64),
+    "workers_ratio": (">=", 1.5), "e2e_dps_2_workers": (">=", 20000), "history_ratio": (">=", 0.9),
+    "endpoint_health_ms": ("<=", 200), "metrics_ms": ("<=", 200), "dead_letters_ms": ("<=", 200),
+    "match_rate_ms": ("<=", 200),
 }
 
 
@@ -150,6 +156,22 @@ def main():
     for key in ("noisy_many_ratio", "noisy_many_p99_added_ms", "open_requests_rss_mib",
                 "worker_threads_at_open_requests"):
         results[key] = slow[key]
+
+    step("one worker beside two over 100 endpoints (bench/workers.py, its own cluster)")
+    subprocess.run([sys.executable, os.path.join(HERE, "workers.py")] + (["--quick"] if QUICK else []), check=True)
+    with open(os.path.join(ROOT, "target", "bench", "workers.json")) as f:
+        workers = json.load(f)
+    for key in ("ceiling_dps_1_workers", "ceiling_dps_2_workers", "workers_ratio", "e2e_dps_1_workers",
+                "e2e_dps_2_workers", "e2e_workers_ratio", "e2e_dps_one_endpoint_2_workers"):
+        results[key] = workers[key]
+
+    step("history beside the present (bench/history.py, its own cluster)")
+    subprocess.run([sys.executable, os.path.join(HERE, "history.py")] + (["--quick"] if QUICK else []), check=True)
+    with open(os.path.join(ROOT, "target", "bench", "history.json")) as f:
+        history = json.load(f)
+    for key in ("history_deliveries", "dps_empty", "dps_history", "history_ratio", "endpoint_health_ms",
+                "metrics_ms", "dead_letters_ms", "match_rate_ms"):
+        results[key] = history[key]
 
     port = free_port()
     receiver = subprocess.Popen([os.path.join(TARGET, "bench_receiver"), str(port)])
