@@ -82,7 +82,7 @@ pub extern "C-unwind" fn pg_postback_worker_main(arg: pg_sys::Datum) {
     log!("pg_postback worker {}/{} started, connected to database \"{}\"", me.index + 1, me.count, me.database);
 
     let mut worker = Worker::new(share);
-    let mut schema = SchemaWait::default();
+    let mut schema = SchemaWait { logged: None, database: me.database.clone() };
     // the first purge runs a minute after start, then every hour
     let mut last_purge = Instant::now() - PURGE_EVERY + Duration::from_secs(60);
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
@@ -145,10 +145,12 @@ fn pin_session() {
 }
 
 /// Waiting for a schema this library speaks (installed, at its version).
-#[derive(Default)]
 struct SchemaWait {
-    /// the version last logged as waiting for ALTER EXTENSION … UPDATE
+    /// what was last logged while waiting: the version waiting for ALTER
+    /// EXTENSION … UPDATE, or that the extension is not installed
     logged: Option<String>,
+    /// the database served, named in what is logged
+    database: String,
 }
 
 impl SchemaWait {
@@ -163,10 +165,13 @@ impl SchemaWait {
                 true
             }
             Ok(None) => {
-                shared::mine(|s| {
-                    s.state.set("waiting: pg_postback is not installed in this database (CREATE EXTENSION pg_postback)")
-                });
-                self.logged = None;
+                const MISSING: &str = "pg_postback is not installed in this database (CREATE EXTENSION pg_postback)";
+                if self.logged.as_deref() != Some(MISSING) {
+                    // said once, not at every look (a database listed before the extension is created)
+                    log!("pg_postback worker of database \"{}\": {MISSING}; looking again every second", self.database);
+                    shared::mine(|s| s.state.set(&format!("waiting: {MISSING}")));
+                    self.logged = Some(MISSING.to_string());
+                }
                 BackgroundWorker::wait_latch(Some(poll.max(Duration::from_secs(1))));
                 false
             }

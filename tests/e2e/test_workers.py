@@ -159,6 +159,8 @@ def test_two_databases_each_get_their_workers_and_reload_adds_and_removes(make_c
         rows = workers(b)
         assert [r[0] for r in rows] == ["postgres", "shop_b", "shop_c"], rows
         assert "not installed" in rows[2][5], rows
+        # and the log says so once, not at every look
+        assert c.log().count('of database "shop_c": pg_postback is not installed in this database') == 1
     with c.connect() as conn:
         name_a = scoped_endpoint(conn, receiver.url("/a?e={event}&t={transaction_id}&s={status}"), "shopa")
         lifecycle(conn, [name_a], 10)
