@@ -20,7 +20,8 @@ CREATE FUNCTION postback.worker_status(
     OUT in_flight_slow integer,
     OUT worker         integer,
     OUT workers        integer,
-    OUT state          text)
+    OUT state          text,
+    OUT role           text)
 RETURNS SETOF record
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -34,9 +35,10 @@ AS $$
                     s.database::name AS database, s.last_wake, s.sent, s.succeeded, s.failed, s.in_flight,
                     s.last_error, s.last_error_at,
                     CASE WHEN a.pid IS NULL THEN coalesce(s.state, 'not running: see the server log') END AS hint,
-                    s.concurrency, s.slow_endpoints, s.in_flight_slow, s.worker, s.workers, s.state
+                    s.concurrency, s.slow_endpoints, s.in_flight_slow, s.worker, s.workers, s.state, s.role
                FROM s
-               LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = s.pid AND a.backend_type = 'pg_postback worker'
+               LEFT JOIN pg_catalog.pg_stat_activity a
+                      ON a.pid = s.pid AND a.backend_type IN ('pg_postback worker', 'pg_postback maintenance')
              UNION ALL
              SELECT false, NULL, NULL, current_database(), NULL, 0, 0, 0, 0, NULL, NULL,
                     CASE
@@ -64,9 +66,9 @@ AS $$
                              'seconds (and again after a crash); if none comes, check the server log and '
                              'max_worker_processes.'
                     END,
-                    NULL, 0, 0, NULL, NULL, NULL
+                    NULL, 0, 0, NULL, NULL, NULL, NULL
               WHERE NOT EXISTS (SELECT 1 FROM s WHERE s.database = current_database()))
-    SELECT * FROM rows r ORDER BY r.database <> current_database(), r.database, r.worker
+    SELECT * FROM rows r ORDER BY r.database <> current_database(), r.database, r.role, r.worker
 $$;
 
 CREATE VIEW postback.delivery_summary AS

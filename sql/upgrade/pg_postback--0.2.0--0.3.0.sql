@@ -659,7 +659,7 @@ CREATE FUNCTION postback."worker_stats"() RETURNS TABLE (
 	"pid" INT, "started_at" timestamp with time zone, "last_wake" timestamp with time zone,
 	"sent" bigint, "succeeded" bigint, "failed" bigint, "in_flight" INT, "last_error" TEXT,
 	"last_error_at" timestamp with time zone, "concurrency" INT, "slow_endpoints" INT, "in_flight_slow" INT,
-	"database" TEXT, "worker" INT, "workers" INT, "state" TEXT
+	"database" TEXT, "worker" INT, "workers" INT, "state" TEXT, "role" TEXT
 )
 STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'worker_stats_wrapper';
 REVOKE EXECUTE ON FUNCTION postback.worker_stats() FROM PUBLIC;
@@ -681,7 +681,8 @@ CREATE FUNCTION postback.worker_status(
     OUT in_flight_slow integer,
     OUT worker         integer,
     OUT workers        integer,
-    OUT state          text)
+    OUT state          text,
+    OUT role           text)
 RETURNS SETOF record
 LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -695,9 +696,10 @@ AS $$
                     s.database::name AS database, s.last_wake, s.sent, s.succeeded, s.failed, s.in_flight,
                     s.last_error, s.last_error_at,
                     CASE WHEN a.pid IS NULL THEN coalesce(s.state, 'not running: see the server log') END AS hint,
-                    s.concurrency, s.slow_endpoints, s.in_flight_slow, s.worker, s.workers, s.state
+                    s.concurrency, s.slow_endpoints, s.in_flight_slow, s.worker, s.workers, s.state, s.role
                FROM s
-               LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = s.pid AND a.backend_type = 'pg_postback worker'
+               LEFT JOIN pg_catalog.pg_stat_activity a
+                      ON a.pid = s.pid AND a.backend_type IN ('pg_postback worker', 'pg_postback maintenance')
              UNION ALL
              SELECT false, NULL, NULL, current_database(), NULL, 0, 0, 0, 0, NULL, NULL,
                     CASE
@@ -725,9 +727,9 @@ AS $$
                              'seconds (and again after a crash); if none comes, check the server log and '
                              'max_worker_processes.'
                     END,
-                    NULL, 0, 0, NULL, NULL, NULL
+                    NULL, 0, 0, NULL, NULL, NULL, NULL
               WHERE NOT EXISTS (SELECT 1 FROM s WHERE s.database = current_database()))
-    SELECT * FROM rows r ORDER BY r.database <> current_database(), r.database, r.worker
+    SELECT * FROM rows r ORDER BY r.database <> current_database(), r.database, r.role, r.worker
 $$;
 REVOKE EXECUTE ON FUNCTION postback.worker_status() FROM PUBLIC;
 
@@ -1070,11 +1072,11 @@ COMMENT ON FUNCTION postback.explain(text) IS 'postback.explain for the conversi
 COMMENT ON FUNCTION postback.explain_routing(bigint) IS 'Internal: for every endpoint, the first of its filters that leaves the conversion out (what it wants, what the conversion has), or NULL when all match.';
 COMMENT ON FUNCTION postback.curl_command(text, text, jsonb, text, bigint) IS 'A curl command line for a request (method, URL, headers, body, timeout in ms), every argument single-quoted for the shell.';
 COMMENT ON FUNCTION postback.curl(bigint) IS 'A delivery''s request as a curl command line to run by hand: method, URL, headers with a fresh signature, body, the endpoint''s timeout. The endpoint''s own header values are shown to the extension owner only ([redacted] for operators). Owner and operators; never logged.';
-COMMENT ON FUNCTION postback.worker_status() IS 'One row per delivery worker the launcher runs, this database''s first (every database listed in postback.database_name, postback.workers each): running, pid, database, worker (1..workers), counters, last error (also: waiting for ALTER EXTENSION … UPDATE), state (delivering, waiting, restarting and why); concurrency, slow endpoints and the requests they hold. When no worker serves this database, one more row with a hint: not preloaded, postback.database_name naming no database or not this one, or not started yet.';
+COMMENT ON FUNCTION postback.worker_status() IS 'One row per delivery worker the launcher runs, this database''s first (every database listed in postback.database_name, postback.workers each, and one maintenance worker per database: role): running, pid, database, worker (1..workers; NULL for maintenance), counters, last error (also: waiting for ALTER EXTENSION … UPDATE), state (delivering, waiting, restarting and why); concurrency, slow endpoints and the requests they hold. When no worker serves this database, one more row with a hint: not preloaded, postback.database_name naming no database or not this one, or not started yet.';
 COMMENT ON COLUMN postback.endpoint_state.slow_since IS 'Since when the worker counts this endpoint slow (a request out for a second or more, or answers lately that slow): slow endpoints together hold at most half of postback.concurrency. NULL while it is not.';
 COMMENT ON COLUMN postback.endpoint_health.in_flight IS 'Deliveries on the wire now (claimed by the worker).';
 COMMENT ON COLUMN postback.endpoint_health.slow_since IS 'Since when the worker counts it slow (a request out for a second or more, or answers lately that slow); slow endpoints together hold at most half of postback.concurrency, so they never take the capacity other endpoints need. NULL while it is not.';
-COMMENT ON FUNCTION postback.worker_stats() IS 'Every worker''s figures from shared memory, one row per worker the launcher runs: pid, start, last wake, requests sent, in flight, last error; concurrency (most requests open at once), slow endpoints and their requests in flight; database, worker (1..workers), workers, state.';
+COMMENT ON FUNCTION postback.worker_stats() IS 'Every worker''s figures from shared memory, one row per worker the launcher runs: pid, start, last wake, requests sent, in flight, last error; concurrency (most requests open at once), slow endpoints and their requests in flight; database, worker (1..workers, NULL for the maintenance worker), workers, state, role (delivery or maintenance).';
 
 COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period; deliveries count in the hour they finished, windows start on the hour), in total and per event, per endpoint and per partner (breakdown): success rate, dead deliveries, commit-to-success latency (from delivery_rollup, so they survive the purge); dedup, reversal and match rates on the total rows.';
 COMMENT ON COLUMN postback.metrics.event IS 'Conversion event of a per-event row; NULL in the others.';

@@ -32,9 +32,10 @@ fn worker_stats() -> TableIterator<
         name!(slow_endpoints, i32),
         name!(in_flight_slow, i32),
         name!(database, Option<String>),
-        name!(worker, i32),
+        name!(worker, Option<i32>),
         name!(workers, i32),
         name!(state, Option<String>),
+        name!(role, String),
     ),
 > {
     if !crate::worker::shared::available() {
@@ -60,9 +61,10 @@ fn worker_stats() -> TableIterator<
                 s.slow_endpoints,
                 s.in_flight_slow,
                 s.database.get(),
-                s.index as i32 + 1,
+                (!s.maintenance).then_some(s.index as i32 + 1),
                 s.count as i32,
                 s.state.get(),
+                if s.maintenance { "maintenance" } else { "delivery" }.to_string(),
             )
         })
         .collect();

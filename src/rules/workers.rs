@@ -1,6 +1,6 @@
 //! Which delivery workers run (pure): the databases listed in
-//! `postback.database_name`, how many workers each gets (`postback.workers`)
-//! and how long the launcher waits before it starts a worker that stopped
+//! `postback.database_name`, how many delivery workers each gets
+//! (`postback.workers`, plus one maintenance worker) and how long the launcher waits before it starts a worker that stopped
 //! again. Worker `index` of `count` owns the endpoints whose id modulo `count`
 //! is `index` (the claim query says so in SQL): one owner per endpoint.
 
@@ -14,12 +14,27 @@ pub const MAX_PER_DATABASE: i32 = 16;
 pub const MAX_NAME_BYTES: usize = 63;
 
 /// One worker the launcher should run: database, its index among that
-/// database's workers, and how many the database has.
+/// database's delivery workers and how many the database has; or the
+/// database's maintenance worker (roll-up, purge, auto-disable), which
+/// delivers nothing, so that no delivery waits while history is counted or
+/// deleted.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Assignment {
     pub database: String,
     pub index: u32,
     pub count: u32,
+    pub maintenance: bool,
+}
+
+impl Assignment {
+    /// "worker 2/3" or "maintenance worker", for log lines and process names.
+    pub fn describe(&self) -> String {
+        if self.maintenance {
+            "maintenance worker".to_string()
+        } else {
+            format!("worker {}/{}", self.index + 1, self.count)
+        }
+    }
 }
 
 /// Parses `postback.database_name`: one database name or a comma-separated
@@ -78,21 +93,22 @@ pub fn automatic_workers(cpus: usize) -> u32 {
     (cpus / 2).clamp(1, 4) as u32
 }
 
-/// The workers to run: each database its `per_database` workers, in the order
-/// listed, as long as MAX_WORKERS slots last. Also returns the databases left
-/// without workers because the slots ran out.
+/// The workers to run: each database its `per_database` delivery workers and
+/// one maintenance worker, in the order listed, as long as MAX_WORKERS slots
+/// last. Also returns the databases left without workers because the slots ran out.
 pub fn plan(databases: &[String], per_database: u32) -> (Vec<Assignment>, Vec<String>) {
     let per_database = per_database.max(1);
     let mut out = Vec::new();
     let mut left = Vec::new();
     for database in databases {
-        if out.len() + per_database as usize > MAX_WORKERS {
+        if out.len() + per_database as usize + 1 > MAX_WORKERS {
             left.push(database.clone());
             continue;
         }
         for index in 0..per_database {
-            out.push(Assignment { database: database.clone(), index, count: per_database });
+            out.push(Assignment { database: database.clone(), index, count: per_database, maintenance: false });
         }
+        out.push(Assignment { database: database.clone(), index: 0, count: per_database, maintenance: true });
     }
     (out, left)
 }
@@ -142,13 +158,16 @@ mod tests {
     fn plan_gives_each_database_its_workers_until_slots_run_out() {
         let dbs = vec!["a".to_string(), "b".to_string()];
         let (p, left) = plan(&dbs, 2);
-        assert_eq!(p.len(), 4);
-        assert_eq!(p[3], Assignment { database: "b".into(), index: 1, count: 2 });
+        assert_eq!(p.len(), 6);
+        assert_eq!(p[4], Assignment { database: "b".into(), index: 1, count: 2, maintenance: false });
+        assert_eq!(p[5], Assignment { database: "b".into(), index: 0, count: 2, maintenance: true });
+        assert_eq!(p[5].describe(), "maintenance worker");
+        assert_eq!(p[4].describe(), "worker 2/2");
         assert!(left.is_empty());
         let many: Vec<String> = (0..20).map(|i| format!("db{i}")).collect();
         let (p, left) = plan(&many, 2);
-        assert_eq!(p.len(), MAX_WORKERS);
-        assert_eq!(left, vec!["db16", "db17", "db18", "db19"]);
+        assert_eq!(p.len(), 30);
+        assert_eq!(left, vec!["db10", "db11", "db12", "db13", "db14", "db15", "db16", "db17", "db18", "db19"]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
 
-use super::{shared, shutdown_requested, WORKER_TYPE};
+use super::{shared, shutdown_requested, MAINTENANCE_TYPE, WORKER_TYPE};
 use crate::gucs;
 use crate::rules::workers::{self, Assignment, MAX_WORKERS};
 
@@ -31,7 +31,7 @@ pub fn register() {
         .set_type(LAUNCHER_TYPE)
         .set_library("pg_postback")
         .set_function("pg_postback_launcher_main")
-        .enable_shmem_access(None)
+        .enable_spi_access()
         .set_restart_time(Some(Duration::from_secs(5)))
         .load();
 }
@@ -78,6 +78,9 @@ struct Slot {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_postback_launcher_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // connected to no database (as the logical replication launcher): it reads
+    // no table, but shows in pg_stat_activity
+    BackgroundWorker::connect_worker_to_spi(None, None);
     stop_leftovers();
     shared::SHARED.exclusive().launcher_pid = unsafe { pg_sys::MyProcPid };
     log!("pg_postback launcher started");
@@ -130,12 +133,7 @@ fn reconcile(slots: &mut [Option<Slot>], wanted: &[Assignment]) {
         if !wanted.contains(&slot.assignment) {
             let a = slot.assignment.clone();
             stop(slots, i);
-            log!(
-                "pg_postback launcher: stopped worker {}/{} of database \"{}\" (settings changed)",
-                a.index + 1,
-                a.count,
-                a.database
-            );
+            log!("pg_postback launcher: stopped {} of database \"{}\" (settings changed)", a.describe(), a.database);
         }
     }
     // a changed count: every worker of that database is stopped before any new one starts
@@ -162,9 +160,9 @@ fn stop(slots: &mut [Option<Slot>], i: usize) {
 /// Starts a slot's worker (the slot number is its argument).
 fn start(slot: &mut Slot, i: usize) {
     let a = &slot.assignment;
-    let name = format!("{WORKER_TYPE} {}/{} for {}", a.index + 1, a.count, a.database);
+    let name = format!("{WORKER_TYPE} {} for {}", a.describe(), a.database);
     let builder = BackgroundWorkerBuilder::new(crate::rules::text::truncate_utf8(&name, 95))
-        .set_type(WORKER_TYPE)
+        .set_type(if a.maintenance { MAINTENANCE_TYPE } else { WORKER_TYPE })
         .set_library("pg_postback")
         .set_function("pg_postback_worker_main")
         .enable_spi_access()
@@ -179,11 +177,10 @@ fn start(slot: &mut Slot, i: usize) {
             slot.delay = Some(delay);
             slot.restart_at = Some(Instant::now() + delay);
             let message = format!(
-                "no background worker slot free for worker {}/{} of database \"{}\": raise \
-                 max_worker_processes (it needs one for the launcher and one per worker, beside \
-                 parallel query's); next try in {} s",
-                a.index + 1,
-                a.count,
+                "no background worker slot free for the {} of database \"{}\": raise \
+                 max_worker_processes (it needs one for the launcher, and per database one per \
+                 worker and one for maintenance, beside parallel query's); next try in {} s",
+                a.describe(),
                 a.database,
                 delay.as_secs()
             );
@@ -219,12 +216,7 @@ fn watch(slots: &mut [Option<Slot>]) {
                 )
             };
             if delay >= Duration::from_secs(2) || connected {
-                log!(
-                    "pg_postback launcher: worker {}/{} of database \"{}\" {message}",
-                    a.index + 1,
-                    a.count,
-                    a.database
-                );
+                log!("pg_postback launcher: {} of database \"{}\" {message}", a.describe(), a.database);
             }
             shared::set_state(i, &message);
             let mut all = shared::SHARED.exclusive();

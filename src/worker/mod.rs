@@ -33,7 +33,6 @@ pub mod shared;
 mod txn;
 
 use claim::{CachedEndpoint, Judging};
-use maintenance::{purge, roll_up};
 use pool::{Done, Pool, Work};
 use queue::{Claimed, EndpointConfig, Record, Share};
 use record::dead_record;
@@ -41,6 +40,8 @@ use record::dead_record;
 /// The worker's backend type and application name (`pg_stat_activity`); the
 /// SQL side (`worker_status`, lease reclaim) looks for it under this name.
 pub const WORKER_TYPE: &str = "pg_postback worker";
+/// The maintenance worker's backend type and application name.
+pub const MAINTENANCE_TYPE: &str = "pg_postback maintenance";
 /// How often finished deliveries older than postback.retention are deleted.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
 /// How often finished deliveries are rolled up for postback.metrics.
@@ -63,8 +64,9 @@ fn shutdown_requested() -> bool {
     unsafe { std::ptr::read_volatile(&raw const pg_sys::ShutdownRequestPending) != 0 }
 }
 
-/// A delivery worker, started by the launcher: its argument is its slot,
-/// where the launcher wrote its database and its share of the endpoints.
+/// A worker, started by the launcher: its argument is its slot, where the
+/// launcher wrote its database and either its share of the endpoints (a
+/// delivery worker) or that it is the database's maintenance worker.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_postback_worker_main(arg: pg_sys::Datum) {
@@ -76,50 +78,44 @@ pub extern "C-unwind" fn pg_postback_worker_main(arg: pg_sys::Datum) {
     // whatever ends this process (an error, FATAL) clears its slot's pid and latch
     unsafe { pg_sys::before_shmem_exit(Some(on_exit), pg_sys::Datum::from(0)) };
     BackgroundWorker::connect_worker_to_spi(Some(&me.database), None);
-    pin_session();
+    pin_session(if me.maintenance { MAINTENANCE_TYPE } else { WORKER_TYPE });
     shared::register_self(crate::rules::text::unix_micros_now());
-    let share = Share { index: me.index as i32, count: me.count as i32 };
-    log!("pg_postback worker {}/{} started, connected to database \"{}\"", me.index + 1, me.count, me.database);
+    log!("pg_postback {} started, connected to database \"{}\"", me.describe(), me.database);
+    let schema = SchemaWait { logged: None, database: me.database.clone(), speaks: !me.maintenance };
+    if me.maintenance {
+        maintenance::run(schema);
+    } else {
+        deliver(Share { index: me.index as i32, count: me.count as i32 }, schema);
+    }
+    shared::unregister_self();
+    log!("pg_postback worker shutting down ({} of database \"{}\")", me.describe(), me.database);
+}
 
+/// A delivery worker's loop: claim, send, record, wait; housekeeping every
+/// few seconds. Roll-up and purge are the maintenance worker's.
+fn deliver(share: Share, mut schema: SchemaWait) {
     let mut worker = Worker::new(share);
-    let mut schema = SchemaWait { logged: None, database: me.database.clone() };
-    // the first purge runs a minute after start, then every hour
-    let mut last_purge = Instant::now() - PURGE_EVERY + Duration::from_secs(60);
     let mut last_housekeeping = Instant::now() - HOUSEKEEPING_EVERY;
-    let mut last_rollup = Instant::now() - ROLLUP_EVERY + Duration::from_secs(5);
-
     while !shutdown_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             worker.reload();
         }
         let poll = Duration::from_millis(gucs::POLL_INTERVAL_MS.get().max(10) as u64);
-        if !worker.ready && !schema.ready(&mut worker, poll) {
-            continue;
+        if !worker.ready {
+            if !schema.ready(poll) {
+                continue;
+            }
+            shared::mine(|s| s.state.set("delivering"));
+            worker.start();
         }
         worker.step(poll);
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             last_housekeeping = Instant::now();
             worker.housekeeping();
         }
-        // the database's first worker rolls up and purges for all of them
-        if share.index != 0 {
-            continue;
-        }
-        if last_rollup.elapsed() >= ROLLUP_EVERY {
-            last_rollup = Instant::now();
-            roll_up();
-        }
-        if last_purge.elapsed() >= PURGE_EVERY {
-            last_purge = Instant::now();
-            // finished deliveries are counted before any is deleted
-            roll_up();
-            purge();
-        }
     }
     worker.stop();
-    shared::unregister_self();
-    log!("pg_postback worker shutting down (worker {}/{} of database \"{}\")", me.index + 1, me.count, me.database);
 }
 
 #[pg_guard]
@@ -131,8 +127,8 @@ unsafe extern "C-unwind" fn on_exit(_code: std::ffi::c_int, _arg: pg_sys::Datum)
 /// which only pg_catalog resolves unqualified names (an operator or function
 /// planted in `public` or in a schema named after this role is never found,
 /// whatever the database's or role's default search_path says).
-fn pin_session() {
-    let appname = std::ffi::CString::new(WORKER_TYPE).expect("no NUL in the worker type");
+fn pin_session(kind: &str) {
+    let appname = std::ffi::CString::new(kind).expect("no NUL in the worker type");
     unsafe {
         pg_sys::pgstat_report_appname(appname.as_ptr());
         pg_sys::SetConfigOption(
@@ -151,24 +147,30 @@ struct SchemaWait {
     logged: Option<String>,
     /// the database served, named in what is logged
     database: String,
+    /// whether this process logs it (the delivery workers do; the maintenance
+    /// worker only shows it in worker_status, so that it is said once)
+    speaks: bool,
 }
 
 impl SchemaWait {
-    /// Starts the worker once the schema is ready; otherwise waits a while and
-    /// says false. Deliveries of another version's schema wait (nothing is lost).
-    fn ready(&mut self, worker: &mut Worker, poll: Duration) -> bool {
+    /// True once the schema is ready; otherwise waits a while and says false.
+    /// Deliveries of another version's schema wait (nothing is lost).
+    fn ready(&mut self, poll: Duration) -> bool {
         match txn::run("checking the schema", queue::installed_version) {
             Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {
                 self.logged = None;
-                shared::mine(|s| s.state.set("delivering"));
-                worker.start();
                 true
             }
             Ok(None) => {
                 const MISSING: &str = "pg_postback is not installed in this database (CREATE EXTENSION pg_postback)";
                 if self.logged.as_deref() != Some(MISSING) {
                     // said once, not at every look (a database listed before the extension is created)
-                    log!("pg_postback worker of database \"{}\": {MISSING}; looking again every second", self.database);
+                    if self.speaks {
+                        log!(
+                            "pg_postback worker of database \"{}\": {MISSING}; looking again every second",
+                            self.database
+                        );
+                    }
                     shared::mine(|s| s.state.set(&format!("waiting: {MISSING}")));
                     self.logged = Some(MISSING.to_string());
                 }
@@ -183,7 +185,9 @@ impl SchemaWait {
                              deliveries wait until ALTER EXTENSION pg_postback UPDATE",
                             env!("CARGO_PKG_VERSION")
                         );
-                        log!("pg_postback worker: {message}");
+                        if self.speaks {
+                            log!("pg_postback worker: {message}");
+                        }
                         // worker_status (whatever the schema's version) shows it as last_error
                         shared::mine(|s| {
                             s.set_last_error(&message, crate::rules::text::unix_micros_now());

@@ -45,6 +45,8 @@ pub struct WorkerShared {
     pub database: ShortText<{ MAX_NAME_BYTES + 1 }>,
     pub index: u32,
     pub count: u32,
+    /// the database's maintenance worker (delivers nothing; commits do not wake it)
+    pub maintenance: bool,
     /// the database's oid once the worker connected (0 before): commits in
     /// that database wake it
     pub database_oid: u32,
@@ -79,7 +81,12 @@ impl WorkerShared {
     }
 
     pub fn assignment(&self) -> Assignment {
-        Assignment { database: self.database.get().unwrap_or_default(), index: self.index, count: self.count }
+        Assignment {
+            database: self.database.get().unwrap_or_default(),
+            index: self.index,
+            count: self.count,
+            maintenance: self.maintenance,
+        }
     }
 }
 
@@ -130,6 +137,7 @@ pub fn assign(slot: usize, a: &Assignment, state: &str) {
     s.database.set(&a.database);
     s.index = a.index;
     s.count = a.count;
+    s.maintenance = a.maintenance;
     s.state.set(state);
 }
 
@@ -161,9 +169,9 @@ pub fn take_slot(slot: usize) -> Option<Assignment> {
 /// Called by the worker once connected: publishes its latch and pid.
 pub fn register_self(now: i64) {
     mine(|s| {
-        let kept = (s.assigned, s.database, s.index, s.count);
+        let kept = (s.assigned, s.database, s.index, s.count, s.maintenance);
         *s = WorkerShared::default();
-        (s.assigned, s.database, s.index, s.count) = kept;
+        (s.assigned, s.database, s.index, s.count, s.maintenance) = kept;
         s.latch = unsafe { &raw mut (*pg_sys::MyProc).procLatch } as usize;
         s.pid = unsafe { pg_sys::MyProcPid };
         s.database_oid = unsafe { pg_sys::MyDatabaseId }.to_u32();
@@ -181,7 +189,7 @@ pub fn unregister_self() {
     });
 }
 
-/// Sets the latches of the workers serving this database.
+/// Sets the latches of the delivery workers serving this database.
 pub fn wake() {
     if !available() {
         return;
@@ -191,7 +199,7 @@ pub fn wake() {
     {
         let all = SHARED.share();
         for (i, s) in all.slots.iter().enumerate() {
-            if s.database_oid == here {
+            if s.database_oid == here && !s.maintenance {
                 latches[i] = s.latch;
             }
         }

@@ -221,9 +221,12 @@ def test_worker_status_tells_the_truth_in_a_database_it_does_not_serve(cluster, 
         conn.execute("CREATE DATABASE not_served")
     with cluster.connect("not_served") as conn:
         conn.execute("CREATE EXTENSION pg_postback")
-        rows = conn.execute("SELECT running, database, hint FROM postback.worker_status()").fetchall()
-    # this database first, with why no worker serves it; then the worker of the database it serves
-    (running, database, hint), served = rows
+        rows = conn.execute("SELECT running, database, hint, role FROM postback.worker_status()").fetchall()
+    # this database first, with why no worker serves it; then the workers of the database it serves
+    (running, database, hint, _), served, maintenance = rows
+    assert served[:3] == (True, "postgres", None) and served[3] == "delivery", served
+    assert maintenance[:2] == (True, "postgres") and maintenance[3] == "maintenance", maintenance
+    served = served[:3]
     assert running is False and database == "not_served"
     assert "serve postback.database_name = 'postgres', not this database ('not_served')" in hint, hint
     assert "postback.database_name = 'not_served' (or add it to the list)" in hint

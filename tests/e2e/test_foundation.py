@@ -25,6 +25,15 @@ def test_worker_is_visible_in_pg_stat_activity(cluster):
         running, status_pid, hint = conn.execute(
             "SELECT running, pid, hint FROM postback.worker_status()").fetchone()
         assert running is True and status_pid == pid and hint is None
+        # beside it, the database's maintenance worker (roll-up, purge) and the launcher
+        others = cluster.wait_for(lambda: conn.execute(
+            "SELECT backend_type, application_name, coalesce(datname, '') FROM pg_stat_activity "
+            "WHERE backend_type IN ('pg_postback maintenance', 'pg_postback launcher') ORDER BY 1").fetchall()
+            if len(conn.execute("SELECT 1 FROM pg_stat_activity WHERE backend_type IN "
+                                "('pg_postback maintenance', 'pg_postback launcher')").fetchall()) == 2 else None,
+            what="the launcher and the maintenance worker")
+        assert others == [("pg_postback launcher", "", ""),
+                          ("pg_postback maintenance", "pg_postback maintenance", "postgres")], others
 
 
 def test_gucs_are_registered_with_descriptions(cluster):

@@ -104,7 +104,7 @@ def test_breaker_opens_probes_closes_and_announces_each_change(make_cluster, rec
     # open, one failed probe re-opens it, a successful probe closes it
     assert states == ["open", "half_open", "open", "half_open", "closed"], states
     with c.connect() as conn:
-        eid, pid = conn.execute("SELECT e.id, (SELECT pid FROM postback.worker_status()) "
+        eid, pid = conn.execute("SELECT e.id, (SELECT pid FROM postback.worker_status() WHERE role = 'delivery') "
                                 "FROM postback.endpoints e WHERE e.name = %s", (name,)).fetchone()
         total = conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0]
         # the reason is in endpoint_state, for the roles that may read it

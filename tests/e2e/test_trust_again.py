@@ -112,7 +112,7 @@ def test_a_stranded_lease_of_the_live_worker_comes_back(cluster, receiver):
         conn.execute(
             "UPDATE postback.deliveries d SET state = 'in_flight', attempts = 1, "
             "       lease_expires_at = now() - interval '1 second', "
-            "       leased_by = (SELECT pid FROM postback.worker_status()) "
+            "       leased_by = (SELECT pid FROM postback.worker_status() WHERE role = 'delivery') "
             "  FROM postback.endpoints e WHERE e.id = d.endpoint_id AND e.name = %s", (name,))
         conn.execute("SELECT postback.resume(%s)", (name,))
         cluster.wait_for(lambda: len(receiver.seen("/stranded")) == 1, timeout=20, what="the stranded delivery")
