@@ -93,9 +93,9 @@ def status(conn):
     shows only the first: the same script measures the version before)."""
     try:
         return conn.execute("SELECT in_flight, slow_endpoints, in_flight_slow, concurrency "
-                            "FROM postback.worker_status()").fetchone()
+                            "FROM postback.worker_status() WHERE role = 'delivery'").fetchone()
     except psycopg.errors.UndefinedColumn:
-        in_flight = conn.execute("SELECT in_flight FROM postback.worker_status()").fetchone()[0]
+        in_flight = conn.execute("SELECT in_flight FROM postback.worker_status() WHERE role = 'delivery'").fetchone()[0]
         return (in_flight, None, None, conn.execute("SHOW postback.concurrency").fetchone()[0])
 
 
@@ -148,7 +148,7 @@ def open_requests(results):
             conn.execute("CREATE EXTENSION pg_postback")
             c.wait_for(lambda: status(conn)[3], what="the worker's first pass")
             opener = Hanging().start()
-            pid = conn.execute("SELECT pid FROM postback.worker_status()").fetchone()[0]
+            pid = conn.execute("SELECT pid FROM postback.worker_status() WHERE role = 'delivery'").fetchone()[0]
             before = rss_of(pid)
             conn.execute(
                 "INSERT INTO postback.endpoints (name, url_template, events, max_in_flight, timeout) "

@@ -35,7 +35,7 @@ def step(message):
 
 def worker_pids(conn):
     return [r[0] for r in conn.execute("SELECT pid FROM postback.worker_status() "
-                                       "WHERE database = current_database() AND running")]
+                                       "WHERE database = current_database() AND role = 'delivery' AND running")]
 
 
 def set_workers(c, conn, n):
@@ -43,7 +43,7 @@ def set_workers(c, conn, n):
     conn.execute("SELECT pg_reload_conf()")
     c.wait_for(lambda: len(worker_pids(conn)) == n and all(
         r[0] == "delivering" for r in conn.execute("SELECT state FROM postback.worker_status() "
-                                                   "WHERE database = current_database()")),
+                                                   "WHERE database = current_database() AND role = 'delivery'")),
         timeout=30, what=f"{n} workers")
     time.sleep(0.5)
 

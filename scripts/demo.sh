@@ -50,7 +50,7 @@ for _ in $(seq 1 60); do
 done
 
 echo "==> the worker"
-"${PSQL[@]}" -c "SELECT running, pid, database, sent, succeeded, failed FROM postback.worker_status()"
+"${PSQL[@]}" -c "SELECT running, role, pid, database, sent, succeeded, failed FROM postback.worker_status()"
 echo "==> tables"
 "${PSQL[@]}" -c '\dt postback.*'
 echo "==> deliveries"

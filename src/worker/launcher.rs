@@ -64,6 +64,13 @@ impl Handle {
     }
 }
 
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // allocated by RegisterDynamicBackgroundWorker in the launcher's memory
+        unsafe { pg_sys::pfree(self.0.cast()) };
+    }
+}
+
 /// One slot's worker as the launcher sees it.
 struct Slot {
     assignment: Assignment,
