@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 from cluster import Cluster, free_port  # noqa: E402
 
 QUICK = "--quick" in sys.argv
-N = 20_000 if QUICK else 50_000
+N = 40_000 if QUICK else 100_000
 ENDPOINTS = 100
 TARGET = os.path.join(ROOT, "target", "release", "examples")
 
