@@ -163,6 +163,13 @@ CREATE INDEX IF NOT EXISTS deliveries_conversion ON postback.deliveries (convers
 CREATE INDEX IF NOT EXISTS deliveries_endpoint_due ON postback.deliveries (endpoint_id, next_attempt_at)
     WHERE state = 'pending';
 
+-- The newest dead letters, read newest first (dead_letters ORDER BY died_at
+-- DESC LIMIT 20 read every dead delivery: 372 ms beside 10M finished ones).
+-- Dead deliveries are few, so this builds fast; on a large table it can be
+-- built first with
+--   CREATE INDEX CONCURRENTLY deliveries_died_at ON postback.deliveries (completed_at) WHERE state = 'dead';
+CREATE INDEX IF NOT EXISTS deliveries_died_at ON postback.deliveries (completed_at) WHERE state = 'dead';
+
 -- Attributes nest at most 32 levels (a deeper click or conversion is refused
 -- when written, naming the column, instead of failing a later import whole).
 ALTER TABLE postback.conversions ADD CONSTRAINT attributes_nest_at_most_32_levels
