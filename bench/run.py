@@ -27,6 +27,7 @@ from cluster import Cluster, free_port  # noqa: E402
 from receiver import Hanging  # noqa: E402
 
 QUICK = "--quick" in sys.argv
+QUICK_ARGS = ["--quick"] if QUICK else []
 CONCURRENCY = int(os.environ.get("CONCURRENCY", "64"))
 N = 10_000 if QUICK else 20_000
 DEPTH = 100_000 if QUICK else 1_000_000
@@ -137,41 +138,31 @@ class RssSampler:
         return self.peak_kib / 1024
 
 
+def sub_bench(script, args, written, keys):
+    """Runs a benchmark script of its own cluster; the figures `keys` from the JSON it writes."""
+    subprocess.run([sys.executable, os.path.join(HERE, script)] + args, check=True)
+    with open(os.path.join(ROOT, "target", "bench", written)) as f:
+        figures = json.load(f)
+    return {key: figures[key] for key in keys}
+
+
 def main():
     results, settings = {}, {"concurrency": CONCURRENCY, "batch_size": 1000, "deliveries": N, "quick": QUICK}
     step("enqueue (bench/enqueue.py, its own cluster without the worker)")
-    subprocess.run([sys.executable, os.path.join(HERE, "enqueue.py")] + (["20000"] if QUICK else ["10000", "100000"]),
-                   check=True)
-    with open(os.path.join(ROOT, "target", "bench", "enqueue.json")) as f:
-        enq = json.load(f)
-    for key in ("fanout_ratio", "fanout_overhead", "fanout_1000_endpoints_overhead", "many_partners_overhead_ratio",
-                "clicks_1m_ratio", "lifecycle_history_ratio", "lifecycle_vs_plain_ratio"):
-        results[key] = enq[key]
-
+    results.update(sub_bench("enqueue.py", ["20000"] if QUICK else ["10000", "100000"], "enqueue.json", (
+        "fanout_ratio", "fanout_overhead", "fanout_1000_endpoints_overhead", "many_partners_overhead_ratio",
+        "clicks_1m_ratio", "lifecycle_history_ratio", "lifecycle_vs_plain_ratio")))
     step("many slow partners and 1,000 open requests (bench/slow_partners.py, its own cluster, defaults)")
-    subprocess.run([sys.executable, os.path.join(HERE, "slow_partners.py")] + (["--quick"] if QUICK else []),
-                   check=True)
-    with open(os.path.join(ROOT, "target", "bench", "slow.json")) as f:
-        slow = json.load(f)
-    for key in ("noisy_many_ratio", "noisy_many_p99_added_ms", "open_requests_rss_mib",
-                "worker_threads_at_open_requests"):
-        results[key] = slow[key]
-
+    results.update(sub_bench("slow_partners.py", QUICK_ARGS, "slow.json", (
+        "noisy_many_ratio", "noisy_many_p99_added_ms", "open_requests_rss_mib", "worker_threads_at_open_requests")))
     step("one worker beside two over 100 endpoints (bench/workers.py, its own cluster)")
-    subprocess.run([sys.executable, os.path.join(HERE, "workers.py")] + (["--quick"] if QUICK else []), check=True)
-    with open(os.path.join(ROOT, "target", "bench", "workers.json")) as f:
-        workers = json.load(f)
-    for key in ("ceiling_dps_1_workers", "ceiling_dps_2_workers", "workers_ratio", "e2e_dps_1_workers",
-                "e2e_dps_2_workers", "e2e_workers_ratio", "e2e_dps_one_endpoint_2_workers"):
-        results[key] = workers[key]
-
+    results.update(sub_bench("workers.py", QUICK_ARGS, "workers.json", (
+        "ceiling_dps_1_workers", "ceiling_dps_2_workers", "workers_ratio", "e2e_dps_1_workers",
+        "e2e_dps_2_workers", "e2e_workers_ratio", "e2e_dps_one_endpoint_2_workers")))
     step("history beside the present (bench/history.py, its own cluster)")
-    subprocess.run([sys.executable, os.path.join(HERE, "history.py")] + (["--quick"] if QUICK else []), check=True)
-    with open(os.path.join(ROOT, "target", "bench", "history.json")) as f:
-        history = json.load(f)
-    for key in ("history_deliveries", "dps_empty", "dps_history", "history_ratio", "endpoint_health_ms",
-                "metrics_ms", "dead_letters_ms", "match_rate_ms"):
-        results[key] = history[key]
+    results.update(sub_bench("history.py", QUICK_ARGS, "history.json", (
+        "history_deliveries", "dps_empty", "dps_history", "history_ratio", "endpoint_health_ms",
+        "metrics_ms", "dead_letters_ms", "match_rate_ms")))
 
     port = free_port()
     receiver = subprocess.Popen([os.path.join(TARGET, "bench_receiver"), str(port)])
