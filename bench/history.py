@@ -14,7 +14,6 @@ history_ratio = deliveries/s with the history ÷ with none (goal >= 0.9); each v
 time is the best of three runs of what an operator types (goal <= 200 ms).
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 from cluster import Cluster, free_port  # noqa: E402
+import figures  # noqa: E402
+from figures import step  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 HISTORY = 1_000_000 if QUICK else 10_000_000
@@ -36,9 +37,6 @@ VIEWS = {
     "match_rate_ms": "SELECT * FROM postback.match_rate",
 }
 
-
-def step(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def run(conn, name, url):
@@ -143,12 +141,7 @@ def main():
     finally:
         c.destroy()
         receiver.terminate()
-    out = os.path.join(ROOT, "target", "bench")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "history.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    for key, value in results.items():
-        print(f"{key:<36} {value:>14,.2f}")
+    figures.write("history.json", results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ cluster of its own: 1,000 endpoints × 1 request to a partner that never answers
 worker's private memory (RssAnon) and its thread count while they are all open.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -25,15 +24,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 from cluster import Cluster, free_port  # noqa: E402
+import figures  # noqa: E402
+from figures import step  # noqa: E402
 from receiver import Hanging  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 TARGET = os.path.join(ROOT, "target", "release", "examples")
 FAST_N = 4000
 
-
-def step(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def ids_of(conn, pattern):
@@ -236,12 +234,7 @@ def main():
         receiver.terminate()
         hanging.stop()
     open_requests(results)
-    out = os.path.join(ROOT, "target", "bench")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "slow.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    for key, value in results.items():
-        print(f"{key:<40} {value:>10.2f}")
+    figures.write("slow.json", results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ partner) and, for the record, which processes used the CPU (`perf` is the profil
 prints only the split by process from /proc).
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -22,15 +21,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
 from cluster import Cluster, free_port  # noqa: E402
+import figures  # noqa: E402
+from figures import step  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 N = 40_000 if QUICK else 100_000
 ENDPOINTS = 100
 TARGET = os.path.join(ROOT, "target", "release", "examples")
 
-
-def step(message):
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def worker_pids(conn):
@@ -118,12 +116,7 @@ def main():
     finally:
         c.destroy()
         receiver.terminate()
-    out = os.path.join(ROOT, "target", "bench")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "workers.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    for key, value in results.items():
-        print(f"{key:<36} {value:>12,.2f}")
+    figures.write("workers.json", results)
 
 
 if __name__ == "__main__":
