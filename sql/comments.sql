@@ -130,9 +130,9 @@ COMMENT ON COLUMN postback.clicks.partner IS 'Network or affiliate that sent the
 COMMENT ON COLUMN postback.clicks.attributes IS 'Sub-ids and parameters the network passed (sub1…sub5, aff_id, offer_id, …), usable in templates as {click.KEY}.';
 COMMENT ON COLUMN postback.clicks.clicked_at IS 'When the click happened ({click.clicked_at}).';
 
-COMMENT ON VIEW postback.match_rate IS 'Conversions attributable to a recorded click ÷ all conversions, per partner and overall (overall = true), last 24 hours and all time.';
+COMMENT ON VIEW postback.match_rate IS 'Conversions attributable to a recorded click ÷ all conversions, per partner and overall (overall = true), last 24 hours (from the hour, UTC) and all time; from conversion_rollup plus the hours not rolled up yet (a click recorded after its conversion was rolled up does not count).';
 COMMENT ON COLUMN postback.match_rate.partner IS 'Partner of the conversions; NULL in a per-partner row = conversions with no known partner.';
-COMMENT ON COLUMN postback.match_rate.conversions_24h IS 'Conversions created in the last 24 hours.';
+COMMENT ON COLUMN postback.match_rate.conversions_24h IS 'Conversions created in the last 24 hours (from the start of that hour, UTC).';
 COMMENT ON COLUMN postback.match_rate.matched_24h IS 'Of those, conversions whose click_id is in postback.clicks.';
 COMMENT ON COLUMN postback.match_rate.match_rate_24h IS 'matched_24h ÷ conversions_24h.';
 COMMENT ON COLUMN postback.match_rate.conversions IS 'All conversions.';
@@ -188,7 +188,7 @@ COMMENT ON COLUMN postback.endpoint_health.last_error IS 'Error of the last fail
 COMMENT ON COLUMN postback.endpoint_health.pending IS 'Deliveries waiting or in flight.';
 COMMENT ON COLUMN postback.endpoint_health.oldest_pending_age IS 'Age of the oldest waiting or in-flight delivery.';
 
-COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period; deliveries count in the hour they finished, windows start on the hour), in total and per event, per endpoint and per partner (breakdown): success rate, dead deliveries, commit-to-success latency (from delivery_rollup, so they survive the purge); dedup, reversal and match rates on the total rows.';
+COMMENT ON VIEW postback.metrics IS 'Postback metrics over the last 24 hours, 7 days and all time (period; deliveries count in the hour they finished, windows start on the hour), in total and per event, per endpoint and per partner (breakdown): success rate, dead deliveries, commit-to-success latency (from delivery_rollup, so they survive the purge); dedup, reversal and match rates on the total rows (conversions from conversion_rollup, by the hour they were created).';
 COMMENT ON COLUMN postback.metrics.period IS '24h, 7d or all.';
 COMMENT ON COLUMN postback.metrics.event IS 'Conversion event of a per-event row; NULL in the others.';
 COMMENT ON COLUMN postback.metrics.endpoint IS 'Endpoint of a per-endpoint row; NULL in the others.';
@@ -267,8 +267,28 @@ COMMENT ON COLUMN postback.delivery_rollup.latency_hist IS 'Histogram of those l
 COMMENT ON TABLE postback.rollup_state IS 'How far postback.delivery_rollup goes (one row, once postback.roll_up has run).';
 COMMENT ON COLUMN postback.rollup_state.singleton IS 'Always true: the table has one row.';
 COMMENT ON COLUMN postback.rollup_state.rolled_until IS 'Deliveries that finished before this are counted in delivery_rollup.';
+COMMENT ON COLUMN postback.rollup_state.conversions_until IS 'Conversions created before this are counted in conversion_rollup (an hour behind; NULL until the first roll-up).';
+COMMENT ON TABLE postback.conversion_rollup IS 'Conversions counted per hour of creation (UTC; rows older than 8 days merged per day), partner, status and whether their click was recorded; kept when conversions are deleted. Written by postback.roll_up, read by postback.metrics and postback.match_rate.';
+COMMENT ON COLUMN postback.conversion_rollup.span IS 'hour, or day once the hour is older than 8 days.';
+COMMENT ON COLUMN postback.conversion_rollup.hour IS 'Start (UTC) of the hour or day the conversions were created in.';
+COMMENT ON COLUMN postback.conversion_rollup.partner IS 'Conversion partner; empty for none.';
+COMMENT ON COLUMN postback.conversion_rollup.status IS 'Conversion status (changes after the roll-up are counted through conversion_rollup_changes).';
+COMMENT ON COLUMN postback.conversion_rollup.matched IS 'Whether the conversion''s click_id was in postback.clicks when it was counted.';
+COMMENT ON COLUMN postback.conversion_rollup.conversions IS 'How many conversions.';
+COMMENT ON TABLE postback.conversion_rollup_changes IS 'Changes to conversions already counted in conversion_rollup (status changed, deleted, inserted with an earlier created_at), appended by statement triggers on postback.conversions and merged by postback.roll_up.';
+COMMENT ON COLUMN postback.conversion_rollup_changes.id IS 'Row id.';
+COMMENT ON COLUMN postback.conversion_rollup_changes.hour IS 'Hour (UTC) the conversions were created in.';
+COMMENT ON COLUMN postback.conversion_rollup_changes.partner IS 'Conversion partner; empty for none.';
+COMMENT ON COLUMN postback.conversion_rollup_changes.status IS 'Conversion status.';
+COMMENT ON COLUMN postback.conversion_rollup_changes.matched IS 'Whether the conversion''s click_id is in postback.clicks.';
+COMMENT ON COLUMN postback.conversion_rollup_changes.conversions IS 'Conversions counted in (positive) or out (negative).';
+COMMENT ON FUNCTION postback.roll_up_conversions(interval) IS 'Internal (postback.roll_up calls it): counts up to max_span of conversions created over an hour ago into conversion_rollup, merges conversion_rollup_changes, and hours older than 8 days into days.';
+COMMENT ON FUNCTION postback.count_conversion_changes() IS 'Trigger: counts the rows of a statement on postback.conversions that conversion_rollup already covers (created before rollup_state.conversions_until) out as they were and in as they are.';
+COMMENT ON TRIGGER conversions_count_inserted ON postback.conversions IS 'Keeps conversion_rollup true for rows inserted with a created_at it already covers.';
+COMMENT ON TRIGGER conversions_count_updated ON postback.conversions IS 'Keeps conversion_rollup true when rows it counts change status, click or created_at.';
+COMMENT ON TRIGGER conversions_count_deleted ON postback.conversions IS 'Keeps conversion_rollup true when rows it counts are deleted.';
 COMMENT ON FUNCTION postback.finished_between(timestamptz, timestamptz) IS 'Finished deliveries of conversions in [since, until), counted per hour (UTC), endpoint, event and partner, with their commit-to-success latency histogram: what roll_up stores and metrics adds for the minutes not rolled up yet.';
-COMMENT ON FUNCTION postback.roll_up(interval) IS 'Internal (the worker calls it every minute): moves up to max_span of finished deliveries into delivery_rollup, merges hours older than 8 days into days; true when more is left.';
+COMMENT ON FUNCTION postback.roll_up(interval) IS 'Internal (the worker calls it every minute): moves up to max_span of finished deliveries into delivery_rollup and of conversions into conversion_rollup, merges hours older than 8 days into days; true when more is left.';
 COMMENT ON AGGREGATE postback.histogram_sum(bigint[]) IS 'Adds latency histograms bucket by bucket.';
 COMMENT ON FUNCTION postback.latency_histogram(double precision[]) IS 'A latency histogram (108 buckets, four per doubling from 1 ms) of values in ms.';
 COMMENT ON FUNCTION postback.histogram_add(bigint[], bigint[]) IS 'The sum of two latency histograms.';

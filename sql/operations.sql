@@ -380,9 +380,106 @@ BEGIN
            latency_hist = postback.histogram_add(r.latency_hist, excluded.latency_hist);
     INSERT INTO postback.rollup_state AS s (rolled_until) VALUES (greatest(until, since))
     ON CONFLICT (singleton) DO UPDATE SET rolled_until = excluded.rolled_until;
-    RETURN until < target;
+    PERFORM postback.roll_up_conversions(max_span);
+    RETURN until < target
+        OR (SELECT s.conversions_until < date_trunc('hour', now() - interval '1 hour', 'UTC')
+              FROM postback.rollup_state s);
 END
 $$;
+
+-- Counts conversions into conversion_rollup by the hour they were created, at
+-- most max_span of them per call, an hour behind (the rows of a transaction
+-- still open are counted when it commits: see count_conversion_changes), then
+-- merges the changes the triggers appended; hours older than 8 days become days.
+CREATE FUNCTION postback.roll_up_conversions(max_span interval) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    since timestamptz;
+    target timestamptz := date_trunc('hour', now() - interval '1 hour', 'UTC');
+    until timestamptz;
+    old_day timestamptz := date_trunc('day', now() - interval '8 days', 'UTC');
+BEGIN
+    SELECT s.conversions_until INTO since FROM postback.rollup_state s FOR UPDATE;
+    IF since IS NULL THEN
+        SELECT coalesce(date_trunc('hour', min(c.created_at), 'UTC'), target) INTO since FROM postback.conversions c;
+    END IF;
+    until := greatest(least(target, since + max_span), since);
+    WITH moved AS (
+        DELETE FROM postback.conversion_rollup_changes x
+        RETURNING x.hour, x.partner, x.status, x.matched, x.conversions)
+    INSERT INTO postback.conversion_rollup AS r (span, hour, partner, status, matched, conversions)
+    SELECT CASE WHEN h.hour < old_day THEN 'day' ELSE 'hour' END,
+           CASE WHEN h.hour < old_day THEN date_trunc('day', h.hour, 'UTC') ELSE h.hour END,
+           h.partner, h.status, h.matched, sum(h.conversions)
+      FROM (SELECT date_trunc('hour', c.created_at, 'UTC') AS hour, coalesce(c.partner, '') AS partner, c.status,
+                   k.click_id IS NOT NULL AS matched, count(*) AS conversions
+              FROM postback.conversions c
+              LEFT JOIN postback.clicks k ON k.click_id = c.click_id
+             WHERE c.created_at >= since AND c.created_at < until
+             GROUP BY 1, 2, 3, 4
+            UNION ALL
+            SELECT m.hour, m.partner, m.status, m.matched, m.conversions FROM moved m) h
+     GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT (span, hour, partner, status, matched) DO UPDATE SET conversions = r.conversions + excluded.conversions;
+    WITH old AS (
+        DELETE FROM postback.conversion_rollup r WHERE r.span = 'hour' AND r.hour < old_day RETURNING r.*)
+    INSERT INTO postback.conversion_rollup AS r (span, hour, partner, status, matched, conversions)
+    SELECT 'day', date_trunc('day', o.hour, 'UTC'), o.partner, o.status, o.matched, sum(o.conversions)
+      FROM old o GROUP BY 2, 3, 4, 5
+    ON CONFLICT (span, hour, partner, status, matched) DO UPDATE SET conversions = r.conversions + excluded.conversions;
+    INSERT INTO postback.rollup_state AS s (rolled_until, conversions_until) VALUES ('-infinity', until)
+    ON CONFLICT (singleton) DO UPDATE SET conversions_until = excluded.conversions_until;
+END
+$$;
+
+-- Keeps conversion_rollup true when conversions it already counts change: a
+-- statement's rows created before rollup_state.conversions_until are counted
+-- out as they were (old rows) and in as they are (new rows), appended to
+-- conversion_rollup_changes. Other rows cost one comparison each.
+CREATE FUNCTION postback.count_conversion_changes() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    mark timestamptz := (SELECT s.conversions_until FROM postback.rollup_state s);
+BEGIN
+    IF mark IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO postback.conversion_rollup_changes (hour, partner, status, matched, conversions)
+        SELECT date_trunc('hour', n.created_at, 'UTC'), coalesce(n.partner, ''), n.status,
+               EXISTS (SELECT 1 FROM postback.clicks k WHERE k.click_id = n.click_id), count(*)
+          FROM new_rows n WHERE n.created_at < mark GROUP BY 1, 2, 3, 4;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO postback.conversion_rollup_changes (hour, partner, status, matched, conversions)
+        SELECT date_trunc('hour', o.created_at, 'UTC'), coalesce(o.partner, ''), o.status,
+               EXISTS (SELECT 1 FROM postback.clicks k WHERE k.click_id = o.click_id), -count(*)
+          FROM old_rows o WHERE o.created_at < mark GROUP BY 1, 2, 3, 4;
+    ELSE
+        INSERT INTO postback.conversion_rollup_changes (hour, partner, status, matched, conversions)
+        SELECT v.hour, v.partner, v.status, v.matched, sum(v.n)
+          FROM (SELECT date_trunc('hour', o.created_at, 'UTC') AS hour, coalesce(o.partner, '') AS partner,
+                       o.status, EXISTS (SELECT 1 FROM postback.clicks k WHERE k.click_id = o.click_id) AS matched,
+                       -1 AS n
+                  FROM old_rows o WHERE o.created_at < mark
+                UNION ALL
+                SELECT date_trunc('hour', n.created_at, 'UTC'), coalesce(n.partner, ''), n.status,
+                       EXISTS (SELECT 1 FROM postback.clicks k WHERE k.click_id = n.click_id), 1
+                  FROM new_rows n WHERE n.created_at < mark) v
+         GROUP BY 1, 2, 3, 4 HAVING sum(v.n) <> 0;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER conversions_count_inserted
+    AFTER INSERT ON postback.conversions REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.count_conversion_changes();
+CREATE TRIGGER conversions_count_updated
+    AFTER UPDATE ON postback.conversions REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.count_conversion_changes();
+CREATE TRIGGER conversions_count_deleted
+    AFTER DELETE ON postback.conversions REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.count_conversion_changes();
 
 -- The standard postback metrics, per window, in total and per event, per
 -- endpoint and per partner (rows with event, endpoint and partner NULL are
@@ -418,31 +515,44 @@ delivered AS (
       LEFT JOIN postback.endpoints e ON e.id = f.endpoint_id
      GROUP BY GROUPING SETS ((w.name), (w.name, f.event), (w.name, coalesce(e.name, 'deleted endpoint ' || f.endpoint_id)),
                             (w.name, f.partner))),
-conversion_figures AS (
-    -- one pass over conversions for the three windows
-    SELECT count(*) FILTER (WHERE c.created_at >= now() - interval '24 hours') AS n_24h,
-           count(*) FILTER (WHERE c.created_at >= now() - interval '7 days') AS n_7d,
-           count(*) AS n_all,
-           count(*) FILTER (WHERE c.status = 'approved' AND c.created_at >= now() - interval '24 hours') AS a_24h,
-           count(*) FILTER (WHERE c.status = 'approved' AND c.created_at >= now() - interval '7 days') AS a_7d,
-           count(*) FILTER (WHERE c.status = 'approved') AS a_all,
-           count(*) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')
-                              AND c.created_at >= now() - interval '24 hours') AS r_24h,
-           count(*) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')
-                              AND c.created_at >= now() - interval '7 days') AS r_7d,
-           count(*) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')) AS r_all,
-           count(k.click_id) FILTER (WHERE c.created_at >= now() - interval '24 hours') AS m_24h,
-           count(k.click_id) FILTER (WHERE c.created_at >= now() - interval '7 days') AS m_7d,
-           count(k.click_id) AS m_all
+conversions_by_hour AS (
+    -- conversion_rollup, the changes not merged yet, and the hours not rolled up yet
+    SELECT r.hour, r.status, r.matched, r.conversions FROM postback.conversion_rollup r
+    UNION ALL
+    SELECT x.hour, x.status, x.matched, x.conversions FROM postback.conversion_rollup_changes x
+    UNION ALL
+    SELECT date_trunc('hour', c.created_at, 'UTC'), c.status, k.click_id IS NOT NULL, 1
       FROM postback.conversions c
-      LEFT JOIN postback.clicks k ON k.click_id = c.click_id),
+      LEFT JOIN postback.clicks k ON k.click_id = c.click_id
+     WHERE c.created_at >= coalesce((SELECT s.conversions_until FROM postback.rollup_state s), '-infinity')),
+conversion_figures AS (
+    -- one pass for the three windows
+    SELECT coalesce(sum(c.conversions) FILTER (WHERE c.hour >= w.h24), 0)::bigint AS n_24h,
+           coalesce(sum(c.conversions) FILTER (WHERE c.hour >= w.d7), 0)::bigint AS n_7d,
+           coalesce(sum(c.conversions), 0)::bigint AS n_all,
+           coalesce(sum(c.conversions) FILTER (WHERE c.status = 'approved' AND c.hour >= w.h24), 0)::bigint AS a_24h,
+           coalesce(sum(c.conversions) FILTER (WHERE c.status = 'approved' AND c.hour >= w.d7), 0)::bigint AS a_7d,
+           coalesce(sum(c.conversions) FILTER (WHERE c.status = 'approved'), 0)::bigint AS a_all,
+           coalesce(sum(c.conversions) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')
+                                                AND c.hour >= w.h24), 0)::bigint AS r_24h,
+           coalesce(sum(c.conversions) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')
+                                                AND c.hour >= w.d7), 0)::bigint AS r_7d,
+           coalesce(sum(c.conversions) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback')), 0)::bigint AS r_all,
+           coalesce(sum(c.conversions) FILTER (WHERE c.matched AND c.hour >= w.h24), 0)::bigint AS m_24h,
+           coalesce(sum(c.conversions) FILTER (WHERE c.matched AND c.hour >= w.d7), 0)::bigint AS m_7d,
+           coalesce(sum(c.conversions) FILTER (WHERE c.matched), 0)::bigint AS m_all,
+           w.h24, w.d7
+      FROM (SELECT date_trunc('hour', now() - interval '24 hours', 'UTC') AS h24,
+                   date_trunc('hour', now() - interval '7 days', 'UTC') AS d7) w
+      LEFT JOIN conversions_by_hour c ON true
+     GROUP BY w.h24, w.d7),
 converted AS (
     SELECT v.window_name, v.conversions, v.approved, v.reversed, v.matched,
            (SELECT coalesce(sum(x.duplicates), 0) FROM postback.conversion_duplicates x WHERE x.seen_at >= v.since)
                AS duplicates
       FROM conversion_figures f,
-           LATERAL (VALUES ('24h', now() - interval '24 hours', f.n_24h, f.a_24h, f.r_24h, f.m_24h),
-                           ('7d', now() - interval '7 days', f.n_7d, f.a_7d, f.r_7d, f.m_7d),
+           LATERAL (VALUES ('24h', f.h24, f.n_24h, f.a_24h, f.r_24h, f.m_24h),
+                           ('7d', f.d7, f.n_7d, f.a_7d, f.r_7d, f.m_7d),
                            ('all', '-infinity'::timestamptz, f.n_all, f.a_all, f.r_all, f.m_all))
                AS v (window_name, since, conversions, approved, reversed, matched))
 SELECT d.window_name AS period, d.event, CASE WHEN d.breakdown = 'endpoint' THEN d.endpoint END AS endpoint,

@@ -30,6 +30,8 @@ REVOKE EXECUTE ON FUNCTION postback.purge(interval, integer, boolean, integer) F
 REVOKE EXECUTE ON FUNCTION postback.explain(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.purge_tests(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.roll_up(interval) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.roll_up_conversions(interval) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.count_conversion_changes() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain(text) FROM PUBLIC;
@@ -54,7 +56,7 @@ BEGIN
     EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
                    'postback.conversion_duplicates, postback.clicks, postback.endpoint_state, '
                    'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
-                   'postback.metrics, postback.dead_letters, postback.delivery_rollup TO %s', role);
+                   'postback.metrics, postback.dead_letters, postback.delivery_rollup, postback.conversion_rollup TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
                    'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);

@@ -85,17 +85,31 @@ SELECT e.id                                                    AS endpoint_id,
  GROUP BY e.id, e.name, e.active;
 
 -- How many conversions could be attributed to a recorded click: per partner
--- (NULL = conversions with no known partner) and overall, last 24 h and all time.
+-- (NULL = conversions with no known partner) and overall, last 24 h (from the
+-- hour) and all time. From conversion_rollup plus the hours not rolled up yet:
+-- a click recorded after its conversion was rolled up is not counted.
 CREATE VIEW postback.match_rate AS
-SELECT c.partner,
-       count(*) FILTER (WHERE c.created_at > now() - interval '24 hours')                        AS conversions_24h,
-       count(k.click_id) FILTER (WHERE c.created_at > now() - interval '24 hours')               AS matched_24h,
-       round(count(k.click_id) FILTER (WHERE c.created_at > now() - interval '24 hours')::numeric
-             / nullif(count(*) FILTER (WHERE c.created_at > now() - interval '24 hours'), 0), 4) AS match_rate_24h,
-       count(*)                                                                                  AS conversions,
-       count(k.click_id)                                                                         AS matched,
-       round(count(k.click_id)::numeric / nullif(count(*), 0), 4)                                AS match_rate,
-       grouping(c.partner) = 1                                                                   AS overall
-  FROM postback.conversions c
-  LEFT JOIN postback.clicks k ON k.click_id = c.click_id
- GROUP BY GROUPING SETS ((c.partner), ());
+WITH by_hour AS (
+    SELECT r.hour, r.partner, r.matched, r.conversions FROM postback.conversion_rollup r
+    UNION ALL
+    SELECT x.hour, x.partner, x.matched, x.conversions FROM postback.conversion_rollup_changes x
+    UNION ALL
+    SELECT date_trunc('hour', c.created_at, 'UTC'), coalesce(c.partner, ''), k.click_id IS NOT NULL, 1
+      FROM postback.conversions c
+      LEFT JOIN postback.clicks k ON k.click_id = c.click_id
+     WHERE c.created_at >= coalesce((SELECT s.conversions_until FROM postback.rollup_state s), '-infinity')),
+windowed AS (
+    SELECT nullif(b.partner, '') AS partner, b.matched, b.conversions,
+           b.hour >= date_trunc('hour', now() - interval '24 hours', 'UTC') AS recent
+      FROM by_hour b)
+SELECT w.partner,
+       coalesce(sum(w.conversions) FILTER (WHERE w.recent), 0)::bigint                           AS conversions_24h,
+       coalesce(sum(w.conversions) FILTER (WHERE w.recent AND w.matched), 0)::bigint             AS matched_24h,
+       round(sum(w.conversions) FILTER (WHERE w.recent AND w.matched)
+             / nullif(sum(w.conversions) FILTER (WHERE w.recent), 0), 4)                        AS match_rate_24h,
+       coalesce(sum(w.conversions), 0)::bigint                                                   AS conversions,
+       coalesce(sum(w.conversions) FILTER (WHERE w.matched), 0)::bigint                          AS matched,
+       round(sum(w.conversions) FILTER (WHERE w.matched) / nullif(sum(w.conversions), 0), 4)    AS match_rate,
+       grouping(w.partner) = 1                                                                   AS overall
+  FROM windowed w
+ GROUP BY GROUPING SETS ((w.partner), ());

@@ -51,4 +51,104 @@ mod tests {
         Spi::run("SELECT postback.roll_up('1 year')").unwrap();
         assert_eq!(figures(), before);
     }
+
+    // Conversion figures (metrics' total rows and match_rate) come from
+    // conversion_rollup: equal to counting the conversions themselves, before and
+    // after a roll-up, after status changes, deletes and back-dated inserts of rows
+    // it already counts.
+
+    /// What the views say, one string.
+    fn said() -> String {
+        Spi::get_one::<String>(
+            "SELECT (SELECT string_agg(format('%s:%s/%s/%s', period, conversions, reversal_rate, match_rate), ' '
+                                       ORDER BY period)
+                       FROM postback.metrics WHERE breakdown = 'total')
+                    || ' | ' ||
+                    (SELECT string_agg(format('%s:%s/%s/%s/%s', coalesce(partner, '-'), conversions_24h, matched_24h,
+                                              conversions, matched), ' ' ORDER BY overall, partner)
+                       FROM postback.match_rate)",
+        )
+        .unwrap()
+        .unwrap_or_default()
+    }
+
+    /// The same figures counted from the conversions and clicks.
+    fn counted() -> String {
+        Spi::get_one::<String>(
+            "WITH c AS (SELECT c.*, k.click_id IS NOT NULL AS matched,
+                               date_trunc('hour', c.created_at, 'UTC') AS hour
+                          FROM postback.conversions c LEFT JOIN postback.clicks k ON k.click_id = c.click_id),
+                  w (period, since) AS (VALUES ('24h', date_trunc('hour', now() - interval '24 hours', 'UTC')),
+                                               ('7d', date_trunc('hour', now() - interval '7 days', 'UTC')),
+                                               ('all', '-infinity'::timestamptz)),
+                  m AS (SELECT w.period, count(c.id) AS n,
+                               round(count(c.id) FILTER (WHERE c.status IN ('reversed', 'refunded', 'chargeback'))::numeric
+                                     / nullif(count(c.id) FILTER (WHERE c.status IN ('approved', 'reversed', 'refunded',
+                                                                                    'chargeback')), 0), 4) AS rr,
+                               round(count(c.id) FILTER (WHERE c.matched)::numeric / nullif(count(c.id), 0), 4) AS mr
+                          FROM w LEFT JOIN c ON c.hour >= w.since GROUP BY w.period),
+                  r AS (SELECT c.partner, grouping(c.partner) = 1 AS overall,
+                               count(*) FILTER (WHERE c.hour >= date_trunc('hour', now() - interval '24 hours', 'UTC')) AS n24,
+                               count(*) FILTER (WHERE c.matched AND c.hour >= date_trunc('hour', now() - interval '24 hours', 'UTC')) AS m24,
+                               count(*) AS n, count(*) FILTER (WHERE c.matched) AS m
+                          FROM c GROUP BY GROUPING SETS ((c.partner), ()))
+             SELECT (SELECT string_agg(format('%s:%s/%s/%s', period, n, rr, mr), ' ' ORDER BY period) FROM m)
+                    || ' | ' ||
+                    (SELECT string_agg(format('%s:%s/%s/%s/%s', coalesce(partner, '-'), n24, m24, n, m), ' '
+                                       ORDER BY overall, partner) FROM r)",
+        )
+        .unwrap()
+        .unwrap_or_default()
+    }
+
+    #[pg_test]
+    fn conversion_figures_stay_true_through_roll_ups_and_changes() {
+        // 400 conversions over the last 20 days, half with a recorded click, three partners and none
+        Spi::run(
+            "INSERT INTO postback.endpoints (name, url_template, paused_at) VALUES ('m2', 'https://m.test/a', now());
+             INSERT INTO postback.clicks (click_id) SELECT 'k' || g FROM generate_series(1, 400, 2) g;
+             INSERT INTO postback.conversions (click_id, transaction_id, event, status, partner, created_at)
+             SELECT 'k' || g, 'cr-' || g, 'sale', CASE WHEN g % 7 = 0 THEN 'reversed' ELSE 'approved' END,
+                    CASE WHEN g % 4 = 0 THEN NULL ELSE 'net-' || (g % 3) END,
+                    now() - (g % 480) * interval '1 hour' - interval '5 minutes'
+               FROM generate_series(1, 400) g;
+             UPDATE postback.deliveries d SET state = 'succeeded', created_at = c.created_at,
+                    completed_at = c.created_at + interval '150 ms'
+               FROM postback.conversions c WHERE c.id = d.conversion_id",
+        )
+        .unwrap();
+        let truth = counted();
+        assert!(truth.contains("all:400/"), "{truth}");
+        assert_eq!(said(), truth);
+        assert_eq!(Spi::get_one::<bool>("SELECT postback.roll_up('1 year')").unwrap(), Some(false));
+        assert!(
+            Spi::get_one::<i64>("SELECT sum(conversions)::bigint FROM postback.conversion_rollup").unwrap() > Some(300),
+            "most conversions are rolled up (those over an hour old)"
+        );
+        assert!(
+            Spi::get_one::<i64>("SELECT count(*) FROM postback.conversion_rollup WHERE span = 'day'").unwrap()
+                > Some(0)
+        );
+        assert_eq!(said(), truth);
+        // rows the rollup already counts change: status, deleted, back-dated inserts
+        Spi::run(
+            "UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id IN ('cr-10', 'cr-11', 'cr-200');
+             INSERT INTO postback.conversions (click_id, transaction_id, event, partner, created_at)
+             VALUES ('k1', 'late-1', 'sale', 'net-1', now() - interval '3 days'),
+                    ('nope', 'late-2', 'sale', NULL, now() - interval '30 days')",
+        )
+        .unwrap();
+        Spi::run(
+            "DELETE FROM postback.deliveries d USING postback.conversions c
+                  WHERE c.id = d.conversion_id AND c.transaction_id IN ('cr-12', 'cr-399')",
+        )
+        .unwrap();
+        Spi::run("DELETE FROM postback.conversions WHERE transaction_id IN ('cr-12', 'cr-399')").unwrap();
+        let changed = counted();
+        assert_ne!(changed, truth);
+        assert_eq!(said(), changed, "changes appended, not merged yet");
+        Spi::run("SELECT postback.roll_up('1 year')").unwrap();
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM postback.conversion_rollup_changes").unwrap(), Some(0));
+        assert_eq!(said(), changed, "changes merged");
+    }
 }
