@@ -189,11 +189,13 @@ BEGIN
         RAISE EXCEPTION 'batch must be between 1 and 1000000 (got %)', batch USING ERRCODE = 'invalid_parameter_value';
     END IF;
     LOOP
+        -- by primary key (= ANY of an array): an IN (subquery) became a hash
+        -- join over every delivery, so a batch cost the table, not the batch
         DELETE FROM postback.deliveries d
-         WHERE d.id IN (SELECT x.id FROM postback.deliveries x
-                         WHERE x.completed_at < now() - older_than
-                           AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
-                         LIMIT batch FOR UPDATE SKIP LOCKED);
+         WHERE d.id = ANY (ARRAY(SELECT x.id FROM postback.deliveries x
+                                  WHERE x.completed_at < now() - older_than
+                                    AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
+                                  LIMIT batch FOR UPDATE SKIP LOCKED));
         GET DIAGNOSTICS n = ROW_COUNT;
         total := total + n;
         rounds := rounds + 1;
