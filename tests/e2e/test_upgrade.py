@@ -203,3 +203,58 @@ def test_unsent_0_2_0_hash_markers_move_out_of_band_and_forged_ones_are_held(mak
         c.wait_for(lambda: len(receiver.seen("/h")) == 1, what="the moved delivery")
     (got,) = receiver.seen("/h")
     assert got["query"] == {"tx": "plain", "v": hashlib.md5(f"plain:{secret}".encode()).hexdigest()}, got["query"]
+
+
+def test_the_update_beside_a_writer_makes_it_wait_and_never_fail(make_cluster, receiver):
+    """An application keeps inserting conversions (whose trigger writes deliveries) while
+    the update runs: before the update took its locks in the writers' order, one of those
+    inserts failed with "deadlock detected" (200k deliveries, bench/upgrade.py)."""
+    import threading
+
+    c = make_cluster()
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_postback VERSION '0.2.0'")
+        conn.execute("INSERT INTO postback.endpoints (name, url_template) VALUES ('net', %s)",
+                     (receiver.url("/pb?tx={transaction_id}"),))
+        conn.execute("SET session_replication_role = replica")
+        conn.execute(
+            "INSERT INTO postback.deliveries (endpoint_id, conversion_id, event, status, idempotency_key, method, "
+            "  url, state, attempts, completed_at) "
+            "SELECT (SELECT id FROM postback.endpoints), NULL, 'old', 'approved', 'old.' || g, 'GET', "
+            "       'http://127.0.0.1:9/old', 'succeeded', 1, now() FROM generate_series(1, 100000) g")
+        conn.execute("SET session_replication_role = origin")
+    errors, done, stop = [], [], threading.Event()
+
+    def write(name):
+        with c.connect() as w:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    w.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('k', %s)",
+                              (f"{name}-{n}",))
+                    done.append(time.monotonic())
+                except psycopg.Error as e:
+                    errors.append(str(e).splitlines()[0])
+
+    writers = [threading.Thread(target=write, args=(f"w{i}",)) for i in range(2)]
+    for t in writers:
+        t.start()
+    try:
+        time.sleep(0.5)
+        with c.connect() as conn:
+            started = time.monotonic()
+            conn.execute("ALTER EXTENSION pg_postback UPDATE")
+            ended = time.monotonic()
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in writers:
+            t.join()
+    assert errors == []
+    assert any(t < started for t in done) and any(t > ended for t in done)
+    with c.connect() as conn:
+        n = conn.execute("SELECT count(*) FROM postback.conversions").fetchone()[0]
+        assert n == len(done)
+        c.wait_for(lambda: len(receiver.seen("/pb")) == n, timeout=60,
+                   what="every conversion written beside the update to be delivered")
