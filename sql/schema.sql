@@ -432,7 +432,8 @@ REVOKE ALL ON postback.delivery_rollup FROM PUBLIC;
 CREATE TABLE postback.rollup_state (
     singleton    boolean     PRIMARY KEY DEFAULT true CONSTRAINT rollup_state_has_one_row CHECK (singleton),
     rolled_until timestamptz NOT NULL,
-    conversions_until timestamptz
+    conversions_until timestamptz,
+    attempts_until timestamptz
 );
 REVOKE ALL ON postback.rollup_state FROM PUBLIC;
 
@@ -467,6 +468,20 @@ CREATE TABLE postback.conversion_rollup_changes (
     conversions bigint      NOT NULL
 );
 REVOKE ALL ON postback.conversion_rollup_changes FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- attempt_rollup: attempt durations (attempts that got a response) per hour
+-- they started (UTC) and endpoint, as latency histograms, kept two days:
+-- endpoint_health's 24-hour percentiles read it instead of a day of attempts.
+-- ---------------------------------------------------------------------------
+CREATE TABLE postback.attempt_rollup (
+    hour          timestamptz NOT NULL,
+    endpoint_id   bigint      NOT NULL,
+    attempts      bigint      NOT NULL,
+    duration_hist bigint[]    NOT NULL,
+    PRIMARY KEY (hour, endpoint_id)
+);
+REVOKE ALL ON postback.attempt_rollup FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Integrity guards standing in for foreign keys on the hot tables
@@ -525,6 +540,7 @@ SELECT pg_catalog.pg_extension_config_dump('postback.endpoints', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.delivery_rollup', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.rollup_state', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_rollup', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.attempt_rollup', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_rollup_changes', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_rollup_changes_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.endpoints_id_seq', '');

@@ -506,17 +506,35 @@ CREATE FUNCTION postback.attempt_latency()
 RETURNS TABLE (endpoint_id bigint, p50_ms_1h double precision, p95_ms_1h double precision,
                p50_ms_24h double precision, p95_ms_24h double precision)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
-    SELECT d.endpoint_id,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms)
-               FILTER (WHERE a.started_at > now() - interval '1 hour'),
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms)
-               FILTER (WHERE a.started_at > now() - interval '1 hour'),
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY a.duration_ms),
-           percentile_cont(0.95) WITHIN GROUP (ORDER BY a.duration_ms)
-      FROM postback.attempts a
-      CROSS JOIN LATERAL (SELECT x.endpoint_id FROM postback.deliveries x WHERE x.id = a.delivery_id LIMIT 1) d
-     WHERE a.started_at > now() - interval '24 hours' AND a.status_code IS NOT NULL
-     GROUP BY d.endpoint_id
+    WITH bounds AS (
+        SELECT date_trunc('hour', now() - interval '24 hours', 'UTC') AS day_since,
+               greatest(date_trunc('hour', now() - interval '24 hours', 'UTC'),
+                        coalesce((SELECT s.attempts_until FROM postback.rollup_state s), '-infinity')) AS rolled),
+    recent AS (
+        SELECT d.endpoint_id, a.started_at, a.duration_ms
+          FROM bounds b, postback.attempts a
+          CROSS JOIN LATERAL (SELECT x.endpoint_id FROM postback.deliveries x WHERE x.id = a.delivery_id LIMIT 1) d
+         WHERE a.started_at >= least(now() - interval '1 hour', b.rolled) AND a.status_code IS NOT NULL),
+    hour AS (
+        SELECT r.endpoint_id,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY r.duration_ms) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY r.duration_ms) AS p95
+          FROM recent r WHERE r.started_at > now() - interval '1 hour'
+         GROUP BY r.endpoint_id),
+    day AS (
+        SELECT h.endpoint_id, postback.histogram_sum(h.hist) AS hist
+          FROM (SELECT r.endpoint_id, r.duration_hist AS hist
+                  FROM bounds b, postback.attempt_rollup r
+                 WHERE r.hour >= b.day_since AND r.hour < b.rolled
+                UNION ALL
+                SELECT r.endpoint_id, postback.latency_histogram(array_agg(r.duration_ms))
+                  FROM bounds b, recent r
+                 WHERE r.started_at >= b.rolled
+                 GROUP BY r.endpoint_id) h
+         GROUP BY h.endpoint_id)
+    SELECT coalesce(h.endpoint_id, d.endpoint_id), h.p50, h.p95,
+           postback.histogram_quantile(d.hist, 0.5), postback.histogram_quantile(d.hist, 0.95)
+      FROM hour h FULL JOIN day d ON d.endpoint_id = h.endpoint_id
 $$;
 
 CREATE OR REPLACE VIEW postback.endpoint_health AS
@@ -814,7 +832,8 @@ REVOKE ALL ON postback.delivery_rollup FROM PUBLIC;
 CREATE TABLE postback.rollup_state (
     singleton    boolean     PRIMARY KEY DEFAULT true CONSTRAINT rollup_state_has_one_row CHECK (singleton),
     rolled_until timestamptz NOT NULL,
-    conversions_until timestamptz
+    conversions_until timestamptz,
+    attempts_until timestamptz
 );
 REVOKE ALL ON postback.rollup_state FROM PUBLIC;
 
@@ -850,9 +869,24 @@ CREATE TABLE postback.conversion_rollup_changes (
 );
 REVOKE ALL ON postback.conversion_rollup_changes FROM PUBLIC;
 
+-- ---------------------------------------------------------------------------
+-- attempt_rollup: attempt durations (attempts that got a response) per hour
+-- they started (UTC) and endpoint, as latency histograms, kept two days:
+-- endpoint_health's 24-hour percentiles read it instead of a day of attempts.
+-- ---------------------------------------------------------------------------
+CREATE TABLE postback.attempt_rollup (
+    hour          timestamptz NOT NULL,
+    endpoint_id   bigint      NOT NULL,
+    attempts      bigint      NOT NULL,
+    duration_hist bigint[]    NOT NULL,
+    PRIMARY KEY (hour, endpoint_id)
+);
+REVOKE ALL ON postback.attempt_rollup FROM PUBLIC;
+
 SELECT pg_catalog.pg_extension_config_dump('postback.delivery_rollup', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.rollup_state', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_rollup', '');
+SELECT pg_catalog.pg_extension_config_dump('postback.attempt_rollup', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_rollup_changes', '');
 SELECT pg_catalog.pg_extension_config_dump('postback.conversion_rollup_changes_id_seq', '');
 
@@ -916,6 +950,7 @@ BEGIN
     INSERT INTO postback.rollup_state AS s (rolled_until) VALUES (greatest(until, since))
     ON CONFLICT (singleton) DO UPDATE SET rolled_until = excluded.rolled_until;
     PERFORM postback.roll_up_conversions(max_span);
+    PERFORM postback.roll_up_attempts();
     RETURN until < target
         OR (SELECT s.conversions_until < date_trunc('hour', now() - interval '1 hour', 'UTC')
               FROM postback.rollup_state s);
@@ -964,6 +999,37 @@ BEGIN
     ON CONFLICT (span, hour, partner, status, matched) DO UPDATE SET conversions = r.conversions + excluded.conversions;
     INSERT INTO postback.rollup_state AS s (rolled_until, conversions_until) VALUES ('-infinity', until)
     ON CONFLICT (singleton) DO UPDATE SET conversions_until = excluded.conversions_until;
+END
+$$;
+
+-- Counts the durations of attempts that got a response into attempt_rollup,
+-- up to six minutes ago (an attempt is recorded when its answer came, at most
+-- its endpoint's timeout of 5 minutes after it started), from a day back at
+-- most; drops hours older than two days (endpoint_health reads the last day).
+CREATE FUNCTION postback.roll_up_attempts() RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    since timestamptz;
+    until timestamptz := date_trunc('minute', now() - interval '6 minutes');
+BEGIN
+    SELECT greatest(s.attempts_until, date_trunc('hour', now() - interval '24 hours', 'UTC')) INTO since
+      FROM postback.rollup_state s FOR UPDATE;
+    since := coalesce(since, date_trunc('hour', now() - interval '24 hours', 'UTC'));
+    IF until > since THEN
+        INSERT INTO postback.attempt_rollup AS r (hour, endpoint_id, attempts, duration_hist)
+        SELECT date_trunc('hour', a.started_at, 'UTC'), d.endpoint_id, count(*),
+               postback.latency_histogram(array_agg(a.duration_ms))
+          FROM postback.attempts a
+          CROSS JOIN LATERAL (SELECT x.endpoint_id FROM postback.deliveries x WHERE x.id = a.delivery_id LIMIT 1) d
+         WHERE a.started_at >= since AND a.started_at < until AND a.status_code IS NOT NULL
+         GROUP BY 1, 2
+        ON CONFLICT (hour, endpoint_id) DO UPDATE
+           SET attempts = r.attempts + excluded.attempts,
+               duration_hist = postback.histogram_add(r.duration_hist, excluded.duration_hist);
+        INSERT INTO postback.rollup_state AS s (rolled_until, attempts_until) VALUES ('-infinity', until)
+        ON CONFLICT (singleton) DO UPDATE SET attempts_until = excluded.attempts_until;
+    END IF;
+    DELETE FROM postback.attempt_rollup r WHERE r.hour < date_trunc('hour', now() - interval '2 days', 'UTC');
 END
 $$;
 
@@ -1142,6 +1208,7 @@ REVOKE EXECUTE ON FUNCTION postback.explain(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.purge_tests(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.roll_up(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.roll_up_conversions(interval) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.roll_up_attempts() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.count_conversion_changes() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
@@ -1417,3 +1484,16 @@ COMMENT ON TRIGGER conversions_count_inserted ON postback.conversions IS 'Keeps 
 COMMENT ON TRIGGER conversions_count_updated ON postback.conversions IS 'Keeps conversion_rollup true when rows it counts change status, click or created_at.';
 COMMENT ON TRIGGER conversions_count_deleted ON postback.conversions IS 'Keeps conversion_rollup true when rows it counts are deleted.';
 COMMENT ON FUNCTION postback.roll_up(interval) IS 'Internal (the worker calls it every minute): moves up to max_span of finished deliveries into delivery_rollup and of conversions into conversion_rollup, merges hours older than 8 days into days; true when more is left.';
+
+-- endpoint_health's 24-hour attempt percentiles from attempt_rollup
+COMMENT ON COLUMN postback.endpoint_health.p50_ms_24h IS 'Median attempt duration over the last 24 hours (from the start of that hour, UTC), ms, from latency histograms (within 9%).';
+COMMENT ON COLUMN postback.endpoint_health.p95_ms_24h IS '95th percentile attempt duration over the last 24 hours (from the start of that hour, UTC), ms, from latency histograms (within 9%).';
+COMMENT ON FUNCTION postback.attempt_latency() IS 'Attempt durations per endpoint (attempts that got a response), what endpoint_health shows: p50 and p95 over the last hour from the attempts, over the last 24 hours (from the hour) from attempt_rollup plus the minutes not rolled up yet (within 9%).';
+COMMENT ON COLUMN postback.rollup_state.attempts_until IS 'Attempts that started before this are counted in attempt_rollup (six minutes behind; NULL until the first roll-up).';
+COMMENT ON TABLE postback.attempt_rollup IS 'Durations of attempts that got a response, per hour they started (UTC) and endpoint, as latency histograms; kept two days. Written by postback.roll_up, read by endpoint_health (24-hour percentiles).';
+COMMENT ON COLUMN postback.attempt_rollup.hour IS 'Start (UTC) of the hour the attempts started in.';
+COMMENT ON COLUMN postback.attempt_rollup.endpoint_id IS 'Endpoint id.';
+COMMENT ON COLUMN postback.attempt_rollup.attempts IS 'How many attempts.';
+COMMENT ON COLUMN postback.attempt_rollup.duration_hist IS 'Histogram of their durations: 108 counts, four buckets per doubling from 1 ms (postback.histogram_quantile reads it).';
+COMMENT ON FUNCTION postback.roll_up_attempts() IS 'Internal (postback.roll_up calls it): counts the durations of attempts that started more than six minutes ago (a day back at most) into attempt_rollup; drops its hours older than two days.';
+COMMENT ON FUNCTION postback.roll_up(interval) IS 'Internal (the worker calls it every minute): moves up to max_span of finished deliveries into delivery_rollup and of conversions into conversion_rollup, attempt durations into attempt_rollup, merges hours older than 8 days into days; true when more is left.';

@@ -151,4 +151,47 @@ mod tests {
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM postback.conversion_rollup_changes").unwrap(), Some(0));
         assert_eq!(said(), changed, "changes merged");
     }
+
+    /// endpoint_health's 24-hour attempt percentiles: from the attempts before a
+    /// roll-up, from attempt_rollup after it, and close to the exact percentiles.
+    #[pg_test]
+    fn endpoint_health_day_percentiles_are_the_same_from_attempt_rollup() {
+        Spi::run(
+            "INSERT INTO postback.endpoints (name, url_template, paused_at) VALUES ('h1', 'https://h.test/a', now());
+             INSERT INTO postback.conversions (click_id, transaction_id, event)
+             SELECT 'c' || g, 'hx-' || g, 'sale' FROM generate_series(1, 300) g;
+             INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, duration_ms, status_code, outcome)
+             SELECT d.id, 1, now() - interval '3 hours' - (d.id % 120) * interval '1 minute',
+                    5 + (d.id % 100) * 3, 200, 'succeeded'
+               FROM postback.deliveries d",
+        )
+        .unwrap();
+        let day = || {
+            Spi::get_two::<f64, f64>(
+                "SELECT p50_ms_24h::float8, p95_ms_24h::float8 FROM postback.endpoint_health WHERE endpoint = 'h1'",
+            )
+            .unwrap()
+        };
+        let (exact50, exact95) = Spi::get_two::<f64, f64>(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms),
+                    percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms) FROM postback.attempts",
+        )
+        .unwrap();
+        let before = day();
+        let (p50, p95) = (before.0.unwrap(), before.1.unwrap());
+        assert!((p50 / exact50.unwrap() - 1.0).abs() < 0.1, "{p50} vs {exact50:?}");
+        assert!((p95 / exact95.unwrap() - 1.0).abs() < 0.1, "{p95} vs {exact95:?}");
+        Spi::run("SELECT postback.roll_up('1 year')").unwrap();
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT sum(attempts)::bigint FROM postback.attempt_rollup").unwrap(),
+            Some(300)
+        );
+        assert_eq!(day(), before);
+        // the last hour's figures come from the attempts (none in the last hour here)
+        assert_eq!(
+            Spi::get_one::<bool>("SELECT p50_ms_1h IS NULL FROM postback.endpoint_health WHERE endpoint = 'h1'")
+                .unwrap(),
+            Some(true)
+        );
+    }
 }
