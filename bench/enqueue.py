@@ -1,7 +1,8 @@
 """Enqueue cost, measured side by side in one run (best of two for each figure).
 
 T_on   one INSERT … SELECT of N conversions, enqueue trigger on
-T_off  the same insert with the enqueue trigger (conversions_enqueue_inserted) disabled
+T_off  the same insert into a plain table: every trigger of ours on postback.conversions
+       disabled (validation, enqueue, rollup counting), as a user without pg_postback feels it
 T_rows inserting the delivery rows T_on produced into a copy of postback.deliveries with
        the same indexes (CREATE TABLE … (LIKE postback.deliveries INCLUDING ALL))
 
@@ -68,10 +69,10 @@ def measure(conn, insert, n, per_conversion, extra=None):
     params = dict(extra or {}, n=n)
     for _ in range(2):
         conn.execute(RESET)
-        conn.execute("ALTER TABLE postback.conversions DISABLE TRIGGER conversions_enqueue_inserted")
+        conn.execute("ALTER TABLE postback.conversions DISABLE TRIGGER USER")
         run_no[0] += 1
         t_off.append(timed(conn, insert, dict(params, tag=f"r{run_no[0]}-")))
-        conn.execute("ALTER TABLE postback.conversions ENABLE TRIGGER conversions_enqueue_inserted")
+        conn.execute("ALTER TABLE postback.conversions ENABLE TRIGGER USER")
         conn.execute(RESET)
         run_no[0] += 1
         t_on.append(timed(conn, insert, dict(params, tag=f"r{run_no[0]}-")))

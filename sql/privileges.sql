@@ -57,7 +57,8 @@ BEGIN
     EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
                    'postback.conversion_duplicates, postback.clicks, postback.endpoint_state, '
                    'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
-                   'postback.metrics, postback.dead_letters, postback.delivery_rollup, postback.conversion_rollup TO %s', role);
+                   'postback.metrics, postback.dead_letters, postback.delivery_rollup, postback.conversion_rollup, '
+                   'postback.attempt_rollup, postback.rollup_state TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
                    'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);

@@ -9,8 +9,8 @@ use super::*;
 
 /// The maintenance worker's loop.
 pub(super) fn run(mut schema: SchemaWait) {
-    // the first purge runs a minute after start, then every hour
-    let mut last_purge = Instant::now() - PURGE_EVERY + Duration::from_secs(60);
+    // the first purge runs 10 s after start (after the first roll-up), then every hour
+    let mut last_purge = Instant::now() - PURGE_EVERY + Duration::from_secs(10);
     let mut last_rollup = Instant::now() - ROLLUP_EVERY + Duration::from_secs(5);
     let mut last_disable = Instant::now() - HOUSEKEEPING_EVERY;
     let mut ready = false;

@@ -46,6 +46,11 @@ pub fn run<T>(what: &str, f: impl FnOnce() -> SpiResult<T>) -> Result<T, String>
             Err(_) => pg_sys::AbortCurrentTransaction(),
         }
         pg_sys::pgstat_report_activity(pg_sys::BackendState::STATE_IDLE, std::ptr::null());
+        // A client backend flushes its table statistics when idle; a background
+        // worker must ask. Without it autovacuum never saw the worker's updates
+        // of deliveries or its inserts of attempts (no dead tuples counted, no
+        // vacuum, ever-growing indexes). At most once a second (force = false).
+        pg_sys::pgstat_report_stat(false);
     }
     result.map_err(|e| format!("{what}: {e}"))
 }

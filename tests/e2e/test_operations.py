@@ -184,3 +184,67 @@ def test_views_answer_and_roles_hold(cluster, receiver):
             for role in ("ops_op", "ops_an"):
                 conn.execute(f"SELECT postback.revoke_access('{role}')")
                 conn.execute(f"DROP ROLE {role}")
+
+
+def test_the_maintenance_worker_applies_retention_and_keeps_the_figures(make_cluster, receiver):
+    """postback.retention: the maintenance worker deletes succeeded deliveries that finished
+    longer ago (with their attempts), keeps dead, recent and unfinished ones, and rolls
+    up first, so postback.metrics says the same after the purge."""
+    c = make_cluster({"postback.retention": "0"})
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_postback")
+        receiver.script("/ret", *([{"status": 404}] * 4), {"status": 200})
+        conn.execute("INSERT INTO postback.endpoints (name, url_template, events) VALUES ('ret', %s, '{ret}')",
+                     (receiver.url("/ret?c={click_id}"),))
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event) "
+                     "SELECT 'r' || g, 'ret-' || g, 'ret' FROM generate_series(1, 40) g")
+        c.wait_for(lambda: conn.execute("SELECT count(*) FROM postback.deliveries "
+                                        "WHERE state IN ('succeeded', 'dead')").fetchone()[0] == 40,
+                   what="40 finished deliveries")
+        # 30 of them finished two hours ago (4 of those dead), 10 just now
+        conn.execute("UPDATE postback.deliveries SET completed_at = now() - interval '2 hours', "
+                     "created_at = now() - interval '2 hours' "
+                     "WHERE id IN (SELECT id FROM postback.deliveries ORDER BY state = 'dead' DESC, id LIMIT 30)")
+        # and one delivery still waiting from two hours ago
+        conn.execute("SELECT postback.pause('ret')")
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event, created_at) "
+                     "VALUES ('r0', 'ret-0', 'ret', now() - interval '2 hours')")
+        old_ok = [r[0] for r in conn.execute(
+            "SELECT id FROM postback.deliveries WHERE state = 'succeeded' "
+            "AND completed_at < now() - interval '1 hour'")]
+        assert len(old_ok) == 26, conn.execute("SELECT state, attempts, last_error, completed_at < now() - interval '1 hour' FROM postback.deliveries").fetchall()
+        kept = conn.execute("SELECT count(*) FROM postback.deliveries").fetchone()[0] - 26
+        conn.execute("SELECT postback.roll_up()")
+        before = conn.execute("SELECT deliveries_finished, deliveries_dead FROM postback.metrics "
+                              "WHERE period = 'all' AND breakdown = 'total'").fetchone()
+        # the maintenance worker purges 10 s after it starts: keep an hour, start it again
+        conn.execute("ALTER SYSTEM SET postback.retention = '1h'")
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE backend_type = 'pg_postback maintenance'")
+        c.wait_for(lambda: conn.execute("SELECT count(*) FROM postback.deliveries").fetchone()[0] == kept,
+                   timeout=40, what="the old succeeded deliveries to be purged")
+        assert conn.execute("SELECT count(*) FROM postback.deliveries WHERE id = ANY (%s)", (old_ok,)).fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM postback.attempts WHERE delivery_id = ANY (%s)",
+                            (old_ok,)).fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FILTER (WHERE state = 'dead'), count(*) FILTER (WHERE state = 'pending') "
+                            "FROM postback.deliveries").fetchone() == (4, 1)
+        assert conn.execute("SELECT deliveries_finished, deliveries_dead FROM postback.metrics "
+                            "WHERE period = 'all' AND breakdown = 'total'").fetchone() == before
+        assert "purged 26 finished deliveries" in c.log()
+
+
+def test_autovacuum_sees_the_workers_writes(cluster, receiver):
+    """The worker's updates of deliveries and inserts of attempts reach the table
+    statistics that autovacuum reads (a background worker has to flush them itself)."""
+    with cluster.connect() as conn:
+        name = endpoint(conn, receiver.url("/stats?c={click_id}"))
+        before = conn.execute("SELECT coalesce(n_tup_ins, 0) FROM pg_stat_user_tables "
+                              "WHERE relid = 'postback.attempts'::regclass").fetchone()[0]
+        convert(conn, name, 20)
+        settled(cluster, conn, name, 20, "succeeded")
+        cluster.wait_for(lambda: conn.execute(
+            "SELECT a.n_tup_ins >= %s + 20 AND d.n_tup_upd > 0 FROM pg_stat_user_tables a, pg_stat_user_tables d "
+            "WHERE a.relid = 'postback.attempts'::regclass AND d.relid = 'postback.deliveries'::regclass",
+            (before,)).fetchone()[0] is True,
+            timeout=10, what="the worker's writes in pg_stat_user_tables")
