@@ -5,7 +5,7 @@ DEMO_DIR    ?= /tmp/pg_postback_demo
 DEMO_PORT   ?= 54329
 PYTEST_ARGS ?=
 
-.PHONY: deps lint unit pgtest install install-release install-upgrades e2e test demo demo-stop bench bench-quick bench-tools faults faults-quick
+.PHONY: deps lint unit pgtest install install-release install-upgrades e2e test demo demo-stop bench bench-quick bench-tools faults faults-quick citus-test
 
 deps:
 	scripts/install-deps.sh
@@ -44,6 +44,11 @@ install-upgrades:
 # End-to-end: real preloaded clusters on free ports, real loopback receivers.
 e2e: install
 	cd tests/e2e && python3 -m pytest -q $(PYTEST_ARGS)
+
+# pg_postback on a three-node Citus cluster on this machine (not part of `make test`):
+# builds and installs Citus from ../shared/citus when it is missing.
+citus-test: install
+	cd tests/citus && python3 -m pytest -q $(PYTEST_ARGS)
 
 # Fault scenarios (crashes, broken receivers) and every bad-input case; the
 # quick subset runs in `make test`, the whole suite (under 20 minutes) here.

@@ -306,3 +306,9 @@ COMMENT ON COLUMN postback.endpoint_state.slow_since IS 'Since when the worker c
 COMMENT ON COLUMN postback.endpoint_health.in_flight IS 'Deliveries on the wire now (claimed by the worker).';
 COMMENT ON COLUMN postback.endpoint_health.slow_since IS 'Since when the worker counts it slow (a request out for a second or more, or answers lately that slow); slow endpoints together hold at most half of postback.concurrency, so they never take the capacity other endpoints need. NULL while it is not.';
 COMMENT ON FUNCTION postback.worker_stats() IS 'Every worker''s figures from shared memory, one row per worker the launcher runs: pid, start, last wake, requests sent, in flight, last error; concurrency (most requests open at once), slow endpoints and their requests in flight; database, worker (1..workers, NULL for the maintenance worker), workers, state, role (delivery or maintenance).';
+COMMENT ON FUNCTION postback.refuse_on_citus_worker() IS 'Trigger: on a Citus worker node, refuses writes to pg_postback''s tables (coordinator-only mode: they live on the coordinator), naming the coordinator; nothing without Citus or for a table Citus distributes.';
+COMMENT ON TRIGGER conversions_refuse_on_citus_worker ON postback.conversions IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
+COMMENT ON TRIGGER clicks_refuse_on_citus_worker ON postback.clicks IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
+COMMENT ON TRIGGER endpoints_refuse_on_citus_worker ON postback.endpoints IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
+COMMENT ON TRIGGER endpoint_secrets_refuse_on_citus_worker ON postback.endpoint_secrets IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
+COMMENT ON TRIGGER deliveries_refuse_on_citus_worker ON postback.deliveries IS 'Refuses writes on a Citus worker node (coordinator-only mode).';

@@ -32,6 +32,7 @@ REVOKE EXECUTE ON FUNCTION postback.purge_tests(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.roll_up(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.roll_up_conversions(interval) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.roll_up_attempts() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.refuse_on_citus_worker() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.count_conversion_changes() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;

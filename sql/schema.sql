@@ -531,6 +531,60 @@ CREATE TRIGGER deliveries_delete_attempts
     FOR EACH STATEMENT EXECUTE FUNCTION postback.delete_attempts_of_deleted_deliveries();
 
 -- ---------------------------------------------------------------------------
+-- Citus, coordinator-only mode: pg_postback's tables are the coordinator's own
+-- (CREATE EXTENSION propagates them to every node, empty). A write reaching a
+-- worker node's copy would never be delivered and would take ids the
+-- coordinator also hands out: refused there, naming the coordinator. Without
+-- Citus the check is one catalog lookup per statement; a table distributed by
+-- Citus (its shards on the workers) is not refused.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION postback.refuse_on_citus_worker() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    coordinator text;
+    this_node text;
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_local_group') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT coalesce((SELECT pg_catalog.format(''%s:%s'', n.nodename, n.nodeport) FROM pg_catalog.pg_dist_node n
+                               WHERE n.groupid = 0 LIMIT 1), ''the coordinator''),
+                    (SELECT pg_catalog.format(''%s:%s'', n.nodename, n.nodeport) FROM pg_catalog.pg_dist_node n
+                      WHERE n.groupid = g.groupid LIMIT 1)
+               FROM pg_catalog.pg_dist_local_group g
+              WHERE g.groupid <> 0
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1)'
+       INTO coordinator, this_node USING TG_RELID;
+    IF coordinator IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_postback on Citus runs on the coordinator (%): postback.% cannot be written on a worker node (%)',
+                        coordinator, TG_TABLE_NAME, coalesce(this_node, 'this one')
+            USING ERRCODE = 'read_only_sql_transaction',
+                  DETAIL = 'In coordinator-only mode pg_postback''s tables live on the coordinator and its worker '
+                           'delivers from them; a worker node''s copy stays empty and is never delivered from.',
+                  HINT = pg_catalog.format('Connect to the coordinator (%s) to write postback.%s.', coordinator,
+                                           TG_TABLE_NAME);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER conversions_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.conversions
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+CREATE TRIGGER clicks_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.clicks
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+CREATE TRIGGER endpoints_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.endpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+CREATE TRIGGER endpoint_secrets_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.endpoint_secrets
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+CREATE TRIGGER deliveries_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.deliveries
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+
+-- ---------------------------------------------------------------------------
 -- pg_dump keeps configuration and data (postback.conversion_duplicates is
 -- added in enqueue.sql), and the identity sequences, or new rows would collide
 -- with restored ones. A restore re-creates pending deliveries as pending: they

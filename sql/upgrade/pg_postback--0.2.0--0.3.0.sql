@@ -1498,3 +1498,57 @@ COMMENT ON COLUMN postback.attempt_rollup.attempts IS 'How many attempts.';
 COMMENT ON COLUMN postback.attempt_rollup.duration_hist IS 'Histogram of their durations: 108 counts, four buckets per doubling from 1 ms (postback.histogram_quantile reads it).';
 COMMENT ON FUNCTION postback.roll_up_attempts() IS 'Internal (postback.roll_up calls it): counts the durations of attempts that started more than six minutes ago (a day back at most) into attempt_rollup; drops its hours older than two days.';
 COMMENT ON FUNCTION postback.roll_up(interval) IS 'Internal (the worker calls it every minute): moves up to max_span of finished deliveries into delivery_rollup and of conversions into conversion_rollup, attempt durations into attempt_rollup, merges hours older than 8 days into days; true when more is left.';
+
+-- Citus coordinator-only mode: writes on a worker node's copy are refused
+CREATE FUNCTION postback.refuse_on_citus_worker() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    coordinator text;
+    this_node text;
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_local_group') IS NULL THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE 'SELECT coalesce((SELECT pg_catalog.format(''%s:%s'', n.nodename, n.nodeport) FROM pg_catalog.pg_dist_node n
+                               WHERE n.groupid = 0 LIMIT 1), ''the coordinator''),
+                    (SELECT pg_catalog.format(''%s:%s'', n.nodename, n.nodeport) FROM pg_catalog.pg_dist_node n
+                      WHERE n.groupid = g.groupid LIMIT 1)
+               FROM pg_catalog.pg_dist_local_group g
+              WHERE g.groupid <> 0
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1)'
+       INTO coordinator, this_node USING TG_RELID;
+    IF coordinator IS NOT NULL THEN
+        RAISE EXCEPTION 'pg_postback on Citus runs on the coordinator (%): postback.% cannot be written on a worker node (%)',
+                        coordinator, TG_TABLE_NAME, coalesce(this_node, 'this one')
+            USING ERRCODE = 'read_only_sql_transaction',
+                  DETAIL = 'In coordinator-only mode pg_postback''s tables live on the coordinator and its worker '
+                           'delivers from them; a worker node''s copy stays empty and is never delivered from.',
+                  HINT = pg_catalog.format('Connect to the coordinator (%s) to write postback.%s.', coordinator,
+                                           TG_TABLE_NAME);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER conversions_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.conversions
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+CREATE TRIGGER clicks_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.clicks
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+CREATE TRIGGER endpoints_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.endpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+CREATE TRIGGER endpoint_secrets_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.endpoint_secrets
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+CREATE TRIGGER deliveries_refuse_on_citus_worker
+    BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.deliveries
+    FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
+REVOKE EXECUTE ON FUNCTION postback.refuse_on_citus_worker() FROM PUBLIC;
+COMMENT ON FUNCTION postback.refuse_on_citus_worker() IS 'Trigger: on a Citus worker node, refuses writes to pg_postback''s tables (coordinator-only mode: they live on the coordinator), naming the coordinator; nothing without Citus or for a table Citus distributes.';
+COMMENT ON TRIGGER conversions_refuse_on_citus_worker ON postback.conversions IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
+COMMENT ON TRIGGER clicks_refuse_on_citus_worker ON postback.clicks IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
+COMMENT ON TRIGGER endpoints_refuse_on_citus_worker ON postback.endpoints IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
+COMMENT ON TRIGGER endpoint_secrets_refuse_on_citus_worker ON postback.endpoint_secrets IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
+COMMENT ON TRIGGER deliveries_refuse_on_citus_worker ON postback.deliveries IS 'Refuses writes on a Citus worker node (coordinator-only mode).';

@@ -1,0 +1,147 @@
+"""pg_postback on Citus, coordinator-only mode (make citus-test; not part of make test).
+
+A coordinator and two worker nodes on one machine (Citus 13.2.2 from ../shared/citus,
+built and installed when missing). Only the coordinator preloads pg_postback:
+`CREATE EXTENSION pg_postback` there is propagated to every node, its tables stay local
+to the coordinator, and its worker delivers. Shown here:
+
+- conversions written on the coordinator (single rows, multi-row, COPY, INSERT … SELECT
+  from a distributed table) and their lifecycle updates are each delivered exactly once,
+  in order, and the views answer;
+- on a worker node, writes to pg_postback's tables are refused with a message naming the
+  coordinator (read_only_sql_transaction), and its copies stay empty.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import psycopg
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..", "..")
+sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
+from cluster import Cluster  # noqa: E402
+from receiver import Receiver  # noqa: E402
+
+CITUS = os.path.normpath(os.path.join(ROOT, "..", "shared", "citus"))
+PG_CONFIG = "/usr/lib/postgresql/15/bin/pg_config"
+
+
+def citus_installed():
+    libdir = subprocess.check_output([PG_CONFIG, "--pkglibdir"]).decode().strip()
+    return os.path.exists(os.path.join(libdir, "citus.so"))
+
+
+@pytest.fixture(scope="module")
+def citus():
+    """Coordinator + two workers; yields (coordinator, [workers])."""
+    if not citus_installed():
+        if not os.path.exists(os.path.join(CITUS, "build.sh")):
+            pytest.skip(f"Citus is not installed and {CITUS}/build.sh is missing: nothing to build it from")
+        subprocess.run(["bash", os.path.join(CITUS, "build.sh")], check=True)
+    common = {"max_worker_processes": "32", "citus.log_remote_commands": "off",
+              "max_prepared_transactions": "100"}
+    coordinator = Cluster.create(settings=dict(common, shared_preload_libraries="'citus,pg_postback'"))
+    workers = [Cluster.create(settings=dict(common, shared_preload_libraries="'citus'")) for _ in range(2)]
+    nodes = [coordinator] + workers
+    try:
+        for n in nodes:
+            n.start()
+            with n.connect() as conn:
+                conn.execute("CREATE EXTENSION citus")
+        with coordinator.connect() as conn:
+            conn.execute("SELECT citus_set_coordinator_host('127.0.0.1', %s)", (coordinator.port,))
+            for w in workers:
+                conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (w.port,))
+            conn.execute("CREATE EXTENSION pg_postback")
+        yield coordinator, workers
+    finally:
+        for n in nodes:
+            n.destroy()
+
+
+def delivered(receiver, path):
+    return sorted(g["query"]["tx"] + ":" + g["query"]["st"] for g in receiver.seen(path))
+
+
+def test_the_extension_reaches_every_node_and_only_the_coordinator_delivers(citus):
+    coordinator, workers = citus
+    for w in workers:
+        with w.connect() as conn:
+            assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_postback'").fetchone()
+    with coordinator.connect() as conn:
+        coordinator.wait_for(lambda: conn.execute(
+            "SELECT count(*) FROM postback.worker_status() WHERE running AND role = 'delivery'").fetchone()[0] == 1,
+            what="the coordinator's delivery worker")
+
+
+def test_conversions_written_on_the_coordinator_are_delivered_once_in_order(citus):
+    coordinator, _ = citus
+    r = Receiver().start()
+    try:
+        with coordinator.connect() as conn:
+            conn.execute("INSERT INTO postback.endpoints (name, url_template, statuses) VALUES ('net', %s, "
+                         "'{pending,approved,reversed}')", (r.url("/pb?tx={transaction_id}&st={status}"),))
+            # single rows, multi-row, COPY
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, status) "
+                         "VALUES ('k1', 'single-1', 'pending')")
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, status) "
+                         "VALUES ('k2', 'multi-1', 'pending'), ('k3', 'multi-2', 'pending')")
+            with conn.cursor() as cur:
+                with cur.copy("COPY postback.conversions (click_id, transaction_id, status) FROM STDIN") as copy:
+                    for i in range(1, 51):
+                        copy.write_row((f"c{i}", f"copy-{i}", "pending"))
+            # INSERT … SELECT from a distributed table of the application's
+            conn.execute("CREATE TABLE public.orders (order_id text PRIMARY KEY, click_id text)")
+            conn.execute("SELECT create_distributed_table('public.orders', 'order_id')")
+            conn.execute("INSERT INTO public.orders SELECT 'order-' || g, 'o' || g FROM generate_series(1, 500) g")
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, status) "
+                         "SELECT o.click_id, o.order_id, 'pending' FROM public.orders o")
+            conn.execute("UPDATE postback.conversions SET status = 'approved'")
+            conn.execute("UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id LIKE 'order-1%'")
+            total = conn.execute("SELECT count(*) FROM postback.conversions").fetchone()[0]
+            assert total == 553
+            reversed_ = conn.execute(
+                "SELECT count(*) FROM postback.conversions WHERE status = 'reversed'").fetchone()[0]
+            coordinator.wait_for(lambda: len(r.seen("/pb")) == 2 * total + reversed_, timeout=60,
+                                 what="every status of every conversion delivered")
+            time.sleep(0.5)
+            seen = delivered(r, "/pb")
+            assert len(seen) == len(set(seen)) == 2 * total + reversed_
+            # per conversion, its statuses arrive in the order they were set
+            order = {}
+            for g in r.seen("/pb"):
+                order.setdefault(g["query"]["tx"], []).append(g["query"]["st"])
+            assert all(v in (["pending", "approved"], ["pending", "approved", "reversed"]) for v in order.values())
+            assert conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0] == 2 * total + reversed_
+            for view in ("endpoint_health", "metrics", "dead_letters", "match_rate", "delivery_summary"):
+                conn.execute(f"SELECT * FROM postback.{view}").fetchall()
+    finally:
+        r.stop()
+
+
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('w', 'on-a-worker')",
+    "INSERT INTO postback.clicks (click_id) VALUES ('w')",
+    "INSERT INTO postback.endpoints (name, url_template) VALUES ('w', 'http://127.0.0.1:9/w')",
+    "UPDATE postback.conversions SET status = 'approved'",
+    "DELETE FROM postback.deliveries",
+    "TRUNCATE postback.clicks",
+])
+def test_writes_on_a_worker_node_are_refused_naming_the_coordinator(citus, statement):
+    coordinator, workers = citus
+    with workers[0].connect() as conn:
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as refused:
+            conn.execute(statement)
+        message = str(refused.value)
+        assert f"runs on the coordinator (127.0.0.1:{coordinator.port})" in message, message
+        assert f"worker node (127.0.0.1:{workers[0].port})" in message, message
+        assert refused.value.diag.message_hint == (
+            f"Connect to the coordinator (127.0.0.1:{coordinator.port}) to write postback."
+            + statement.split("postback.")[1].split(" ")[0] + ".")
+        assert conn.execute("SELECT (SELECT count(*) FROM postback.conversions) + "
+                            "(SELECT count(*) FROM postback.clicks)").fetchone()[0] == 0
