@@ -496,6 +496,13 @@ BEGIN
     IF mark IS NULL THEN
         RETURN NULL;
     END IF;
+    IF TG_OP = 'INSERT' AND pg_catalog.current_setting('application_name') = 'pg_restore'
+       AND pg_catalog.current_query() ~* '^\s*copy\s' THEN
+        -- a restore brings conversion_rollup, its changes and rollup_state with
+        -- the rows (pg_restore -j loads them in any order): counting them again
+        -- would count them twice
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'INSERT' THEN
         INSERT INTO postback.conversion_rollup_changes (hour, partner, status, matched, conversions)
         SELECT date_trunc('hour', n.created_at, 'UTC'), coalesce(n.partner, ''), n.status,

@@ -199,6 +199,11 @@ def test_pg_restore_in_parallel_keeps_every_conversion_as_a_serial_one_does(make
         before = conn.execute("SELECT (SELECT count(*) FROM postback.conversions), "
                               "(SELECT count(*) FROM postback.deliveries)").fetchone()
         assert before == (20000, 40000)
+        # half of them three days old and rolled up: the rollup and its state are dumped too
+        conn.execute("UPDATE postback.conversions SET created_at = now() - interval '3 days' WHERE id % 2 = 0")
+        conn.execute("SELECT postback.roll_up('1 year')")
+        counted = conn.execute("SELECT conversions FROM postback.match_rate WHERE overall").fetchone()[0]
+        assert counted == 20000
         conn.execute("CREATE DATABASE serial")
         conn.execute("CREATE DATABASE parallel")
     dump = f"{c.datadir}/dump.pgc"
@@ -211,6 +216,8 @@ def test_pg_restore_in_parallel_keeps_every_conversion_as_a_serial_one_does(make
             after = conn.execute("SELECT (SELECT count(*) FROM postback.conversions), "
                                  "(SELECT count(*) FROM postback.deliveries)").fetchone()
             assert after == before, (db, after)
+            # restored rows are not counted a second time beside the restored rollup
+            assert conn.execute("SELECT conversions FROM postback.match_rate WHERE overall").fetchone()[0] == counted
             # and new conversions are enqueued as before
             conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('n', 'after-restore')")
             assert conn.execute("SELECT count(*) FROM postback.deliveries").fetchone()[0] == before[1] + 2
