@@ -136,7 +136,8 @@ mod tests {
         assert_eq!(
             dumped.as_deref(),
             Some(
-                "attempts,attempts_id_seq,clicks,conversion_duplicates,conversion_duplicates_id_seq,conversions,\
+                "attempt_rollup,attempts,attempts_id_seq,clicks,conversion_duplicates,conversion_duplicates_id_seq,\
+                 conversion_rollup,conversion_rollup_changes,conversion_rollup_changes_id_seq,conversions,\
                  conversions_id_seq,deliveries,deliveries_id_seq,delivery_rollup,endpoint_secrets,\
                  endpoint_secrets_id_seq,endpoints,endpoints_id_seq,rollup_state"
             )

@@ -13,7 +13,6 @@ to the coordinator, and its worker delivers. Shown here:
 """
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -36,31 +35,55 @@ def citus_installed():
     return os.path.exists(os.path.join(libdir, "citus.so"))
 
 
-@pytest.fixture(scope="module")
-def citus():
-    """Coordinator + two workers; yields (coordinator, [workers])."""
+def ensure_citus():
     if not citus_installed():
         if not os.path.exists(os.path.join(CITUS, "build.sh")):
             pytest.skip(f"Citus is not installed and {CITUS}/build.sh is missing: nothing to build it from")
         subprocess.run(["bash", os.path.join(CITUS, "build.sh")], check=True)
-    common = {"max_worker_processes": "32", "citus.log_remote_commands": "off",
-              "max_prepared_transactions": "100"}
+
+
+def start_cluster(made, version=None):
+    """A coordinator (preloading citus and pg_postback) and two workers (citus only), with
+    pg_postback created on the coordinator (at `version`, or the current one)."""
+    ensure_citus()
+    common = {"max_worker_processes": "32", "max_prepared_transactions": "100"}
     coordinator = Cluster.create(settings=dict(common, shared_preload_libraries="'citus,pg_postback'"))
     workers = [Cluster.create(settings=dict(common, shared_preload_libraries="'citus'")) for _ in range(2)]
-    nodes = [coordinator] + workers
-    try:
-        for n in nodes:
-            n.start()
-            with n.connect() as conn:
-                conn.execute("CREATE EXTENSION citus")
-        with coordinator.connect() as conn:
-            conn.execute("SELECT citus_set_coordinator_host('127.0.0.1', %s)", (coordinator.port,))
-            for w in workers:
-                conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (w.port,))
+    made.extend([coordinator] + workers)
+    for n in [coordinator] + workers:
+        n.start()
+        with n.connect() as conn:
+            conn.execute("CREATE EXTENSION citus")
+    with coordinator.connect() as conn:
+        conn.execute("SELECT citus_set_coordinator_host('127.0.0.1', %s)", (coordinator.port,))
+        for w in workers:
+            conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (w.port,))
+        if version:
+            conn.execute(f"CREATE EXTENSION pg_postback VERSION '{version}'")
+        else:
             conn.execute("CREATE EXTENSION pg_postback")
-        yield coordinator, workers
+    return coordinator, workers
+
+
+@pytest.fixture(scope="module")
+def citus():
+    """Coordinator + two workers shared by the tests of this module; yields (coordinator, [workers])."""
+    made = []
+    try:
+        yield start_cluster(made)
     finally:
-        for n in nodes:
+        for n in made:
+            n.destroy()
+
+
+@pytest.fixture
+def citus_fresh():
+    """Factory for a cluster of the test's own (e.g. with an earlier version installed)."""
+    made = []
+    try:
+        yield lambda version=None: start_cluster(made, version)
+    finally:
+        for n in made:
             n.destroy()
 
 
@@ -145,3 +168,30 @@ def test_writes_on_a_worker_node_are_refused_naming_the_coordinator(citus, state
             + statement.split("postback.")[1].split(" ")[0] + ".")
         assert conn.execute("SELECT (SELECT count(*) FROM postback.conversions) + "
                             "(SELECT count(*) FROM postback.clicks)").fetchone()[0] == 0
+
+
+def test_the_update_from_0_2_0_reaches_every_node(citus_fresh):
+    """ALTER EXTENSION pg_postback UPDATE on the coordinator updates the extension on every
+    node (Citus propagates it); the coordinator's data and pending deliveries survive and
+    are delivered."""
+    coordinator, workers = citus_fresh(version="0.2.0")
+    r = Receiver().start()
+    try:
+        with coordinator.connect() as conn:
+            conn.execute("INSERT INTO postback.endpoints (name, url_template) VALUES ('up', %s)",
+                         (r.url("/up?tx={transaction_id}&st={status}"),))
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                         "SELECT 'k' || g, 'up-' || g FROM generate_series(1, 20) g")
+            conn.execute("ALTER EXTENSION pg_postback UPDATE")
+            coordinator.wait_for(lambda: len(r.seen("/up")) == 20, timeout=30, what="the 0.2.0 deliveries")
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('n', 'after')")
+            coordinator.wait_for(lambda: len(r.seen("/up")) == 21, what="a delivery after the update")
+        for node in [coordinator] + workers:
+            with node.connect() as conn:
+                assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'pg_postback'"
+                                    ).fetchone()[0] == "0.3.0"
+        with workers[0].connect() as conn:
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+                conn.execute("INSERT INTO postback.clicks (click_id) VALUES ('w')")
+    finally:
+        r.stop()
