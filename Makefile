@@ -5,7 +5,7 @@ DEMO_DIR    ?= /tmp/pg_postback_demo
 DEMO_PORT   ?= 54329
 PYTEST_ARGS ?=
 
-.PHONY: deps lint unit pgtest install install-release install-upgrades e2e test demo demo-stop bench bench-quick bench-tools faults faults-quick citus-test
+.PHONY: deps lint unit pgtest install install-release install-upgrades e2e test demo demo-stop bench bench-quick bench-tools faults faults-quick citus-test package package-test
 
 deps:
 	scripts/install-deps.sh
@@ -44,6 +44,15 @@ install-upgrades:
 # End-to-end: real preloaded clusters on free ports, real loopback receivers.
 e2e: install
 	cd tests/e2e && python3 -m pytest -q $(PYTEST_ARGS)
+
+# A Debian package (target/debian/postgresql-15-pg-postback_<version>_amd64.deb), and its
+# test: dpkg -i, a cluster without cargo on the PATH, dpkg -r (changes the system, so not
+# part of `make test`).
+package:
+	scripts/package.sh
+
+package-test: package
+	scripts/package-test.sh
 
 # pg_postback on a three-node Citus cluster on this machine (not part of `make test`):
 # builds and installs Citus from ../shared/citus when it is missing.

@@ -41,7 +41,8 @@ GOALS = {
     "noisy_many_ratio": ("<=", 1.5), "noisy_many_p99_added_ms": ("<=", 50), "open_requests_rss_mib": ("<=", 64),
     "workers_ratio": (">=", 1.5), "e2e_dps_2_workers": (">=", 20000), "history_ratio": (">=", 0.9),
     "endpoint_health_ms": ("<=", 200), "metrics_ms": ("<=", 200), "dead_letters_ms": ("<=", 200),
-    "match_rate_ms": ("<=", 200), "purge_history_ratio": ("<=", 1.5),
+    "match_rate_ms": ("<=", 200), "purge_history_ratio": ("<=", 1.5), "exporter_endpoint_ms": ("<=", 200),
+    "exporter_deliveries_ms": ("<=", 200), "exporter_worker_ms": ("<=", 200),
 }
 
 
@@ -162,7 +163,8 @@ def main():
     step("history beside the present (bench/history.py, its own cluster)")
     results.update(sub_bench("history.py", QUICK_ARGS, "history.json", (
         "history_deliveries", "dps_empty", "dps_history", "history_ratio", "endpoint_health_ms",
-        "metrics_ms", "dead_letters_ms", "match_rate_ms", "purge_history_ratio")))
+        "metrics_ms", "dead_letters_ms", "match_rate_ms", "purge_history_ratio", "exporter_endpoint_ms",
+        "exporter_deliveries_ms", "exporter_worker_ms")))
     step("the 0.2.0 -> 0.3.0 update beside 1M deliveries and a writer (bench/upgrade.py, its own cluster)")
     results.update(sub_bench("upgrade.py", [], "upgrade.json", (
         "update_s", "update_stall_ms", "insert_max_before_ms", "upgrade_rows_kept")))

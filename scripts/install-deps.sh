@@ -33,7 +33,7 @@ if ! grep -q "^pg15 *= *\"$PG_CONFIG\"" "$PGRX_HOME/config.toml" 2>/dev/null; th
     cargo pgrx init --pg15 "$PG_CONFIG"
 fi
 
-if ! python3 -c 'import psycopg, pytest, standardwebhooks' 2>/dev/null; then
+if ! python3 -c 'import psycopg, pytest, standardwebhooks, yaml' 2>/dev/null; then
     echo "==> pip install -r tests/requirements.txt (for $(command -v python3))"
     if ! python3 -m pip --version >/dev/null 2>&1; then
         apt-get update -qq

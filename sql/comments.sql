@@ -263,6 +263,7 @@ COMMENT ON COLUMN postback.delivery_rollup.succeeded IS 'Deliveries that succeed
 COMMENT ON COLUMN postback.delivery_rollup.dead IS 'Deliveries that died.';
 COMMENT ON COLUMN postback.delivery_rollup.timed IS 'Successes whose commit-to-success latency counts (not resent by hand).';
 COMMENT ON COLUMN postback.delivery_rollup.latency_ms_sum IS 'Sum of their commit-to-success latencies, ms.';
+COMMENT ON COLUMN postback.delivery_rollup.attempts IS 'Attempts those deliveries took (since their last resend by hand).';
 COMMENT ON COLUMN postback.delivery_rollup.latency_hist IS 'Histogram of those latencies: 108 counts, four buckets per doubling from 1 ms (postback.histogram_quantile reads it).';
 COMMENT ON TABLE postback.rollup_state IS 'How far postback.delivery_rollup goes (one row, once postback.roll_up has run).';
 COMMENT ON COLUMN postback.rollup_state.singleton IS 'Always true: the table has one row.';

@@ -340,7 +340,7 @@ SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NUL
 -- roll_up stores and what metrics adds for the hours not rolled up yet.
 CREATE FUNCTION postback.finished_between(since timestamptz, until timestamptz)
 RETURNS TABLE (hour timestamptz, endpoint_id bigint, event text, partner text, succeeded bigint, dead bigint,
-               timed bigint, latency_ms_sum double precision, latency_hist bigint[])
+               timed bigint, latency_ms_sum double precision, latency_hist bigint[], attempts bigint)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT date_trunc('hour', d.completed_at, 'UTC'), d.endpoint_id, d.event, coalesce(c.partner, ''),
            count(*) FILTER (WHERE d.state = 'succeeded'),
@@ -350,7 +350,8 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                         FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), 0),
            postback.latency_histogram(coalesce(
                array_agg(extract(epoch FROM d.completed_at - d.created_at)::float8 * 1000.0)
-                   FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), '{}'))
+                   FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), '{}')),
+           sum(d.attempts - d.attempt_offset)::bigint
       FROM postback.deliveries d
       JOIN postback.conversions c ON c.id = d.conversion_id
      WHERE d.completed_at >= finished_between.since AND d.completed_at < finished_between.until
@@ -378,26 +379,28 @@ BEGIN
     until := least(target, since + max_span);
     IF until > since THEN
         INSERT INTO postback.delivery_rollup AS r
-               (span, hour, endpoint_id, event, partner, succeeded, dead, timed, latency_ms_sum, latency_hist)
+               (span, hour, endpoint_id, event, partner, succeeded, dead, timed, latency_ms_sum, latency_hist, attempts)
         SELECT 'hour', f.* FROM postback.finished_between(since, until) f
         ON CONFLICT (span, hour, endpoint_id, event, partner) DO UPDATE
            SET succeeded = r.succeeded + excluded.succeeded, dead = r.dead + excluded.dead,
                timed = r.timed + excluded.timed, latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum,
-               latency_hist = postback.histogram_add(r.latency_hist, excluded.latency_hist);
+               latency_hist = postback.histogram_add(r.latency_hist, excluded.latency_hist),
+               attempts = r.attempts + excluded.attempts;
     END IF;
     WITH old AS (
         DELETE FROM postback.delivery_rollup r
          WHERE r.span = 'hour' AND r.hour < date_trunc('day', now() - interval '8 days', 'UTC')
         RETURNING r.*)
     INSERT INTO postback.delivery_rollup AS r
-           (span, hour, endpoint_id, event, partner, succeeded, dead, timed, latency_ms_sum, latency_hist)
+           (span, hour, endpoint_id, event, partner, succeeded, dead, timed, latency_ms_sum, latency_hist, attempts)
     SELECT 'day', date_trunc('day', o.hour, 'UTC'), o.endpoint_id, o.event, o.partner, sum(o.succeeded),
-           sum(o.dead), sum(o.timed), sum(o.latency_ms_sum), postback.histogram_sum(o.latency_hist)
+           sum(o.dead), sum(o.timed), sum(o.latency_ms_sum), postback.histogram_sum(o.latency_hist), sum(o.attempts)
       FROM old o GROUP BY 2, 3, 4, 5
     ON CONFLICT (span, hour, endpoint_id, event, partner) DO UPDATE
        SET succeeded = r.succeeded + excluded.succeeded, dead = r.dead + excluded.dead,
            timed = r.timed + excluded.timed, latency_ms_sum = r.latency_ms_sum + excluded.latency_ms_sum,
-           latency_hist = postback.histogram_add(r.latency_hist, excluded.latency_hist);
+           latency_hist = postback.histogram_add(r.latency_hist, excluded.latency_hist),
+           attempts = r.attempts + excluded.attempts;
     INSERT INTO postback.rollup_state AS s (rolled_until) VALUES (greatest(until, since))
     ON CONFLICT (singleton) DO UPDATE SET rolled_until = excluded.rolled_until;
     PERFORM postback.roll_up_conversions(max_span);

@@ -422,6 +422,7 @@ CREATE TABLE postback.delivery_rollup (
     timed          bigint           NOT NULL,
     latency_ms_sum double precision NOT NULL,
     latency_hist   bigint[]         NOT NULL,
+    attempts       bigint           NOT NULL DEFAULT 0,
     PRIMARY KEY (span, hour, endpoint_id, event, partner)
 );
 REVOKE ALL ON postback.delivery_rollup FROM PUBLIC;
