@@ -33,7 +33,9 @@ echo "==> dpkg -i $deb"
 dpkg -i "$deb"
 dpkg -L postgresql-15-pg-postback | grep -qx "$libdir/pg_postback.so"
 echo "==> tests/package/check_package.py, PATH without cargo"
-env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$HOME" LANG=C.UTF-8 python3 tests/package/check_package.py
+# the interpreter the tests' packages were installed for, called by its path
+py=$(python3 -c 'import sys; print(sys.executable)')
+env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$HOME" LANG=C.UTF-8 "$py" tests/package/check_package.py
 echo "==> dpkg -r postgresql-15-pg-postback"
 dpkg -r postgresql-15-pg-postback >/dev/null
 [[ ! -e $libdir/pg_postback.so || -f $backup/installed.tar ]]
