@@ -42,12 +42,13 @@ def ensure_citus():
         subprocess.run(["bash", os.path.join(CITUS, "build.sh")], check=True)
 
 
-def start_cluster(made, version=None):
+def start_cluster(made, version=None, settings=None):
     """A coordinator (preloading citus and pg_postback) and two workers (citus only), with
     pg_postback created on the coordinator (at `version`, or the current one)."""
     ensure_citus()
     common = {"max_worker_processes": "32", "max_prepared_transactions": "100"}
-    coordinator = Cluster.create(settings=dict(common, shared_preload_libraries="'citus,pg_postback'"))
+    coordinator = Cluster.create(settings=dict(common, shared_preload_libraries="'citus,pg_postback'",
+                                                **(settings or {})))
     workers = [Cluster.create(settings=dict(common, shared_preload_libraries="'citus'")) for _ in range(2)]
     made.extend([coordinator] + workers)
     for n in [coordinator] + workers:
@@ -70,7 +71,8 @@ def citus():
     """Coordinator + two workers shared by the tests of this module; yields (coordinator, [workers])."""
     made = []
     try:
-        yield start_cluster(made)
+        # the worker's fallback poll far away: a delivery within a second shows a commit woke it
+        yield start_cluster(made, settings={"postback.poll_interval": "'30s'"})
     finally:
         for n in made:
             n.destroy()
@@ -143,6 +145,35 @@ def test_conversions_written_on_the_coordinator_are_delivered_once_in_order(citu
             assert conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0] == 2 * total + reversed_
             for view in ("endpoint_health", "metrics", "dead_letters", "match_rate", "delivery_summary"):
                 conn.execute(f"SELECT * FROM postback.{view}").fetchall()
+    finally:
+        r.stop()
+
+
+def test_a_two_phase_commit_that_also_writes_conversions_wakes_the_worker(citus):
+    """A transaction on the coordinator that writes a distributed table on both workers
+    (Citus commits it in two phases) and a conversion: the coordinator's worker is woken
+    by the commit, not found by its poll (30 s here)."""
+    coordinator, _ = citus
+    r = Receiver().start()
+    try:
+        with coordinator.connect() as conn:
+            conn.execute("INSERT INTO postback.endpoints (name, url_template, events) VALUES ('tpc', %s, '{tpc}')",
+                         (r.url("/tpc?tx={transaction_id}"),))
+            conn.execute("CREATE TABLE public.payments (payment_id text PRIMARY KEY, amount numeric)")
+            conn.execute("SELECT create_distributed_table('public.payments', 'payment_id')")
+            prepared = conn.execute("SELECT count(*) FROM pg_dist_transaction").fetchone()[0]
+            time.sleep(0.5)
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO public.payments SELECT 'p-' || g, g FROM generate_series(1, 100) g")
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event) "
+                         "VALUES ('k-tpc', 'tpc-1', 'tpc')")
+            conn.execute("COMMIT")
+            committed = time.monotonic()
+            coordinator.wait_for(lambda: r.seen("/tpc"), timeout=10, what="the conversion's delivery")
+            took = time.monotonic() - committed
+            # Citus prepared it on the workers (the records stay until its 2PC recovery runs)
+            assert conn.execute("SELECT count(*) FROM pg_dist_transaction").fetchone()[0] > prepared
+        assert took < 2.0, f"delivered {took:.1f} s after the commit: the poll found it, the commit did not wake"
     finally:
         r.stop()
 
