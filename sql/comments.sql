@@ -291,8 +291,7 @@ COMMENT ON COLUMN postback.conversion_rollup_changes.status IS 'Conversion statu
 COMMENT ON COLUMN postback.conversion_rollup_changes.matched IS 'Whether the conversion''s click_id is in postback.clicks.';
 COMMENT ON COLUMN postback.conversion_rollup_changes.conversions IS 'Conversions counted in (positive) or out (negative).';
 COMMENT ON FUNCTION postback.roll_up_conversions(interval) IS 'Internal (postback.roll_up calls it): counts up to max_span of conversions created over an hour ago into conversion_rollup, merges conversion_rollup_changes, and hours older than 8 days into days.';
-COMMENT ON FUNCTION postback.count_conversion_changes() IS 'Trigger: counts the rows of a statement on postback.conversions that conversion_rollup already covers (created before rollup_state.conversions_until) out as they were and in as they are.';
-COMMENT ON TRIGGER conversions_count_inserted ON postback.conversions IS 'Keeps conversion_rollup true for rows inserted with a created_at it already covers.';
+COMMENT ON FUNCTION postback.count_conversion_changes() IS 'Trigger: counts the rows of an UPDATE or DELETE on postback.conversions that conversion_rollup already covers (created before rollup_state.conversions_until) out as they were and in as they are (inserted ones: the enqueue trigger).';
 COMMENT ON TRIGGER conversions_count_updated ON postback.conversions IS 'Keeps conversion_rollup true when rows it counts change status, click or created_at.';
 COMMENT ON TRIGGER conversions_count_deleted ON postback.conversions IS 'Keeps conversion_rollup true when rows it counts are deleted.';
 COMMENT ON FUNCTION postback.finished_between(timestamptz, timestamptz) IS 'Finished deliveries of conversions in [since, until), counted per hour (UTC), endpoint, event and partner, with their commit-to-success latency histogram: what roll_up stores and metrics adds for the minutes not rolled up yet.';

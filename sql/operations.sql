@@ -412,9 +412,9 @@ END
 $$;
 
 -- Counts conversions into conversion_rollup by the hour they were created, at
--- most max_span of them per call, an hour behind (the rows of a transaction
--- still open are counted when it commits: see count_conversion_changes), then
--- merges the changes the triggers appended; hours older than 8 days become days.
+-- most max_span of them per call, an hour behind (rows inserted later with an
+-- earlier created_at are counted by the enqueue trigger, changes to counted rows
+-- by count_conversion_changes), then merges the changes appended; hours older than 8 days become days.
 CREATE FUNCTION postback.roll_up_conversions(max_span interval) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -487,10 +487,12 @@ BEGIN
 END
 $$;
 
--- Keeps conversion_rollup true when conversions it already counts change: a
--- statement's rows created before rollup_state.conversions_until are counted
--- out as they were (old rows) and in as they are (new rows), appended to
--- conversion_rollup_changes. Other rows cost one comparison each.
+-- Keeps conversion_rollup true when conversions it already counts change: an
+-- UPDATE's or DELETE's rows created before rollup_state.conversions_until are
+-- counted out as they were (old rows) and in as they are (new rows), appended
+-- to conversion_rollup_changes. Other rows cost one comparison each. (Inserted
+-- rows created before it are counted by the enqueue trigger: the validation
+-- trigger notes them as it reads each row, so an INSERT scans nothing more.)
 CREATE FUNCTION postback.count_conversion_changes() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -499,19 +501,7 @@ BEGIN
     IF mark IS NULL THEN
         RETURN NULL;
     END IF;
-    IF TG_OP = 'INSERT' AND pg_catalog.current_setting('application_name') = 'pg_restore'
-       AND pg_catalog.current_query() ~* '^\s*copy\s' THEN
-        -- a restore brings conversion_rollup, its changes and rollup_state with
-        -- the rows (pg_restore -j loads them in any order): counting them again
-        -- would count them twice
-        RETURN NULL;
-    END IF;
-    IF TG_OP = 'INSERT' THEN
-        INSERT INTO postback.conversion_rollup_changes (hour, partner, status, matched, conversions)
-        SELECT date_trunc('hour', n.created_at, 'UTC'), coalesce(n.partner, ''), n.status,
-               EXISTS (SELECT 1 FROM postback.clicks k WHERE k.click_id = n.click_id), count(*)
-          FROM new_rows n WHERE n.created_at < mark GROUP BY 1, 2, 3, 4;
-    ELSIF TG_OP = 'DELETE' THEN
+    IF TG_OP = 'DELETE' THEN
         INSERT INTO postback.conversion_rollup_changes (hour, partner, status, matched, conversions)
         SELECT date_trunc('hour', o.created_at, 'UTC'), coalesce(o.partner, ''), o.status,
                EXISTS (SELECT 1 FROM postback.clicks k WHERE k.click_id = o.click_id), -count(*)
@@ -533,9 +523,6 @@ BEGIN
 END
 $$;
 
-CREATE TRIGGER conversions_count_inserted
-    AFTER INSERT ON postback.conversions REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION postback.count_conversion_changes();
 CREATE TRIGGER conversions_count_updated
     AFTER UPDATE ON postback.conversions REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION postback.count_conversion_changes();

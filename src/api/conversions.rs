@@ -51,6 +51,11 @@ fn conversions_validate<'a>(
     let Some(row) = trigger.new() else {
         PROPOSED_CONVERSIONS.with(|c| c.set(0));
         SEEN_CLICKS.with(|c| c.borrow_mut().clear());
+        LATE.with(|l| {
+            let mut l = l.borrow_mut();
+            l.transaction_ids.clear();
+            l.rolled_until = rows::conversions_rolled_until();
+        });
         return Ok(None);
     };
     let click_id: Option<&str> = row.get_by_name("click_id")?;
@@ -83,6 +88,7 @@ fn conversions_validate<'a>(
         return Ok(Some(row.into_owned()));
     }
     PROPOSED_CONVERSIONS.with(|c| c.set(c.get() + 1));
+    note_if_late(&row, transaction_id)?;
     let click_id = click_id.unwrap_or("");
     let click = rows::find_click(click_id);
     let from_click = match (&click, partner) {
@@ -103,6 +109,42 @@ thread_local! {
     /// that the enqueue trigger reads each click once per conversion without a
     /// second look-up (reset by the BEFORE STATEMENT trigger).
     static SEEN_CLICKS: RefCell<HashMap<String, Option<FoundClick>>> = RefCell::new(HashMap::new());
+}
+
+/// Rows of the current INSERT created before the hour conversion_rollup has
+/// counted up to (a back-dated insert, or a transaction open for an hour): the
+/// enqueue trigger has them counted in, from its transition table, so that only
+/// rows actually inserted count (ON CONFLICT DO NOTHING skips some proposed
+/// ones). Rows of the present, nearly all, cost one comparison.
+#[derive(Default)]
+struct Late {
+    /// rollup_state.conversions_until in unix µs; None before the first roll-up
+    /// (or on a schema older than 0.3.0)
+    rolled_until: Option<i64>,
+    transaction_ids: Vec<String>,
+}
+
+thread_local! {
+    static LATE: RefCell<Late> = RefCell::new(Late::default());
+}
+
+fn note_if_late(
+    row: &PgHeapTuple<'_, impl WhoAllocated>,
+    transaction_id: Option<&str>,
+) -> Result<(), pgrx::datum::TryFromDatumError> {
+    let Some(until) = LATE.with(|l| l.borrow().rolled_until) else {
+        return Ok(());
+    };
+    let created_at: Option<TimestampWithTimeZone> = row.get_by_name("created_at")?;
+    if created_at.is_some_and(|t| unix_micros(t) < until) {
+        LATE.with(|l| l.borrow_mut().transaction_ids.push(transaction_id.unwrap_or("").to_string()));
+    }
+    Ok(())
+}
+
+/// Returns and resets the current INSERT's late rows (see `Late`).
+fn take_late() -> Vec<String> {
+    LATE.with(|l| std::mem::take(&mut l.borrow_mut().transaction_ids))
 }
 
 /// The click the validation trigger found for `click_id` in this statement:
@@ -308,6 +350,7 @@ fn enqueue_conversions<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByRust>>, pgrx::spi::Error> {
     let lifecycle = matches!(trigger.op(), Ok(pgrx::PgTriggerOperation::Update));
     let proposed = if lifecycle { 0 } else { take_proposed() };
+    let late = if lifecycle { Vec::new() } else { take_late() };
     if !lifecycle && restoring_a_dump() {
         // the dump holds the deliveries of these conversions already (pg_restore -j
         // loads tables in any order): enqueueing them again would collide
@@ -318,6 +361,9 @@ fn enqueue_conversions<'a>(
         // SAFETY: the pointer is this trigger call's own TriggerData; registering
         // it makes new_rows / old_rows visible to this SPI connection.
         unsafe { pg_sys::SPI_register_trigger_data(trigger_data) };
+        if !late.is_empty() {
+            client.update(rows::COUNT_LATE_CONVERSIONS, None, &[late.into()])?;
+        }
         let (endpoints, router) = load_endpoints(client, rows::Which::Active)?;
         if router.is_empty() {
             let n = if lifecycle {

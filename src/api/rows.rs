@@ -115,6 +115,36 @@ pub(super) fn endpoint_rows(which: Which) -> (String, Vec<pgrx::datum::DatumWith
     (format!("SELECT {ENDPOINT_COLUMNS} FROM postback.endpoints {filter} ORDER BY id"), args)
 }
 
+/// rollup_state.conversions_until in unix µs, when the schema has it (0.3.0 on)
+/// and a roll-up has run; read once per INSERT statement by the validation trigger.
+pub(super) fn conversions_rolled_until() -> Option<i64> {
+    // a catalog look-up, no SPI, for a schema older than 0.3.0 (library upgraded first)
+    let exists = unsafe {
+        let schema = pg_sys::get_namespace_oid(c"postback".as_ptr(), true);
+        schema != pg_sys::InvalidOid
+            && pg_sys::get_relname_relid(c"rollup_state".as_ptr(), schema) != pg_sys::InvalidOid
+    };
+    if !exists {
+        return None;
+    }
+    Spi::get_one::<pgrx::datetime::TimestampWithTimeZone>(
+        "SELECT (SELECT s.conversions_until FROM postback.rollup_state s)",
+    )
+    .unwrap_or_else(|e| pgrx::error!("reading postback.rollup_state: {e}"))
+    .map(super::unix_micros)
+}
+
+/// Counts an INSERT's rows created before conversions_until into
+/// conversion_rollup_changes: those of `$1` (their transaction ids) that its
+/// transition table holds (a row ON CONFLICT DO NOTHING skipped is not there).
+pub(super) const COUNT_LATE_CONVERSIONS: &str =
+    "INSERT INTO postback.conversion_rollup_changes (hour, partner, status, matched, conversions)
+     SELECT pg_catalog.date_trunc('hour', n.created_at, 'UTC'), coalesce(n.partner, ''), n.status,
+            EXISTS (SELECT 1 FROM postback.clicks k WHERE k.click_id OPERATOR(pg_catalog.=) n.click_id), count(*)
+       FROM new_rows n
+      WHERE n.transaction_id OPERATOR(pg_catalog.=) ANY ($1)
+      GROUP BY 1, 2, 3, 4";
+
 /// How many rows an INSERT statement wrote (its transition table).
 pub(super) const COUNT_NEW_ROWS: &str = "SELECT count(*) FROM new_rows";
 

@@ -147,6 +147,13 @@ mod tests {
         let changed = counted();
         assert_ne!(changed, truth);
         assert_eq!(said(), changed, "changes appended, not merged yet");
+        // a back-dated row skipped by ON CONFLICT DO NOTHING is not counted
+        Spi::run(
+            "INSERT INTO postback.conversions (click_id, transaction_id, event, created_at)
+             VALUES ('k1', 'late-1', 'sale', now() - interval '3 days') ON CONFLICT (transaction_id) DO NOTHING",
+        )
+        .unwrap();
+        assert_eq!(said(), changed, "a skipped duplicate is not counted");
         Spi::run("SELECT postback.roll_up('1 year')").unwrap();
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM postback.conversion_rollup_changes").unwrap(), Some(0));
         assert_eq!(said(), changed, "changes merged");
