@@ -8,6 +8,7 @@ VERSION '0.1.0' or '0.2.0'.
 
 import hashlib
 import json
+import threading
 import time
 
 import psycopg
@@ -209,8 +210,6 @@ def test_the_update_beside_a_writer_makes_it_wait_and_never_fail(make_cluster, r
     """An application keeps inserting conversions (whose trigger writes deliveries) while
     the update runs: before the update took its locks in the writers' order, one of those
     inserts failed with "deadlock detected" (200k deliveries, bench/upgrade.py)."""
-    import threading
-
     c = make_cluster()
     with c.connect() as conn:
         conn.execute("CREATE EXTENSION pg_postback VERSION '0.2.0'")
