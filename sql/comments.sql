@@ -117,7 +117,7 @@ COMMENT ON FUNCTION postback.wake_worker() IS 'Wakes the delivery worker when th
 COMMENT ON FUNCTION postback.validate_success_pattern(text) IS 'Raises an error if a success_body_pattern is not a valid regular expression (Rust regex syntax, as the worker uses); true otherwise.';
 COMMENT ON FUNCTION postback.validate_headers(jsonb) IS 'Raises an error naming the header if endpoint headers are not a JSON object of HTTP token names to strings without control characters, or set Host, Content-Length, Transfer-Encoding, Connection, Upgrade, TE, Trailer, Keep-Alive, Proxy-Connection or Expect; true otherwise.';
 COMMENT ON FUNCTION postback.grant_analyst(regrole) IS 'Lets a role read conversions, deliveries, attempts, duplicates, endpoints (all columns but the credential headers) and the views. Owner only.';
-COMMENT ON FUNCTION postback.grant_operator(regrole) IS 'What grant_analyst gives, plus inserting conversions, changing their status and postback.preview. Owner only.';
+COMMENT ON FUNCTION postback.grant_operator(regrole) IS 'What grant_analyst gives, plus inserting conversions, changing their status, postback.preview, the daily operations and watching tables the role owns (postback.watch). Owner only.';
 COMMENT ON FUNCTION postback.revoke_access(regrole) IS 'Takes back every privilege grant_analyst or grant_operator gave a role. Owner only.';
 
 COMMENT ON COLUMN postback.endpoints.partners IS 'Partners (networks, affiliates) whose conversions this endpoint receives; NULL = every partner (global receivers such as your CRM).';
@@ -312,3 +312,15 @@ COMMENT ON TRIGGER clicks_refuse_on_citus_worker ON postback.clicks IS 'Refuses 
 COMMENT ON TRIGGER endpoints_refuse_on_citus_worker ON postback.endpoints IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
 COMMENT ON TRIGGER endpoint_secrets_refuse_on_citus_worker ON postback.endpoint_secrets IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
 COMMENT ON TRIGGER deliveries_refuse_on_citus_worker ON postback.deliveries IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
+COMMENT ON FUNCTION postback.watch(regclass, jsonb) IS 'Makes a table the application already has a source of conversions: its INSERTs become conversions (and deliveries) in the same transaction, UPDATEs of mapped fields lifecycle postbacks, a DELETE the status mapping.on_delete names. The mapping names, per conversion field, a column or an SQL expression over the row (click_id and transaction_id required; when, exclude, on_delete optional); columns not mapped by name go to attributes unless excluded. Only the table''s owner may watch it; the expressions run with the owner''s rights. Watching again replaces the mapping. Returns the trigger function it created.';
+COMMENT ON FUNCTION postback.unwatch(regclass) IS 'Removes a table''s watch (its triggers and trigger function); false, with a notice, when the table was not watched. Conversions already written stay.';
+COMMENT ON FUNCTION postback.watch_check(regclass, text, jsonb, regtype) IS 'Internal to watch: checks one mapping value (a column or an expression over the row, planned in a temporary view, never run) can be written as the field''s type; raises naming the field.';
+COMMENT ON FUNCTION postback.watch_expression(regclass, text) IS 'Internal to watch: the SQL a mapping value stands for over the row alias r (a column of the source, or the expression in parentheses).';
+COMMENT ON FUNCTION postback.watch_fields() IS 'Internal to watch: the conversion fields a mapping may name, the type each is written as, and whether it is required.';
+COMMENT ON VIEW postback.watches IS 'Tables watched by postback.watch: the mapping (kept as the insert trigger''s argument, so pg_dump keeps it with the table), the table''s owner, the trigger function, whether a DELETE announces a status, whether the triggers are enabled.';
+COMMENT ON COLUMN postback.watches.source IS 'The watched table.';
+COMMENT ON COLUMN postback.watches.mapping IS 'The mapping given to postback.watch.';
+COMMENT ON COLUMN postback.watches.owner IS 'The table''s owner, whose rights the mapping''s expressions run with.';
+COMMENT ON COLUMN postback.watches.function IS 'The trigger function watch created in the table''s schema (SECURITY DEFINER, owned by the table''s owner).';
+COMMENT ON COLUMN postback.watches.on_delete IS 'Whether a DELETE of a row announces a status (mapping.on_delete).';
+COMMENT ON COLUMN postback.watches.enabled IS 'False when the insert trigger is disabled (ALTER TABLE … DISABLE TRIGGER).';

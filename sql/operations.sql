@@ -713,7 +713,11 @@ BEGIN
     IF found IS NULL THEN
         RAISE EXCEPTION 'no conversion has transaction_id "%"', transaction_id
             USING ERRCODE = 'no_data_found',
-                  HINT = 'A duplicate insert skipped by ON CONFLICT is counted in postback.conversion_duplicates, not stored.';
+                  HINT = 'A duplicate insert skipped by ON CONFLICT is counted in postback.conversion_duplicates, not stored.'
+                         || CASE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgname = 'postback_watch_insert')
+                                 THEN ' A row of a watched table becomes a conversion only where its mapping''s "when" '
+                                      'holds, under the transaction_id its mapping computes (postback.watches).'
+                                 ELSE '' END;
     END IF;
     RETURN QUERY SELECT * FROM postback.explain(found);
 END

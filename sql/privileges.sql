@@ -38,6 +38,11 @@ REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain_routing(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.watch(regclass, jsonb) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.unwatch(regclass) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.watch_check(regclass, text, jsonb, regtype) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.watch_expression(regclass, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.watch_fields() FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA postback FROM PUBLIC;
 
 -- Read access for analysts: everything but credentials. endpoints.headers
@@ -59,7 +64,7 @@ BEGIN
                    'postback.conversion_duplicates, postback.clicks, postback.endpoint_state, '
                    'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
                    'postback.metrics, postback.dead_letters, postback.delivery_rollup, postback.conversion_rollup, '
-                   'postback.attempt_rollup, postback.rollup_state TO %s', role);
+                   'postback.attempt_rollup, postback.rollup_state, postback.watches TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
                    'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);
@@ -78,6 +83,10 @@ BEGIN
                    'postback.retry_dead(text, timestamptz), postback.replay(text, timestamptz, timestamptz), '
                    'postback.send_test(text, jsonb), postback.pause(text), postback.resume(text), '
                    'postback.curl(bigint), postback.purge_tests(interval) TO %s', role);
+    -- watch: only of tables the role owns (watch checks), with the helpers it calls as the role
+    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.watch(regclass, jsonb), postback.unwatch(regclass), '
+                   'postback.watch_check(regclass, text, jsonb, regtype), postback.watch_expression(regclass, text), '
+                   'postback.watch_fields() TO %s', role);
 END
 $$;
 

@@ -49,6 +49,7 @@ pgrx::extension_sql_file!(
         sign_request
     ]
 );
+pgrx::extension_sql_file!("../sql/watch.sql", name = "watch", requires = ["enqueue", "operations"]);
 pgrx::extension_sql_file!(
     "../sql/privileges.sql",
     name = "privileges",
@@ -56,6 +57,7 @@ pgrx::extension_sql_file!(
         "enqueue",
         "views",
         "operations",
+        "watch",
         render_request,
         preview_request,
         enqueue_conversions,

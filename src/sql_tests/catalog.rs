@@ -113,6 +113,7 @@ mod tests {
             "postback.grant_operator(regrole)",
             "postback.grant_analyst(regrole)",
             "postback.wake_worker()",
+            "postback.watch(regclass, jsonb)",
         ] {
             let public = Spi::get_one_with_args::<bool>(
                 "SELECT coalesce(bool_or(a.grantee = 0), false)
