@@ -37,7 +37,7 @@ GOALS = {
     "fanout_ratio": ("<=", 3.0), "fanout_overhead": ("<=", 1.2), "fanout_1000_endpoints_overhead": ("<=", 1.2),
     "noisy_drain_ratio": ("<=", 1.5), "noisy_p99_ms": ("<=", 50), "many_endpoints_ratio": (">=", 0.8),
     "depth_ratio": ("<=", 1.2), "worker_rss_mib": ("<=", 64),
-    "lifecycle_history_ratio": ("<=", 1.2), "lifecycle_vs_plain_ratio": ("<=", 3.0),
+    "lifecycle_history_ratio": ("<=", 1.2), "lifecycle_vs_plain_ratio": ("<=", 3.0), "watch_ratio": ("<=", 1.2),
     "noisy_many_ratio": ("<=", 1.5), "noisy_many_p99_added_ms": ("<=", 50), "open_requests_rss_mib": ("<=", 64),
     "workers_ratio": (">=", 1.5), "e2e_dps_2_workers": (">=", 20000), "history_ratio": (">=", 0.9),
     "endpoint_health_ms": ("<=", 200), "metrics_ms": ("<=", 200), "dead_letters_ms": ("<=", 200),
@@ -152,7 +152,7 @@ def main():
     step("enqueue (bench/enqueue.py, its own cluster without the worker)")
     results.update(sub_bench("enqueue.py", ["20000"] if QUICK else ["10000", "100000"], "enqueue.json", (
         "fanout_ratio", "fanout_overhead", "fanout_1000_endpoints_overhead", "many_partners_overhead_ratio",
-        "clicks_1m_ratio", "lifecycle_history_ratio", "lifecycle_vs_plain_ratio")))
+        "clicks_1m_ratio", "lifecycle_history_ratio", "lifecycle_vs_plain_ratio", "watch_ratio")))
     step("many slow partners and 1,000 open requests (bench/slow_partners.py, its own cluster, defaults)")
     results.update(sub_bench("slow_partners.py", QUICK_ARGS, "slow.json", (
         "noisy_many_ratio", "noisy_many_p99_added_ms", "open_requests_rss_mib", "worker_threads_at_open_requests")))
