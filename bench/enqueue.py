@@ -22,11 +22,15 @@ Lifecycle (a status UPDATE of 2,000 conversions, 2 matching endpoints, best of t
   T_plain    the same UPDATE (with history) with every trigger of ours disabled
 
 Watched table (postback.watch, the "two" endpoints, BIG rows, best of two):
-  T_conv     the INSERT … SELECT of BIG conversions into postback.conversions
+  T_conv     the INSERT … SELECT of BIG conversions into postback.conversions, skipping
+             duplicates as the watch does (ON CONFLICT (transaction_id) DO NOTHING)
+  T_plain    the same without ON CONFLICT (a duplicate would fail the statement)
   T_watch    the same conversions inserted as orders into a watched table
              (public.orders, mapped by name; attributes from the unmapped column)
   T_orders   the same orders insert with the watch's trigger disabled (the shop alone)
-  watch_ratio = T_watch / T_conv (goal <= 1.2)
+  watch_ratio = T_watch / T_conv (goal <= 1.2); watch_vs_plain_ratio = T_watch / T_plain
+  watch_update_ratio: one UPDATE reversing LIFECYCLE_N watched orders ÷ the same UPDATE
+             of LIFECYCLE_N conversions (each announces the status to 2 endpoints)
 
 The cluster runs without the worker so nothing else competes. Writes
 target/bench/enqueue.json with the figures.
@@ -128,15 +132,18 @@ ORDERS = ("INSERT INTO public.orders (order_no, click, total, currency, sub1) "
 def watched(conn, n):
     """Best-of-two T_conv, T_watch, T_orders for n conversions (see the docstring)."""
     conn.execute("CREATE TABLE public.orders (order_no text PRIMARY KEY, click text NOT NULL, total numeric NOT NULL, "
-                 "currency text NOT NULL, sub1 text)")
+                 "currency text NOT NULL, sub1 text, state text NOT NULL DEFAULT 'approved')")
     conn.execute("SELECT postback.watch('public.orders', %s)", (json.dumps({
         "click_id": "click", "transaction_id": "order_no", "event": "'sale'", "amount": "total",
-        "currency": "currency"}),))
-    t_conv, t_watch, t_orders = [], [], []
+        "currency": "currency", "status": "state"}),))
+    t_conv, t_plain, t_watch, t_orders = [], [], [], []
     for _ in range(2):
         conn.execute(RESET)
         run_no[0] += 1
-        t_conv.append(timed(conn, PLAIN, {"n": n, "tag": f"r{run_no[0]}-"}))
+        t_conv.append(timed(conn, PLAIN + " ON CONFLICT (transaction_id) DO NOTHING", {"n": n, "tag": f"r{run_no[0]}-"}))
+        conn.execute(RESET)
+        run_no[0] += 1
+        t_plain.append(timed(conn, PLAIN, {"n": n, "tag": f"r{run_no[0]}-"}))
         conn.execute(RESET)
         conn.execute("TRUNCATE public.orders")
         run_no[0] += 1
@@ -152,8 +159,26 @@ def watched(conn, n):
         run_no[0] += 1
         t_orders.append(timed(conn, ORDERS, {"n": n, "tag": f"r{run_no[0]}-"}))
         conn.execute("ALTER TABLE public.orders ENABLE TRIGGER USER")
+    # a status change (reversed) of LIFECYCLE_N orders in one UPDATE beside the same change of their conversions
+    u_watch, u_conv = [], []
+    for _ in range(2):
+        conn.execute(RESET)
+        conn.execute("TRUNCATE public.orders")
+        run_no[0] += 1
+        conn.execute(ORDERS, {"n": LIFECYCLE_N, "tag": f"u{run_no[0]}-"})
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id, event, amount, currency, status) "
+                     "SELECT 'clk-' || g, %s || g, 'sale', g * 0.5, 'EUR', 'approved' FROM generate_series(1, %s) g",
+                     (f"d{run_no[0]}-", LIFECYCLE_N))
+        conn.execute("VACUUM ANALYZE postback.conversions, postback.deliveries, public.orders")
+        u_watch.append(timed(conn, "UPDATE public.orders SET state = 'reversed'"))
+        u_conv.append(timed(conn, "UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id LIKE 'd%%'"))
+        announced = conn.execute("SELECT count(*) FROM postback.deliveries WHERE status = 'reversed' "
+                                 "AND predecessor_id IS NOT NULL").fetchone()[0]
+        assert announced == 2 * 2 * LIFECYCLE_N, announced
     conv, watch, orders = min(t_conv), min(t_watch), min(t_orders)
-    return {"n": n, "t_conv": conv, "t_watch": watch, "t_orders": orders, "ratio": watch / conv}
+    return {"n": n, "t_conv": conv, "t_plain": min(t_plain), "t_watch": watch, "t_orders": orders,
+            "ratio": watch / conv, "plain_ratio": watch / min(t_plain),
+            "t_update_watch": min(u_watch), "t_update_conv": min(u_conv), "update_ratio": min(u_watch) / min(u_conv)}
 
 
 def show(name, m):
@@ -216,7 +241,9 @@ def main():
 
             results["watch"] = w = watched(conn, BIG)
             print(f"watch: {BIG:,} orders into a watched table {w['t_watch']:.3f} s, the same conversions into "
-                  f"postback.conversions {w['t_conv']:.3f} s, the orders alone {w['t_orders']:.3f} s", flush=True)
+                  f"postback.conversions {w['t_conv']:.3f} s ({w['t_plain']:.3f} s without ON CONFLICT), the orders alone {w['t_orders']:.3f} s; an UPDATE of "
+                  f"{LIFECYCLE_N:,} orders {w['t_update_watch']:.3f} s, of their conversions {w['t_update_conv']:.3f} s",
+                  flush=True)
 
             endpoints(conn, 1)
             clicks(conn, BIG, 1)
@@ -252,6 +279,8 @@ def main():
         "lifecycle_history_ratio": results["lifecycle"]["t_history"] / results["lifecycle"]["t_empty"],
         "lifecycle_vs_plain_ratio": results["lifecycle"]["t_history"] / results["lifecycle"]["t_plain"],
         "watch_ratio": results["watch"]["ratio"],
+        "watch_vs_plain_ratio": results["watch"]["plain_ratio"],
+        "watch_update_ratio": results["watch"]["update_ratio"],
         "rows": BIG,
         "scenarios": results,
     }
@@ -264,6 +293,8 @@ def main():
     print(f"lifecycle_history_ratio (history ÷ empty)        {summary['lifecycle_history_ratio']:.2f}   goal <= 1.2")
     print(f"lifecycle_vs_plain_ratio (ours ÷ no triggers)    {summary['lifecycle_vs_plain_ratio']:.2f}   goal <= 3.0")
     print(f"watch_ratio (watched table ÷ conversions)        {summary['watch_ratio']:.2f}   goal <= 1.2")
+    print(f"watch_vs_plain_ratio (… ÷ without ON CONFLICT)   {summary['watch_vs_plain_ratio']:.2f}")
+    print(f"watch_update_ratio (UPDATE, the same)            {summary['watch_update_ratio']:.2f}")
     out = os.path.join(ROOT, "target", "bench")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "enqueue.json"), "w") as f:

@@ -1328,6 +1328,14 @@ DECLARE
     qualified text;
     existing regprocedure;
     body text;
+    cols text;
+    c_cols text;
+    n_cols text;
+    tx text;
+    keys text[];
+    key_names text;
+    update_sql text;
+    delete_sql text;
     probe refcursor;
     state text;
     message text;
@@ -1462,6 +1470,58 @@ BEGIN
             USING ERRCODE = 'duplicate_function', HINT = 'Rename or drop it; watch creates its trigger function under that name.';
     END IF;
 
+    cols := (SELECT string_agg(pg_catalog.quote_ident(c), ', ') FROM unnest(changed) c);
+    c_cols := (SELECT string_agg('c.' || pg_catalog.quote_ident(c), ', ') FROM unnest(changed) c);
+    n_cols := (SELECT string_agg('n.' || pg_catalog.quote_ident(c), ', ') FROM unnest(changed) c);
+    tx := postback.watch_expression(source, mapping ->> 'transaction_id');
+    SELECT array_agg(pg_catalog.quote_ident(a.attname) ORDER BY k.n) INTO keys
+      FROM pg_catalog.pg_index i
+     CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k (attnum, n)
+      JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+     WHERE i.indrelid = source AND i.indisprimary;
+    IF keys IS NOT NULL THEN
+        -- one statement for all the rows an UPDATE changed, old and new paired by
+        -- the primary key: the conversions' triggers run once, as for an UPDATE
+        -- of postback.conversions
+        key_names := (SELECT string_agg('postback_key_' || n, ', ') FROM generate_series(1, cardinality(keys)) n);
+        update_sql := pg_catalog.format($u$
+    ELSIF TG_OP = 'UPDATE' THEN
+        UPDATE postback.conversions AS c SET (%1$s) = (%2$s)
+          FROM (SELECT %3$s, (%4$s)::text FROM postback_old_rows AS r) AS o (%5$s, postback_old_transaction_id)
+          JOIN (SELECT %3$s, %6$s FROM postback_new_rows AS r) AS n (%5$s, %1$s) USING (%5$s)
+         WHERE c.transaction_id = o.postback_old_transaction_id AND (%7$s) IS DISTINCT FROM (%2$s);
+        -- rows that were no conversion yet (written before the watch, or left out by "when")
+        INSERT INTO postback.conversions (%1$s)
+        SELECT %6$s FROM postback_new_rows AS r
+         WHERE %8$s AND NOT EXISTS (SELECT 1 FROM postback.conversions AS c WHERE c.transaction_id = (%4$s)::text)
+            ON CONFLICT (transaction_id) DO NOTHING;
+$u$, cols, n_cols, (SELECT string_agg('r.' || k, ', ') FROM unnest(keys) k), tx, key_names,
+            array_to_string(exprs, ', '), c_cols, where_sql);
+    ELSE
+        -- no primary key to pair old and new rows by: row by row
+        update_sql := pg_catalog.format($u$
+    ELSIF TG_OP = 'UPDATE' THEN
+        SELECT (%4$s)::text INTO postback_old_transaction_id FROM (SELECT OLD.*) AS r;
+        UPDATE postback.conversions AS c SET (%1$s) = (%2$s)
+          FROM (SELECT %6$s FROM (SELECT NEW.*) AS r) AS n (%1$s)
+         WHERE c.transaction_id = postback_old_transaction_id AND (%7$s) IS DISTINCT FROM (%2$s);
+        IF NOT FOUND AND NOT EXISTS (SELECT 1 FROM postback.conversions AS c
+                                      WHERE c.transaction_id = postback_old_transaction_id) THEN
+            -- a row that was no conversion yet (written before the watch, or left out by "when")
+            INSERT INTO postback.conversions (%1$s)
+            SELECT %6$s FROM (SELECT NEW.*) AS r WHERE %8$s
+                ON CONFLICT (transaction_id) DO NOTHING;
+        END IF;
+$u$, cols, n_cols, NULL, tx, NULL, array_to_string(exprs, ', '), c_cols, where_sql);
+    END IF;
+    IF on_delete IS NOT NULL THEN
+        delete_sql := pg_catalog.format($d$
+    ELSIF TG_OP = 'DELETE' THEN
+        UPDATE postback.conversions AS c SET status = %1$L
+         WHERE c.transaction_id = ANY (ARRAY(SELECT (%2$s)::text FROM postback_old_rows AS r)) AND c.status <> %1$L;
+$d$, on_delete, tx);
+    END IF;
+
     body := pg_catalog.format($b$#variable_conflict use_column
 -- written by postback.watch(%1$L, mapping): the mapping is this function's
 -- trigger argument (postback.watches shows it); postback.unwatch removes it.
@@ -1471,35 +1531,11 @@ BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO postback.conversions (%2$s)
         SELECT %3$s FROM postback_new_rows AS r WHERE %4$s
-            ON CONFLICT (transaction_id) DO NOTHING;
-    ELSIF TG_OP = 'UPDATE' THEN
-        SELECT (%5$s)::text INTO postback_old_transaction_id FROM (SELECT OLD.*) AS r;
-        UPDATE postback.conversions AS c SET (%2$s) = (%8$s)
-          FROM (SELECT %3$s FROM (SELECT NEW.*) AS r) AS n (%2$s)
-         WHERE c.transaction_id = postback_old_transaction_id AND (%6$s) IS DISTINCT FROM (%8$s);
-        IF NOT FOUND AND NOT EXISTS (SELECT 1 FROM postback.conversions AS c
-                                      WHERE c.transaction_id = postback_old_transaction_id) THEN
-            -- a row that was no conversion yet (written before the watch, or left out by "when")
-            INSERT INTO postback.conversions (%2$s)
-            SELECT %3$s FROM (SELECT NEW.*) AS r WHERE %4$s
-                ON CONFLICT (transaction_id) DO NOTHING;
-        END IF;
-%7$s    END IF;
+            ON CONFLICT (transaction_id) DO NOTHING;%5$s%6$s
+    END IF;
     RETURN NULL;
 END
-$b$,
-        source::text,
-        (SELECT string_agg(pg_catalog.quote_ident(c), ', ') FROM unnest(changed) c),
-        array_to_string(exprs, ', '),
-        where_sql,
-        postback.watch_expression(source, mapping ->> 'transaction_id'),
-        (SELECT string_agg('c.' || pg_catalog.quote_ident(c), ', ') FROM unnest(changed) c),
-        CASE WHEN on_delete IS NOT NULL THEN pg_catalog.format(
-$d$    ELSIF TG_OP = 'DELETE' THEN
-        UPDATE postback.conversions AS c SET status = %1$L
-         WHERE c.transaction_id = (SELECT (%2$s)::text FROM (SELECT OLD.*) AS r) AND c.status <> %1$L;
-$d$, on_delete, postback.watch_expression(source, mapping ->> 'transaction_id')) ELSE '' END,
-        (SELECT string_agg('n.' || pg_catalog.quote_ident(c), ', ') FROM unnest(changed) c));
+$b$, source::text, cols, array_to_string(exprs, ', '), where_sql, update_sql, coalesce(delete_sql, ''));
 
     -- watching again replaces the mapping
     FOR x IN SELECT t.tgname FROM pg_catalog.pg_trigger t
@@ -1520,11 +1556,18 @@ $d$, on_delete, postback.watch_expression(source, mapping ->> 'transaction_id'))
     EXECUTE pg_catalog.format(
         'CREATE TRIGGER postback_watch_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS postback_new_rows '
         'FOR EACH STATEMENT EXECUTE FUNCTION %s(%L)', source, qualified, mapping::text);
-    EXECUTE pg_catalog.format(
-        'CREATE TRIGGER postback_watch_update AFTER UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION %s()', source, qualified);
+    IF keys IS NOT NULL THEN
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER postback_watch_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS postback_old_rows '
+            'NEW TABLE AS postback_new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', source, qualified);
+    ELSE
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER postback_watch_update AFTER UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION %s()', source, qualified);
+    END IF;
     IF on_delete IS NOT NULL THEN
         EXECUTE pg_catalog.format(
-            'CREATE TRIGGER postback_watch_delete AFTER DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()', source, qualified);
+            'CREATE TRIGGER postback_watch_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS postback_old_rows '
+            'FOR EACH STATEMENT EXECUTE FUNCTION %s()', source, qualified);
     END IF;
     RETURN pg_catalog.to_regprocedure(qualified || '()');
 END

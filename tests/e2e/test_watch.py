@@ -11,11 +11,11 @@ from cluster import PG_BIN, as_postgres
 counter = itertools.count()
 
 
-def orders_table(conn, owner=None):
+def orders_table(conn, owner=None, primary_key=True):
     """A shop's orders table (as a shop has it), watched by nothing yet; returns its name."""
     name = f"orders{next(counter)}"
     conn.execute(f"""CREATE TABLE public.{name} (
-        id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id         bigint GENERATED ALWAYS AS IDENTITY {'PRIMARY KEY' if primary_key else ''},
         click      text,
         total      numeric(12, 2) NOT NULL,
         cur        text NOT NULL DEFAULT 'EUR',
@@ -90,16 +90,23 @@ def test_inserted_rows_become_conversions_and_postbacks_in_the_same_transaction(
                             (t,)).fetchone() == (t, "postgres")
 
 
-def test_updates_of_mapped_fields_announce_statuses_in_order_and_delete_maps_to_its_status(cluster, receiver):
+@pytest.mark.parametrize("primary_key", [True, False], ids=["by statement", "row by row"])
+def test_updates_of_mapped_fields_announce_statuses_in_order_and_delete_maps_to_its_status(cluster, receiver,
+                                                                                           primary_key):
+    # with a primary key, one statement pairs an UPDATE's old and new rows; without, row by row
     with cluster.connect() as conn:
-        t = orders_table(conn)
+        t = orders_table(conn, primary_key=primary_key)
         endpoint(conn, receiver, t)
         conn.execute("SELECT postback.watch(%s, %s)", (t, mapping(t, on_delete="reversed")))
         conn.execute(f"INSERT INTO {t} (click, total) VALUES ('k1', 10), ('k2', 20), (NULL, 30)")
+        level = conn.execute("SELECT CASE WHEN tgtype & 1 = 1 THEN 'row' ELSE 'statement' END FROM pg_trigger "
+                             "WHERE tgrelid = %s::regclass AND tgname = 'postback_watch_update'", (t,)).fetchone()[0]
+        assert level == ("statement" if primary_key else "row")
         conn.execute(f"UPDATE {t} SET state = 'paid' WHERE id = 1")
         conn.execute(f"UPDATE {t} SET email = 'x@shop.test' WHERE id = 1")  # not mapped: no postback
         conn.execute(f"UPDATE {t} SET state = 'refunded' WHERE id = 1")
         conn.execute(f"UPDATE {t} SET click = 'k3' WHERE id = 3")  # the click arrives: now a conversion
+        conn.execute(f"UPDATE {t} SET total = total WHERE id <= 3")  # nothing mapped changes: nothing sent
         conn.execute(f"DELETE FROM {t} WHERE id = 2")  # on_delete: reversed
         cluster.wait_for(lambda: len(sent(receiver, t)) == 6, what="six postbacks")
         got = sent(receiver, t)
