@@ -24,6 +24,13 @@ try:
         conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('k1', 'pkg-1')")
         c.wait_for(lambda: len(r.seen("/pb")) == 1, what="a delivery from the packaged extension")
         print(f"CREATE EXTENSION pg_postback ({version}): delivered {r.seen('/pb')[0]['query']}")
+        # a table the application has, watched: its insert is delivered too
+        conn.execute("CREATE TABLE public.orders (id int PRIMARY KEY, click text NOT NULL, total numeric)")
+        conn.execute("""SELECT postback.watch('public.orders', '{"click_id": "click", "transaction_id": "''order-'' || id", "amount": "total"}')""")
+        conn.execute("INSERT INTO public.orders VALUES (7, 'k7', 19.90)")
+        c.wait_for(lambda: len(r.seen("/pb")) == 2, what="a delivery of a watched table's row")
+        assert r.seen("/pb")[1]["query"]["tx"] == "order-7", r.seen("/pb")
+        print("postback.watch: the watched order was delivered")
         conn.execute("CREATE DATABASE old")
     with c.connect("old") as conn:
         conn.execute("CREATE EXTENSION pg_postback VERSION '0.2.0'")
