@@ -324,3 +324,5 @@ COMMENT ON COLUMN postback.watches.owner IS 'The table''s owner, whose rights th
 COMMENT ON COLUMN postback.watches.function IS 'The trigger function watch created in the table''s schema (SECURITY DEFINER, owned by the table''s owner).';
 COMMENT ON COLUMN postback.watches.on_delete IS 'Whether a DELETE of a row announces a status (mapping.on_delete).';
 COMMENT ON COLUMN postback.watches.enabled IS 'False when the insert trigger is disabled (ALTER TABLE … DISABLE TRIGGER).';
+COMMENT ON COLUMN postback.watches.partitions_unwatched IS 'Partitions created or attached after the watch: rows written straight into them are not seen until postback.watch runs again (rows written through the table are).';
+COMMENT ON FUNCTION postback.watch_drop_triggers(regclass) IS 'Internal to watch and unwatch: drops a watch''s triggers from the table and its partitions.';

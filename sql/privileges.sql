@@ -43,6 +43,7 @@ REVOKE EXECUTE ON FUNCTION postback.unwatch(regclass) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.watch_check(regclass, text, jsonb, regtype) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.watch_expression(regclass, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.watch_fields() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.watch_drop_triggers(regclass) FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA postback FROM PUBLIC;
 
 -- Read access for analysts: everything but credentials. endpoints.headers
@@ -86,7 +87,7 @@ BEGIN
     -- watch: only of tables the role owns (watch checks), with the helpers it calls as the role
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.watch(regclass, jsonb), postback.unwatch(regclass), '
                    'postback.watch_check(regclass, text, jsonb, regtype), postback.watch_expression(regclass, text), '
-                   'postback.watch_fields() TO %s', role);
+                   'postback.watch_fields(), postback.watch_drop_triggers(regclass) TO %s', role);
 END
 $$;
 

@@ -83,6 +83,24 @@ BEGIN
 END
 $$;
 
+-- Drops a watch's triggers from the table and its partitions (those a
+-- partitioned table's row trigger put on its partitions go with it).
+CREATE FUNCTION postback.watch_drop_triggers(source regclass) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT g.tgname, g.tgrelid::regclass AS rel
+               FROM (SELECT source AS relid UNION ALL
+                     SELECT p.relid FROM pg_catalog.pg_partition_tree(source) p WHERE p.relid <> source) m
+               JOIN pg_catalog.pg_trigger g ON g.tgrelid = m.relid
+              WHERE g.tgname IN ('postback_watch_insert', 'postback_watch_update', 'postback_watch_delete')
+                AND g.tgparentid = 0 LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', t.tgname, t.rel);
+    END LOOP;
+END
+$$;
+
 CREATE FUNCTION postback.watch(source regclass, mapping jsonb) RETURNS regprocedure
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -110,6 +128,7 @@ DECLARE
     key_names text;
     update_sql text;
     delete_sql text;
+    member regclass;
     probe refcursor;
     state text;
     message text;
@@ -235,7 +254,12 @@ BEGIN
                   HINT = 'Each field is a value of one row: no aggregates (sum, count), window or set-returning functions.';
     END;
 
-    function_name := left(rel.relname, 48) || '_postback_watch';
+    -- <table>_postback_watch, the table's name cut to fit 63 bytes
+    function_name := rel.relname;
+    WHILE octet_length(function_name) > 48 LOOP
+        function_name := left(function_name, -1);
+    END LOOP;
+    function_name := function_name || '_postback_watch';
     qualified := pg_catalog.format('%I.%I', rel.nspname, function_name);
     existing := pg_catalog.to_regprocedure(qualified || '()');
     IF existing IS NOT NULL AND existing IS DISTINCT FROM (
@@ -297,8 +321,8 @@ $d$, on_delete, tx);
     END IF;
 
     body := pg_catalog.format($b$#variable_conflict use_column
--- written by postback.watch(%1$L, mapping): the mapping is this function's
--- trigger argument (postback.watches shows it); postback.unwatch removes it.
+-- written by postback.watch: the mapping is this function's trigger
+-- argument (postback.watches shows it); postback.unwatch removes it.
 DECLARE
     postback_old_transaction_id text;
 BEGIN
@@ -312,10 +336,7 @@ END
 $b$, source::text, cols, array_to_string(exprs, ', '), where_sql, update_sql, coalesce(delete_sql, ''));
 
     -- watching again replaces the mapping
-    FOR x IN SELECT t.tgname FROM pg_catalog.pg_trigger t
-              WHERE t.tgrelid = source AND t.tgname IN ('postback_watch_insert', 'postback_watch_update', 'postback_watch_delete') LOOP
-        EXECUTE pg_catalog.format('DROP TRIGGER %I ON %s', x, source);
-    END LOOP;
+    PERFORM postback.watch_drop_triggers(source);
     EXECUTE pg_catalog.format(
         'CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
         'SET search_path = pg_catalog, %I, pg_temp AS %L', qualified, rel.nspname, body);
@@ -327,22 +348,32 @@ $b$, source::text, cols, array_to_string(exprs, ', '), where_sql, update_sql, co
         pg_catalog.format('pg_postback watch of %s: turns its rows into conversions with the rights of its owner '
                           '(postback.watches shows the mapping; postback.unwatch(%L) removes it).', source, source));
     EXECUTE pg_catalog.format('ALTER FUNCTION %s() DEPENDS ON EXTENSION pg_postback', qualified);
-    EXECUTE pg_catalog.format(
-        'CREATE TRIGGER postback_watch_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS postback_new_rows '
-        'FOR EACH STATEMENT EXECUTE FUNCTION %s(%L)', source, qualified, mapping::text);
-    IF keys IS NOT NULL THEN
+    -- on the table and on each of its partitions (a statement trigger fires on
+    -- the table a statement names: an INSERT straight into a partition fires
+    -- the partition's, one through the table only the table's); only the
+    -- table's carries the mapping
+    FOR member IN SELECT source UNION ALL
+                  SELECT p.relid FROM pg_catalog.pg_partition_tree(source) p WHERE p.relid <> source LOOP
         EXECUTE pg_catalog.format(
-            'CREATE TRIGGER postback_watch_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS postback_old_rows '
-            'NEW TABLE AS postback_new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', source, qualified);
-    ELSE
-        EXECUTE pg_catalog.format(
-            'CREATE TRIGGER postback_watch_update AFTER UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION %s()', source, qualified);
-    END IF;
-    IF on_delete IS NOT NULL THEN
-        EXECUTE pg_catalog.format(
-            'CREATE TRIGGER postback_watch_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS postback_old_rows '
-            'FOR EACH STATEMENT EXECUTE FUNCTION %s()', source, qualified);
-    END IF;
+            'CREATE TRIGGER postback_watch_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS postback_new_rows '
+            'FOR EACH STATEMENT EXECUTE FUNCTION %s(%s)', member, qualified,
+            CASE WHEN member = source THEN pg_catalog.quote_literal(mapping::text) ELSE '' END);
+        IF keys IS NOT NULL THEN
+            EXECUTE pg_catalog.format(
+                'CREATE TRIGGER postback_watch_update AFTER UPDATE ON %s REFERENCING OLD TABLE AS postback_old_rows '
+                'NEW TABLE AS postback_new_rows FOR EACH STATEMENT EXECUTE FUNCTION %s()', member, qualified);
+        ELSIF member = source THEN
+            -- a row trigger on a partitioned table is on its partitions too
+            EXECUTE pg_catalog.format(
+                'CREATE TRIGGER postback_watch_update AFTER UPDATE ON %s FOR EACH ROW EXECUTE FUNCTION %s()',
+                source, qualified);
+        END IF;
+        IF on_delete IS NOT NULL THEN
+            EXECUTE pg_catalog.format(
+                'CREATE TRIGGER postback_watch_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS postback_old_rows '
+                'FOR EACH STATEMENT EXECUTE FUNCTION %s()', member, qualified);
+        END IF;
+    END LOOP;
     RETURN pg_catalog.to_regprocedure(qualified || '()');
 END
 $$;
@@ -363,9 +394,7 @@ BEGIN
         RAISE NOTICE '% is not watched', source;
         RETURN false;
     END IF;
-    EXECUTE pg_catalog.format('DROP TRIGGER postback_watch_insert ON %s', source);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS postback_watch_update ON %s', source);
-    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS postback_watch_delete ON %s', source);
+    PERFORM postback.watch_drop_triggers(source);
     EXECUTE pg_catalog.format('DROP FUNCTION %s', fn);
     RETURN true;
 END
@@ -380,7 +409,11 @@ SELECT t.tgrelid::regclass AS source,
        pg_catalog.pg_get_userbyid(c.relowner) AS owner,
        t.tgfoid::regprocedure AS function,
        EXISTS (SELECT 1 FROM pg_catalog.pg_trigger d WHERE d.tgrelid = t.tgrelid AND d.tgname = 'postback_watch_delete') AS on_delete,
-       t.tgenabled <> 'D' AS enabled
+       t.tgenabled <> 'D' AS enabled,
+       (SELECT count(*)::integer FROM pg_catalog.pg_partition_tree(t.tgrelid) p
+         WHERE p.relid <> t.tgrelid
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g
+                            WHERE g.tgrelid = p.relid AND g.tgname = 'postback_watch_insert')) AS partitions_unwatched
   FROM pg_catalog.pg_trigger t
   JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
  WHERE t.tgname = 'postback_watch_insert' AND t.tgnargs = 1;

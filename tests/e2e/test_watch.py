@@ -258,3 +258,37 @@ def test_pg_dump_and_restore_keep_the_watch_and_drop_extension_names_it(make_clu
         conn.execute("DROP EXTENSION pg_postback CASCADE")
         conn.execute(f"INSERT INTO {t} (click, total) VALUES ('k4', 40)")
         assert conn.execute(f"SELECT count(*) FROM pg_trigger WHERE tgrelid = '{t}'::regclass").fetchone()[0] == 0
+
+
+def test_a_partitioned_table_is_watched_through_the_table_and_straight_into_its_partitions(cluster):
+    with cluster.connect() as conn:
+        t = f"sales{next(counter)}"
+        conn.execute(f"CREATE TABLE {t} (id int, region text, click text, amount numeric, PRIMARY KEY (id, region)) "
+                     "PARTITION BY LIST (region)")
+        conn.execute(f"CREATE TABLE {t}_eu PARTITION OF {t} FOR VALUES IN ('eu')")
+        conn.execute(f"CREATE TABLE {t}_us PARTITION OF {t} FOR VALUES IN ('us')")
+        conn.execute("SELECT postback.watch(%s, %s)", (t, json.dumps({
+            "click_id": "click", "transaction_id": f"'{t}-' || region || '-' || id", "amount": "amount",
+            "status": "CASE WHEN amount < 0 THEN 'refunded' ELSE 'approved' END", "on_delete": "reversed"})))
+        conn.execute(f"INSERT INTO {t} VALUES (1, 'eu', 'k1', 5), (2, 'us', 'k2', 6)")
+        conn.execute(f"INSERT INTO {t}_eu VALUES (3, 'eu', 'k3', 7)")  # straight into a partition
+        conn.execute(f"UPDATE {t}_eu SET amount = -5 WHERE id = 1")
+        conn.execute(f"UPDATE {t} SET amount = -6 WHERE id = 3")
+        conn.execute(f"DELETE FROM {t}_us WHERE id = 2")
+        got = conn.execute("SELECT transaction_id, status, amount::text FROM postback.conversions "
+                           "WHERE transaction_id LIKE %s ORDER BY 1", (f"{t}-%",)).fetchall()
+        assert got == [(f"{t}-eu-1", "refunded", "-5"), (f"{t}-eu-3", "refunded", "-6"),
+                       (f"{t}-us-2", "reversed", "6")]
+        # a partition attached later is not watched until watch runs again: the view says so
+        conn.execute(f"CREATE TABLE {t}_apac PARTITION OF {t} FOR VALUES IN ('apac')")
+        q = "SELECT partitions_unwatched FROM postback.watches WHERE source = %s::regclass"
+        assert conn.execute(q, (t,)).fetchone()[0] == 1
+        conn.execute("SELECT postback.watch(w.source, w.mapping) FROM postback.watches w WHERE w.source = %s::regclass",
+                     (t,))
+        assert conn.execute(q, (t,)).fetchone()[0] == 0
+        conn.execute(f"INSERT INTO {t}_apac VALUES (4, 'apac', 'k4', 8)")
+        assert conn.execute("SELECT count(*) FROM postback.conversions WHERE transaction_id = %s",
+                            (f"{t}-apac-4",)).fetchone()[0] == 1
+        assert conn.execute("SELECT postback.unwatch(%s)", (t,)).fetchone()[0] is True
+        assert conn.execute("SELECT count(*) FROM pg_trigger g JOIN pg_partition_tree(%s::regclass) p "
+                            "ON p.relid = g.tgrelid WHERE g.tgname LIKE 'postback_watch%%'", (t,)).fetchone()[0] == 0
