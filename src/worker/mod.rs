@@ -157,10 +157,7 @@ impl SchemaWait {
     /// Deliveries of another version's schema wait (nothing is lost).
     fn ready(&mut self, poll: Duration) -> bool {
         match txn::run("checking the schema", queue::installed_version) {
-            Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => {
-                self.logged = None;
-                true
-            }
+            Ok(Some(v)) if v == env!("CARGO_PKG_VERSION") => self.not_a_citus_worker_node(poll),
             Ok(None) => {
                 const MISSING: &str = "pg_postback is not installed in this database (CREATE EXTENSION pg_postback)";
                 if self.logged.as_deref() != Some(MISSING) {
@@ -197,6 +194,41 @@ impl SchemaWait {
                 }
                 self.logged = other;
                 BackgroundWorker::wait_latch(Some(poll.max(Duration::from_secs(1))));
+                false
+            }
+            Err(e) => {
+                note_error(&e);
+                BackgroundWorker::wait_latch(Some(poll));
+                false
+            }
+        }
+    }
+}
+
+impl SchemaWait {
+    /// False (after a wait) on a Citus worker node in coordinator-only mode:
+    /// its copies of the tables are empty and refuse writes, the coordinator's
+    /// worker delivers; said once, and shown in worker_status, instead of a
+    /// refused claim logged at every loop.
+    fn not_a_citus_worker_node(&mut self, poll: Duration) -> bool {
+        match txn::run("checking for a Citus worker node", queue::citus_coordinator_elsewhere) {
+            Ok(None) => {
+                self.logged = None;
+                true
+            }
+            Ok(Some(coordinator)) => {
+                let message = format!(
+                    "a Citus worker node: pg_postback's tables live on the coordinator ({coordinator}), \
+                     whose worker delivers (coordinator-only mode); this one waits"
+                );
+                if self.logged.as_deref() != Some(message.as_str()) {
+                    if self.speaks {
+                        log!("pg_postback worker of database \"{}\": {message}", self.database);
+                    }
+                    shared::mine(|s| s.state.set(&format!("idle: {message}")));
+                    self.logged = Some(message);
+                }
+                BackgroundWorker::wait_latch(Some(poll.max(Duration::from_secs(5))));
                 false
             }
             Err(e) => {

@@ -73,6 +73,27 @@ pub fn installed_version() -> SpiResult<Option<String>> {
     Spi::get_one::<String>("SELECT (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_postback')")
 }
 
+/// On a Citus worker node whose pg_postback tables are not distributed
+/// (coordinator-only mode: they live on the coordinator, this node's copies
+/// stay empty and refuse writes), where the coordinator is; None without
+/// Citus, on the coordinator, or once the tables are distributed.
+pub fn citus_coordinator_elsewhere() -> SpiResult<Option<String>> {
+    if Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_local_group') IS NOT NULL")?
+        != Some(true)
+    {
+        return Ok(None);
+    }
+    // one row whatever the answer (no row is an error to get_one)
+    Spi::get_one::<String>(
+        "SELECT (SELECT coalesce((SELECT n.nodename || ':' || n.nodeport FROM pg_catalog.pg_dist_node n
+                                   WHERE n.groupid = 0 ORDER BY n.nodeid LIMIT 1), 'not in pg_dist_node')
+                   FROM pg_catalog.pg_dist_local_group g
+                  WHERE g.groupid <> 0
+                    AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
+                                     WHERE p.logicalrelid = 'postback.deliveries'::pg_catalog.regclass))",
+    )
+}
+
 /// Claims up to `limit` due deliveries whose endpoint is active, not paused
 /// and not in `blocked` (an open breaker), and whose predecessor (same
 /// endpoint and conversion) is finished; no endpoint gets more than its room:

@@ -42,14 +42,15 @@ def ensure_citus():
         subprocess.run(["bash", os.path.join(CITUS, "build.sh")], check=True)
 
 
-def start_cluster(made, version=None, settings=None):
-    """A coordinator (preloading citus and pg_postback) and two workers (citus only), with
-    pg_postback created on the coordinator (at `version`, or the current one)."""
+def start_cluster(made, version=None, settings=None, workers_preload="'citus'"):
+    """A coordinator (preloading citus and pg_postback) and two workers (citus only, unless
+    `workers_preload` says otherwise), with pg_postback created on the coordinator (at
+    `version`, or the current one)."""
     ensure_citus()
     common = {"max_worker_processes": "32", "max_prepared_transactions": "100"}
     coordinator = Cluster.create(settings=dict(common, shared_preload_libraries="'citus,pg_postback'",
                                                 **(settings or {})))
-    workers = [Cluster.create(settings=dict(common, shared_preload_libraries="'citus'")) for _ in range(2)]
+    workers = [Cluster.create(settings=dict(common, shared_preload_libraries=workers_preload)) for _ in range(2)]
     made.extend([coordinator] + workers)
     for n in [coordinator] + workers:
         n.start()
@@ -83,7 +84,7 @@ def citus_fresh():
     """Factory for a cluster of the test's own (e.g. with an earlier version installed)."""
     made = []
     try:
-        yield lambda version=None: start_cluster(made, version)
+        yield lambda version=None, **kw: start_cluster(made, version, **kw)
     finally:
         for n in made:
             n.destroy()
@@ -224,5 +225,33 @@ def test_the_update_from_0_2_0_reaches_every_node(citus_fresh):
         with workers[0].connect() as conn:
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
                 conn.execute("INSERT INTO postback.clicks (click_id) VALUES ('w')")
+    finally:
+        r.stop()
+
+
+def test_a_worker_node_that_preloads_pg_postback_waits_quietly_and_says_why(citus_fresh):
+    """Against the README, pg_postback preloaded on the worker nodes too: their workers find
+    pg_postback's tables are the coordinator's (coordinator-only mode), say so once in the
+    log and in worker_status(), and claim nothing (no refused statement every loop)."""
+    coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
+    r = Receiver().start()
+    try:
+        with coordinator.connect() as conn:
+            conn.execute("INSERT INTO postback.endpoints (name, url_template) VALUES ('quiet', %s)",
+                         (r.url("/quiet?tx={transaction_id}"),))
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                         "SELECT 'k' || g, 'quiet-' || g FROM generate_series(1, 10) g")
+            coordinator.wait_for(lambda: len(r.seen("/quiet")) == 10, what="the coordinator's deliveries")
+        for w in workers:
+            with w.connect() as conn:
+                states = w.wait_for(lambda: [row for row in conn.execute(
+                    "SELECT role, state FROM postback.worker_status() WHERE running").fetchall()
+                    if row[1] and row[1].startswith("idle: a Citus worker node")], what="the idle state")
+                assert f"live on the coordinator (127.0.0.1:{coordinator.port})" in states[0][1], states
+            time.sleep(6)  # longer than a wait of the worker: it looked again and said nothing more
+            log = w.log()
+            assert log.count("a Citus worker node: pg_postback's tables live on the coordinator") == 1, log[-3000:]
+            assert "cannot be written on a worker node" not in log, log[-3000:]
+        assert sorted(g["query"]["tx"] for g in r.seen("/quiet")) == sorted(f"quiet-{g}" for g in range(1, 11))
     finally:
         r.stop()
