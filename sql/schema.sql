@@ -554,8 +554,11 @@ BEGIN
                       WHERE n.groupid = g.groupid LIMIT 1)
                FROM pg_catalog.pg_dist_local_group g
               WHERE g.groupid <> 0
-                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1)'
-       INTO coordinator, this_node USING TG_RELID;
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1)
+                -- nor a shard of one (conversions_102008: its trigger runs there)
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_shard s
+                                 WHERE s.shardid::text = pg_catalog.substring($2, ''_([0-9]+)$''))'
+       INTO coordinator, this_node USING TG_RELID, TG_TABLE_NAME;
     IF coordinator IS NOT NULL THEN
         RAISE EXCEPTION 'pg_postback on Citus runs on the coordinator (%): postback.% cannot be written on a worker node (%)',
                         coordinator, TG_TABLE_NAME, coalesce(this_node, 'this one')

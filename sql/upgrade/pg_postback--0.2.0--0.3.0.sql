@@ -1948,8 +1948,11 @@ BEGIN
                       WHERE n.groupid = g.groupid LIMIT 1)
                FROM pg_catalog.pg_dist_local_group g
               WHERE g.groupid <> 0
-                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1)'
-       INTO coordinator, this_node USING TG_RELID;
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1)
+                -- nor a shard of one (conversions_102008: its trigger runs there)
+                AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_shard s
+                                 WHERE s.shardid::text = pg_catalog.substring($2, ''_([0-9]+)$''))'
+       INTO coordinator, this_node USING TG_RELID, TG_TABLE_NAME;
     IF coordinator IS NOT NULL THEN
         RAISE EXCEPTION 'pg_postback on Citus runs on the coordinator (%): postback.% cannot be written on a worker node (%)',
                         coordinator, TG_TABLE_NAME, coalesce(this_node, 'this one')
@@ -1979,7 +1982,7 @@ CREATE TRIGGER deliveries_refuse_on_citus_worker
     BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON postback.deliveries
     FOR EACH STATEMENT EXECUTE FUNCTION postback.refuse_on_citus_worker();
 REVOKE EXECUTE ON FUNCTION postback.refuse_on_citus_worker() FROM PUBLIC;
-COMMENT ON FUNCTION postback.refuse_on_citus_worker() IS 'Trigger: on a Citus worker node, refuses writes to pg_postback''s tables (coordinator-only mode: they live on the coordinator), naming the coordinator; nothing without Citus or for a table Citus distributes.';
+COMMENT ON FUNCTION postback.refuse_on_citus_worker() IS 'Trigger: on a Citus worker node, refuses writes to pg_postback''s tables (coordinator-only mode: they live on the coordinator), naming the coordinator; nothing without Citus or for a table Citus distributes (or a shard of one).';
 COMMENT ON TRIGGER conversions_refuse_on_citus_worker ON postback.conversions IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
 COMMENT ON TRIGGER clicks_refuse_on_citus_worker ON postback.clicks IS 'Refuses writes on a Citus worker node (coordinator-only mode).';
 COMMENT ON TRIGGER endpoints_refuse_on_citus_worker ON postback.endpoints IS 'Refuses writes on a Citus worker node (coordinator-only mode).';

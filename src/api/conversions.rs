@@ -90,7 +90,9 @@ fn conversions_validate<'a>(
     PROPOSED_CONVERSIONS.with(|c| c.set(c.get() + 1));
     note_if_late(&row, transaction_id)?;
     let click_id = click_id.unwrap_or("");
-    let click = rows::find_click(click_id);
+    let tables =
+        rows::Tables::for_trigger_on(trigger.relid().unwrap_or_else(|e| pgrx::error!("the trigger's relation: {e}")));
+    let click = rows::find_click(&tables, click_id);
     let from_click = match (&click, partner) {
         (Some(k), None) => k.partner.clone(),
         _ => None,
@@ -249,6 +251,9 @@ struct Pending {
     live: u64,
     /// writing into a 0.2.0 schema (see `Pending::statement`)
     legacy: bool,
+    /// the conversions' click ids, when deliveries carry them (Citus shards)
+    click_id: Vec<String>,
+    distributed: bool,
 }
 
 impl Pending {
@@ -267,6 +272,9 @@ impl Pending {
         self.pattern.push(pattern);
         self.endpoint_id.push(e.id);
         self.conversion_id.push(c.id);
+        if self.distributed {
+            self.click_id.push(c.click_id.to_string());
+        }
         self.event.push(c.event.to_string());
         self.status.push(c.status.to_string());
         self.method.push(e.method.clone());
@@ -298,8 +306,8 @@ impl Pending {
     }
 
     /// The INSERT that writes a chunk; prepared once per statement.
-    fn statement(lifecycle: bool, legacy: bool) -> String {
-        rows::delivery_insert(lifecycle, legacy)
+    fn statement(tables: &rows::Tables, lifecycle: bool, legacy: bool) -> String {
+        rows::delivery_insert(tables, lifecycle, legacy)
     }
 
     fn argument_types() -> Vec<PgOid> {
@@ -307,6 +315,7 @@ impl Pending {
         let mut types = vec![PgOid::BuiltIn(PgBuiltInOids::INT8ARRAYOID); 2];
         types.extend(std::iter::repeat_n(text, 7));
         types.push(PgOid::BuiltIn(PgBuiltInOids::FLOAT8ARRAYOID));
+        types.push(text);
         types.push(text);
         types.push(text);
         types
@@ -324,7 +333,8 @@ impl Pending {
         let taken = std::mem::take(self);
         self.live = taken.live;
         self.legacy = taken.legacy;
-        let args: [pgrx::datum::DatumWithOid; 12] = [
+        self.distributed = taken.distributed;
+        let args: [pgrx::datum::DatumWithOid; 13] = [
             taken.endpoint_id.into(),
             taken.conversion_id.into(),
             taken.event.into(),
@@ -337,6 +347,7 @@ impl Pending {
             taken.delay.into(),
             taken.pattern.into(),
             taken.hashes.into(),
+            taken.click_id.into(),
         ];
         client.update(plan, None, &args)?;
         Ok(())
@@ -356,15 +367,17 @@ fn enqueue_conversions<'a>(
         // loads tables in any order): enqueueing them again would collide
         return Ok(None);
     }
+    let tables =
+        rows::Tables::for_trigger_on(trigger.relid().unwrap_or_else(|e| pgrx::error!("the trigger's relation: {e}")));
     let trigger_data = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
     let (conversions, live) = Spi::connect_mut(|client| {
         // SAFETY: the pointer is this trigger call's own TriggerData; registering
         // it makes new_rows / old_rows visible to this SPI connection.
         unsafe { pg_sys::SPI_register_trigger_data(trigger_data) };
         if !late.is_empty() {
-            client.update(rows::COUNT_LATE_CONVERSIONS, None, &[late.into()])?;
+            client.update(rows::count_late_conversions(&tables).as_str(), None, &[late.into()])?;
         }
-        let (endpoints, router) = load_endpoints(client, rows::Which::Active)?;
+        let (endpoints, router) = load_endpoints(client, &tables, rows::Which::Active)?;
         if router.is_empty() {
             let n = if lifecycle {
                 0
@@ -373,12 +386,13 @@ fn enqueue_conversions<'a>(
             };
             return Ok::<_, pgrx::spi::Error>((n, 0));
         }
-        let query = rows::transition_rows(lifecycle);
+        let query = rows::transition_rows(&tables, lifecycle);
         let now = now_unix_micros();
         let limits = crate::gucs::request_limits();
         let legacy = schema_is_0_2_0(client)?;
-        let plan = client.prepare_mut(Pending::statement(lifecycle, legacy).as_str(), &Pending::argument_types())?;
-        let mut pending = Pending { legacy, ..Pending::default() };
+        let plan =
+            client.prepare_mut(Pending::statement(&tables, lifecycle, legacy).as_str(), &Pending::argument_types())?;
+        let mut pending = Pending { legacy, distributed: tables.distributed, ..Pending::default() };
         let mut matched = Vec::new();
         let mut seen = 0i64;
         let mut cursor = client.open_cursor(query.as_str(), &[]);
@@ -392,7 +406,7 @@ fn enqueue_conversions<'a>(
                 let mut c = ConversionRow::read(&row)?;
                 if !lifecycle {
                     // the validation trigger looked the click up, row by row
-                    let found = seen_click(&c.click_id).unwrap_or_else(|| rows::find_click(&c.click_id));
+                    let found = seen_click(&c.click_id).unwrap_or_else(|| rows::find_click(&tables, &c.click_id));
                     c.click = found.map(click_of);
                 }
                 router.route(&c.subject(), &mut matched);

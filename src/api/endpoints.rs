@@ -79,8 +79,12 @@ impl EndpointRow {
 }
 
 /// The endpoints `which` names, with their router.
-pub(super) fn load_endpoints(client: &SpiClient, which: rows::Which) -> SpiResult<(Vec<EndpointRow>, Router)> {
-    let (query, args) = rows::endpoint_rows(which);
+pub(super) fn load_endpoints(
+    client: &SpiClient,
+    tables: &rows::Tables,
+    which: rows::Which,
+) -> SpiResult<(Vec<EndpointRow>, Router)> {
+    let (query, args) = rows::endpoint_rows(tables, which);
     let rows = client.select(&query, None, &args)?;
     let mut endpoints = Vec::with_capacity(rows.len());
     let mut filters = Vec::with_capacity(rows.len());

@@ -19,7 +19,7 @@ fn explain_routing(
         let rows = client.select(&rows::conversion_with_click(), Some(1), &[conversion_id.into()])?;
         let Some(row) = rows.into_iter().next() else { return Ok::<_, pgrx::spi::Error>(Vec::new()) };
         let c = ConversionRow::read(&row)?;
-        let (endpoints, router) = load_endpoints(client, rows::Which::All)?;
+        let (endpoints, router) = load_endpoints(client, &rows::own_tables(), rows::Which::All)?;
         let subject = c.subject();
         Ok(endpoints
             .iter()

@@ -45,7 +45,7 @@ impl Rendered {
 /// endpoint's filters route the conversion to it.
 pub(super) fn preview_of(endpoint_id: i64, conversion_id: i64) -> (Rendered, Option<bool>) {
     Spi::connect(|client| {
-        let (endpoints, router) = load_endpoints(client, rows::Which::One(endpoint_id))?;
+        let (endpoints, router) = load_endpoints(client, &rows::own_tables(), rows::Which::One(endpoint_id))?;
         let Some(e) = endpoints.first() else {
             return Ok::<_, pgrx::spi::Error>((Rendered::failed(format!("unknown endpoint id {endpoint_id}")), None));
         };
@@ -111,7 +111,7 @@ pub(super) fn test_of(endpoint_id: i64, sample: JsonB) -> TestRequest {
         }
     };
     Spi::connect(|client| {
-        let (endpoints, router) = load_endpoints(client, rows::Which::One(endpoint_id))?;
+        let (endpoints, router) = load_endpoints(client, &rows::own_tables(), rows::Which::One(endpoint_id))?;
         let Some(e) = endpoints.first() else { invalid("endpoint_id", format!("unknown endpoint id {endpoint_id}")) };
         let filters = router.filters(0);
         let now = now_unix_micros();

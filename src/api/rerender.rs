@@ -50,7 +50,7 @@ fn rerender(ids: Vec<i64>) -> i64 {
             let e = match endpoints.entry(endpoint_id) {
                 std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(load_endpoints(client, rows::Which::One(endpoint_id))?.0.pop())
+                    v.insert(load_endpoints(client, &rows::own_tables(), rows::Which::One(endpoint_id))?.0.pop())
                 }
             };
             let Some(e) = e.as_ref() else { continue };

@@ -1,10 +1,94 @@
 //! Every SQL statement of the SQL-facing layer (the worker keeps its own in
 //! worker/queue.rs): the columns read, the look-ups, the delivery INSERT.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+
 use pgrx::datetime::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::JsonB;
 use serde_json::Value;
+
+/// Where the statements of the conversions' triggers read and write:
+/// pg_postback's own tables, or — in a trigger on a Citus shard of
+/// postback.conversions (its tables distributed) — the shards co-located with
+/// it and this node's placements of the reference tables. A statement run
+/// from a shard's trigger must never name a Citus table: Citus refuses a
+/// distributed query from inside a query on a shard.
+#[derive(Debug, Clone)]
+pub(super) struct Tables {
+    pub clicks: String,
+    pub deliveries: String,
+    pub endpoints: String,
+    /// deliveries carry their conversion's click_id (the distribution column)
+    pub distributed: bool,
+}
+
+impl Tables {
+    fn own() -> Self {
+        Tables {
+            clicks: "postback.clicks".into(),
+            deliveries: "postback.deliveries".into(),
+            endpoints: "postback.endpoints".into(),
+            distributed: false,
+        }
+    }
+
+    /// The tables for a trigger on `relid`: pg_postback's own unless `relid` is
+    /// a shard (`conversions_<shardid>`); resolved once per relation and backend.
+    pub(super) fn for_trigger_on(relid: pg_sys::Oid) -> std::rc::Rc<Tables> {
+        RESOLVED.with(|cache| {
+            if let Some(t) = cache.borrow().get(&relid) {
+                return t.clone();
+            }
+            let t = std::rc::Rc::new(Self::resolve(relid));
+            cache.borrow_mut().insert(relid, t.clone());
+            t
+        })
+    }
+
+    fn resolve(relid: pg_sys::Oid) -> Tables {
+        // SAFETY: a catalog look-up of the trigger's own relation
+        let name = unsafe {
+            let n = pg_sys::get_rel_name(relid);
+            if n.is_null() {
+                return Self::own();
+            }
+            std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned()
+        };
+        let Some(shard) = name.strip_prefix("conversions_").and_then(|id| id.parse::<i64>().ok()) else {
+            return Self::own();
+        };
+        let found = Spi::get_three_with_args::<String, String, String>(SHARD_TABLES, &[shard.into()])
+            .unwrap_or_else(|e| pgrx::error!("finding the shards co-located with postback.{name}: {e}"));
+        match found {
+            (Some(clicks), Some(deliveries), Some(endpoints)) => {
+                Tables { clicks, deliveries, endpoints, distributed: true }
+            }
+            _ => pgrx::error!(
+                "postback.{name} looks like a Citus shard of postback.conversions, but its co-located shards of \
+                 clicks and deliveries, or this node's placement of endpoints, are not in pg_dist_shard"
+            ),
+        }
+    }
+}
+
+thread_local! {
+    static RESOLVED: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<Tables>>> = RefCell::new(HashMap::new());
+}
+
+/// For a shard id of postback.conversions: the co-located shards of clicks and
+/// deliveries (the same hash range in the colocation group) and the shard of
+/// the endpoints reference table, schema-qualified. No rows without Citus.
+const SHARD_TABLES: &str = "
+    SELECT (SELECT pg_catalog.format('postback.%I', 'clicks_' || k.shardid) FROM pg_catalog.pg_dist_shard k
+             WHERE k.logicalrelid = 'postback.clicks'::pg_catalog.regclass AND k.shardminvalue = s.shardminvalue),
+           (SELECT pg_catalog.format('postback.%I', 'deliveries_' || d.shardid) FROM pg_catalog.pg_dist_shard d
+             WHERE d.logicalrelid = 'postback.deliveries'::pg_catalog.regclass AND d.shardminvalue = s.shardminvalue),
+           (SELECT pg_catalog.format('postback.%I', 'endpoints_' || e.shardid) FROM pg_catalog.pg_dist_shard e
+             WHERE e.logicalrelid = 'postback.endpoints'::pg_catalog.regclass)
+      FROM pg_catalog.pg_dist_shard s
+     WHERE s.shardid = $1 AND s.logicalrelid = 'postback.conversions'::pg_catalog.regclass";
 
 const ENDPOINT_COLUMNS: &str = "id, name, kind, method, url_template, body_template, status_map, drop_empty_params,
                                  events, statuses, partners, conditions, success_body_pattern,
@@ -29,26 +113,30 @@ pub(super) struct FoundClick {
 }
 
 thread_local! {
-    /// The click look-up, planned once per backend.
-    static CLICK_LOOKUP: std::cell::OnceCell<pgrx::spi::OwnedPreparedStatement> = const { std::cell::OnceCell::new() };
+    /// The click look-up, planned once per backend and clicks table.
+    static CLICK_LOOKUP: RefCell<HashMap<String, pgrx::spi::OwnedPreparedStatement>> = RefCell::new(HashMap::new());
 }
 
 /// A recorded click: one primary-key look-up, as the caller (an operator has
 /// SELECT on postback.clicks), immune to its search_path.
-pub(super) fn find_click(click_id: &str) -> Option<FoundClick> {
+pub(super) fn find_click(tables: &Tables, click_id: &str) -> Option<FoundClick> {
     CLICK_LOOKUP.with(|cell| {
         Spi::connect(|client| {
-            if cell.get().is_none() {
+            let mut plans = cell.borrow_mut();
+            if !plans.contains_key(&tables.clicks) {
                 let plan = client
                     .prepare(
-                        "SELECT k.partner, k.attributes, k.clicked_at FROM postback.clicks k
-                          WHERE k.click_id OPERATOR(pg_catalog.=) $1",
+                        &format!(
+                            "SELECT k.partner, k.attributes, k.clicked_at FROM {} k
+                              WHERE k.click_id OPERATOR(pg_catalog.=) $1",
+                            tables.clicks
+                        ),
                         &[PgBuiltInOids::TEXTOID.oid()],
                     )?
                     .keep();
-                let _ = cell.set(plan);
+                plans.insert(tables.clicks.clone(), plan);
             }
-            let plan = cell.get().expect("planned above");
+            let plan = plans.get(&tables.clicks).expect("planned above");
             let rows = client.select(plan, Some(1), &[click_id.into()])?;
             let Some(row) = rows.into_iter().next() else {
                 return Ok::<_, pgrx::spi::Error>(None);
@@ -74,12 +162,13 @@ pub(super) fn live_secrets(endpoint_id: i64) -> Vec<String> {
 /// The conversions a statement trigger reads from its transition tables; an
 /// UPDATE's with their clicks (an INSERT's clicks were read by the validation
 /// trigger, row by row), and only rows whose status changed.
-pub(super) fn transition_rows(lifecycle: bool) -> String {
+pub(super) fn transition_rows(tables: &Tables, lifecycle: bool) -> String {
     if lifecycle {
         format!(
             "SELECT {CONVERSION_COLUMNS} FROM new_rows c
                JOIN old_rows o ON o.id = c.id AND o.status IS DISTINCT FROM c.status
-               LEFT JOIN postback.clicks k ON k.click_id = c.click_id"
+               LEFT JOIN {} k ON k.click_id = c.click_id",
+            tables.clicks
         )
     } else {
         format!("SELECT {NO_CLICK_COLUMNS} FROM new_rows c")
@@ -106,13 +195,18 @@ pub(super) enum Which {
 }
 
 /// Endpoints as the enqueue reads them, and the arguments of the query.
-pub(super) fn endpoint_rows(which: Which) -> (String, Vec<pgrx::datum::DatumWithOid<'static>>) {
+pub(super) fn endpoint_rows(tables: &Tables, which: Which) -> (String, Vec<pgrx::datum::DatumWithOid<'static>>) {
     let (filter, args) = match which {
         Which::Active => ("WHERE active", vec![]),
         Which::One(id) => ("WHERE id = $1", vec![id.into()]),
         Which::All => ("", vec![]),
     };
-    (format!("SELECT {ENDPOINT_COLUMNS} FROM postback.endpoints {filter} ORDER BY id"), args)
+    (format!("SELECT {ENDPOINT_COLUMNS} FROM {} {filter} ORDER BY id", tables.endpoints), args)
+}
+
+/// pg_postback's own tables (everything but the conversions' triggers).
+pub(super) fn own_tables() -> Tables {
+    Tables::own()
 }
 
 /// rollup_state.conversions_until in unix µs, when the schema has it (0.3.0 on)
@@ -137,13 +231,17 @@ pub(super) fn conversions_rolled_until() -> Option<i64> {
 /// Counts an INSERT's rows created before conversions_until into
 /// conversion_rollup_changes: those of `$1` (their transaction ids) that its
 /// transition table holds (a row ON CONFLICT DO NOTHING skipped is not there).
-pub(super) const COUNT_LATE_CONVERSIONS: &str =
-    "INSERT INTO postback.conversion_rollup_changes (hour, partner, status, matched, conversions)
-     SELECT pg_catalog.date_trunc('hour', n.created_at, 'UTC'), coalesce(n.partner, ''), n.status,
-            EXISTS (SELECT 1 FROM postback.clicks k WHERE k.click_id OPERATOR(pg_catalog.=) n.click_id), count(*)
-       FROM new_rows n
-      WHERE n.transaction_id OPERATOR(pg_catalog.=) ANY ($1)
-      GROUP BY 1, 2, 3, 4";
+pub(super) fn count_late_conversions(tables: &Tables) -> String {
+    format!(
+        "INSERT INTO postback.conversion_rollup_changes (hour, partner, status, matched, conversions)
+         SELECT pg_catalog.date_trunc('hour', n.created_at, 'UTC'), coalesce(n.partner, ''), n.status,
+                EXISTS (SELECT 1 FROM {} k WHERE k.click_id OPERATOR(pg_catalog.=) n.click_id), count(*)
+           FROM new_rows n
+          WHERE n.transaction_id OPERATOR(pg_catalog.=) ANY ($1)
+          GROUP BY 1, 2, 3, 4",
+        tables.clicks
+    )
+}
 
 /// How many rows an INSERT statement wrote (its transition table).
 pub(super) const COUNT_NEW_ROWS: &str = "SELECT count(*) FROM new_rows";
@@ -161,7 +259,7 @@ pub(super) const APPLICATION_NAME: &str = "SELECT pg_catalog.current_setting('ap
 /// The INSERT that writes a chunk of deliveries (`conversions::Pending`). `legacy`:
 /// the schema is still 0.2.0's (library upgraded, ALTER EXTENSION … UPDATE
 /// not yet run), which has no url_hashes or rendered column.
-pub(super) fn delivery_insert(lifecycle: bool, legacy: bool) -> String {
+pub(super) fn delivery_insert(tables: &Tables, lifecycle: bool, legacy: bool) -> String {
     // A status can come back (approved → pending → approved): its key
     // exists then, and the repeated announcement is a no-op. A lifecycle
     // delivery waits behind the latest earlier one of its pair. New
@@ -169,34 +267,52 @@ pub(super) fn delivery_insert(lifecycle: bool, legacy: bool) -> String {
     // which brings its deliveries along, never enqueues), and a plain INSERT
     // costs a quarter less than ON CONFLICT per row (measured: 200k rows,
     // 1.03 s vs 1.29 s); the unique index still refuses a duplicate loudly.
-    let conflict = if lifecycle { "ON CONFLICT (idempotency_key) DO NOTHING" } else { "" };
+    // (distributed, the key is unique with the click_id, the distribution column)
+    let conflict = match (lifecycle, tables.distributed) {
+        (true, false) => "ON CONFLICT (idempotency_key) DO NOTHING",
+        (true, true) => "ON CONFLICT (click_id, idempotency_key) DO NOTHING",
+        (false, _) => "",
+    };
     let (predecessor_column, predecessor) = if lifecycle {
         (
             " predecessor_id,",
             // ordered as deliveries_conversion is: one backward probe of that
             // index per delivery, whatever the history (never a scan of the
             // primary key filtering every row)
-            " (SELECT p.id FROM postback.deliveries p
+            format!(
+                " (SELECT p.id FROM {} p
                   WHERE p.conversion_id = r.c AND p.endpoint_id = r.e
                   ORDER BY p.conversion_id DESC, p.endpoint_id DESC, p.id DESC LIMIT 1),",
+                tables.deliveries
+            ),
         )
+    } else {
+        ("", String::new())
+    };
+    // distributed: each delivery carries its conversion's click_id ($13), and its
+    // id from this node's sequence (a shard has no column default: Citus
+    // evaluates a distributed table's defaults where a statement is planned)
+    let (click_column, click) = if tables.distributed {
+        (", click_id, id", ", r.click, pg_catalog.nextval('postback.deliveries_id_seq'::pg_catalog.regclass)")
     } else {
         ("", "")
     };
     let (hash_columns, hashes) =
         if legacy { ("", "") } else { (", url_hashes, rendered", ", r.h::jsonb, r.err IS NULL") };
     format!(
-        "INSERT INTO postback.deliveries
+        "INSERT INTO {deliveries}
                 (endpoint_id, conversion_id, event, status, idempotency_key,{predecessor_column} method, url,
-                 body, state, completed_at, last_error, next_attempt_at, success_pattern{hash_columns})
+                 body, state, completed_at, last_error, next_attempt_at, success_pattern{hash_columns}{click_column})
          SELECT r.e, r.c, r.ev, r.st, r.k,{predecessor} r.m, r.u, r.b,
                 CASE WHEN r.err IS NULL THEN 'pending' ELSE 'dead' END,
                 CASE WHEN r.err IS NOT NULL THEN now() END, r.err,
-                CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat{hashes}
+                CASE WHEN r.delay > 0 THEN now() + r.delay * interval '1 second' ELSE now() END, r.pat{hashes}{click}
            FROM (SELECT unnest($1) AS e, unnest($2) AS c, unnest($3) AS ev, unnest($4) AS st,
                         unnest($5) AS k, unnest($6) AS m, unnest($7) AS u, unnest($8) AS b,
-                        unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat, unnest($12) AS h) AS r
-             {conflict}"
+                        unnest($9) AS err, unnest($10) AS delay, unnest($11) AS pat, unnest($12) AS h,
+                        unnest($13::text[]) AS click) AS r
+             {conflict}",
+        deliveries = tables.deliveries
     )
 }
 
