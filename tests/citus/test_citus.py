@@ -308,8 +308,8 @@ def local_shards(conn, table):
 
 def test_distributed_by_hand_the_enqueue_trigger_writes_each_delivery_beside_its_conversion(citus_fresh):
     """The enqueue and validation triggers run on the shard's node, read the co-located
-    clicks shard and this node's placement of endpoints, and write each delivery into the
-    co-located deliveries shard (a statement on a shard never names a Citus table: Citus
+    clicks shard and this node's placement of endpoints, and write each delivery (and each
+    lifecycle delivery, behind its predecessor) into the co-located deliveries shard (a statement on a shard never names a Citus table: Citus
     refuses that inside a query on a shard). Nobody delivers here: the per-shard worker is
     the next step."""
     coordinator, workers = citus_fresh(settings={"postback.database_name": "'nowhere'"})
@@ -336,7 +336,15 @@ def test_distributed_by_hand_the_enqueue_trigger_writes_each_delivery_beside_its
             "SELECT count(*) FROM postback.deliveries d JOIN postback.conversions c "
             "ON c.click_id = d.click_id AND c.id = d.conversion_id "
             "WHERE d.url LIKE '%&s1=s' || substr(c.click_id, 2)").fetchone()[0] == 300
-        # lifecycle UPDATEs are not there yet (their trigger joins the transition tables)
+        # a lifecycle UPDATE through the coordinator (on every shard at once): each new
+        # status waits behind its conversion's first delivery, in the same shard
+        conn.execute("UPDATE postback.conversions SET status = 'reversed' WHERE transaction_id LIKE 'many-%'")
+        assert conn.execute(
+            "SELECT count(*) FROM postback.deliveries d JOIN postback.deliveries p "
+            "ON p.click_id = d.click_id AND p.id = d.predecessor_id "
+            "WHERE d.status = 'reversed' AND p.status = 'approved' AND p.conversion_id = d.conversion_id"
+        ).fetchone()[0] == 199
+        assert conn.execute("SELECT count(*), count(DISTINCT id) FROM postback.deliveries").fetchone() == (499, 499)
     per_node = []
     for w in workers:
         with w.connect() as conn:
@@ -344,9 +352,10 @@ def test_distributed_by_hand_the_enqueue_trigger_writes_each_delivery_beside_its
             deliveries = local_shards(conn, "postback.deliveries")
             assert len(conversions) == len(deliveries) > 0
             for c_shard, d_shard in zip(conversions, deliveries):
-                here = conn.execute(f"SELECT count(*) FROM postback.conversions_{c_shard}").fetchone()[0]
+                here = conn.execute(f"SELECT count(*) + count(*) FILTER (WHERE status = 'reversed') "
+                                    f"FROM postback.conversions_{c_shard}").fetchone()[0]
                 written = conn.execute(f"SELECT count(*) FROM postback.deliveries_{d_shard}").fetchone()[0]
                 assert written == here, (c_shard, d_shard, here, written)
             per_node.append(sum(conn.execute(f"SELECT count(*) FROM postback.deliveries_{d}").fetchone()[0]
                                 for d in deliveries))
-    assert sum(per_node) == 300 and all(n > 0 for n in per_node), per_node
+    assert sum(per_node) == 499 and all(n > 0 for n in per_node), per_node
