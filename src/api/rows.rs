@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use pgrx::datetime::TimestampWithTimeZone;
 use pgrx::prelude::*;
@@ -15,7 +16,7 @@ use serde_json::Value;
 /// it and this node's placements of the reference tables. A statement run
 /// from a shard's trigger must never name a Citus table: Citus refuses a
 /// distributed query from inside a query on a shard.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(super) struct Tables {
     pub clicks: String,
     pub deliveries: String,
@@ -36,13 +37,18 @@ impl Tables {
 
     /// The tables for a trigger on `relid`: pg_postback's own unless `relid` is
     /// a shard (`conversions_<shardid>`); resolved once per relation and backend.
-    pub(super) fn for_trigger_on(relid: pg_sys::Oid) -> std::rc::Rc<Tables> {
+    /// The last relation asked about answers without a hash look-up (the
+    /// validation trigger asks once per row).
+    pub(super) fn for_trigger_on(relid: pg_sys::Oid) -> Rc<Tables> {
         RESOLVED.with(|cache| {
-            if let Some(t) = cache.borrow().get(&relid) {
-                return t.clone();
+            let mut cache = cache.borrow_mut();
+            if let Some((last, t)) = &cache.last {
+                if *last == relid {
+                    return t.clone();
+                }
             }
-            let t = std::rc::Rc::new(Self::resolve(relid));
-            cache.borrow_mut().insert(relid, t.clone());
+            let t = cache.all.entry(relid).or_insert_with(|| Rc::new(Self::resolve(relid))).clone();
+            cache.last = Some((relid, t.clone()));
             t
         })
     }
@@ -73,8 +79,14 @@ impl Tables {
     }
 }
 
+#[derive(Default)]
+struct Resolved {
+    all: HashMap<pg_sys::Oid, Rc<Tables>>,
+    last: Option<(pg_sys::Oid, Rc<Tables>)>,
+}
+
 thread_local! {
-    static RESOLVED: RefCell<HashMap<pg_sys::Oid, std::rc::Rc<Tables>>> = RefCell::new(HashMap::new());
+    static RESOLVED: RefCell<Resolved> = RefCell::new(Resolved::default());
 }
 
 /// For a shard id of postback.conversions: the co-located shards of clicks and
@@ -123,21 +135,22 @@ pub(super) fn find_click(tables: &Tables, click_id: &str) -> Option<FoundClick> 
     CLICK_LOOKUP.with(|cell| {
         Spi::connect(|client| {
             let mut plans = cell.borrow_mut();
-            if !plans.contains_key(&tables.clicks) {
-                let plan = client
-                    .prepare(
-                        &format!(
-                            "SELECT k.partner, k.attributes, k.clicked_at FROM {} k
-                              WHERE k.click_id OPERATOR(pg_catalog.=) $1",
-                            tables.clicks
-                        ),
-                        &[PgBuiltInOids::TEXTOID.oid()],
-                    )?
-                    .keep();
-                plans.insert(tables.clicks.clone(), plan);
-            }
-            let plan = plans.get(&tables.clicks).expect("planned above");
-            let rows = client.select(plan, Some(1), &[click_id.into()])?;
+            let plan = match plans.entry(tables.clicks.clone()) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                    client
+                        .prepare(
+                            &format!(
+                                "SELECT k.partner, k.attributes, k.clicked_at FROM {} k
+                                  WHERE k.click_id OPERATOR(pg_catalog.=) $1",
+                                tables.clicks
+                            ),
+                            &[PgBuiltInOids::TEXTOID.oid()],
+                        )?
+                        .keep(),
+                ),
+            };
+            let rows = client.select(&*plan, Some(1), &[click_id.into()])?;
             let Some(row) = rows.into_iter().next() else {
                 return Ok::<_, pgrx::spi::Error>(None);
             };
