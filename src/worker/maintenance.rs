@@ -14,6 +14,8 @@ pub(super) fn run(mut schema: SchemaWait) {
     let mut last_rollup = Instant::now() - ROLLUP_EVERY + Duration::from_secs(5);
     let mut last_disable = Instant::now() - HOUSEKEEPING_EVERY;
     let mut ready = false;
+    let mut distributed = false;
+    let mut last_distributed_check = Instant::now();
     while !shutdown_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -22,9 +24,28 @@ pub(super) fn run(mut schema: SchemaWait) {
             ready = false;
             continue;
         }
-        if !ready {
-            shared::mine(|s| s.state.set("maintaining: roll-up every minute, purge every hour, auto-disable"));
+        if !ready || last_distributed_check.elapsed() >= HOUSEKEEPING_EVERY {
             ready = true;
+            last_distributed_check = Instant::now();
+            distributed = match txn::run("checking for Citus", queue::tables_are_distributed) {
+                Ok(d) => d,
+                Err(e) => {
+                    note_error(&e);
+                    false
+                }
+            };
+            shared::mine(|s| {
+                s.state.set(if distributed {
+                    "idle: pg_postback's tables are distributed by Citus; roll-up, purge and auto-disable \
+                     of distributed tables are not done yet"
+                } else {
+                    "maintaining: roll-up every minute, purge every hour, auto-disable"
+                })
+            });
+        }
+        if distributed {
+            wait_latch(Duration::from_secs(5));
+            continue;
         }
         if last_disable.elapsed() >= HOUSEKEEPING_EVERY {
             last_disable = Instant::now();
@@ -62,6 +83,8 @@ fn disable_failing() {
 impl Worker {
     /// Expired leases, a schema that changed version.
     pub(super) fn housekeeping(&mut self) {
+        // shards a rebalance moved in are claimed from, those moved away no longer
+        refresh_tables();
         let holding: Vec<i64> = self
             .in_flight
             .values()

@@ -240,6 +240,18 @@ impl SchemaWait {
     }
 }
 
+/// Finds where the queue is (pg_postback's tables, or this node's Citus shards)
+/// and says it in worker_status.
+fn refresh_tables() {
+    match txn::run("finding this node's shards", queue::refresh_tables) {
+        Ok(None) => {}
+        Ok(Some(n)) => {
+            shared::mine(|s| s.state.set(&format!("delivering: {n} Citus shards of postback.deliveries on this node")))
+        }
+        Err(e) => note_error(&e),
+    }
+}
+
 /// How often expired leases are reclaimed, the extension's version checked and
 /// long-failing endpoints disabled.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
@@ -353,6 +365,7 @@ impl Worker {
     /// The schema is ready: take back leases no live worker holds and restore
     /// the breakers a previous worker left open.
     fn start(&mut self) {
+        refresh_tables();
         match txn::run("reclaiming leases", || queue::reclaim_leases(true, &[])) {
             Ok(n) if n > 0 => log!("pg_postback worker: retrying {n} deliveries interrupted by a restart"),
             Ok(_) => {}

@@ -68,6 +68,120 @@ pub struct Share {
     pub count: i32,
 }
 
+/// Where the worker's statements read and write: pg_postback's own tables,
+/// or — its tables distributed by Citus — this node's shards: deliveries
+/// through `postback.node_deliveries`, a local table every local deliveries
+/// shard inherits (one claim reads them all, by their own indexes), attempts
+/// into the shard co-located with their delivery's, and this node's placement
+/// of the endpoints reference table. A query naming only these is planned by
+/// PostgreSQL alone (Citus plans, and refuses to nest, queries on its tables).
+#[derive(Debug)]
+pub struct QueueTables {
+    pub deliveries: String,
+    pub endpoints: String,
+    /// distributed: each local deliveries shard (its oid) with its attempts shard
+    pub attempts_by_shard: Option<HashMap<u32, String>>,
+}
+
+impl QueueTables {
+    fn own() -> Self {
+        QueueTables {
+            deliveries: "postback.deliveries".into(),
+            endpoints: "postback.endpoints".into(),
+            attempts_by_shard: None,
+        }
+    }
+}
+
+thread_local! {
+    static TABLES: std::cell::RefCell<std::rc::Rc<QueueTables>> = std::cell::RefCell::new(std::rc::Rc::new(QueueTables::own()));
+}
+
+/// The tables the worker's statements use now.
+pub fn tables() -> std::rc::Rc<QueueTables> {
+    TABLES.with(|t| t.borrow().clone())
+}
+
+/// Finds where the worker's tables are (at start and every few seconds: a
+/// rebalance moves shards in and out); on a node holding shards, makes every
+/// local deliveries shard a child of postback.node_deliveries. The number of
+/// local shards when the tables are distributed.
+pub fn refresh_tables() -> SpiResult<Option<usize>> {
+    if !tables_are_distributed()? {
+        TABLES.with(|t| *t.borrow_mut() = std::rc::Rc::new(QueueTables::own()));
+        return Ok(None);
+    }
+    // one creator at a time (the workers of a node start together)
+    Spi::run("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('postback.node_deliveries'))")?;
+    // with the indexes: the claim plans an index scan of the empty parent too
+    // (a disabled sequential scan would cost it 1e10, and JIT each claim)
+    Spi::run("CREATE TABLE IF NOT EXISTS postback.node_deliveries (LIKE postback.deliveries INCLUDING INDEXES)")?;
+    let (endpoints, shards) = Spi::connect_mut(|client| {
+        let endpoints = client
+            .select(
+                "SELECT pg_catalog.format('postback.%I', 'endpoints_' || e.shardid) FROM pg_catalog.pg_dist_shard e
+                  WHERE e.logicalrelid = 'postback.endpoints'::pg_catalog.regclass",
+                Some(1),
+                &[],
+            )?
+            .first()
+            .get_one::<String>()?
+            .unwrap_or_else(|| "postback.endpoints".into());
+        let rows = client.select(
+            "SELECT pg_catalog.to_regclass(pg_catalog.format('postback.%I', 'deliveries_' || d.shardid))::oid::bigint,
+                    pg_catalog.format('postback.%I', 'deliveries_' || d.shardid),
+                    pg_catalog.format('postback.%I', 'attempts_' || a.shardid),
+                    EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i
+                             WHERE i.inhrelid = pg_catalog.to_regclass(pg_catalog.format('postback.%I', 'deliveries_' || d.shardid))
+                               AND i.inhparent = 'postback.node_deliveries'::pg_catalog.regclass)
+               FROM pg_catalog.pg_dist_shard d
+               JOIN pg_catalog.pg_dist_placement p ON p.shardid = d.shardid
+                AND p.groupid = (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)
+               JOIN pg_catalog.pg_dist_shard a ON a.logicalrelid = 'postback.attempts'::pg_catalog.regclass
+                AND a.shardminvalue = d.shardminvalue
+              WHERE d.logicalrelid = 'postback.deliveries'::pg_catalog.regclass",
+            None,
+            &[],
+        )?;
+        let mut shards = Vec::new();
+        for row in rows {
+            let Some(oid) = row.get::<i64>(1)? else { continue };
+            shards.push((
+                oid as u32,
+                row.get::<String>(2)?.unwrap_or_default(),
+                row.get::<String>(3)?.unwrap_or_default(),
+                row.get::<bool>(4)?.unwrap_or(false),
+            ));
+        }
+        Ok::<_, pgrx::spi::Error>((endpoints, shards))
+    })?;
+    let mut attempts_by_shard = HashMap::new();
+    let count = shards.len();
+    for (oid, deliveries, attempts, inherits) in shards {
+        if !inherits {
+            Spi::run(&format!("ALTER TABLE {deliveries} INHERIT postback.node_deliveries"))?;
+        }
+        attempts_by_shard.insert(oid, attempts);
+    }
+    TABLES.with(|t| {
+        *t.borrow_mut() = std::rc::Rc::new(QueueTables {
+            deliveries: "postback.node_deliveries".into(),
+            endpoints,
+            attempts_by_shard: Some(attempts_by_shard),
+        })
+    });
+    Ok(Some(count))
+}
+
+/// Whether Citus distributes postback.deliveries in this database.
+pub fn tables_are_distributed() -> SpiResult<bool> {
+    Ok(Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL")? == Some(true)
+        && Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
+                                 WHERE p.logicalrelid = 'postback.deliveries'::pg_catalog.regclass)",
+        )? == Some(true))
+}
+
 /// The installed version of the extension in this database, if any.
 pub fn installed_version() -> SpiResult<Option<String>> {
     Spi::get_one::<String>("SELECT (SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_postback')")
@@ -122,6 +236,8 @@ pub fn claim(
     let slow: serde_json::Map<String, serde_json::Value> =
         listed.iter().map(|(id, room)| (id.to_string(), (*room).into())).collect();
     let (rooms, slow) = (pgrx::JsonB(rooms.into()), pgrx::JsonB(slow.into()));
+    let t = tables();
+    let (deliveries, endpoints) = (&t.deliveries, &t.endpoints);
     Spi::connect_mut(|client| {
         // an index scan in due order, never a bitmap scan: only an index scan
         // marks the entries of rows that left the queue dead (kill bits), so
@@ -135,7 +251,7 @@ pub fn claim(
         let rows = client.update(
             &format!(
                 "WITH candidates AS (
-                     SELECT d.id, d.endpoint_id, d.next_attempt_at FROM postback.deliveries d
+                     SELECT d.id, d.endpoint_id, d.next_attempt_at FROM {deliveries} d
                       WHERE $8::bool AND d.state = 'pending' AND d.next_attempt_at <= now()
                         -- a constant array (one-shot plan): hashed, one lookup per row
                         AND d.endpoint_id <> ALL ($2::bigint[])
@@ -143,7 +259,7 @@ pub fn claim(
                         AND d.endpoint_id % $9 = $10
                         -- a scalar subquery: one index probe per candidate, never a hash of every pending row
                         AND (d.predecessor_id IS NULL
-                             OR coalesce((SELECT p.state FROM postback.deliveries p WHERE p.id = d.predecessor_id),
+                             OR coalesce((SELECT p.state FROM {deliveries} p WHERE p.id = d.predecessor_id),
                                          'gone') NOT IN ('pending', 'in_flight'))
                       ORDER BY d.next_attempt_at
                       LIMIT $1 * 4),
@@ -158,7 +274,7 @@ pub fn claim(
                        -- per candidate, whatever the planner believes of a freshly filled
                        -- endpoints table (a nested loop the other way round rescans every
                        -- candidate per endpoint: 0.5 s per claim with 1,000 endpoints)
-                       CROSS JOIN LATERAL (SELECT x.max_in_flight FROM postback.endpoints x
+                       CROSS JOIN LATERAL (SELECT x.max_in_flight FROM {endpoints} x
                                             WHERE x.id = c.endpoint_id AND x.active AND x.paused_at IS NULL
                                             LIMIT 1) e),
                  -- listed endpoints, each up to its room (deliveries_endpoint_due)
@@ -169,16 +285,16 @@ pub fn claim(
                            -- a row comparison and a two-column order only deliveries_endpoint_due
                            -- serves: with `endpoint_id = x` and statistics of an empty queue, the
                            -- planner walks all of deliveries_due for each listed endpoint
-                           SELECT d.id, d.next_attempt_at FROM postback.deliveries d
+                           SELECT d.id, d.next_attempt_at FROM {deliveries} d
                             WHERE (d.endpoint_id, d.next_attempt_at) >= (s.endpoint::bigint, '-infinity'::timestamptz)
                               AND (d.endpoint_id, d.next_attempt_at) <= (s.endpoint::bigint, now())
                               AND d.state = 'pending'
                               AND (d.predecessor_id IS NULL
-                                   OR coalesce((SELECT p.state FROM postback.deliveries p WHERE p.id = d.predecessor_id),
+                                   OR coalesce((SELECT p.state FROM {deliveries} p WHERE p.id = d.predecessor_id),
                                                'gone') NOT IN ('pending', 'in_flight'))
                             ORDER BY d.endpoint_id, d.next_attempt_at
                             LIMIT s.room::int) d
-                      WHERE EXISTS (SELECT 1 FROM postback.endpoints x
+                      WHERE EXISTS (SELECT 1 FROM {endpoints} x
                                      WHERE x.id = s.endpoint::bigint AND x.active AND x.paused_at IS NULL)),
                  -- = ANY (ARRAY(…)): primary-key probes, never a scan of the whole table;
                  -- the state is compared with a subquery's value, which no partial index
@@ -186,13 +302,13 @@ pub fn claim(
                  -- otherwise scans all of deliveries_due for every claim (a backlog of
                  -- 20k took 5k deliveries/s instead of 17k beside 1M finished ones)
                  due AS (
-                     SELECT d.id FROM postback.deliveries d
+                     SELECT d.id FROM {deliveries} d
                       WHERE d.id = ANY (ARRAY(SELECT r.id FROM ranked r WHERE r.n <= r.room
                                                ORDER BY r.next_attempt_at LIMIT $1)
                                         || ARRAY(SELECT l.id FROM listed l ORDER BY l.next_attempt_at LIMIT $1))
                         AND d.state = (SELECT 'pending'::text)
                       FOR UPDATE OF d SKIP LOCKED)
-                 UPDATE postback.deliveries d
+                 UPDATE {deliveries} d
                     SET state = 'in_flight', lease_expires_at = now() + interval '{LEASE}',
                         attempts = d.attempts + 1, leased_by = pg_backend_pid()
                   WHERE d.id = ANY (ARRAY(SELECT due.id FROM due))
@@ -200,10 +316,10 @@ pub fn claim(
                         d.idempotency_key,
                         (SELECT (extract(epoch FROM d.created_at + e.max_age + coalesce(d.age_credit, interval '0')
                                                     - now()) * 1000.0)::bigint
-                           FROM postback.endpoints e WHERE e.id = d.endpoint_id),
+                           FROM {endpoints} e WHERE e.id = d.endpoint_id),
                         d.attempts - d.attempt_offset, d.success_pattern, d.url_hashes::text,
                         (SELECT (extract(epoch FROM e.revised_at) * 1000000)::bigint
-                           FROM postback.endpoints e WHERE e.id = d.endpoint_id)"
+                           FROM {endpoints} e WHERE e.id = d.endpoint_id)"
             ),
             None,
             &[
@@ -247,9 +363,12 @@ pub fn release(ids: &[i64]) -> SpiResult<()> {
         return Ok(());
     }
     Spi::run_with_args(
-        "UPDATE postback.deliveries
-            SET state = 'pending', lease_expires_at = NULL, leased_by = NULL, attempts = attempts - 1
-          WHERE id = ANY ($1::bigint[]) AND state = (SELECT 'in_flight'::text) AND leased_by = pg_backend_pid()",
+        &format!(
+            "UPDATE {}
+                SET state = 'pending', lease_expires_at = NULL, leased_by = NULL, attempts = attempts - 1
+              WHERE id = ANY ($1::bigint[]) AND state = (SELECT 'in_flight'::text) AND leased_by = pg_backend_pid()",
+            tables().deliveries
+        ),
         &[ids.to_vec().into()],
     )
 }
@@ -311,14 +430,17 @@ fn status_rules(
 pub fn endpoints(ids: Vec<i64>) -> SpiResult<HashMap<i64, EndpointConfig>> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT e.id, e.kind, (extract(epoch FROM e.timeout) * 1000.0)::bigint,
+            &format!(
+                "SELECT e.id, e.kind, (extract(epoch FROM e.timeout) * 1000.0)::bigint,
                     ARRAY(SELECT (extract(epoch FROM s) * 1000.0)::bigint FROM unnest(e.retry_schedule) s),
                     e.max_attempts, e.success_body_pattern, e.signing_scheme, e.signature_header,
                     e.timestamp_param, e.signature_param,
                     postback.live_secrets(e.id),
                     e.url_template, e.headers::text, e.max_in_flight, e.rate_limit::float8,
                     e.success_statuses, e.retry_statuses, (extract(epoch FROM e.revised_at) * 1000000)::bigint
-               FROM postback.endpoints e WHERE e.id = ANY ($1::bigint[])",
+               FROM {} e WHERE e.id = ANY ($1::bigint[])",
+                tables().endpoints
+            ),
             None,
             &[ids.into()],
         )?;
@@ -408,7 +530,23 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
     let errors: Vec<Option<String>> = records.iter().map(|r| r.error.clone()).collect();
     let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
     let retry_in: Vec<Option<f64>> = records.iter().map(|r| r.retry_in_ms.map(|ms| ms as f64)).collect();
+    let t = tables();
+    // distributed: each attempt goes into the attempts shard beside its delivery's
+    // (a statement can only name one), before the deliveries' new states
+    let attempts_cte = if t.attempts_by_shard.is_some() {
+        ""
+    } else {
+        ",
+             a AS (
+                 INSERT INTO postback.attempts
+                        (delivery_id, attempt_no, started_at, duration_ms, status_code, response_body, error, outcome)
+                 SELECT id, attempt_no, to_timestamp(started_s), duration_ms, status_code, body, error, outcome
+                   FROM r)"
+    };
     Spi::connect_mut(|client| {
+        if let Some(by_shard) = &t.attempts_by_shard {
+            record_attempts_in_shards(client, &t.deliveries, by_shard, records)?;
+        }
         // a hash join of the results with their deliveries, found by primary
         // key: the planner believes the deliveries leased by this worker are
         // one row (their statistics lag behind the queue), and otherwise loops
@@ -417,16 +555,12 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
         client.update("SET LOCAL enable_nestloop = off", None, &[])?;
         client.update("SET LOCAL enable_seqscan = off", None, &[])?;
         client.update(
-            "WITH r AS (
+            &format!(
+                "WITH r AS (
                  SELECT * FROM unnest($1::bigint[], $2::int[], $3::float8[], $4::float8[], $5::int[],
                                       $6::text[], $7::text[], $8::text[], $9::float8[])
-                        AS r(id, attempt_no, started_s, duration_ms, status_code, body, error, outcome, retry_ms)),
-             a AS (
-                 INSERT INTO postback.attempts
-                        (delivery_id, attempt_no, started_at, duration_ms, status_code, response_body, error, outcome)
-                 SELECT id, attempt_no, to_timestamp(started_s), duration_ms, status_code, body, error, outcome
-                   FROM r)
-             UPDATE postback.deliveries d
+                        AS r(id, attempt_no, started_s, duration_ms, status_code, body, error, outcome, retry_ms)){attempts_cte}
+             UPDATE {deliveries} d
                 SET state = CASE r.outcome WHEN 'retry' THEN 'pending' ELSE r.outcome END,
                     lease_expires_at = NULL, leased_by = NULL,
                     next_attempt_at = CASE WHEN r.outcome = 'retry'
@@ -442,6 +576,8 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
               -- never marks them dead): 111 ms per 579 results after 60k deliveries
               WHERE d.id = r.id AND d.id = ANY ($1::bigint[]) AND d.state = (SELECT 'in_flight'::text)
                 AND d.leased_by = pg_backend_pid()",
+                deliveries = t.deliveries
+            ),
             None,
             &[
                 ids.into(),
@@ -459,6 +595,75 @@ pub fn record(records: &[Record]) -> SpiResult<()> {
         client.update("SET LOCAL enable_seqscan = on", None, &[])?;
         record_endpoint_state(client, records)
     })
+}
+
+/// Distributed: inserts each attempt into the attempts shard co-located with
+/// its delivery's shard (found by the delivery's tableoid under
+/// postback.node_deliveries), with the delivery's click_id and an id from this
+/// node's sequence.
+fn record_attempts_in_shards(
+    client: &mut pgrx::spi::SpiClient,
+    deliveries: &str,
+    by_shard: &HashMap<u32, String>,
+    records: &[Record],
+) -> SpiResult<()> {
+    let ids: Vec<i64> = records.iter().map(|r| r.delivery_id).collect();
+    let found = client.select(
+        &format!(
+            "SELECT d.id, d.tableoid::oid::bigint, d.click_id FROM {deliveries} d WHERE d.id = ANY ($1::bigint[])"
+        ),
+        None,
+        &[ids.into()],
+    )?;
+    let mut place: HashMap<i64, (u32, String)> = HashMap::new();
+    for row in found {
+        if let (Some(id), Some(oid), Some(click)) = (row.get::<i64>(1)?, row.get::<i64>(2)?, row.get::<String>(3)?) {
+            place.insert(id, (oid as u32, click));
+        }
+    }
+    let mut groups: HashMap<&str, Vec<(&Record, &str)>> = HashMap::new();
+    for r in records {
+        // a delivery no longer here (its shard moved away meanwhile) has no attempt to keep here
+        let Some((oid, click)) = place.get(&r.delivery_id) else { continue };
+        let Some(attempts) = by_shard.get(oid) else { continue };
+        groups.entry(attempts.as_str()).or_default().push((r, click.as_str()));
+    }
+    for (attempts, rows) in groups {
+        let clicks: Vec<&str> = rows.iter().map(|(_, c)| *c).collect();
+        let ids: Vec<i64> = rows.iter().map(|(r, _)| r.delivery_id).collect();
+        let nos: Vec<i32> = rows.iter().map(|(r, _)| r.attempt_no).collect();
+        let started: Vec<f64> = rows.iter().map(|(r, _)| r.started_unix_micros as f64 / 1e6).collect();
+        let durations: Vec<Option<f64>> = rows.iter().map(|(r, _)| r.duration_ms).collect();
+        let codes: Vec<Option<i32>> = rows.iter().map(|(r, _)| r.status_code).collect();
+        let bodies: Vec<Option<String>> = rows.iter().map(|(r, _)| r.response_body.clone()).collect();
+        let errors: Vec<Option<String>> = rows.iter().map(|(r, _)| r.error.clone()).collect();
+        let outcomes: Vec<&str> = rows.iter().map(|(r, _)| r.outcome.as_str()).collect();
+        client.update(
+            &format!(
+                "INSERT INTO {attempts}
+                        (id, click_id, delivery_id, attempt_no, started_at, duration_ms, status_code, response_body,
+                         error, outcome)
+                 SELECT pg_catalog.nextval('postback.attempts_id_seq'::pg_catalog.regclass), click, id, attempt_no,
+                        to_timestamp(started_s), duration_ms, status_code, body, error, outcome
+                   FROM unnest($1::text[], $2::bigint[], $3::int[], $4::float8[], $5::float8[], $6::int[],
+                               $7::text[], $8::text[], $9::text[])
+                        AS r(click, id, attempt_no, started_s, duration_ms, status_code, body, error, outcome)"
+            ),
+            None,
+            &[
+                clicks.into(),
+                ids.into(),
+                nos.into(),
+                started.into(),
+                durations.into(),
+                codes.into(),
+                bodies.into(),
+                errors.into(),
+                outcomes.into(),
+            ],
+        )?;
+    }
+    Ok(())
 }
 
 /// Folds a batch's outcomes into postback.endpoint_state: consecutive
@@ -526,12 +731,16 @@ pub fn roll_up() -> SpiResult<bool> {
 /// hangs; this worker's own expired leases are taken unless the delivery is
 /// one it still holds (`holding`: on the wire or waiting in its scheduler), so
 /// a delivery this worker lost track of comes back.
+/// Interrupted attempts bound for one attempts shard: click ids, delivery ids,
+/// attempt numbers, when they started (Unix seconds).
+#[derive(Default)]
+struct Interrupted(Vec<String>, Vec<i64>, Vec<i32>, Vec<f64>);
+
 pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
-    Spi::connect_mut(|client| {
-        let result = client.update(
-            &format!(
-                "WITH expired AS (
-                 SELECT d.id FROM postback.deliveries d
+    let t = tables();
+    let expired = format!(
+        "expired AS (
+                 SELECT d.id, d.attempts, d.lease_expires_at, d.tableoid FROM {} d
                   WHERE d.state = 'in_flight'
                     AND ($1 OR d.lease_expires_at < now())
                     AND CASE WHEN d.leased_by = pg_backend_pid()
@@ -539,23 +748,73 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
                              ELSE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
                                                WHERE a.pid = d.leased_by AND a.backend_type = $3)
                         END
-                  FOR UPDATE SKIP LOCKED),
-             a AS (
-                 INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, error, outcome)
-                 SELECT d.id, d.attempts, d.lease_expires_at - interval '{LEASE}',
-                        'interrupted: the worker stopped while this attempt was in flight; '
-                        'the receiver may or may not have received it', 'retry'
-                   FROM postback.deliveries d JOIN expired USING (id)
-                 ON CONFLICT (delivery_id, attempt_no) DO NOTHING)
-             UPDATE postback.deliveries d
-                SET state = 'pending', lease_expires_at = NULL, leased_by = NULL, next_attempt_at = now(),
-                    last_error = 'interrupted attempt; retried'
-               FROM expired WHERE d.id = expired.id"
+                  FOR UPDATE SKIP LOCKED)",
+        t.deliveries
+    );
+    const INTERRUPTED: &str = "'interrupted: the worker stopped while this attempt was in flight; \
+                               the receiver may or may not have received it'";
+    let args = [at_start.into(), holding.to_vec().into(), super::WORKER_TYPE.into()];
+    Spi::connect_mut(|client| {
+        let Some(by_shard) = &t.attempts_by_shard else {
+            let result = client.update(
+                &format!(
+                    "WITH {expired},
+                     a AS (
+                         INSERT INTO postback.attempts (delivery_id, attempt_no, started_at, error, outcome)
+                         SELECT e.id, e.attempts, e.lease_expires_at - interval '{LEASE}', {INTERRUPTED}, 'retry'
+                           FROM expired e
+                         ON CONFLICT (delivery_id, attempt_no) DO NOTHING)
+                     UPDATE postback.deliveries d
+                        SET state = 'pending', lease_expires_at = NULL, leased_by = NULL, next_attempt_at = now(),
+                            last_error = 'interrupted attempt; retried'
+                       FROM expired WHERE d.id = expired.id"
+                ),
+                None,
+                &args,
+            )?;
+            return Ok(result.len() as u64);
+        };
+        // distributed: the deliveries first, then each interrupted attempt into the
+        // attempts shard beside its delivery's
+        let rows = client.update(
+            &format!(
+                "WITH {expired}
+                 UPDATE {deliveries} d
+                    SET state = 'pending', lease_expires_at = NULL, leased_by = NULL, next_attempt_at = now(),
+                        last_error = 'interrupted attempt; retried'
+                   FROM expired WHERE d.id = expired.id
+                 RETURNING expired.tableoid::oid::bigint, d.click_id, d.id, d.attempts,
+                           extract(epoch FROM expired.lease_expires_at - interval '{LEASE}')::float8",
+                deliveries = t.deliveries
             ),
             None,
-            &[at_start.into(), holding.to_vec().into(), super::WORKER_TYPE.into()],
+            &args,
         )?;
-        Ok(result.len() as u64)
+        let mut groups: HashMap<&str, Interrupted> = HashMap::new();
+        let mut n = 0u64;
+        for row in rows {
+            n += 1;
+            let Some(attempts) = row.get::<i64>(1)?.and_then(|oid| by_shard.get(&(oid as u32))) else { continue };
+            let g = groups.entry(attempts.as_str()).or_default();
+            g.0.push(row.get::<String>(2)?.unwrap_or_default());
+            g.1.push(row.get::<i64>(3)?.unwrap_or_default());
+            g.2.push(row.get::<i32>(4)?.unwrap_or(1));
+            g.3.push(row.get::<f64>(5)?.unwrap_or_default());
+        }
+        for (attempts, Interrupted(clicks, ids, nos, started)) in groups {
+            client.update(
+                &format!(
+                    "INSERT INTO {attempts} (id, click_id, delivery_id, attempt_no, started_at, error, outcome)
+                     SELECT pg_catalog.nextval('postback.attempts_id_seq'::pg_catalog.regclass), r.c, r.d, r.n,
+                            to_timestamp(r.s), {INTERRUPTED}, 'retry'
+                       FROM unnest($1::text[], $2::bigint[], $3::int[], $4::float8[]) AS r(c, d, n, s)
+                     ON CONFLICT (click_id, delivery_id, attempt_no) DO NOTHING"
+                ),
+                None,
+                &[clicks.into(), ids.into(), nos.into(), started.into()],
+            )?;
+        }
+        Ok(n)
     })
 }
 
@@ -607,12 +866,15 @@ pub fn record_slow(changes: &[crate::rules::scheduler::SlowChange]) -> SpiResult
     let since: Vec<Option<f64>> = changes.iter().map(|c| c.slow.then_some(c.at_us as f64 / 1e6)).collect();
     let order: Vec<i64> = (0..changes.len() as i64).collect();
     Spi::run_with_args(
-        "INSERT INTO postback.endpoint_state AS s (endpoint_id, slow_since)
-         SELECT DISTINCT ON (t.e) t.e, to_timestamp(t.since)
-           FROM unnest($1::bigint[], $2::float8[], $3::bigint[]) AS t(e, since, n)
-          WHERE EXISTS (SELECT 1 FROM postback.endpoints x WHERE x.id = t.e)
-          ORDER BY t.e, t.n DESC
-         ON CONFLICT (endpoint_id) DO UPDATE SET slow_since = excluded.slow_since",
+        &format!(
+            "INSERT INTO postback.endpoint_state AS s (endpoint_id, slow_since)
+             SELECT DISTINCT ON (t.e) t.e, to_timestamp(t.since)
+               FROM unnest($1::bigint[], $2::float8[], $3::bigint[]) AS t(e, since, n)
+              WHERE EXISTS (SELECT 1 FROM {} x WHERE x.id = t.e)
+              ORDER BY t.e, t.n DESC
+             ON CONFLICT (endpoint_id) DO UPDATE SET slow_since = excluded.slow_since",
+            tables().endpoints
+        ),
         &[ids.into(), since.into(), order.into()],
     )
 }
@@ -649,9 +911,12 @@ pub fn disable_failing(after_secs: i64) -> SpiResult<i64> {
 /// endpoints, if any is in the future.
 pub fn ms_until_next_due(share: Share) -> SpiResult<Option<i64>> {
     Spi::get_one_with_args::<i64>(
-        "SELECT ceil(extract(epoch FROM min(next_attempt_at) - now()) * 1000.0)::bigint
-           FROM postback.deliveries
-          WHERE state = 'pending' AND next_attempt_at > now() AND endpoint_id % $1 = $2",
+        &format!(
+            "SELECT ceil(extract(epoch FROM min(next_attempt_at) - now()) * 1000.0)::bigint
+               FROM {}
+              WHERE state = 'pending' AND next_attempt_at > now() AND endpoint_id % $1 = $2",
+            tables().deliveries
+        ),
         &[(share.count.max(1) as i64).into(), (share.index as i64).into()],
     )
 }
