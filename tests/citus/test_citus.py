@@ -422,3 +422,59 @@ def test_distributed_by_hand_each_node_delivers_the_deliveries_of_its_shards(cit
               f"(one machine, three nodes: correctness, not speed)")
     finally:
         r.stop()
+
+
+def test_distributed_by_hand_a_node_whose_worker_is_killed_loses_nothing(citus_fresh):
+    """A worker node's pg_postback worker SIGKILLed mid-run (the node's postmaster resets,
+    as after any crash of a backend): every conversion is still delivered, the interrupted
+    attempts are recorded in the attempts shard beside their delivery (interrupted: …)
+    and retried; at-least-once, so a resend is allowed, a loss is not."""
+    import signal
+    coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
+    distribute_by_hand(coordinator, workers)
+    for node in [coordinator] + workers:
+        with node.connect() as conn:
+            node.wait_for(lambda: conn.execute(
+                "SELECT state FROM postback.worker_status() WHERE role = 'delivery'").fetchone()[0].endswith(
+                "Citus shards of postback.deliveries on this node"), what="the worker finding its shards")
+    r = Receiver().start()
+    try:
+        # slow answers keep requests in flight when the worker dies
+        r.script("/k", *([{"status": 200, "delay": 0.05}] * 4000))
+        with coordinator.connect() as conn:
+            conn.execute("INSERT INTO postback.endpoints (name, url_template, max_in_flight) VALUES ('net', %s, 32)",
+                         (r.url("/k?tx={transaction_id}"),))
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                         "SELECT 'k' || g, 'k-' || g FROM generate_series(1, 2000) g")
+        victim = workers[0]
+        with victim.connect() as conn:
+            pid = victim.wait_for(lambda: conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_postback worker'").fetchone(),
+                what="the victim's worker")[0]
+            victim.wait_for(lambda: conn.execute(
+                "SELECT count(*) > 0 FROM postback.node_deliveries WHERE state = 'in_flight'").fetchone()[0],
+                what="requests in flight")
+        os.kill(pid, signal.SIGKILL)
+
+        def all_succeeded():
+            try:  # the victim's node restarts (its postmaster resets): errors until it is back
+                return conn.execute("SELECT count(*) FROM postback.deliveries WHERE state = 'succeeded'"
+                                    ).fetchone()[0] == 2000
+            except psycopg.Error:
+                return False
+
+        with coordinator.connect() as conn:
+            coordinator.wait_for(all_succeeded, timeout=120, what="2,000 deliveries succeeded")
+            sent = {g["query"]["tx"] for g in r.seen("/k")}
+            assert sent == {f"k-{g}" for g in range(1, 2001)}, "nothing lost"
+            interrupted = conn.execute("SELECT count(*) FROM postback.attempts WHERE error LIKE 'interrupted:%'"
+                                       ).fetchone()[0]
+            assert interrupted > 0
+            # every attempt, interrupted ones included, beside its delivery
+            beside = conn.execute("SELECT count(*) FROM postback.attempts a JOIN postback.deliveries d "
+                                  "ON d.click_id = a.click_id AND d.id = a.delivery_id").fetchone()[0]
+            assert beside == conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0]
+            print(f"\n{interrupted} attempts interrupted by the SIGKILL, recorded and retried; "
+                  f"{len(r.seen('/k')) - 2000} sent twice (at-least-once)")
+    finally:
+        r.stop()
