@@ -326,3 +326,5 @@ COMMENT ON COLUMN postback.watches.on_delete IS 'Whether a DELETE of a row annou
 COMMENT ON COLUMN postback.watches.enabled IS 'False when the insert trigger is disabled (ALTER TABLE … DISABLE TRIGGER).';
 COMMENT ON COLUMN postback.watches.partitions_unwatched IS 'Partitions created or attached after the watch: rows written straight into them are not seen until postback.watch runs again (rows written through the table are).';
 COMMENT ON FUNCTION postback.watch_drop_triggers(regclass) IS 'Internal to watch and unwatch: drops a watch''s triggers from the table and its partitions.';
+COMMENT ON COLUMN postback.deliveries.click_id IS 'On Citus (distributed mode): the conversion''s click_id, by which deliveries are distributed beside their conversion. NULL on one node.';
+COMMENT ON COLUMN postback.attempts.click_id IS 'On Citus (distributed mode): the delivery''s click_id, by which attempts are distributed beside it. NULL on one node.';

@@ -386,6 +386,13 @@ CREATE TABLE postback.attempts (
 );
 CREATE INDEX attempts_started_at ON postback.attempts USING brin (started_at);
 
+-- The conversion's click_id on its deliveries and attempts: NULL on one node;
+-- on Citus, the column deliveries and attempts are distributed by (beside their
+-- conversion's shard). In every install, so that a node added to a cluster
+-- later has the columns its metadata names.
+ALTER TABLE postback.deliveries ADD COLUMN click_id text;
+ALTER TABLE postback.attempts ADD COLUMN click_id text;
+
 -- ---------------------------------------------------------------------------
 -- endpoint_state: what the worker knows of each endpoint's recent behaviour,
 -- kept up to date when it records attempts (health view, alerts).

@@ -2004,3 +2004,10 @@ COMMENT ON COLUMN postback.watches.enabled IS 'False when the insert trigger is 
 COMMENT ON COLUMN postback.watches.partitions_unwatched IS 'Partitions created or attached after the watch: rows written straight into them are not seen until postback.watch runs again (rows written through the table are).';
 COMMENT ON FUNCTION postback.watch_drop_triggers(regclass) IS 'Internal to watch and unwatch: drops a watch''s triggers from the table and its partitions.';
 COMMENT ON FUNCTION postback.grant_operator(regrole) IS 'What grant_analyst gives, plus inserting conversions, changing their status, postback.preview, the daily operations and watching tables the role owns (postback.watch). Owner only.';
+
+-- The conversion's click_id on deliveries and attempts (NULL on one node; the
+-- distribution column on Citus): metadata only, no rewrite.
+ALTER TABLE postback.deliveries ADD COLUMN click_id text;
+ALTER TABLE postback.attempts ADD COLUMN click_id text;
+COMMENT ON COLUMN postback.deliveries.click_id IS 'On Citus (distributed mode): the conversion''s click_id, by which deliveries are distributed beside their conversion. NULL on one node.';
+COMMENT ON COLUMN postback.attempts.click_id IS 'On Citus (distributed mode): the delivery''s click_id, by which attempts are distributed beside it. NULL on one node.';

@@ -120,13 +120,13 @@ pub fn refresh_tables() -> SpiResult<Option<usize>> {
         let endpoints = client
             .select(
                 "SELECT pg_catalog.format('postback.%I', 'endpoints_' || e.shardid) FROM pg_catalog.pg_dist_shard e
-                  WHERE e.logicalrelid = 'postback.endpoints'::pg_catalog.regclass",
+                  WHERE e.logicalrelid = 'postback.endpoints'::pg_catalog.regclass
+                    AND pg_catalog.to_regclass(pg_catalog.format('postback.%I', 'endpoints_' || e.shardid)) IS NOT NULL",
                 Some(1),
                 &[],
             )?
             .first()
-            .get_one::<String>()?
-            .unwrap_or_else(|| "postback.endpoints".into());
+            .get_one::<String>()?;
         let rows = client.select(
             "SELECT pg_catalog.to_regclass(pg_catalog.format('postback.%I', 'deliveries_' || d.shardid))::oid::bigint,
                     pg_catalog.format('postback.%I', 'deliveries_' || d.shardid),
@@ -155,6 +155,12 @@ pub fn refresh_tables() -> SpiResult<Option<usize>> {
         }
         Ok::<_, pgrx::spi::Error>((endpoints, shards))
     })?;
+    let Some(endpoints) = endpoints else {
+        pgrx::error!(
+            "this node has no placement of the reference table postback.endpoints yet; \
+             run SELECT replicate_reference_tables() on the coordinator"
+        );
+    };
     let mut attempts_by_shard = HashMap::new();
     let count = shards.len();
     for (oid, deliveries, attempts, inherits) in shards {

@@ -265,14 +265,14 @@ BY_HAND_ON_EVERY_NODE = [
     "ALTER TABLE postback.conversions ADD PRIMARY KEY (click_id, id)",
     "ALTER TABLE postback.conversions DROP CONSTRAINT transaction_id_is_unique_use_on_conflict_do_nothing_to_skip",
     "ALTER TABLE postback.conversions ADD CONSTRAINT transaction_id_is_unique_per_click UNIQUE (click_id, transaction_id)",
-    "ALTER TABLE postback.deliveries ADD COLUMN click_id text NOT NULL DEFAULT ''",
+    "ALTER TABLE postback.deliveries ALTER COLUMN click_id SET NOT NULL",
     "ALTER TABLE postback.deliveries DROP CONSTRAINT deliveries_pkey",
     "ALTER TABLE postback.deliveries ADD PRIMARY KEY (click_id, id)",
     # the worker and the predecessor check find a delivery by id alone
     "CREATE INDEX deliveries_id ON postback.deliveries (id)",
     "ALTER TABLE postback.deliveries DROP CONSTRAINT delivery_idempotency_key_is_unique",
     "ALTER TABLE postback.deliveries ADD CONSTRAINT delivery_idempotency_key_is_unique UNIQUE (click_id, idempotency_key)",
-    "ALTER TABLE postback.attempts ADD COLUMN click_id text NOT NULL DEFAULT ''",
+    "ALTER TABLE postback.attempts ALTER COLUMN click_id SET NOT NULL",
     "ALTER TABLE postback.attempts DROP CONSTRAINT attempts_pkey",
     "ALTER TABLE postback.attempts ADD PRIMARY KEY (click_id, id)",
     "ALTER TABLE postback.attempts DROP CONSTRAINT attempt_no_is_unique_per_delivery",
@@ -478,3 +478,80 @@ def test_distributed_by_hand_a_node_whose_worker_is_killed_loses_nothing(citus_f
                   f"{len(r.seen('/k')) - 2000} sent twice (at-least-once)")
     finally:
         r.stop()
+
+
+def test_distributed_by_hand_a_node_added_and_shards_rebalanced_mid_run_lose_nothing(citus_fresh, made_extra):
+    """A third node joins (preloading pg_postback; its copy of the extension has the
+    click_id columns Citus' metadata names) and the shards are rebalanced while
+    conversions keep coming: the moved shards' deliveries go on from their new node
+    (its worker adopts them within a housekeeping round), nothing is lost."""
+    import threading
+    coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
+    distribute_by_hand(coordinator, workers)
+    r = Receiver().start()
+    third = Cluster.create(settings={"max_worker_processes": "32", "max_prepared_transactions": "100",
+                                     "shared_preload_libraries": "'citus,pg_postback'"})
+    made_extra.append(third)
+    third.start()
+    with third.connect() as conn:
+        conn.execute("CREATE EXTENSION citus")
+    try:
+        with coordinator.connect() as conn:
+            conn.execute("INSERT INTO postback.endpoints (name, url_template) VALUES ('net', %s)",
+                         (r.url("/m?tx={transaction_id}"),))
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                         "SELECT 'k' || g, 'm-' || g FROM generate_series(1, 1000) g")
+            conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (third.port,))
+            # the reference tables' placements on the new node, before shards move there
+            conn.execute("SELECT replicate_reference_tables(shard_transfer_mode := 'block_writes')")
+        with third.connect() as conn:  # what distribute() does on a node added later: its id range
+            conn.execute(BY_HAND_ON_EVERY_NODE[-1])
+        def keep_converting():
+            with coordinator.connect() as conn:
+                for batch in range(20):
+                    conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                                 "SELECT 'k' || g, 'm-' || g FROM generate_series(%s::int, %s::int) g",
+                                 (1001 + batch * 50, 1050 + batch * 50))
+                    time.sleep(0.1)
+
+        writer = threading.Thread(target=keep_converting)
+        writer.start()
+        with coordinator.connect() as conn:
+            conn.execute("SELECT citus_rebalance_start(shard_transfer_mode := 'block_writes')")
+            conn.execute("SELECT citus_rebalance_wait()")
+        writer.join()
+        with third.connect() as conn:
+            moved = local_shards(conn, "postback.deliveries")
+            assert moved, "the rebalance moved shards to the new node"
+
+        def all_succeeded():
+            with coordinator.connect() as conn:
+                return conn.execute("SELECT count(*) FROM postback.deliveries WHERE state = 'succeeded'"
+                                    ).fetchone()[0] == 2000
+
+        try:
+            coordinator.wait_for(all_succeeded, timeout=40, what="2,000 deliveries succeeded")
+        except AssertionError:
+            with coordinator.connect() as conn:
+                print(conn.execute("SELECT state, count(*) FROM postback.deliveries GROUP BY 1").fetchall())
+            for n in [coordinator] + workers + [third]:
+                with n.connect() as conn:
+                    print(n.port, conn.execute("SELECT state, last_error FROM postback.worker_status()").fetchall())
+                print("\n".join(l for l in n.log().splitlines() if "WARNING" in l or "ERROR" in l)[-1500:])
+            raise
+        assert {g["query"]["tx"] for g in r.seen("/m")} == {f"m-{g}" for g in range(1, 2001)}, "nothing lost"
+        with third.connect() as conn:
+            here = sum(conn.execute(f"SELECT count(*) FROM postback.deliveries_{d} WHERE state = 'succeeded'"
+                                    ).fetchone()[0] for d in moved)
+        print(f"\n{len(moved)} shards moved to the new node, holding {here} succeeded deliveries; "
+              f"{len(r.seen('/m')) - 2000} sent twice (at-least-once)")
+    finally:
+        r.stop()
+
+
+@pytest.fixture
+def made_extra():
+    made = []
+    yield made
+    for n in made:
+        n.destroy()
