@@ -117,11 +117,12 @@ pub fn refresh_tables() -> SpiResult<Option<usize>> {
     // (a disabled sequential scan would cost it 1e10, and JIT each claim)
     Spi::run("CREATE TABLE IF NOT EXISTS postback.node_deliveries (LIKE postback.deliveries INCLUDING INDEXES)")?;
     let (endpoints, shards) = Spi::connect_mut(|client| {
+        // one row whatever the answer (no row is an error to get_one)
         let endpoints = client
             .select(
-                "SELECT pg_catalog.format('postback.%I', 'endpoints_' || e.shardid) FROM pg_catalog.pg_dist_shard e
+                "SELECT (SELECT pg_catalog.format('postback.%I', 'endpoints_' || e.shardid) FROM pg_catalog.pg_dist_shard e
                   WHERE e.logicalrelid = 'postback.endpoints'::pg_catalog.regclass
-                    AND pg_catalog.to_regclass(pg_catalog.format('postback.%I', 'endpoints_' || e.shardid)) IS NOT NULL",
+                    AND pg_catalog.to_regclass(pg_catalog.format('postback.%I', 'endpoints_' || e.shardid)) IS NOT NULL)",
                 Some(1),
                 &[],
             )?
@@ -759,7 +760,10 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
     );
     const INTERRUPTED: &str = "'interrupted: the worker stopped while this attempt was in flight; \
                                the receiver may or may not have received it'";
-    let args = [at_start.into(), holding.to_vec().into(), super::WORKER_TYPE.into()];
+    // distributed: a lease taken on another node (its shard moved here since) names
+    // a pid no worker of this node has; it is taken back at once, not when it expires
+    let everything_not_live = at_start || t.attempts_by_shard.is_some();
+    let args = [everything_not_live.into(), holding.to_vec().into(), super::WORKER_TYPE.into()];
     Spi::connect_mut(|client| {
         let Some(by_shard) = &t.attempts_by_shard else {
             let result = client.update(
