@@ -1553,13 +1553,13 @@ DECLARE
     postback_old_transaction_id text;
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO postback.conversions (%2$s)
-        SELECT %3$s FROM postback_new_rows AS r WHERE %4$s
-            ON CONFLICT (transaction_id) DO NOTHING;%5$s%6$s
+        INSERT INTO postback.conversions (%1$s)
+        SELECT %2$s FROM postback_new_rows AS r WHERE %3$s
+            ON CONFLICT (transaction_id) DO NOTHING;%4$s%5$s
     END IF;
     RETURN NULL;
 END
-$b$, source::text, cols, array_to_string(exprs, ', '), where_sql, update_sql, coalesce(delete_sql, ''));
+$b$, cols, array_to_string(exprs, ', '), where_sql, update_sql, coalesce(delete_sql, ''));
 
     -- watching again replaces the mapping
     PERFORM postback.watch_drop_triggers(source);

@@ -111,11 +111,13 @@ pub fn refresh_tables() -> SpiResult<Option<usize>> {
         TABLES.with(|t| *t.borrow_mut() = std::rc::Rc::new(QueueTables::own()));
         return Ok(None);
     }
-    // one creator at a time (the workers of a node start together)
-    Spi::run("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('postback.node_deliveries'))")?;
-    // with the indexes: the claim plans an index scan of the empty parent too
-    // (a disabled sequential scan would cost it 1e10, and JIT each claim)
-    Spi::run("CREATE TABLE IF NOT EXISTS postback.node_deliveries (LIKE postback.deliveries INCLUDING INDEXES)")?;
+    if Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('postback.node_deliveries') IS NULL")? == Some(true) {
+        // one creator at a time (the workers of a node start together)
+        Spi::run("SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('postback.node_deliveries'))")?;
+        // with the indexes: the claim plans an index scan of the empty parent too
+        // (a disabled sequential scan would cost it 1e10, and JIT each claim)
+        Spi::run("CREATE TABLE IF NOT EXISTS postback.node_deliveries (LIKE postback.deliveries INCLUDING INDEXES)")?;
+    }
     let (endpoints, shards) = Spi::connect_mut(|client| {
         // one row whatever the answer (no row is an error to get_one)
         let endpoints = client

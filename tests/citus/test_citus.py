@@ -318,6 +318,15 @@ def distribute_by_hand(coordinator, workers):
             conn.execute(statement)
 
 
+def wait_for_shards(nodes):
+    """Until every node's delivery worker has found its shards (a housekeeping round, 5 s)."""
+    for node in nodes:
+        with node.connect() as conn:
+            node.wait_for(lambda: conn.execute(
+                "SELECT state FROM postback.worker_status() WHERE role = 'delivery'").fetchone()[0].endswith(
+                "Citus shards of postback.deliveries on this node"), what="the worker finding its shards")
+
+
 def test_distributed_by_hand_the_enqueue_trigger_writes_each_delivery_beside_its_conversion(citus_fresh):
     """The enqueue and validation triggers run on the shard's node, read the co-located
     clicks shard and this node's placement of endpoints, and write each delivery (and each
@@ -375,12 +384,7 @@ def test_distributed_by_hand_each_node_delivers_the_deliveries_of_its_shards(cit
     holding no shard, sends nothing. Each conversion is delivered exactly once."""
     coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
     distribute_by_hand(coordinator, workers)
-    # every node's worker finds its shards within a housekeeping round (5 s)
-    for node in [coordinator] + workers:
-        with node.connect() as conn:
-            node.wait_for(lambda: conn.execute(
-                "SELECT state FROM postback.worker_status() WHERE role = 'delivery'").fetchone()[0].endswith(
-                "Citus shards of postback.deliveries on this node"), what="the worker finding its shards")
+    wait_for_shards([coordinator] + workers)
     with coordinator.connect() as conn:
         assert conn.execute("SELECT state FROM postback.worker_status() WHERE role = 'delivery'").fetchone()[0] == \
             "delivering: 0 Citus shards of postback.deliveries on this node"
@@ -432,11 +436,7 @@ def test_distributed_by_hand_a_node_whose_worker_is_killed_loses_nothing(citus_f
     import signal
     coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
     distribute_by_hand(coordinator, workers)
-    for node in [coordinator] + workers:
-        with node.connect() as conn:
-            node.wait_for(lambda: conn.execute(
-                "SELECT state FROM postback.worker_status() WHERE role = 'delivery'").fetchone()[0].endswith(
-                "Citus shards of postback.deliveries on this node"), what="the worker finding its shards")
+    wait_for_shards([coordinator] + workers)
     r = Receiver().start()
     try:
         # slow answers keep requests in flight when the worker dies
