@@ -57,8 +57,15 @@ DECLARE
     is_test boolean;
     why text;
 BEGIN
-    SELECT d.state, d.conversion_id IS NULL INTO current, is_test
-      FROM postback.deliveries d WHERE d.id = retry.delivery_id FOR UPDATE;
+    IF postback.is_distributed() THEN
+        -- Citus locks no rows of a query across shards; resend's UPDATE
+        -- still takes each delivery only in a state it may leave
+        SELECT d.state, d.conversion_id IS NULL INTO current, is_test
+          FROM postback.deliveries d WHERE d.id = retry.delivery_id;
+    ELSE
+        SELECT d.state, d.conversion_id IS NULL INTO current, is_test
+          FROM postback.deliveries d WHERE d.id = retry.delivery_id FOR UPDATE;
+    END IF;
     IF current IS NULL THEN
         RAISE EXCEPTION 'unknown delivery id %', delivery_id USING ERRCODE = 'no_data_found';
     ELSIF current NOT IN ('succeeded', 'dead') THEN
@@ -84,13 +91,16 @@ $$;
 CREATE FUNCTION postback.retry_dead(endpoint text, since timestamptz DEFAULT now() - interval '1 day')
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- looked up once (on Citus a look-up inside the shards' query is refused)
+    eid bigint := postback.endpoint_id(endpoint);
 BEGIN
     IF since IS NULL OR since > now() THEN
         RAISE EXCEPTION 'since must be a time in the past (got %)', since USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN postback.resend(ARRAY(
         SELECT d.id FROM postback.deliveries d
-         WHERE d.endpoint_id = postback.endpoint_id(endpoint) AND d.state = 'dead' AND d.completed_at >= since));
+         WHERE d.endpoint_id = eid AND d.state = 'dead' AND d.completed_at >= since));
 END
 $$;
 
@@ -100,6 +110,8 @@ $$;
 CREATE FUNCTION postback.replay(endpoint text, since timestamptz, until timestamptz DEFAULT now())
 RETURNS integer
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    eid bigint := postback.endpoint_id(endpoint);
 BEGIN
     IF since IS NULL OR until IS NULL OR since >= until THEN
         RAISE EXCEPTION 'replay needs since < until (got % and %)', since, until
@@ -108,7 +120,7 @@ BEGIN
     -- test deliveries (no conversion) are never replayed to the partner
     RETURN postback.resend(ARRAY(
         SELECT d.id FROM postback.deliveries d
-         WHERE d.endpoint_id = postback.endpoint_id(endpoint) AND d.state = 'succeeded'
+         WHERE d.endpoint_id = eid AND d.state = 'succeeded'
            AND d.conversion_id IS NOT NULL AND d.created_at >= since AND d.created_at < until));
 END
 $$;
@@ -145,8 +157,11 @@ $$;
 -- Pausing keeps deliveries waiting without spending attempts or max_age.
 CREATE FUNCTION postback.pause(endpoint text) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    eid bigint := postback.endpoint_id(endpoint);
 BEGIN
-    UPDATE postback.endpoints SET paused_at = coalesce(paused_at, now()) WHERE id = postback.endpoint_id(endpoint);
+    -- (no coalesce: Citus refuses now() inside one on a reference table)
+    UPDATE postback.endpoints SET paused_at = now() WHERE id = eid AND paused_at IS NULL;
 END
 $$;
 
@@ -160,11 +175,13 @@ BEGIN
     IF was IS NULL THEN
         RETURN;
     END IF;
+    -- (the endpoint first: on Citus a reference table cannot be written after
+    -- a parallel write to the shards in one transaction)
+    UPDATE postback.endpoints SET paused_at = NULL WHERE id = eid;
     -- the time spent paused does not count against max_age
     UPDATE postback.deliveries d
        SET age_credit = coalesce(d.age_credit, interval '0') + (now() - greatest(was, d.created_at))
      WHERE d.endpoint_id = eid AND d.state = 'pending';
-    UPDATE postback.endpoints SET paused_at = NULL WHERE id = eid;
     PERFORM postback.wake_worker();
 END
 $$;
@@ -181,6 +198,7 @@ DECLARE
     total bigint := 0;
     n integer;
     rounds integer := 0;
+    distributed boolean := postback.is_distributed();
 BEGIN
     IF older_than IS NULL OR older_than < interval '0' THEN
         RAISE EXCEPTION 'older_than must be a positive interval (got %)', older_than USING ERRCODE = 'invalid_parameter_value';
@@ -191,11 +209,21 @@ BEGIN
     LOOP
         -- by primary key (= ANY of an array): an IN (subquery) became a hash
         -- join over every delivery, so a batch cost the table, not the batch
-        DELETE FROM postback.deliveries d
-         WHERE d.id = ANY (ARRAY(SELECT x.id FROM postback.deliveries x
-                                  WHERE x.completed_at < now() - older_than
-                                    AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
-                                  LIMIT batch FOR UPDATE SKIP LOCKED));
+        IF NOT distributed THEN
+            DELETE FROM postback.deliveries d
+             WHERE d.id = ANY (ARRAY(SELECT x.id FROM postback.deliveries x
+                                      WHERE x.completed_at < now() - older_than
+                                        AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
+                                      LIMIT batch FOR UPDATE SKIP LOCKED));
+        ELSE
+            -- Citus locks no rows of a query across shards: finished
+            -- deliveries are nobody's to hold anyway
+            DELETE FROM postback.deliveries d
+             WHERE d.id = ANY (ARRAY(SELECT x.id FROM postback.deliveries x
+                                      WHERE x.completed_at < now() - older_than
+                                        AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
+                                      LIMIT batch));
+        END IF;
         GET DIAGNOSTICS n = ROW_COUNT;
         total := total + n;
         rounds := rounds + 1;
@@ -259,7 +287,9 @@ $$;
 CREATE FUNCTION postback.attempt_latency()
 RETURNS TABLE (endpoint_id bigint, p50_ms_1h double precision, p95_ms_1h double precision,
                p50_ms_24h double precision, p95_ms_24h double precision)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+BEGIN
+    RETURN QUERY EXECUTE pg_catalog.format($q$
     WITH bounds AS (
         SELECT date_trunc('hour', now() - interval '24 hours', 'UTC') AS day_since,
                greatest(date_trunc('hour', now() - interval '24 hours', 'UTC'),
@@ -267,7 +297,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
     recent AS (
         SELECT d.endpoint_id, a.started_at, a.duration_ms
           FROM bounds b, postback.attempts a
-          CROSS JOIN LATERAL (SELECT x.endpoint_id FROM postback.deliveries x WHERE x.id = a.delivery_id LIMIT 1) d
+          %s
          WHERE a.started_at >= least(now() - interval '1 hour', b.rolled) AND a.status_code IS NOT NULL),
     hour AS (
         SELECT r.endpoint_id,
@@ -288,7 +318,13 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
          GROUP BY h.endpoint_id)
     SELECT coalesce(h.endpoint_id, d.endpoint_id), h.p50, h.p95,
            postback.histogram_quantile(d.hist, 0.5), postback.histogram_quantile(d.hist, 0.95)
-      FROM hour h FULL JOIN day d ON d.endpoint_id = h.endpoint_id
+      FROM hour h FULL JOIN day d ON d.endpoint_id = h.endpoint_id$q$,
+        CASE WHEN postback.is_distributed()
+             -- on Citus the delivery is in the shard beside its attempt's (by click_id)
+             THEN 'JOIN postback.deliveries d ON d.click_id = a.click_id AND d.id = a.delivery_id'
+             ELSE 'CROSS JOIN LATERAL (SELECT x.endpoint_id FROM postback.deliveries x
+                                       WHERE x.id = a.delivery_id LIMIT 1) d' END);
+END
 $$;
 
 CREATE VIEW postback.endpoint_health AS
@@ -341,7 +377,10 @@ SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NUL
 CREATE FUNCTION postback.finished_between(since timestamptz, until timestamptz)
 RETURNS TABLE (hour timestamptz, endpoint_id bigint, event text, partner text, succeeded bigint, dead bigint,
                timed bigint, latency_ms_sum double precision, latency_hist bigint[], attempts bigint)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- on Citus a conversion is found in the shard beside its delivery's (by click_id)
+    RETURN QUERY EXECUTE pg_catalog.format($q$
     SELECT date_trunc('hour', d.completed_at, 'UTC'), d.endpoint_id, d.event, coalesce(c.partner, ''),
            count(*) FILTER (WHERE d.state = 'succeeded'),
            count(*) FILTER (WHERE d.state = 'dead'),
@@ -353,10 +392,13 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                    FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), '{}')),
            sum(d.attempts - d.attempt_offset)::bigint
       FROM postback.deliveries d
-      JOIN postback.conversions c ON c.id = d.conversion_id
-     WHERE d.completed_at >= finished_between.since AND d.completed_at < finished_between.until
+      JOIN postback.conversions c ON c.id = d.conversion_id%s
+     WHERE d.completed_at >= $1 AND d.completed_at < $2
        AND d.state IN ('succeeded', 'dead')
-     GROUP BY 1, 2, 3, 4
+     GROUP BY 1, 2, 3, 4$q$,
+        CASE WHEN postback.is_distributed() THEN ' AND c.click_id = d.click_id' ELSE '' END)
+        USING since, until;
+END
 $$;
 
 CREATE AGGREGATE postback.histogram_sum(bigint[]) (SFUNC = postback.histogram_add, STYPE = bigint[]);
@@ -638,7 +680,22 @@ SELECT d.id AS delivery_id, e.name AS endpoint, d.conversion_id, c.transaction_i
 -- render from: it is dead with a reason that says to send a new one.
 CREATE FUNCTION postback.rerender_queue() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    shard text;
 BEGIN
+    IF TG_TABLE_NAME <> 'endpoints' THEN
+        -- Citus: a placement of the endpoints reference table, on every node.
+        -- A statement there may name only this node's shards: its queued
+        -- tests die as below; queued postbacks keep the request they were
+        -- rendered with (resend renders a finished one anew)
+        FOR shard IN SELECT postback.local_shards('deliveries') LOOP
+            EXECUTE pg_catalog.format(
+                'UPDATE %s d SET state = ''dead'', completed_at = now(), rendered = false,
+                        last_error = ''the endpoint was edited after this test was queued; run postback.send_test again''
+                  WHERE d.endpoint_id = $1 AND d.state = ''pending'' AND d.conversion_id IS NULL', shard) USING NEW.id;
+        END LOOP;
+        RETURN NULL;
+    END IF;
     PERFORM postback.rerender(ARRAY(
         SELECT d.id FROM postback.deliveries d
          WHERE d.endpoint_id = NEW.id AND d.state IN ('pending', 'in_flight') AND d.conversion_id IS NOT NULL));
@@ -673,6 +730,16 @@ BEGIN
             USING ERRCODE = 'no_data_found', HINT = 'postback.explain(transaction_id) takes a transaction id.';
     END IF;
     RETURN QUERY
+    -- the conversion's deliveries per endpoint first, then the endpoints (on
+    -- Citus a lateral outer join of a reference table with shards is refused)
+    WITH d AS MATERIALIZED (
+           SELECT x.endpoint_id, array_agg(x.id ORDER BY x.id) AS ids, array_agg(x.status ORDER BY x.id) AS announced,
+                  array_agg(x.state ORDER BY x.id) AS states, sum(x.attempts)::integer AS attempts,
+                  min(x.next_attempt_at) FILTER (WHERE x.state = 'pending') AS next_at,
+                  (array_agg(x.last_error ORDER BY x.id DESC))[1] AS last_error
+             FROM postback.deliveries x
+            WHERE x.conversion_id = c.id
+            GROUP BY x.endpoint_id)
     SELECT e.name,
            d.ids IS NOT NULL,
            CASE
@@ -690,14 +757,7 @@ BEGIN
            postback.held_by(e.id)
       FROM postback.endpoints e
       LEFT JOIN postback.explain_routing(c.id) r ON r.endpoint_id = e.id
-      LEFT JOIN LATERAL (
-           SELECT array_agg(x.id ORDER BY x.id) AS ids, array_agg(x.status ORDER BY x.id) AS announced,
-                  array_agg(x.state ORDER BY x.id) AS states, sum(x.attempts)::integer AS attempts,
-                  min(x.next_attempt_at) FILTER (WHERE x.state = 'pending') AS next_at,
-                  (array_agg(x.last_error ORDER BY x.id DESC))[1] AS last_error
-             FROM postback.deliveries x
-            WHERE x.conversion_id = c.id AND x.endpoint_id = e.id
-           HAVING count(*) > 0) d ON true
+      LEFT JOIN d ON d.endpoint_id = e.id
      ORDER BY d.ids IS NULL, e.name;
 END
 $$;

@@ -20,6 +20,10 @@ REVOKE EXECUTE ON FUNCTION postback.test_request(bigint, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.resend(bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender(bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender_queue() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.distribute(integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.citus_prepare_node() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.citus_views() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.cluster_worker_status() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.retry(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.retry_dead(text, timestamptz) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.replay(text, timestamptz, timestamptz) FROM PUBLIC;
@@ -68,6 +72,7 @@ BEGIN
                    'postback.attempt_rollup, postback.rollup_state, postback.watches TO %s', role);
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
+                   'postback.cluster_worker_status(), '
                    'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);
 END
 $$;

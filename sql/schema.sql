@@ -498,19 +498,35 @@ CREATE FUNCTION postback.refuse_delete_with_deliveries() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     referenced text;
+    shard text;
 BEGIN
     IF TG_TABLE_NAME = 'endpoints' THEN
         SELECT format('endpoint %L', o.name) INTO referenced FROM old_rows o
          WHERE EXISTS (SELECT 1 FROM postback.deliveries d WHERE d.endpoint_id = o.id) LIMIT 1;
-    ELSE
+    ELSIF TG_TABLE_NAME = 'conversions' THEN
         SELECT format('conversion %L', o.transaction_id) INTO referenced FROM old_rows o
          WHERE EXISTS (SELECT 1 FROM postback.deliveries d WHERE d.conversion_id = o.id) LIMIT 1;
+    ELSIF TG_TABLE_NAME LIKE 'endpoints\_%' THEN
+        -- Citus: a placement of the endpoints reference table, on every node;
+        -- each looks in its own node's shards of deliveries
+        FOR shard IN SELECT postback.local_shards('deliveries') LOOP
+            EXECUTE format('SELECT format(''endpoint %%L'', o.name) FROM old_rows o
+                             WHERE EXISTS (SELECT 1 FROM %s d WHERE d.endpoint_id = o.id) LIMIT 1', shard)
+               INTO referenced;
+            EXIT WHEN referenced IS NOT NULL;
+        END LOOP;
+    ELSE
+        -- Citus: a shard of conversions, its deliveries in the shard beside it
+        EXECUTE format('SELECT format(''conversion %%L'', o.transaction_id) FROM old_rows o
+                         WHERE EXISTS (SELECT 1 FROM %s d WHERE d.conversion_id = o.id) LIMIT 1',
+                       postback.shard_beside(TG_RELID, 'deliveries'))
+           INTO referenced;
     END IF;
     IF referenced IS NOT NULL THEN
         RAISE EXCEPTION 'cannot delete %: it still has deliveries', referenced
             USING ERRCODE = 'foreign_key_violation',
-                  HINT = CASE TG_TABLE_NAME
-                      WHEN 'endpoints' THEN 'Set active = false to stop an endpoint, or delete its deliveries first.'
+                  HINT = CASE WHEN TG_TABLE_NAME LIKE 'endpoints%'
+                      THEN 'Set active = false to stop an endpoint, or delete its deliveries first.'
                       ELSE 'Delete the conversion''s deliveries first (postback.deliveries), or keep the conversion.' END;
     END IF;
     RETURN NULL;
@@ -527,9 +543,15 @@ CREATE TRIGGER conversions_refuse_delete_with_deliveries
 CREATE FUNCTION postback.delete_attempts_of_deleted_deliveries() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    -- through attempts' (delivery_id, attempt_no) index: a join with the
-    -- transition table hashed every attempt (3M read to delete 60k)
-    DELETE FROM postback.attempts a WHERE a.delivery_id = ANY (ARRAY(SELECT o.id FROM old_rows o));
+    IF TG_TABLE_NAME = 'deliveries' THEN
+        -- through attempts' (delivery_id, attempt_no) index: a join with the
+        -- transition table hashed every attempt (3M read to delete 60k)
+        DELETE FROM postback.attempts a WHERE a.delivery_id = ANY (ARRAY(SELECT o.id FROM old_rows o));
+    ELSE
+        -- Citus: a shard of deliveries, its attempts in the shard beside it
+        EXECUTE format('DELETE FROM %s a WHERE a.delivery_id = ANY (ARRAY(SELECT o.id FROM old_rows o))',
+                       postback.shard_beside(TG_RELID, 'attempts'));
+    END IF;
     RETURN NULL;
 END
 $$;

@@ -50,6 +50,7 @@ pgrx::extension_sql_file!(
     ]
 );
 pgrx::extension_sql_file!("../sql/watch.sql", name = "watch", requires = ["enqueue", "operations"]);
+pgrx::extension_sql_file!("../sql/citus.sql", name = "citus", requires = ["schema"]);
 pgrx::extension_sql_file!(
     "../sql/privileges.sql",
     name = "privileges",
@@ -58,6 +59,7 @@ pgrx::extension_sql_file!(
         "views",
         "operations",
         "watch",
+        "citus",
         render_request,
         preview_request,
         enqueue_conversions,

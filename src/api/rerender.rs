@@ -34,7 +34,8 @@ fn rerender(ids: Vec<i64>) -> i64 {
         return 0;
     }
     Spi::connect_mut(|client| {
-        let rows = client.select(&rows::deliveries_to_render(), None, &[ids.into()])?;
+        let distributed = client.select(rows::IS_DISTRIBUTED, Some(1), &[])?.first().get::<bool>(1)?.unwrap_or(false);
+        let rows = client.select(&rows::deliveries_to_render(distributed), None, &[ids.into()])?;
         let now = now_unix_micros();
         let limits = crate::gucs::request_limits();
         let mut endpoints: HashMap<i64, Option<EndpointRow>> = HashMap::new();

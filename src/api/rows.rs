@@ -267,6 +267,9 @@ pub(super) const EXTENSION_VERSION: &str =
     "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_postback'";
 
 /// The session's application_name (pg_restore names its own).
+/// Whether pg_postback's tables are distributed by Citus (postback.distribute()).
+pub(super) const IS_DISTRIBUTED: &str = "SELECT postback.is_distributed()";
+
 pub(super) const APPLICATION_NAME: &str = "SELECT pg_catalog.current_setting('application_name')";
 
 /// The INSERT that writes a chunk of deliveries (`conversions::Pending`). `legacy`:
@@ -306,7 +309,14 @@ pub(super) fn delivery_insert(tables: &Tables, lifecycle: bool, legacy: bool) ->
     // id from this node's sequence (a shard has no column default: Citus
     // evaluates a distributed table's defaults where a statement is planned)
     let (click_column, click) = if tables.distributed {
-        (", click_id, id", ", r.click, pg_catalog.nextval('postback.deliveries_id_seq'::pg_catalog.regclass)")
+        (
+            ", click_id, id",
+            // this node's range (its group id << 48, as Citus does for sequences on
+            // worker nodes) plus the low 48 bits of its sequence: unique across
+            // nodes, also on a node added after distribute()
+            ", r.click, (SELECT g.groupid::bigint << 48 FROM pg_catalog.pg_dist_local_group g)
+               + (pg_catalog.nextval('postback.deliveries_id_seq'::pg_catalog.regclass) & 281474976710655)",
+        )
     } else {
         ("", "")
     };
@@ -331,11 +341,14 @@ pub(super) fn delivery_insert(tables: &Tables, lifecycle: bool, legacy: bool) ->
 
 /// Deliveries with their conversions (and clicks), to render again: the
 /// delivery's id, endpoint, event, status and key, then the conversion columns.
-pub(super) fn deliveries_to_render() -> String {
+/// `by_click`: the tables are distributed by Citus, where a conversion is
+/// joined to its deliveries on the distribution column too.
+pub(super) fn deliveries_to_render(by_click: bool) -> String {
+    let co_located = if by_click { " AND c.click_id = d.click_id" } else { "" };
     format!(
         "SELECT d.id, d.endpoint_id, d.event, d.status, d.idempotency_key, {CONVERSION_COLUMNS}
            FROM postback.deliveries d
-           JOIN postback.conversions c ON c.id = d.conversion_id
+           JOIN postback.conversions c ON c.id = d.conversion_id{co_located}
            LEFT JOIN postback.clicks k ON k.click_id = c.click_id
           WHERE d.id = ANY ($1::bigint[])
           ORDER BY d.id"

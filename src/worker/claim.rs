@@ -89,6 +89,9 @@ impl Worker {
             Err(e) => {
                 // the leases bring anything claimed back; nothing is lost
                 note_error(&e);
+                // the tables may have just been distributed (postback.distribute()):
+                // look for this node's shards now, not at the next housekeeping
+                super::refresh_tables();
                 self.maybe_due = false;
                 return;
             }

@@ -182,6 +182,13 @@ pub fn refresh_tables() -> SpiResult<Option<usize>> {
     Ok(Some(count))
 }
 
+/// An attempt's id on a Citus node: the node's range (its group id << 48, the
+/// scheme Citus uses for sequences on worker nodes) plus the low 48 bits of the
+/// node's own sequence, whether or not Citus already started it in that range:
+/// unique across nodes, and right on a node added after `distribute()`.
+const NODE_ATTEMPT_ID: &str = "((SELECT g.groupid::bigint << 48 FROM pg_catalog.pg_dist_local_group g) \
+     + (pg_catalog.nextval('postback.attempts_id_seq'::pg_catalog.regclass) & 281474976710655))";
+
 /// Whether Citus distributes postback.deliveries in this database.
 pub fn tables_are_distributed() -> SpiResult<bool> {
     Ok(Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL")? == Some(true)
@@ -652,7 +659,7 @@ fn record_attempts_in_shards(
                 "INSERT INTO {attempts}
                         (id, click_id, delivery_id, attempt_no, started_at, duration_ms, status_code, response_body,
                          error, outcome)
-                 SELECT pg_catalog.nextval('postback.attempts_id_seq'::pg_catalog.regclass), click, id, attempt_no,
+                 SELECT {NODE_ATTEMPT_ID}, click, id, attempt_no,
                         to_timestamp(started_s), duration_ms, status_code, body, error, outcome
                    FROM unnest($1::text[], $2::bigint[], $3::int[], $4::float8[], $5::float8[], $6::int[],
                                $7::text[], $8::text[], $9::text[])
@@ -751,11 +758,14 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
         "expired AS (
                  SELECT d.id, d.attempts, d.lease_expires_at, d.tableoid FROM {} d
                   WHERE d.state = 'in_flight'
-                    AND ($1 OR d.lease_expires_at < now())
                     AND CASE WHEN d.leased_by = pg_backend_pid()
-                             THEN d.id <> ALL ($2::bigint[])
-                             ELSE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
-                                               WHERE a.pid = d.leased_by AND a.backend_type = $3)
+                             -- this worker's own: only once expired (one claimed or
+                             -- sent but not recorded yet is in no list it holds); at
+                             -- start a reused pid's are an earlier worker's
+                             THEN ($4 OR d.lease_expires_at < now()) AND d.id <> ALL ($2::bigint[])
+                             ELSE ($1 OR d.lease_expires_at < now())
+                                  AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a
+                                                   WHERE a.pid = d.leased_by AND a.backend_type = $3)
                         END
                   FOR UPDATE SKIP LOCKED)",
         t.deliveries
@@ -765,7 +775,7 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
     // distributed: a lease taken on another node (its shard moved here since) names
     // a pid no worker of this node has; it is taken back at once, not when it expires
     let everything_not_live = at_start || t.attempts_by_shard.is_some();
-    let args = [everything_not_live.into(), holding.to_vec().into(), super::WORKER_TYPE.into()];
+    let args = [everything_not_live.into(), holding.to_vec().into(), super::WORKER_TYPE.into(), at_start.into()];
     Spi::connect_mut(|client| {
         let Some(by_shard) = &t.attempts_by_shard else {
             let result = client.update(
@@ -817,7 +827,7 @@ pub fn reclaim_leases(at_start: bool, holding: &[i64]) -> SpiResult<u64> {
             client.update(
                 &format!(
                     "INSERT INTO {attempts} (id, click_id, delivery_id, attempt_no, started_at, error, outcome)
-                     SELECT pg_catalog.nextval('postback.attempts_id_seq'::pg_catalog.regclass), r.c, r.d, r.n,
+                     SELECT {NODE_ATTEMPT_ID}, r.c, r.d, r.n,
                             to_timestamp(r.s), {INTERRUPTED}, 'retry'
                        FROM unnest($1::text[], $2::bigint[], $3::int[], $4::float8[]) AS r(c, d, n, s)
                      ON CONFLICT (click_id, delivery_id, attempt_no) DO NOTHING"

@@ -257,47 +257,14 @@ def test_a_worker_node_that_preloads_pg_postback_waits_quietly_and_says_why(citu
         r.stop()
 
 
-# The first step of distributed mode (issue 21, in progress): pg_postback's tables
-# distributed by hand, as postback.distribute() will. Run on every node: Citus does not
-# rebuild the worker-side tables of an extension.
-BY_HAND_ON_EVERY_NODE = [
-    "ALTER TABLE postback.conversions DROP CONSTRAINT conversions_pkey",
-    "ALTER TABLE postback.conversions ADD PRIMARY KEY (click_id, id)",
-    "ALTER TABLE postback.conversions DROP CONSTRAINT transaction_id_is_unique_use_on_conflict_do_nothing_to_skip",
-    "ALTER TABLE postback.conversions ADD CONSTRAINT transaction_id_is_unique_per_click UNIQUE (click_id, transaction_id)",
-    "ALTER TABLE postback.deliveries ALTER COLUMN click_id SET NOT NULL",
-    "ALTER TABLE postback.deliveries DROP CONSTRAINT deliveries_pkey",
-    "ALTER TABLE postback.deliveries ADD PRIMARY KEY (click_id, id)",
-    # the worker and the predecessor check find a delivery by id alone
-    "CREATE INDEX deliveries_id ON postback.deliveries (id)",
-    "ALTER TABLE postback.deliveries DROP CONSTRAINT delivery_idempotency_key_is_unique",
-    "ALTER TABLE postback.deliveries ADD CONSTRAINT delivery_idempotency_key_is_unique UNIQUE (click_id, idempotency_key)",
-    "ALTER TABLE postback.attempts ALTER COLUMN click_id SET NOT NULL",
-    "ALTER TABLE postback.attempts DROP CONSTRAINT attempts_pkey",
-    "ALTER TABLE postback.attempts ADD PRIMARY KEY (click_id, id)",
-    "ALTER TABLE postback.attempts DROP CONSTRAINT attempt_no_is_unique_per_delivery",
-    "ALTER TABLE postback.attempts ADD CONSTRAINT attempt_no_is_unique_per_delivery UNIQUE (click_id, delivery_id, attempt_no)",
-    # Citus recreates a reference table's identity sequence, and converts tables linked by
-    # a foreign key through a path that fails on extension-owned views: both undone first
-    "ALTER TABLE postback.endpoint_secrets DROP CONSTRAINT endpoint_secrets_endpoint_id_fkey",
-    # ids unique across nodes: a shard's trigger takes delivery and attempt ids from its
-    # node's sequences, each node's starting at its group id << 48
-    "SELECT setval('postback.deliveries_id_seq', (g.groupid::bigint << 48) + 1, false), "
-    "       setval('postback.attempts_id_seq', (g.groupid::bigint << 48) + 1, false) FROM pg_dist_local_group g",
-]
-BY_HAND_ON_THE_COORDINATOR = [
-    "ALTER EXTENSION pg_postback DROP SEQUENCE postback.endpoints_id_seq",
-    "ALTER EXTENSION pg_postback DROP SEQUENCE postback.endpoint_secrets_id_seq",
-    "SET citus.enable_unsafe_triggers = on",
-    "SELECT create_reference_table('postback.endpoints')",
-    "SELECT create_reference_table('postback.endpoint_secrets')",
-    "ALTER TABLE postback.endpoint_secrets ADD CONSTRAINT endpoint_secrets_endpoint_id_fkey "
-    "FOREIGN KEY (endpoint_id) REFERENCES postback.endpoints (id) ON DELETE CASCADE",
-    "SELECT create_distributed_table('postback.clicks', 'click_id', shard_count := 8)",
-    "SELECT create_distributed_table('postback.conversions', 'click_id', colocate_with := 'postback.clicks')",
-    "SELECT create_distributed_table('postback.deliveries', 'click_id', colocate_with := 'postback.clicks')",
-    "SELECT create_distributed_table('postback.attempts', 'click_id', colocate_with := 'postback.clicks')",
-]
+# Distributed mode: postback.distribute() on the coordinator; every node preloads
+# pg_postback and delivers the deliveries of its own shards.
+def distribute(coordinator, shard_count=8):
+    """postback.distribute() on the coordinator: the one call of distributed mode."""
+    with coordinator.connect() as conn:
+        said = conn.execute("SELECT postback.distribute(%s)", (shard_count,)).fetchone()[0]
+    assert said.startswith(f"distributed: clicks, conversions, deliveries and attempts in {shard_count} shards"), said
+    return said
 
 
 def local_shards(conn, table):
@@ -306,16 +273,6 @@ def local_shards(conn, table):
         "SELECT s.shardid FROM pg_dist_shard s JOIN pg_dist_placement p USING (shardid) "
         "WHERE s.logicalrelid = %s::regclass AND p.groupid = (SELECT groupid FROM pg_dist_local_group) "
         "ORDER BY s.shardminvalue::bigint", (table,)).fetchall()]
-
-
-def distribute_by_hand(coordinator, workers):
-    for node in [coordinator] + workers:
-        with node.connect() as conn:
-            for statement in BY_HAND_ON_EVERY_NODE:
-                conn.execute(statement)
-    with coordinator.connect() as conn:
-        for statement in BY_HAND_ON_THE_COORDINATOR:
-            conn.execute(statement)
 
 
 def wait_for_shards(nodes):
@@ -327,14 +284,14 @@ def wait_for_shards(nodes):
                 "Citus shards of postback.deliveries on this node"), what="the worker finding its shards")
 
 
-def test_distributed_by_hand_the_enqueue_trigger_writes_each_delivery_beside_its_conversion(citus_fresh):
+def test_distributed_the_enqueue_trigger_writes_each_delivery_beside_its_conversion(citus_fresh):
     """The enqueue and validation triggers run on the shard's node, read the co-located
     clicks shard and this node's placement of endpoints, and write each delivery (and each
     lifecycle delivery, behind its predecessor) into the co-located deliveries shard (a statement on a shard never names a Citus table: Citus
     refuses that inside a query on a shard). Nobody delivers here: the per-shard worker is
     the next step."""
-    coordinator, workers = citus_fresh(settings={"postback.database_name": "'nowhere'"})
-    distribute_by_hand(coordinator, workers)
+    coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
+    distribute(coordinator)
     with coordinator.connect() as conn:
         conn.execute("INSERT INTO postback.endpoints (name, url_template) VALUES ('net', "
                      "'http://127.0.0.1:9/pb?tx={transaction_id}&s1={click.sub1}')")
@@ -377,13 +334,13 @@ def test_distributed_by_hand_the_enqueue_trigger_writes_each_delivery_beside_its
     assert sum(per_node) == 499 and all(n > 0 for n in per_node), per_node
 
 
-def test_distributed_by_hand_each_node_delivers_the_deliveries_of_its_shards(citus_fresh):
+def test_distributed_each_node_delivers_the_deliveries_of_its_shards(citus_fresh):
     """Every node preloads pg_postback: each worker node's worker claims from its own
     deliveries shards (through postback.node_deliveries, which they inherit), sends, and
     records each attempt in the attempts shard beside the delivery's; the coordinator,
     holding no shard, sends nothing. Each conversion is delivered exactly once."""
     coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
-    distribute_by_hand(coordinator, workers)
+    distribute(coordinator)
     wait_for_shards([coordinator] + workers)
     with coordinator.connect() as conn:
         assert conn.execute("SELECT state FROM postback.worker_status() WHERE role = 'delivery'").fetchone()[0] == \
@@ -428,14 +385,14 @@ def test_distributed_by_hand_each_node_delivers_the_deliveries_of_its_shards(cit
         r.stop()
 
 
-def test_distributed_by_hand_a_node_whose_worker_is_killed_loses_nothing(citus_fresh):
+def test_distributed_a_node_whose_worker_is_killed_loses_nothing(citus_fresh):
     """A worker node's pg_postback worker SIGKILLed mid-run (the node's postmaster resets,
     as after any crash of a backend): every conversion is still delivered, the interrupted
     attempts are recorded in the attempts shard beside their delivery (interrupted: …)
     and retried; at-least-once, so a resend is allowed, a loss is not."""
     import signal
     coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
-    distribute_by_hand(coordinator, workers)
+    distribute(coordinator)
     wait_for_shards([coordinator] + workers)
     r = Receiver().start()
     try:
@@ -480,14 +437,14 @@ def test_distributed_by_hand_a_node_whose_worker_is_killed_loses_nothing(citus_f
         r.stop()
 
 
-def test_distributed_by_hand_a_node_added_and_shards_rebalanced_mid_run_lose_nothing(citus_fresh, made_extra):
+def test_distributed_a_node_added_and_shards_rebalanced_mid_run_lose_nothing(citus_fresh, made_extra):
     """A third node joins (preloading pg_postback; its copy of the extension has the
     click_id columns Citus' metadata names) and the shards are rebalanced while
     conversions keep coming: the moved shards' deliveries go on from their new node
     (its worker adopts them within a housekeeping round), nothing is lost."""
     import threading
     coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
-    distribute_by_hand(coordinator, workers)
+    distribute(coordinator)
     r = Receiver().start()
     third = Cluster.create(settings={"max_worker_processes": "32", "max_prepared_transactions": "100",
                                      "shared_preload_libraries": "'citus,pg_postback'"})
@@ -504,8 +461,6 @@ def test_distributed_by_hand_a_node_added_and_shards_rebalanced_mid_run_lose_not
             conn.execute("SELECT citus_add_node('127.0.0.1', %s)", (third.port,))
             # the reference tables' placements on the new node, before shards move there
             conn.execute("SELECT replicate_reference_tables(shard_transfer_mode := 'block_writes')")
-        with third.connect() as conn:  # what distribute() does on a node added later: its id range
-            conn.execute(BY_HAND_ON_EVERY_NODE[-1])
         def keep_converting():
             with coordinator.connect() as conn:
                 for batch in range(20):
@@ -545,6 +500,182 @@ def test_distributed_by_hand_a_node_added_and_shards_rebalanced_mid_run_lose_not
                                     ).fetchone()[0] for d in moved)
         print(f"\n{len(moved)} shards moved to the new node, holding {here} succeeded deliveries; "
               f"{len(r.seen('/m')) - 2000} sent twice (at-least-once)")
+    finally:
+        r.stop()
+
+
+def test_distribute_refuses_what_would_leave_deliveries_unsent_and_changes_nothing(citus_fresh):
+    """Worker nodes that do not preload pg_postback would never send their shards'
+    deliveries: refused, naming each node; on a worker node: refused, naming the
+    coordinator. Nothing is distributed after either."""
+    coordinator, workers = citus_fresh()
+    with coordinator.connect() as conn:
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState) as e:
+            conn.execute("SELECT postback.distribute()")
+        for w in workers:
+            assert f"127.0.0.1:{w.port} (pg_postback is not in shared_preload_libraries" in str(e.value)
+        assert "citus,pg_postback" in e.value.diag.message_hint
+        assert conn.execute("SELECT postback.is_distributed()").fetchone()[0] is False
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            conn.execute("SELECT postback.distribute(0)")
+    with workers[0].connect() as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as e:
+            conn.execute("SELECT postback.distribute()")
+        assert f"the coordinator is 127.0.0.1:{coordinator.port}" in str(e.value)
+    with coordinator.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_dist_partition WHERE logicalrelid::text LIKE 'postback.%'"
+                            ).fetchone()[0] == 0
+
+
+def test_distribute_keeps_what_was_there_and_operators_work_from_the_coordinator(citus_fresh):
+    """Conversions, deliveries and attempts written before distribute() come along (and
+    enqueue nothing again); then from the coordinator: retry, replay, send_test, pause and
+    resume, explain, curl, an endpoint edit, the delete guards, purge, and every view;
+    cluster_worker_status() shows every node's workers."""
+    coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
+    r = Receiver().start()
+    try:
+        with coordinator.connect() as conn:
+            conn.execute("INSERT INTO postback.endpoints (name, url_template) VALUES ('net', %s)",
+                         (r.url("/o?tx={transaction_id}&st={status}"),))
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                         "SELECT 'k' || g, 'pre-' || g FROM generate_series(1, 10) g")
+            coordinator.wait_for(lambda: conn.execute(
+                "SELECT count(*) FROM postback.deliveries WHERE state = 'succeeded'").fetchone()[0] == 10,
+                what="10 delivered before distribute()")
+            conn.execute("SELECT postback.send_test('net')")
+            coordinator.wait_for(lambda: len(r.seen("/o")) == 11, what="the test request")
+        distribute(coordinator)
+        wait_for_shards([coordinator] + workers)
+        with coordinator.connect() as conn:
+            assert conn.execute("SELECT postback.distribute()").fetchone()[0] == "distributed already"
+            assert conn.execute("SELECT count(*), count(*) FILTER (WHERE click_id = '') FROM postback.deliveries"
+                                ).fetchone() == (11, 1)
+            assert conn.execute("SELECT count(*) FROM postback.attempts a JOIN postback.deliveries d "
+                                "ON d.click_id = a.click_id AND d.id = a.delivery_id").fetchone()[0] == 11
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                         "SELECT 'k' || g, 'post-' || g FROM generate_series(1, 20) g")
+            coordinator.wait_for(lambda: len(r.seen("/o")) == 31, what="20 more")
+            time.sleep(0.5)
+            assert len(r.seen("/o")) == 31, "the 10 conversions from before were not enqueued again"
+            one = conn.execute("SELECT d.id FROM postback.deliveries d JOIN postback.conversions c "
+                               "ON c.click_id = d.click_id AND c.id = d.conversion_id "
+                               "WHERE c.transaction_id = 'post-3'").fetchone()[0]
+            coordinator.wait_for(lambda: conn.execute("SELECT state FROM postback.deliveries WHERE id = %s",
+                                                      (one,)).fetchone()[0] == "succeeded", what="post-3 recorded")
+            assert conn.execute("SELECT postback.retry(%s)", (one,)).fetchone()[0] == one
+            coordinator.wait_for(lambda: len(r.seen("/o")) == 32, what="the retry")
+            explained = conn.execute("SELECT fired, announced, states FROM postback.explain('post-3')").fetchone()
+            assert explained[0] is True and explained[1] == ["approved"]
+            assert "tx=post-3" in conn.execute("SELECT postback.curl(%s)", (one,)).fetchone()[0]
+            conn.execute("SELECT postback.pause('net')")
+            assert conn.execute("SELECT postback.replay('net', now() - interval '1 hour')").fetchone()[0] == 30
+            time.sleep(1)
+            assert len(r.seen("/o")) == 32, "paused: nothing sent"
+            assert conn.execute("SELECT held_by FROM postback.endpoint_health").fetchone()[0].startswith("paused")
+            conn.execute("SELECT postback.resume('net')")
+            coordinator.wait_for(lambda: len(r.seen("/o")) == 62, what="the replay after resume")
+            conn.execute("UPDATE postback.endpoints SET url_template = url_template || '&edited=1' WHERE name = 'net'")
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('k1', 'after-edit')")
+            coordinator.wait_for(lambda: any(g["query"].get("edited") == "1" for g in r.seen("/o")),
+                                 what="the edited endpoint's request")
+            with pytest.raises(psycopg.errors.ForeignKeyViolation):
+                conn.execute("DELETE FROM postback.conversions WHERE transaction_id = 'post-5'")
+            with pytest.raises(psycopg.errors.ForeignKeyViolation):
+                conn.execute("DELETE FROM postback.endpoints WHERE name = 'net'")
+            for view in ["delivery_summary", "match_rate", "endpoint_health", "metrics", "dead_letters",
+                         "conversion_duplicates", "watches"]:
+                conn.execute(f"SELECT * FROM postback.{view}").fetchall()
+            assert conn.execute("SELECT deliveries_finished FROM postback.metrics "
+                                "WHERE period = 'all' AND breakdown = 'total'").fetchone()[0] >= 31
+            nodes = conn.execute("SELECT node, role, state FROM postback.cluster_worker_status() "
+                                 "WHERE role = 'delivery'").fetchall()
+            assert {n for n, _, _ in nodes} == {f"127.0.0.1:{n.port}" for n in [coordinator] + workers}, nodes
+            assert all(s.startswith("delivering:") and s.endswith("Citus shards of postback.deliveries on this node")
+                       for _, _, s in nodes), nodes
+            coordinator.wait_for(lambda: conn.execute(
+                "SELECT count(*) FROM postback.deliveries WHERE state <> 'succeeded'").fetchone()[0] == 0,
+                what="all recorded")
+            assert conn.execute("SELECT postback.purge(interval '0')").fetchone()[0] == 32
+            assert conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0] == 0, \
+                "the purged deliveries' attempts went with them (in the shard beside each)"
+    finally:
+        r.stop()
+
+
+def test_distributed_20000_conversions_each_delivered_once_by_the_node_holding_it(citus_fresh):
+    """20,000 conversions through the coordinator (single-row INSERTs, multi-row INSERTs,
+    COPY, INSERT … SELECT), then 2,000 of them reversed: each status delivered exactly
+    once, approved before reversed, by the node whose shard holds it (each node's
+    attempts are its worker's sends); ids and idempotency keys unique across nodes."""
+    coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
+    distribute(coordinator)
+    wait_for_shards([coordinator] + workers)
+    r = Receiver().start()
+    try:
+        with coordinator.connect() as conn:
+            conn.execute("INSERT INTO postback.endpoints (name, url_template, max_in_flight) VALUES ('net', %s, 32)",
+                         (r.url("/t?tx={transaction_id}&st={status}"),))
+            conn.execute("INSERT INTO postback.clicks (click_id) SELECT 'k' || g FROM generate_series(1, 20000) g")
+            started = time.monotonic()
+            for g in range(1, 1001):
+                conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES (%s, %s)",
+                             (f"k{g}", f"t-{g}"))
+            for first in range(1001, 10001, 500):
+                conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES "
+                             + ", ".join(f"('k{g}', 't-{g}')" for g in range(first, first + 500)))
+            with conn.cursor().copy("COPY postback.conversions (click_id, transaction_id) FROM STDIN") as copy:
+                for g in range(10001, 15001):
+                    copy.write_row((f"k{g}", f"t-{g}"))
+            conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                         "SELECT k.click_id, 't-' || substr(k.click_id, 2) FROM postback.clicks k "
+                         "WHERE substr(k.click_id, 2)::int > 15000")
+            written = time.monotonic() - started
+            conn.execute("UPDATE postback.conversions SET status = 'reversed' "
+                         "WHERE click_id = ANY (SELECT 'k' || g FROM generate_series(1, 20000, 10) g)")
+
+            def finished():
+                return conn.execute("SELECT count(*) FILTER (WHERE state = 'succeeded'), count(*) "
+                                    "FROM postback.deliveries").fetchone()
+            coordinator.wait_for(lambda: finished() == (22000, 22000), timeout=300, interval=0.5,
+                                 what=lambda: f"22,000 deliveries succeeded (now {finished()})")
+            elapsed = time.monotonic() - started
+            assert conn.execute("SELECT count(DISTINCT id), count(DISTINCT idempotency_key) FROM postback.deliveries"
+                                ).fetchone() == (22000, 22000)
+            attempts, distinct = conn.execute("SELECT count(*), count(DISTINCT id) FROM postback.attempts").fetchone()
+            assert attempts == distinct >= 22000
+            # every attempt recorded: one success per delivery (a failed attempt, retried, is allowed)
+            assert conn.execute("SELECT count(*) FROM postback.attempts WHERE outcome = 'succeeded'"
+                                ).fetchone()[0] == 22000
+            retried = conn.execute("SELECT outcome, error, status_code FROM postback.attempts "
+                                   "WHERE outcome <> 'succeeded'").fetchall()
+        seen = r.seen("/t")
+        sent = [g["query"]["tx"] + ":" + g["query"]["st"] for g in seen]
+        if len(sent) != len(set(sent)):
+            for n in [coordinator] + workers:
+                print(n.port, "\n".join(l for l in n.log().splitlines() if "WARNING" in l or "ERROR" in l or "LOG" in l)[-3000:])
+        assert len(sent) == len(set(sent)) == 22000, "each status exactly once"
+        order = {}
+        for s in sent:
+            tx, st = s.split(":")
+            order.setdefault(tx, []).append(st)
+        reversed_ones = [tx for tx, sts in order.items() if "reversed" in sts]
+        assert len(reversed_ones) == 2000 and all(order[tx] == ["approved", "reversed"] for tx in reversed_ones)
+        per_node = []
+        for n in [coordinator] + workers:
+            with n.connect() as conn:
+                held = sum(conn.execute(f"SELECT count(*) FROM postback.deliveries_{d}").fetchone()[0]
+                           for d in local_shards(conn, "postback.deliveries"))
+                sent_here = conn.execute("SELECT coalesce(sum(sent), 0) FROM postback.worker_status() "
+                                         "WHERE role = 'delivery'").fetchone()[0]
+                assert sent_here == held, (n.port, sent_here, held)
+                per_node.append(held)
+        assert per_node[0] == 0 and all(p > 0 for p in per_node[1:]) and sum(per_node) == 22000, per_node
+        print(f"\n20,000 conversions written through the coordinator in {written:.1f} s; 22,000 deliveries "
+              f"(2,000 reversals) in {elapsed:.1f} s: {22000 / elapsed:.0f}/s in total; per node "
+              + ", ".join(f"{p} ({p / elapsed:.0f}/s)" for p in per_node)
+              + f" (coordinator, worker 1, worker 2; one 2-core machine: correctness, not speed); "
+              f"attempts retried: {retried}")
     finally:
         r.stop()
 
