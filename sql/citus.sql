@@ -254,3 +254,29 @@ BEGIN
                              'over %s nodes; endpoints and endpoint_secrets on every node', shard_count, nodes);
 END
 $$;
+
+-- Upgrades of a distributed install: an extension update script changes the
+-- coordinator's tables, while each node's shards and the worker nodes' own
+-- tables need the same change made by a procedure that knows them. Until a
+-- release ships one, ALTER EXTENSION pg_postback UPDATE on a distributed
+-- install is refused before anything changes, on any node, with the steps.
+CREATE FUNCTION postback.refuse_distributed_update() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_catalog.current_query() ~* 'alter\s+extension\s+("?)pg_postback\1\s+update'
+       AND postback.is_distributed()
+       AND coalesce(pg_catalog.current_setting('postback.allow_distributed_update', true), '') <> 'on' THEN
+        RAISE EXCEPTION 'pg_postback''s tables are distributed by Citus: ALTER EXTENSION pg_postback UPDATE would change '
+                        'the coordinator''s tables and not the shards on the worker nodes'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'Nothing was changed on any node.',
+                  HINT = 'Read the new release''s notes, "Upgrading a distributed install": when they say its upgrade '
+                         'handles distributed tables, run SET postback.allow_distributed_update = on; in the same '
+                         'session first. Otherwise stay on this version.';
+    END IF;
+END
+$$;
+
+CREATE EVENT TRIGGER postback_refuse_distributed_update ON ddl_command_start
+    WHEN TAG IN ('ALTER EXTENSION')
+    EXECUTE FUNCTION postback.refuse_distributed_update();

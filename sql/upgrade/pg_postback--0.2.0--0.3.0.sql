@@ -2011,3 +2011,674 @@ ALTER TABLE postback.deliveries ADD COLUMN click_id text;
 ALTER TABLE postback.attempts ADD COLUMN click_id text;
 COMMENT ON COLUMN postback.deliveries.click_id IS 'On Citus (distributed mode): the conversion''s click_id, by which deliveries are distributed beside their conversion. NULL on one node.';
 COMMENT ON COLUMN postback.attempts.click_id IS 'On Citus (distributed mode): the delivery''s click_id, by which attempts are distributed beside it. NULL on one node.';
+
+-- ---------------------------------------------------------------------------
+-- Citus, distributed mode (postback.distribute()) and the functions it made
+-- (the same text as in sql/; test_upgrade.py proves the result equal)
+-- ---------------------------------------------------------------------------
+-- ---------------------------------------------------------------------------
+-- Citus, distributed mode: postback.distribute() on the coordinator turns an
+-- installed pg_postback into clicks, conversions, deliveries and attempts
+-- co-located by click_id, endpoints and endpoint_secrets as reference tables,
+-- and every other table (endpoint_state, roll-ups, duplicates) each node's
+-- own. Each node's worker then delivers the deliveries of its own shards.
+-- ---------------------------------------------------------------------------
+
+-- True when pg_postback's tables are distributed by Citus (on any node).
+CREATE FUNCTION postback.is_distributed() RETURNS boolean
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    found boolean;
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
+                             WHERE p.logicalrelid = ''postback.deliveries''::pg_catalog.regclass)' INTO found;
+    RETURN found;
+END
+$$;
+
+-- For a trigger's relation: `logical` (a pg_postback table) as a statement
+-- there may name it. On a Citus shard (conversions_102008) that is the shard
+-- of `logical` with the same hash range (deliveries_102040): a statement on a
+-- shard must never name a distributed table. Elsewhere `postback.<logical>`.
+CREATE FUNCTION postback.shard_beside(rel regclass, logical text) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    shard text := pg_catalog.substring(rel::text, '_([0-9]+)$');
+    beside text;
+BEGIN
+    IF shard IS NULL OR pg_catalog.to_regclass('pg_catalog.pg_dist_shard') IS NULL THEN
+        RETURN pg_catalog.format('postback.%I', logical);
+    END IF;
+    EXECUTE 'SELECT pg_catalog.format(''postback.%I'', $2 || ''_'' || t.shardid)
+               FROM pg_catalog.pg_dist_shard s JOIN pg_catalog.pg_dist_shard t
+                 ON t.logicalrelid = pg_catalog.format(''postback.%I'', $2)::pg_catalog.regclass
+                AND t.shardminvalue IS NOT DISTINCT FROM s.shardminvalue
+              WHERE s.shardid = $1::bigint'
+       INTO beside USING shard, logical;
+    RETURN coalesce(beside, pg_catalog.format('postback.%I', logical));
+END
+$$;
+
+-- This node's shards of a distributed pg_postback table (none when it is not).
+CREATE FUNCTION postback.local_shards(logical text) RETURNS SETOF text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT postback.is_distributed() THEN
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE
+        'SELECT pg_catalog.format(''postback.%I'', $1 || ''_'' || s.shardid)
+           FROM pg_catalog.pg_dist_shard s JOIN pg_catalog.pg_dist_placement p USING (shardid)
+          WHERE s.logicalrelid = pg_catalog.format(''postback.%I'', $1)::pg_catalog.regclass
+            AND p.groupid = (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)
+          ORDER BY s.shardid' USING logical;
+END
+$$;
+
+-- One node's part of distribute(): keys that include the distribution column
+-- (click_id), the deliveries' and attempts' click_id required, the foreign key
+-- Citus cannot convert dropped. Run on every node (the same schema
+-- everywhere); idempotent; one transaction per node.
+CREATE FUNCTION postback.citus_prepare_node() RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_constraint c
+                WHERE c.conrelid = 'postback.conversions'::pg_catalog.regclass
+                  AND c.conname = 'transaction_id_is_unique_per_click') THEN
+        RETURN 'prepared already';
+    END IF;
+    ALTER TABLE postback.conversions DROP CONSTRAINT conversions_pkey;
+    ALTER TABLE postback.conversions ADD PRIMARY KEY (click_id, id);
+    ALTER TABLE postback.conversions DROP CONSTRAINT transaction_id_is_unique_use_on_conflict_do_nothing_to_skip;
+    ALTER TABLE postback.conversions
+        ADD CONSTRAINT transaction_id_is_unique_per_click UNIQUE (click_id, transaction_id);
+    ALTER TABLE postback.deliveries ALTER COLUMN click_id SET DEFAULT '';
+    ALTER TABLE postback.deliveries ALTER COLUMN click_id SET NOT NULL;
+    ALTER TABLE postback.deliveries DROP CONSTRAINT deliveries_pkey;
+    ALTER TABLE postback.deliveries ADD PRIMARY KEY (click_id, id);
+    -- the worker, retry and the predecessor check find a delivery by id alone
+    CREATE INDEX deliveries_id ON postback.deliveries (id);
+    ALTER TABLE postback.deliveries DROP CONSTRAINT delivery_idempotency_key_is_unique;
+    ALTER TABLE postback.deliveries
+        ADD CONSTRAINT delivery_idempotency_key_is_unique UNIQUE (click_id, idempotency_key);
+    ALTER TABLE postback.attempts ALTER COLUMN click_id SET DEFAULT '';
+    ALTER TABLE postback.attempts ALTER COLUMN click_id SET NOT NULL;
+    ALTER TABLE postback.attempts DROP CONSTRAINT attempts_pkey;
+    ALTER TABLE postback.attempts ADD PRIMARY KEY (click_id, id);
+    ALTER TABLE postback.attempts DROP CONSTRAINT attempt_no_is_unique_per_delivery;
+    ALTER TABLE postback.attempts
+        ADD CONSTRAINT attempt_no_is_unique_per_delivery UNIQUE (click_id, delivery_id, attempt_no);
+    -- Citus converts tables linked by a foreign key through a path that fails
+    -- on extension-owned objects: distribute() adds it back afterwards
+    ALTER TABLE postback.endpoint_secrets DROP CONSTRAINT endpoint_secrets_endpoint_id_fkey;
+    PERFORM postback.citus_views();
+    RETURN 'prepared';
+END
+$$;
+
+-- The views whose joins Citus can run only on the distribution column: the
+-- same columns, the conversion and the attempts found beside the delivery (by
+-- click_id). Part of citus_prepare_node.
+CREATE FUNCTION postback.citus_views() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    propagating text := pg_catalog.current_setting('citus.enable_ddl_propagation', true);
+BEGIN
+    -- each node's own view (Citus would refuse view DDL on a worker node)
+    PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true);
+    CREATE OR REPLACE VIEW postback.dead_letters AS
+    SELECT d.id AS delivery_id, e.name AS endpoint, d.conversion_id, c.transaction_id, c.partner, d.event, d.status,
+           d.attempts, d.completed_at AS died_at, d.last_error,
+           (SELECT a.status_code FROM postback.attempts a
+             WHERE a.click_id = d.click_id AND a.delivery_id = d.id ORDER BY a.attempt_no DESC LIMIT 1)
+               AS last_status_code,
+           d.created_at
+      FROM postback.deliveries d
+      JOIN postback.endpoints e ON e.id = d.endpoint_id
+      LEFT JOIN postback.conversions c ON c.click_id = d.click_id AND c.id = d.conversion_id
+     WHERE d.state = 'dead';
+    IF propagating IS NOT NULL THEN
+        PERFORM pg_catalog.set_config('citus.enable_ddl_propagation', propagating, true);
+    END IF;
+END
+$$;
+
+-- Every node's pg_postback workers, seen from the coordinator: each node's
+-- postback.worker_status(), with the node. A node that cannot be reached is
+-- one row saying so. Without Citus: this node's rows.
+CREATE FUNCTION postback.cluster_worker_status()
+RETURNS TABLE (node text, role text, worker integer, running boolean, pid integer, state text,
+               sent bigint, succeeded bigint, failed bigint, in_flight integer, last_error text,
+               last_error_at timestamptz, hint text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_node') IS NULL THEN
+        RETURN QUERY SELECT 'this node'::text, w.role, w.worker, w.running, w.pid, w.state, w.sent, w.succeeded,
+                            w.failed, w.in_flight, w.last_error, w.last_error_at, w.hint
+                       FROM postback.worker_status() w;
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE
+        $q$SELECT n.nodename || ':' || n.nodeport, w.role, w.worker, w.running, w.pid,
+                  CASE WHEN r.success THEN w.state ELSE 'unreachable: ' || r.result END,
+                  w.sent, w.succeeded, w.failed, w.in_flight, w.last_error, w.last_error_at, w.hint
+             FROM run_command_on_all_nodes(
+                      'SELECT coalesce(pg_catalog.json_agg(w), ''[]'') FROM postback.worker_status() w') r
+             JOIN pg_catalog.pg_dist_node n ON n.nodeid = r.nodeid
+             LEFT JOIN LATERAL pg_catalog.json_to_recordset(CASE WHEN r.success THEN r.result::json END)
+                  AS w(role text, worker integer, running boolean, pid integer, state text, sent bigint,
+                       succeeded bigint, failed bigint, in_flight integer, last_error text,
+                       last_error_at timestamptz, hint text) ON true
+            ORDER BY n.groupid, w.role, w.worker$q$;
+END
+$$;
+
+-- The one call of distributed mode, on the coordinator. Refuses (changing
+-- nothing) without Citus, off the coordinator, or when a worker node lacks
+-- pg_postback, runs another version, or does not preload it (its shards'
+-- deliveries would never be sent). Distributed already: says so, changes
+-- nothing.
+CREATE FUNCTION postback.distribute(shard_count integer DEFAULT 32) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    version text := (SELECT e.extversion FROM pg_catalog.pg_extension e WHERE e.extname = 'pg_postback');
+    bad text;
+    nodes integer;
+BEGIN
+    IF pg_catalog.to_regclass('pg_catalog.pg_dist_local_group') IS NULL THEN
+        RAISE EXCEPTION 'postback.distribute() needs Citus: it is not installed in this database'
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Without Citus pg_postback''s tables stay local; there is nothing to distribute.';
+    END IF;
+    IF shard_count IS NULL OR shard_count < 1 OR shard_count > 64000 THEN
+        RAISE EXCEPTION 'shard_count must be between 1 and 64000 (got %)', shard_count
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    EXECUTE 'SELECT pg_catalog.format(''this is a worker node (group %s); the coordinator is %s'', g.groupid,
+                    coalesce((SELECT n.nodename || '':'' || n.nodeport FROM pg_catalog.pg_dist_node n
+                               WHERE n.groupid = 0 LIMIT 1), ''not in pg_dist_node''))
+               FROM pg_catalog.pg_dist_local_group g WHERE g.groupid <> 0' INTO bad;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'postback.distribute() runs on the coordinator: %', bad
+            USING ERRCODE = 'feature_not_supported';
+    END IF;
+    IF postback.is_distributed() THEN
+        RETURN 'distributed already';
+    END IF;
+    -- every worker node: pg_postback installed at this version and preloaded
+    EXECUTE 'SELECT pg_catalog.string_agg(pg_catalog.format(''%s:%s (%s)'', w.nodename, w.nodeport,
+                    CASE WHEN NOT w.success THEN w.result
+                         WHEN w.result = '''' THEN ''pg_postback is not installed''
+                         WHEN pg_catalog.split_part(w.result, '' '', 1) <> $1
+                         THEN ''pg_postback '' || pg_catalog.split_part(w.result, '' '', 1) || '', not '' || $1
+                         ELSE ''pg_postback is not in shared_preload_libraries: nothing would send its shards'''' deliveries''
+                    END), ''; '')
+               FROM run_command_on_workers(
+                        $q$SELECT coalesce((SELECT e.extversion FROM pg_catalog.pg_extension e
+                                             WHERE e.extname = ''pg_postback''), '''')
+                                  || '' '' || pg_catalog.current_setting(''shared_preload_libraries'')$q$) w
+              WHERE NOT w.success OR pg_catalog.split_part(w.result, '' '', 1) <> $1
+                 OR w.result !~ ''pg_postback''' INTO bad USING version;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'postback.distribute() found worker nodes not ready: %', bad
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Every node needs shared_preload_libraries = ''citus,pg_postback'' and pg_postback '
+                         || version || ' (CREATE EXTENSION on the coordinator installs it on every node).';
+    END IF;
+    -- (only the coordinator holds rows) deliveries and attempts written before: their conversion's click (a test
+    -- delivery, which has none, gets '')
+    UPDATE postback.deliveries d SET click_id = c.click_id
+      FROM postback.conversions c WHERE c.id = d.conversion_id AND d.click_id IS NULL;
+    UPDATE postback.deliveries d SET click_id = '' WHERE d.click_id IS NULL;
+    UPDATE postback.attempts a SET click_id = d.click_id
+      FROM postback.deliveries d WHERE d.id = a.delivery_id AND a.click_id IS NULL;
+    UPDATE postback.attempts a SET click_id = '' WHERE a.click_id IS NULL;
+    PERFORM postback.citus_prepare_node();
+    EXECUTE 'SELECT pg_catalog.string_agg(pg_catalog.format(''%s:%s: %s'', w.nodename, w.nodeport, w.result), ''; '')
+               FROM run_command_on_workers(''SELECT postback.citus_prepare_node()'') w
+              WHERE NOT w.success' INTO bad;
+    IF bad IS NOT NULL THEN
+        RAISE EXCEPTION 'postback.distribute() could not prepare worker nodes: %', bad
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Nothing is distributed; the coordinator is unchanged. A worker node''s empty tables '
+                           'may have their new keys already (harmless).',
+                  HINT = 'Fix the worker node and call postback.distribute() again.';
+    END IF;
+    -- Citus recreates a reference table's identity sequence: the endpoints'
+    -- and secrets' sequences leave the extension first
+    ALTER EXTENSION pg_postback DROP SEQUENCE postback.endpoints_id_seq;
+    ALTER EXTENSION pg_postback DROP SEQUENCE postback.endpoint_secrets_id_seq;
+    -- pg_postback's triggers run on the shards, by design (each reads and
+    -- writes only its own shard and the ones beside it)
+    SET LOCAL citus.enable_unsafe_triggers = on;
+    EXECUTE 'SELECT create_reference_table(''postback.endpoints'')';
+    EXECUTE 'SELECT create_reference_table(''postback.endpoint_secrets'')';
+    ALTER TABLE postback.endpoint_secrets ADD CONSTRAINT endpoint_secrets_endpoint_id_fkey
+        FOREIGN KEY (endpoint_id) REFERENCES postback.endpoints (id) ON DELETE CASCADE;
+    -- the rows there are copied into the shards: as in a restore, conversions
+    -- that are there already enqueue nothing (their deliveries come along)
+    ALTER TABLE postback.conversions DISABLE TRIGGER USER;
+    EXECUTE 'SELECT create_distributed_table(''postback.clicks'', ''click_id'', shard_count := $1)' USING shard_count;
+    EXECUTE 'SELECT create_distributed_table(''postback.conversions'', ''click_id'', colocate_with := ''postback.clicks'')';
+    EXECUTE 'SELECT create_distributed_table(''postback.deliveries'', ''click_id'', colocate_with := ''postback.clicks'')';
+    EXECUTE 'SELECT create_distributed_table(''postback.attempts'', ''click_id'', colocate_with := ''postback.clicks'')';
+    ALTER TABLE postback.conversions ENABLE TRIGGER USER;
+    EXECUTE 'SELECT pg_catalog.count(*) FROM pg_catalog.pg_dist_node n WHERE n.isactive AND n.shouldhaveshards
+                AND n.noderole = ''primary''' INTO nodes;
+    RETURN pg_catalog.format('distributed: clicks, conversions, deliveries and attempts in %s shards by click_id '
+                             'over %s nodes; endpoints and endpoint_secrets on every node', shard_count, nodes);
+END
+$$;
+
+-- Upgrades of a distributed install: an extension update script changes the
+-- coordinator's tables, while each node's shards and the worker nodes' own
+-- tables need the same change made by a procedure that knows them. Until a
+-- release ships one, ALTER EXTENSION pg_postback UPDATE on a distributed
+-- install is refused before anything changes, on any node, with the steps.
+CREATE FUNCTION postback.refuse_distributed_update() RETURNS event_trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF pg_catalog.current_query() ~* 'alter\s+extension\s+("?)pg_postback\1\s+update'
+       AND postback.is_distributed()
+       AND coalesce(pg_catalog.current_setting('postback.allow_distributed_update', true), '') <> 'on' THEN
+        RAISE EXCEPTION 'pg_postback''s tables are distributed by Citus: ALTER EXTENSION pg_postback UPDATE would change '
+                        'the coordinator''s tables and not the shards on the worker nodes'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'Nothing was changed on any node.',
+                  HINT = 'Read the new release''s notes, "Upgrading a distributed install": when they say its upgrade '
+                         'handles distributed tables, run SET postback.allow_distributed_update = on; in the same '
+                         'session first. Otherwise stay on this version.';
+    END IF;
+END
+$$;
+
+CREATE EVENT TRIGGER postback_refuse_distributed_update ON ddl_command_start
+    WHEN TAG IN ('ALTER EXTENSION')
+    EXECUTE FUNCTION postback.refuse_distributed_update();
+
+CREATE OR REPLACE FUNCTION postback.refuse_delete_with_deliveries() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    referenced text;
+    shard text;
+BEGIN
+    IF TG_TABLE_NAME = 'endpoints' THEN
+        SELECT format('endpoint %L', o.name) INTO referenced FROM old_rows o
+         WHERE EXISTS (SELECT 1 FROM postback.deliveries d WHERE d.endpoint_id = o.id) LIMIT 1;
+    ELSIF TG_TABLE_NAME = 'conversions' THEN
+        SELECT format('conversion %L', o.transaction_id) INTO referenced FROM old_rows o
+         WHERE EXISTS (SELECT 1 FROM postback.deliveries d WHERE d.conversion_id = o.id) LIMIT 1;
+    ELSIF TG_TABLE_NAME LIKE 'endpoints\_%' THEN
+        -- Citus: a placement of the endpoints reference table, on every node;
+        -- each looks in its own node's shards of deliveries
+        FOR shard IN SELECT postback.local_shards('deliveries') LOOP
+            EXECUTE format('SELECT format(''endpoint %%L'', o.name) FROM old_rows o
+                             WHERE EXISTS (SELECT 1 FROM %s d WHERE d.endpoint_id = o.id) LIMIT 1', shard)
+               INTO referenced;
+            EXIT WHEN referenced IS NOT NULL;
+        END LOOP;
+    ELSE
+        -- Citus: a shard of conversions, its deliveries in the shard beside it
+        EXECUTE format('SELECT format(''conversion %%L'', o.transaction_id) FROM old_rows o
+                         WHERE EXISTS (SELECT 1 FROM %s d WHERE d.conversion_id = o.id) LIMIT 1',
+                       postback.shard_beside(TG_RELID, 'deliveries'))
+           INTO referenced;
+    END IF;
+    IF referenced IS NOT NULL THEN
+        RAISE EXCEPTION 'cannot delete %: it still has deliveries', referenced
+            USING ERRCODE = 'foreign_key_violation',
+                  HINT = CASE WHEN TG_TABLE_NAME LIKE 'endpoints%'
+                      THEN 'Set active = false to stop an endpoint, or delete its deliveries first.'
+                      ELSE 'Delete the conversion''s deliveries first (postback.deliveries), or keep the conversion.' END;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.delete_attempts_of_deleted_deliveries() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'deliveries' THEN
+        -- through attempts' (delivery_id, attempt_no) index: a join with the
+        -- transition table hashed every attempt (3M read to delete 60k)
+        DELETE FROM postback.attempts a WHERE a.delivery_id = ANY (ARRAY(SELECT o.id FROM old_rows o));
+    ELSE
+        -- Citus: a shard of deliveries, its attempts in the shard beside it
+        EXECUTE format('DELETE FROM %s a WHERE a.delivery_id = ANY (ARRAY(SELECT o.id FROM old_rows o))',
+                       postback.shard_beside(TG_RELID, 'attempts'));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.retry(delivery_id bigint) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    current text;
+    is_test boolean;
+    why text;
+BEGIN
+    IF postback.is_distributed() THEN
+        -- Citus locks no rows of a query across shards; resend's UPDATE
+        -- still takes each delivery only in a state it may leave
+        SELECT d.state, d.conversion_id IS NULL INTO current, is_test
+          FROM postback.deliveries d WHERE d.id = retry.delivery_id;
+    ELSE
+        SELECT d.state, d.conversion_id IS NULL INTO current, is_test
+          FROM postback.deliveries d WHERE d.id = retry.delivery_id FOR UPDATE;
+    END IF;
+    IF current IS NULL THEN
+        RAISE EXCEPTION 'unknown delivery id %', delivery_id USING ERRCODE = 'no_data_found';
+    ELSIF current NOT IN ('succeeded', 'dead') THEN
+        RAISE EXCEPTION 'delivery % is % already; only succeeded or dead deliveries are retried', delivery_id, current
+            USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    IF postback.resend(ARRAY[delivery_id]) = 0 THEN
+        SELECT d.last_error INTO why FROM postback.deliveries d WHERE d.id = retry.delivery_id;
+        IF is_test THEN
+            RAISE EXCEPTION 'test delivery % cannot be sent again: its endpoint was edited since, or it never rendered (%)',
+                            delivery_id, coalesce(why, 'no error recorded')
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      HINT = 'Run postback.send_test(endpoint) for a new test request.';
+        END IF;
+        RAISE EXCEPTION 'delivery % does not render, so there is nothing to send: %', delivery_id, why
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Fix the endpoint or the conversion; postback.preview(endpoint, conversion_id) shows what would be sent now.';
+    END IF;
+    RETURN delivery_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.retry_dead(endpoint text, since timestamptz DEFAULT now() - interval '1 day')
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    -- looked up once (on Citus a look-up inside the shards' query is refused)
+    eid bigint := postback.endpoint_id(endpoint);
+BEGIN
+    IF since IS NULL OR since > now() THEN
+        RAISE EXCEPTION 'since must be a time in the past (got %)', since USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN postback.resend(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = eid AND d.state = 'dead' AND d.completed_at >= since));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.replay(endpoint text, since timestamptz, until timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    eid bigint := postback.endpoint_id(endpoint);
+BEGIN
+    IF since IS NULL OR until IS NULL OR since >= until THEN
+        RAISE EXCEPTION 'replay needs since < until (got % and %)', since, until
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- test deliveries (no conversion) are never replayed to the partner
+    RETURN postback.resend(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = eid AND d.state = 'succeeded'
+           AND d.conversion_id IS NOT NULL AND d.created_at >= since AND d.created_at < until));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.pause(endpoint text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    eid bigint := postback.endpoint_id(endpoint);
+BEGIN
+    -- (no coalesce: Citus refuses now() inside one on a reference table)
+    UPDATE postback.endpoints SET paused_at = now() WHERE id = eid AND paused_at IS NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.resume(endpoint text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    eid bigint := postback.endpoint_id(endpoint);
+    was timestamptz;
+BEGIN
+    SELECT paused_at INTO was FROM postback.endpoints WHERE id = eid FOR UPDATE;
+    IF was IS NULL THEN
+        RETURN;
+    END IF;
+    -- (the endpoint first: on Citus a reference table cannot be written after
+    -- a parallel write to the shards in one transaction)
+    UPDATE postback.endpoints SET paused_at = NULL WHERE id = eid;
+    -- the time spent paused does not count against max_age
+    UPDATE postback.deliveries d
+       SET age_credit = coalesce(d.age_credit, interval '0') + (now() - greatest(was, d.created_at))
+     WHERE d.endpoint_id = eid AND d.state = 'pending';
+    PERFORM postback.wake_worker();
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.purge(older_than interval, batch integer DEFAULT 10000,
+                               include_dead boolean DEFAULT false, max_batches integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    total bigint := 0;
+    n integer;
+    rounds integer := 0;
+    distributed boolean := postback.is_distributed();
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval (got %)', older_than USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF batch IS NULL OR batch < 1 OR batch > 1000000 THEN
+        RAISE EXCEPTION 'batch must be between 1 and 1000000 (got %)', batch USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    LOOP
+        -- by primary key (= ANY of an array): an IN (subquery) became a hash
+        -- join over every delivery, so a batch cost the table, not the batch
+        IF NOT distributed THEN
+            DELETE FROM postback.deliveries d
+             WHERE d.id = ANY (ARRAY(SELECT x.id FROM postback.deliveries x
+                                      WHERE x.completed_at < now() - older_than
+                                        AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
+                                      LIMIT batch FOR UPDATE SKIP LOCKED));
+        ELSE
+            -- Citus locks no rows of a query across shards: finished
+            -- deliveries are nobody's to hold anyway
+            DELETE FROM postback.deliveries d
+             WHERE d.id = ANY (ARRAY(SELECT x.id FROM postback.deliveries x
+                                      WHERE x.completed_at < now() - older_than
+                                        AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
+                                      LIMIT batch));
+        END IF;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        total := total + n;
+        rounds := rounds + 1;
+        EXIT WHEN n < batch OR rounds >= coalesce(max_batches, rounds + 1);
+    END LOOP;
+    RETURN total;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.finished_between(since timestamptz, until timestamptz)
+RETURNS TABLE (hour timestamptz, endpoint_id bigint, event text, partner text, succeeded bigint, dead bigint,
+               timed bigint, latency_ms_sum double precision, latency_hist bigint[], attempts bigint)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- on Citus a conversion is found in the shard beside its delivery's (by click_id)
+    RETURN QUERY EXECUTE pg_catalog.format($q$
+    SELECT date_trunc('hour', d.completed_at, 'UTC'), d.endpoint_id, d.event, coalesce(c.partner, ''),
+           count(*) FILTER (WHERE d.state = 'succeeded'),
+           count(*) FILTER (WHERE d.state = 'dead'),
+           count(*) FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0),
+           coalesce(sum(extract(epoch FROM d.completed_at - d.created_at)::float8 * 1000.0)
+                        FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), 0),
+           postback.latency_histogram(coalesce(
+               array_agg(extract(epoch FROM d.completed_at - d.created_at)::float8 * 1000.0)
+                   FILTER (WHERE d.state = 'succeeded' AND d.attempt_offset = 0), '{}')),
+           sum(d.attempts - d.attempt_offset)::bigint
+      FROM postback.deliveries d
+      JOIN postback.conversions c ON c.id = d.conversion_id%s
+     WHERE d.completed_at >= $1 AND d.completed_at < $2
+       AND d.state IN ('succeeded', 'dead')
+     GROUP BY 1, 2, 3, 4$q$,
+        CASE WHEN postback.is_distributed() THEN ' AND c.click_id = d.click_id' ELSE '' END)
+        USING since, until;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.attempt_latency()
+RETURNS TABLE (endpoint_id bigint, p50_ms_1h double precision, p95_ms_1h double precision,
+               p50_ms_24h double precision, p95_ms_24h double precision)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp SET jit = off AS $$
+BEGIN
+    RETURN QUERY EXECUTE pg_catalog.format($q$
+    WITH bounds AS (
+        SELECT date_trunc('hour', now() - interval '24 hours', 'UTC') AS day_since,
+               greatest(date_trunc('hour', now() - interval '24 hours', 'UTC'),
+                        coalesce((SELECT s.attempts_until FROM postback.rollup_state s), '-infinity')) AS rolled),
+    recent AS (
+        SELECT d.endpoint_id, a.started_at, a.duration_ms
+          FROM bounds b, postback.attempts a
+          %s
+         WHERE a.started_at >= least(now() - interval '1 hour', b.rolled) AND a.status_code IS NOT NULL),
+    hour AS (
+        SELECT r.endpoint_id,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY r.duration_ms) AS p50,
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY r.duration_ms) AS p95
+          FROM recent r WHERE r.started_at > now() - interval '1 hour'
+         GROUP BY r.endpoint_id),
+    day AS (
+        SELECT h.endpoint_id, postback.histogram_sum(h.hist) AS hist
+          FROM (SELECT r.endpoint_id, r.duration_hist AS hist
+                  FROM bounds b, postback.attempt_rollup r
+                 WHERE r.hour >= b.day_since AND r.hour < b.rolled
+                UNION ALL
+                SELECT r.endpoint_id, postback.latency_histogram(array_agg(r.duration_ms))
+                  FROM bounds b, recent r
+                 WHERE r.started_at >= b.rolled
+                 GROUP BY r.endpoint_id) h
+         GROUP BY h.endpoint_id)
+    SELECT coalesce(h.endpoint_id, d.endpoint_id), h.p50, h.p95,
+           postback.histogram_quantile(d.hist, 0.5), postback.histogram_quantile(d.hist, 0.95)
+      FROM hour h FULL JOIN day d ON d.endpoint_id = h.endpoint_id$q$,
+        CASE WHEN postback.is_distributed()
+             -- on Citus the delivery is in the shard beside its attempt's (by click_id)
+             THEN 'JOIN postback.deliveries d ON d.click_id = a.click_id AND d.id = a.delivery_id'
+             ELSE 'CROSS JOIN LATERAL (SELECT x.endpoint_id FROM postback.deliveries x
+                                       WHERE x.id = a.delivery_id LIMIT 1) d' END);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.rerender_queue() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    shard text;
+BEGIN
+    IF TG_TABLE_NAME <> 'endpoints' THEN
+        -- Citus: a placement of the endpoints reference table, on every node.
+        -- A statement there may name only this node's shards: its queued
+        -- tests die as below; queued postbacks keep the request they were
+        -- rendered with (resend renders a finished one anew)
+        FOR shard IN SELECT postback.local_shards('deliveries') LOOP
+            EXECUTE pg_catalog.format(
+                'UPDATE %s d SET state = ''dead'', completed_at = now(), rendered = false,
+                        last_error = ''the endpoint was edited after this test was queued; run postback.send_test again''
+                  WHERE d.endpoint_id = $1 AND d.state = ''pending'' AND d.conversion_id IS NULL', shard) USING NEW.id;
+        END LOOP;
+        RETURN NULL;
+    END IF;
+    PERFORM postback.rerender(ARRAY(
+        SELECT d.id FROM postback.deliveries d
+         WHERE d.endpoint_id = NEW.id AND d.state IN ('pending', 'in_flight') AND d.conversion_id IS NOT NULL));
+    UPDATE postback.deliveries d
+       SET state = 'dead', completed_at = now(), rendered = false,
+           last_error = 'the endpoint was edited after this test was queued; run postback.send_test again'
+     WHERE d.endpoint_id = NEW.id AND d.state = 'pending' AND d.conversion_id IS NULL;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.explain(conversion_id bigint)
+RETURNS TABLE (endpoint text, fired boolean, reason text, delivery_ids bigint[], announced text[],
+               states text[], attempts integer, next_attempt_at timestamptz, last_error text, held_by text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    c postback.conversions;
+BEGIN
+    SELECT * INTO c FROM postback.conversions x WHERE x.id = explain.conversion_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown conversion id %', conversion_id
+            USING ERRCODE = 'no_data_found', HINT = 'postback.explain(transaction_id) takes a transaction id.';
+    END IF;
+    RETURN QUERY
+    -- the conversion's deliveries per endpoint first, then the endpoints (on
+    -- Citus a lateral outer join of a reference table with shards is refused)
+    WITH d AS MATERIALIZED (
+           SELECT x.endpoint_id, array_agg(x.id ORDER BY x.id) AS ids, array_agg(x.status ORDER BY x.id) AS announced,
+                  array_agg(x.state ORDER BY x.id) AS states, sum(x.attempts)::integer AS attempts,
+                  min(x.next_attempt_at) FILTER (WHERE x.state = 'pending') AS next_at,
+                  (array_agg(x.last_error ORDER BY x.id DESC))[1] AS last_error
+             FROM postback.deliveries x
+            WHERE x.conversion_id = c.id
+            GROUP BY x.endpoint_id)
+    SELECT e.name,
+           d.ids IS NOT NULL,
+           CASE
+             WHEN d.ids IS NOT NULL AND r.filtered_out_by IS NOT NULL
+                 THEN 'fired for an earlier status; not for the current one: ' || r.filtered_out_by
+             WHEN d.ids IS NOT NULL THEN 'fired'
+             WHEN NOT e.active THEN 'not fired: the endpoint is inactive (active = false)'
+             WHEN r.filtered_out_by IS NOT NULL THEN 'not fired: ' || r.filtered_out_by
+             WHEN e.created_at > c.created_at
+                 THEN format('not fired: the endpoint was created at %s, after the conversion (%s)', e.created_at, c.created_at)
+             ELSE format('not fired: its filters match now but did not when the conversion was written '
+                         '(the endpoint was last changed at %s)', e.updated_at)
+           END,
+           d.ids, d.announced, d.states, d.attempts, d.next_at, d.last_error,
+           postback.held_by(e.id)
+      FROM postback.endpoints e
+      LEFT JOIN postback.explain_routing(c.id) r ON r.endpoint_id = e.id
+      LEFT JOIN d ON d.endpoint_id = e.id
+     ORDER BY d.ids IS NULL, e.name;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION postback.grant_analyst(role regrole) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    readable text;
+BEGIN
+    IF role IS NULL THEN
+        RAISE EXCEPTION 'role must not be NULL' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO readable
+      FROM pg_attribute a
+     WHERE a.attrelid = 'postback.endpoints'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attname <> 'headers';
+    EXECUTE format('GRANT USAGE ON SCHEMA postback TO %s', role);
+    EXECUTE format('GRANT SELECT ON postback.conversions, postback.deliveries, postback.attempts, '
+                   'postback.conversion_duplicates, postback.clicks, postback.endpoint_state, '
+                   'postback.delivery_summary, postback.match_rate, postback.endpoint_health, '
+                   'postback.metrics, postback.dead_letters, postback.delivery_rollup, postback.conversion_rollup, '
+                   'postback.attempt_rollup, postback.rollup_state, postback.watches TO %s', role);
+    EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
+                   'postback.cluster_worker_status(), '
+                   'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);
+END
+$$;
+
+REVOKE EXECUTE ON FUNCTION postback.distribute(integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.citus_prepare_node() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.citus_views() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.cluster_worker_status() FROM PUBLIC;
+COMMENT ON FUNCTION postback.is_distributed() IS 'True when pg_postback''s tables are distributed by Citus (postback.distribute() has run).';
+COMMENT ON FUNCTION postback.shard_beside(regclass, text) IS 'Internal: for a trigger''s relation, the table a statement there may name for a pg_postback table: on a Citus shard the co-located shard, elsewhere postback.<table>.';
+COMMENT ON FUNCTION postback.local_shards(text) IS 'Internal: this node''s shards of a distributed pg_postback table (none when the tables are not distributed).';
+COMMENT ON FUNCTION postback.citus_prepare_node() IS 'Internal: one node''s part of postback.distribute() (keys that include click_id, click_id required on deliveries and attempts); idempotent.';
+COMMENT ON FUNCTION postback.distribute(integer) IS 'Citus, on the coordinator: distributes clicks, conversions, deliveries and attempts by click_id (co-located, shard_count shards) and makes endpoints and endpoint_secrets reference tables; each node''s worker then delivers its own shards. Refuses without Citus, off the coordinator, or when a worker node lacks or does not preload pg_postback.';
+COMMENT ON FUNCTION postback.citus_views() IS 'Internal to distribute: redefines the views whose joins Citus runs only on the distribution column (dead_letters: the conversion and attempts found by click_id beside the delivery), with the same columns.';
+COMMENT ON FUNCTION postback.cluster_worker_status() IS 'Every node''s pg_postback workers seen from the Citus coordinator (each node''s worker_status(), with the node as host:port; an unreachable node is one row saying so). Without Citus, this node''s. Granted with worker_status.';
+COMMENT ON FUNCTION postback.refuse_distributed_update() IS 'Event trigger: refuses ALTER EXTENSION pg_postback UPDATE while the tables are distributed by Citus (the update would miss the shards), unless postback.allow_distributed_update = on says the new release''s upgrade handles them.';
+COMMENT ON EVENT TRIGGER postback_refuse_distributed_update IS 'Refuses ALTER EXTENSION pg_postback UPDATE on a distributed install (see postback.refuse_distributed_update).';

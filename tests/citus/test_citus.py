@@ -1,4 +1,4 @@
-"""pg_postback on Citus, coordinator-only mode (make citus-test; not part of make test).
+"""pg_postback on Citus, coordinator-only mode and distributed mode (make citus-test; not part of make test).
 
 A coordinator and two worker nodes on one machine (Citus 13.2.2 from ../shared/citus,
 built and installed when missing). Only the coordinator preloads pg_postback:
@@ -10,6 +10,12 @@ to the coordinator, and its worker delivers. Shown here:
   in order, and the views answer;
 - on a worker node, writes to pg_postback's tables are refused with a message naming the
   coordinator (read_only_sql_transaction), and its copies stay empty.
+
+Distributed mode (postback.distribute(), every node preloading pg_postback): the triggers
+run on the shards, each node delivers its own shards (20,000 conversions each delivered
+once by the node holding it), a SIGKILLed worker and a node added with shards rebalanced
+mid-run lose nothing, operators work from the coordinator, and an update that would miss
+the shards is refused.
 """
 
 import os
@@ -551,8 +557,10 @@ def test_distribute_keeps_what_was_there_and_operators_work_from_the_coordinator
             assert conn.execute("SELECT postback.distribute()").fetchone()[0] == "distributed already"
             assert conn.execute("SELECT count(*), count(*) FILTER (WHERE click_id = '') FROM postback.deliveries"
                                 ).fetchone() == (11, 1)
+            # every attempt from before beside its delivery
             assert conn.execute("SELECT count(*) FROM postback.attempts a JOIN postback.deliveries d "
-                                "ON d.click_id = a.click_id AND d.id = a.delivery_id").fetchone()[0] == 11
+                                "ON d.click_id = a.click_id AND d.id = a.delivery_id").fetchone()[0] == \
+                conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0] >= 11
             conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
                          "SELECT 'k' || g, 'post-' || g FROM generate_series(1, 20) g")
             coordinator.wait_for(lambda: len(r.seen("/o")) == 31, what="20 more")
@@ -599,6 +607,22 @@ def test_distribute_keeps_what_was_there_and_operators_work_from_the_coordinator
             assert conn.execute("SELECT postback.purge(interval '0')").fetchone()[0] == 32
             assert conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0] == 0, \
                 "the purged deliveries' attempts went with them (in the shard beside each)"
+        # an update whose script knows nothing of shards is refused before it starts, on every node
+        sharedir = subprocess.check_output([PG_CONFIG, "--sharedir"]).decode().strip()
+        script = os.path.join(sharedir, "extension", "pg_postback--0.3.0--0.3.0-citus-test.sql")
+        with open(script, "w") as f:
+            f.write("CREATE TABLE postback.would_miss_the_shards ();\n")
+        try:
+            with coordinator.connect() as conn:
+                with pytest.raises(psycopg.errors.FeatureNotSupported) as e:
+                    conn.execute("ALTER EXTENSION pg_postback UPDATE TO '0.3.0-citus-test'")
+                assert "distributed by Citus" in str(e.value) and "allow_distributed_update" in e.value.diag.message_hint
+            for n in [coordinator] + workers:
+                with n.connect() as conn:
+                    assert conn.execute("SELECT extversion, to_regclass('postback.would_miss_the_shards') "
+                                        "FROM pg_extension WHERE extname = 'pg_postback'").fetchone() == ("0.3.0", None)
+        finally:
+            os.unlink(script)
     finally:
         r.stop()
 
@@ -642,6 +666,7 @@ def test_distributed_20000_conversions_each_delivered_once_by_the_node_holding_i
             elapsed = time.monotonic() - started
             assert conn.execute("SELECT count(DISTINCT id), count(DISTINCT idempotency_key) FROM postback.deliveries"
                                 ).fetchone() == (22000, 22000)
+            assert conn.execute("SELECT count(DISTINCT id) FROM postback.conversions").fetchone()[0] == 20000
             attempts, distinct = conn.execute("SELECT count(*), count(DISTINCT id) FROM postback.attempts").fetchone()
             assert attempts == distinct >= 22000
             # every attempt recorded: one success per delivery (a failed attempt, retried, is allowed)

@@ -248,3 +248,15 @@ def test_autovacuum_sees_the_workers_writes(cluster, receiver):
             "WHERE a.relid = 'postback.attempts'::regclass AND d.relid = 'postback.deliveries'::regclass",
             (before,)).fetchone()[0] is True,
             timeout=10, what="the worker's writes in pg_stat_user_tables")
+
+
+def test_without_citus_distribute_refuses_and_cluster_worker_status_shows_this_node(cluster):
+    """Distributed mode needs Citus: without it distribute() refuses (feature_not_supported)
+    and changes nothing; cluster_worker_status() answers with this node's workers."""
+    with cluster.connect() as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as e:
+            conn.execute("SELECT postback.distribute()")
+        assert "needs Citus" in str(e.value)
+        assert conn.execute("SELECT postback.is_distributed()").fetchone()[0] is False
+        rows = conn.execute("SELECT node, role, running FROM postback.cluster_worker_status()").fetchall()
+        assert ("this node", "delivery", True) in rows and ("this node", "maintenance", True) in rows, rows
