@@ -266,10 +266,10 @@ pub(super) const INSERT_DUPLICATES: &str = "INSERT INTO postback.conversion_dupl
 pub(super) const EXTENSION_VERSION: &str =
     "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'pg_postback'";
 
-/// The session's application_name (pg_restore names its own).
 /// Whether pg_postback's tables are distributed by Citus (postback.distribute()).
 pub(super) const IS_DISTRIBUTED: &str = "SELECT postback.is_distributed()";
 
+/// The session's application_name (pg_restore names its own).
 pub(super) const APPLICATION_NAME: &str = "SELECT pg_catalog.current_setting('application_name')";
 
 /// The INSERT that writes a chunk of deliveries (`conversions::Pending`). `legacy`:
