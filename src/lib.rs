@@ -76,6 +76,7 @@ pub extern "C-unwind" fn _PG_init() {
     gucs::init();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         worker::shared::init();
+        worker::shared::wake_on_commit_prepared();
         worker::register();
     }
 }

@@ -454,6 +454,18 @@ impl<T> Scheduler<T> {
         out
     }
 
+    /// A claim for new work (a commit woke the worker, or the poll) leaves out
+    /// the endpoints without room for a batch (`blocked`): what that commit
+    /// brought for them may be due, so each is claimed on its own as soon as
+    /// half its room is free, as if the last claim had filled it up.
+    pub fn new_work_skipped(&mut self, now_us: i64) {
+        for slot in self.slots.values_mut() {
+            if !slot.slow && !slot.claimable(now_us) {
+                slot.backlogged = true;
+            }
+        }
+    }
+
     /// After a claim: which endpoints it filled up. `asked` are the rooms the
     /// claim was given; `got` how many each received. An endpoint that got
     /// what it asked for, or that was filled up, probably has more due.
@@ -736,6 +748,24 @@ mod tests {
         assert_eq!(s.rooms(1), vec![], "the last claim did not fill it up: nothing more is due");
         s.claimed(&[(1, 66)], &[(1, 66)].into_iter().collect(), false, 1);
         assert_eq!(s.rooms(1), vec![(1, 65)], "one still in flight");
+    }
+
+    #[test]
+    fn new_work_for_an_endpoint_without_room_is_claimed_once_it_has_room() {
+        let mut s = sched(&[(1, 2, None), (2, 2, None)]);
+        // 1 is busy (all it may hold is here), the last claim got all that was due
+        for i in 0..66 {
+            s.offer(1, i, 0).unwrap();
+        }
+        s.claimed(&[], &[(1, 66)].into_iter().collect(), false, 0);
+        assert_eq!(s.blocked(0), vec![1]);
+        // a commit brings more for 1: the claim for new work leaves 1 out (no room)
+        s.new_work_skipped(0);
+        while s.next_ready(1).is_some() {
+            s.finished(1, 0, Health::Success, 1, "");
+        }
+        assert_eq!(s.rooms(1), vec![(1, 66)], "claimed on its own once it has room again");
+        assert!(s.rooms(1).iter().all(|(id, _)| *id != 2), "2 had room: the claim for new work looked at it");
     }
 
     #[test]

@@ -96,6 +96,10 @@ impl Worker {
                 return;
             }
         };
+        if self.fresh_work {
+            // endpoints left out for want of room may have new work too
+            self.scheduler.new_work_skipped(now);
+        }
         self.remember_endpoints(&refreshed, fresh, now, now_instant);
         // more may be due if the claim was full or left endpoints out
         let full = claimed.len() >= limit;

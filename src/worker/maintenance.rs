@@ -83,8 +83,11 @@ fn disable_failing() {
 impl Worker {
     /// Expired leases, a schema that changed version.
     pub(super) fn housekeeping(&mut self) {
-        // shards a rebalance moved in are claimed from, those moved away no longer
-        refresh_tables();
+        // shards a rebalance moved in are claimed from, those moved away no
+        // longer; what a moved-in shard brought was announced by no commit here
+        if refresh_tables() {
+            self.maybe_due = true;
+        }
         let holding: Vec<i64> = self
             .in_flight
             .values()

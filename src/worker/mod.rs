@@ -109,7 +109,7 @@ fn deliver(share: Share, mut schema: SchemaWait) {
             shared::mine(|s| s.state.set("delivering"));
             worker.start();
         }
-        worker.step(poll);
+        worker.step(poll, last_housekeeping + HOUSEKEEPING_EVERY);
         if last_housekeeping.elapsed() >= HOUSEKEEPING_EVERY {
             last_housekeeping = Instant::now();
             worker.housekeeping();
@@ -242,13 +242,18 @@ impl SchemaWait {
 
 /// Finds where the queue is (pg_postback's tables, or this node's Citus shards)
 /// and says it in worker_status.
-fn refresh_tables() {
+/// True when the tables are distributed (this node's shards were looked up).
+fn refresh_tables() -> bool {
     match txn::run("finding this node's shards", queue::refresh_tables) {
-        Ok(None) => {}
+        Ok(None) => false,
         Ok(Some(n)) => {
-            shared::mine(|s| s.state.set(&format!("delivering: {n} Citus shards of postback.deliveries on this node")))
+            shared::mine(|s| s.state.set(&format!("delivering: {n} Citus shards of postback.deliveries on this node")));
+            true
         }
-        Err(e) => note_error(&e),
+        Err(e) => {
+            note_error(&e);
+            false
+        }
     }
 }
 
@@ -405,8 +410,9 @@ impl Worker {
         self.pool.size().saturating_sub(self.in_flight.len())
     }
 
-    /// One pass: take finished results, record them, claim, send, wait.
-    fn step(&mut self, poll: Duration) {
+    /// One pass: take finished results, record them, claim, send, wait (at
+    /// most until `housekeeping_at`: a lease to reclaim, a shard moved in).
+    fn step(&mut self, poll: Duration, housekeeping_at: Instant) {
         shared::mine(|s| s.last_wake = crate::rules::text::unix_micros_now());
         // 1. results that finished, judged and recorded together: at once when
         //    nothing else is out, else once RECORD_WITHIN has passed or a
@@ -451,6 +457,7 @@ impl Worker {
         if let Some(t) = self.next_due {
             wait = wait.min(t.saturating_duration_since(Instant::now()));
         }
+        wait = wait.min(housekeeping_at.saturating_duration_since(Instant::now()));
         if let Some(t) = self.scheduler.next_wakeup(now) {
             wait = wait.min(Duration::from_micros((t - now).max(0) as u64));
         }

@@ -220,7 +220,11 @@ unsafe extern "C-unwind" fn on_xact_event(event: pg_sys::XactEvent::Type, _arg: 
         {
             wake();
         }
-        pg_sys::XactEvent::XACT_EVENT_ABORT | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT => {
+        // a prepared transaction's rows are seen once COMMIT PREPARED ran, in
+        // whichever session runs it (see on_utility)
+        pg_sys::XactEvent::XACT_EVENT_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PARALLEL_ABORT
+        | pg_sys::XactEvent::XACT_EVENT_PREPARE => {
             WAKE_AT_COMMIT.store(false, Ordering::Relaxed);
         }
         _ => {}
@@ -237,4 +241,49 @@ pub fn wake_at_commit() {
         unsafe { pg_sys::RegisterXactCallback(Some(on_xact_event), std::ptr::null_mut()) };
     }
     WAKE_AT_COMMIT.store(true, Ordering::Relaxed);
+}
+
+static mut PREVIOUS_UTILITY_HOOK: pg_sys::ProcessUtility_hook_type = None;
+
+/// Makes COMMIT PREPARED wake the delivery workers of its database. A
+/// transaction that enqueued deliveries and was prepared (two-phase commit:
+/// Citus writing to several nodes, or a transaction manager) becomes visible
+/// only then, often in another session than the one that wrote it. Any
+/// COMMIT PREPARED wakes them (the transaction's writes are no longer known
+/// there); a wake that finds nothing costs one claim query. Installed when
+/// pg_postback is preloaded.
+pub fn wake_on_commit_prepared() {
+    unsafe {
+        PREVIOUS_UTILITY_HOOK = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(on_utility);
+    }
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn on_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    query_env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    let statement = unsafe { (*pstmt).utilityStmt };
+    let commit_prepared = !statement.is_null()
+        && unsafe { (*statement).type_ } == pg_sys::NodeTag::T_TransactionStmt
+        && unsafe { (*(statement as *mut pg_sys::TransactionStmt)).kind }
+            == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
+    match unsafe { PREVIOUS_UTILITY_HOOK } {
+        Some(previous) => unsafe { previous(pstmt, query, read_only_tree, context, params, query_env, dest, qc) },
+        None => unsafe {
+            pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, query_env, dest, qc)
+        },
+    }
+    if commit_prepared {
+        // COMMIT PREPARED runs in a transaction of its own: wake as it ends
+        wake_at_commit();
+    }
 }

@@ -48,12 +48,12 @@ def ensure_citus():
         subprocess.run(["bash", os.path.join(CITUS, "build.sh")], check=True)
 
 
-def start_cluster(made, version=None, settings=None, workers_preload="'citus'"):
+def start_cluster(made, version=None, settings=None, workers_preload="'citus'", every_node=None):
     """A coordinator (preloading citus and pg_postback) and two workers (citus only, unless
     `workers_preload` says otherwise), with pg_postback created on the coordinator (at
-    `version`, or the current one)."""
+    `version`, or the current one). `settings` go to the coordinator, `every_node` to all."""
     ensure_citus()
-    common = {"max_worker_processes": "32", "max_prepared_transactions": "100"}
+    common = dict({"max_worker_processes": "32", "max_prepared_transactions": "100"}, **(every_node or {}))
     coordinator = Cluster.create(settings=dict(common, shared_preload_libraries="'citus,pg_postback'",
                                                 **(settings or {})))
     workers = [Cluster.create(settings=dict(common, shared_preload_libraries=workers_preload)) for _ in range(2)]
@@ -344,10 +344,14 @@ def test_distributed_each_node_delivers_the_deliveries_of_its_shards(citus_fresh
     """Every node preloads pg_postback: each worker node's worker claims from its own
     deliveries shards (through postback.node_deliveries, which they inherit), sends, and
     records each attempt in the attempts shard beside the delivery's; the coordinator,
-    holding no shard, sends nothing. Each conversion is delivered exactly once."""
-    coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'")
+    holding no shard, sends nothing. Each conversion is delivered exactly once. The
+    workers' fallback poll is 30 s: a statement writing both worker nodes commits there in
+    two phases, and COMMIT PREPARED wakes each node's worker."""
+    coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'",
+                                       every_node={"postback.poll_interval": "'30s'"})
     distribute(coordinator)
     wait_for_shards([coordinator] + workers)
+    time.sleep(1)  # the workers asleep on their 30 s poll
     with coordinator.connect() as conn:
         assert conn.execute("SELECT state FROM postback.worker_status() WHERE role = 'delivery'").fetchone()[0] == \
             "delivering: 0 Citus shards of postback.deliveries on this node"
@@ -364,6 +368,11 @@ def test_distributed_each_node_delivers_the_deliveries_of_its_shards(citus_fresh
                     copy.write_row((f"k{g}", f"d-{g}"))
             coordinator.wait_for(lambda: len(r.seen("/d")) >= 300, timeout=60, what="300 deliveries")
             elapsed = time.monotonic() - started
+            # the COPY commits while each node's endpoint is busy with the INSERT's
+            # deliveries: they follow at once, not at the next housekeeping round (5 s)
+            times = sorted(g["time"] for g in r.seen("/d"))
+            gap = max(b - a for a, b in zip(times, times[1:]))
+            assert gap < 1.5, f"deliveries stopped for {gap:.1f} s: a commit's were left to a poll"
             time.sleep(1)
             sent = sorted(g["query"]["tx"] for g in r.seen("/d"))
             assert sent == sorted(f"d-{g}" for g in range(1, 301)), "each exactly once"
@@ -385,8 +394,23 @@ def test_distributed_each_node_delivers_the_deliveries_of_its_shards(citus_fresh
                 assert attempts == mine
                 per_node.append(mine)
         assert sum(per_node) == 300 and all(n > 0 for n in per_node), per_node
+        # a statement writing both worker nodes commits there in two phases: COMMIT
+        # PREPARED wakes each node's worker (else the 30 s poll, or a housekeeping round
+        # every 5 s, would find them); three rounds, at moments of their own
+        took = []
+        with coordinator.connect() as conn:
+            for n in range(3):
+                time.sleep(0.7 + n)
+                conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                             "SELECT 'k' || g, %s || g FROM generate_series(1, 20) g", (f"tpc{n}-",))
+                committed = time.monotonic()
+                coordinator.wait_for(lambda: len(r.seen("/d")) >= 300 + 20 * (n + 1), timeout=30,
+                                     interval=0.01, what="20 deliveries on both worker nodes")
+                took.append(time.monotonic() - committed)
+        assert max(took) < 1.5, f"{took}: a poll found them, the two-phase commits did not wake the workers"
         print(f"\ndelivered by node: {per_node}; {300 / elapsed:.0f} deliveries/s in total "
-              f"(one machine, three nodes: correctness, not speed)")
+              f"(one machine, three nodes: correctness, not speed); two-phase commit to delivery: "
+              f"{', '.join(f'{t * 1000:.0f} ms' for t in took)}")
     finally:
         r.stop()
 

@@ -201,6 +201,51 @@ def test_a_commit_wakes_the_worker_without_polling(make_cluster, receiver):
     assert len(receiver.seen("/wake")) == 1
 
 
+def test_commit_prepared_in_another_session_wakes_the_worker(make_cluster, receiver):
+    """Two-phase commit (Citus writing to several nodes, a transaction manager): the
+    deliveries become visible at COMMIT PREPARED, often run by another session."""
+    c = make_cluster(settings={"postback.poll_interval": "'60s'", "max_prepared_transactions": "10"})
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_postback")
+        name = endpoint(conn, receiver.url("/prepared?c={click_id}"))
+        time.sleep(1.5)
+    with c.connect() as writer:
+        writer.execute("BEGIN")
+        convert(writer)
+        writer.execute("PREPARE TRANSACTION 'pg_postback_e2e'")
+        # prepared, not committed: nothing to send yet
+        time.sleep(1.0)
+        assert receiver.seen("/prepared") == []
+        with c.connect() as other:
+            other.execute("COMMIT PREPARED 'pg_postback_e2e'")
+            wait_finished(c, other, name, 1, timeout=10)
+    assert len(receiver.seen("/prepared")) == 1
+
+
+def test_a_commit_for_an_endpoint_busy_with_an_earlier_batch_is_not_left_to_the_poll(make_cluster, receiver):
+    """The claim a commit wakes skips endpoints without room for a batch; what that commit
+    brought for them is claimed as soon as they have room again, not at the next poll (60 s
+    here) or housekeeping round (every 5 s)."""
+    c = make_cluster(settings={"postback.poll_interval": "'60s'"})
+    receiver.script("/busy", {"delay": 0.05, "status": 200})
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_postback")
+        name = endpoint(conn, receiver.url("/busy?tx={transaction_id}"), max_in_flight=1)
+        # one answer first: past the slow start, the endpoint may hold 65
+        convert(conn)
+        wait_finished(c, conn, name, 1, timeout=10)
+        first = convert(conn, 40)
+        # the worker holds all 40 (more than half of what the endpoint may hold), one on the wire
+        c.wait_for(lambda: len(receiver.seen("/busy")) >= 2, what="the first batch on the wire")
+        second = convert(conn, 10)
+        wait_finished(c, conn, name, 51, timeout=20)
+    seen = receiver.seen("/busy")
+    last_of_first = max(g["time"] for g in seen if g["query"]["tx"].startswith(first + "-"))
+    first_of_second = min(g["time"] for g in seen if g["query"]["tx"].startswith(second + "-"))
+    assert first_of_second - last_of_first < 1.0, \
+        f"the second batch waited {first_of_second - last_of_first:.1f} s after the first: found by a poll"
+
+
 def slow_batch_in_flight(c, receiver, path):
     """A fresh database with 40 slow deliveries, some of them on the wire."""
     receiver.script(path, {"delay": 1.0, "status": 200})
