@@ -210,6 +210,11 @@ BEGIN
                   HINT = 'Every node needs shared_preload_libraries = ''citus,pg_postback'' and pg_postback '
                          || version || ' (CREATE EXTENSION on the coordinator installs it on every node).';
     END IF;
+    -- every table it changes, at once and first: a worker claiming or recording meanwhile
+    -- waits for the commit instead of holding a table this transaction reaches for later
+    -- (a deadlock that undid the whole call)
+    LOCK TABLE postback.deliveries, postback.attempts, postback.conversions, postback.clicks,
+               postback.endpoints, postback.endpoint_secrets IN ACCESS EXCLUSIVE MODE;
     -- (only the coordinator holds rows) deliveries and attempts written before: their conversion's click (a test
     -- delivery, which has none, gets '')
     UPDATE postback.deliveries d SET click_id = c.click_id

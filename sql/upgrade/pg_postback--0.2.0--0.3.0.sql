@@ -1029,16 +1029,24 @@ BEGIN
       FROM postback.rollup_state s FOR UPDATE;
     since := coalesce(since, date_trunc('hour', now() - interval '24 hours', 'UTC'));
     IF until > since THEN
+        EXECUTE pg_catalog.format($q$
         INSERT INTO postback.attempt_rollup AS r (hour, endpoint_id, attempts, duration_hist)
         SELECT date_trunc('hour', a.started_at, 'UTC'), d.endpoint_id, count(*),
                postback.latency_histogram(array_agg(a.duration_ms))
           FROM postback.attempts a
-          CROSS JOIN LATERAL (SELECT x.endpoint_id FROM postback.deliveries x WHERE x.id = a.delivery_id LIMIT 1) d
-         WHERE a.started_at >= since AND a.started_at < until AND a.status_code IS NOT NULL
+          %s
+         WHERE a.started_at >= $1 AND a.started_at < $2 AND a.status_code IS NOT NULL
          GROUP BY 1, 2
         ON CONFLICT (hour, endpoint_id) DO UPDATE
            SET attempts = r.attempts + excluded.attempts,
-               duration_hist = postback.histogram_add(r.duration_hist, excluded.duration_hist);
+               duration_hist = postback.histogram_add(r.duration_hist, excluded.duration_hist)$q$,
+            CASE WHEN postback.is_distributed()
+                 -- on Citus the delivery is in the shard beside the attempt's: a join on
+                 -- its key (click_id, id), which Citus runs shard by shard
+                 THEN 'JOIN postback.deliveries d ON d.click_id = a.click_id AND d.id = a.delivery_id'
+                 ELSE 'CROSS JOIN LATERAL (SELECT x.endpoint_id FROM postback.deliveries x
+                                            WHERE x.id = a.delivery_id LIMIT 1) d' END)
+        USING since, until;
         INSERT INTO postback.rollup_state AS s (rolled_until, attempts_until) VALUES ('-infinity', until)
         ON CONFLICT (singleton) DO UPDATE SET attempts_until = excluded.attempts_until;
     END IF;
@@ -2228,6 +2236,11 @@ BEGIN
                   HINT = 'Every node needs shared_preload_libraries = ''citus,pg_postback'' and pg_postback '
                          || version || ' (CREATE EXTENSION on the coordinator installs it on every node).';
     END IF;
+    -- every table it changes, at once and first: a worker claiming or recording meanwhile
+    -- waits for the commit instead of holding a table this transaction reaches for later
+    -- (a deadlock that undid the whole call)
+    LOCK TABLE postback.deliveries, postback.attempts, postback.conversions, postback.clicks,
+               postback.endpoints, postback.endpoint_secrets IN ACCESS EXCLUSIVE MODE;
     -- (only the coordinator holds rows) deliveries and attempts written before: their conversion's click (a test
     -- delivery, which has none, gets '')
     UPDATE postback.deliveries d SET click_id = c.click_id

@@ -14,8 +14,12 @@ pub(super) fn run(mut schema: SchemaWait) {
     let mut last_rollup = Instant::now() - ROLLUP_EVERY + Duration::from_secs(5);
     let mut last_disable = Instant::now() - HOUSEKEEPING_EVERY;
     let mut ready = false;
-    let mut distributed = false;
-    let mut last_distributed_check = Instant::now();
+    // distributed by Citus, a worker node only deactivates the endpoints its
+    // own deliveries found failing; the coordinator rolls up and purges the
+    // distributed tables through Citus (roll-up and purge are one job, so
+    // that nothing is purged before it is counted)
+    let mut rolls_up = true;
+    let mut last_role_check = Instant::now();
     while !shutdown_requested() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
@@ -24,32 +28,37 @@ pub(super) fn run(mut schema: SchemaWait) {
             ready = false;
             continue;
         }
-        if !ready || last_distributed_check.elapsed() >= HOUSEKEEPING_EVERY {
+        if !ready || last_role_check.elapsed() >= HOUSEKEEPING_EVERY {
             ready = true;
-            last_distributed_check = Instant::now();
-            distributed = match txn::run("checking for Citus", queue::tables_are_distributed) {
-                Ok(d) => d,
-                Err(e) => {
-                    note_error(&e);
-                    false
-                }
-            };
+            last_role_check = Instant::now();
+            let role =
+                txn::run("checking for Citus", || Ok((queue::tables_are_distributed()?, queue::on_coordinator()?)));
+            let (distributed, coordinator) = role.unwrap_or_else(|e| {
+                note_error(&e);
+                (false, true)
+            });
+            rolls_up = !distributed || coordinator;
             shared::mine(|s| {
-                s.state.set(if distributed {
-                    "idle: pg_postback's tables are distributed by Citus; roll-up, purge and auto-disable \
-                     of distributed tables are not done yet"
-                } else {
-                    "maintaining: roll-up every minute, purge every hour, auto-disable"
+                s.state.set(match (distributed, coordinator) {
+                    (false, _) => "maintaining: roll-up every minute, purge every hour, auto-disable",
+                    (true, true) => {
+                        "maintaining the Citus cluster: roll-up every minute, purge every hour (through Citus); \
+                         auto-disable of the endpoints this node's deliveries found failing"
+                    }
+                    (true, false) => {
+                        "maintaining: auto-disable of the endpoints this node's deliveries found failing \
+                         (the coordinator rolls up and purges)"
+                    }
                 })
             });
-        }
-        if distributed {
-            wait_latch(Duration::from_secs(5));
-            continue;
         }
         if last_disable.elapsed() >= HOUSEKEEPING_EVERY {
             last_disable = Instant::now();
             disable_failing();
+        }
+        if !rolls_up {
+            wait_latch(Duration::from_secs(1));
+            continue;
         }
         if last_rollup.elapsed() >= ROLLUP_EVERY {
             last_rollup = Instant::now();

@@ -911,22 +911,50 @@ pub fn forget_slow(share: Share) -> SpiResult<()> {
 }
 
 /// Deactivates endpoints that have failed for longer than `after_secs`, and
-/// announces it (state "disabled"). Returns how many.
+/// announces it (state "disabled"). Returns how many. The failing endpoints
+/// are found first, then deactivated by id: on Citus endpoint_state is this
+/// node's own table and endpoints a reference table, which one statement may
+/// not join.
 pub fn disable_failing(after_secs: i64) -> SpiResult<i64> {
+    let failing = Spi::get_one_with_args::<Vec<i64>>(
+        "SELECT coalesce(array_agg(s.endpoint_id), '{}') FROM postback.endpoint_state s
+          WHERE s.failing_since < now() - make_interval(secs => $1::float8)",
+        &[(after_secs as f64).into()],
+    )?
+    .unwrap_or_default();
+    if failing.is_empty() {
+        return Ok(0);
+    }
+    let off = Spi::get_one_with_args::<Vec<i64>>(
+        "WITH off AS (UPDATE postback.endpoints e SET active = false
+                        WHERE e.id = ANY ($1) AND e.active RETURNING e.id)
+         SELECT coalesce(array_agg(off.id), '{}') FROM off",
+        &[failing.into()],
+    )?
+    .unwrap_or_default();
+    if off.is_empty() {
+        return Ok(0);
+    }
     Spi::get_one_with_args::<i64>(
         &format!(
-            "WITH off AS (
-             UPDATE postback.endpoints e SET active = false
-               FROM postback.endpoint_state s
-              WHERE s.endpoint_id = e.id AND e.active
-                AND s.failing_since < now() - make_interval(secs => $1::float8)
-          RETURNING e.id)
-         SELECT count(pg_notify('postback_alerts', {})) FROM off",
+            "SELECT count(pg_notify('postback_alerts', {})) FROM unnest($1::bigint[]) AS off(id)",
             alert_payload("off.id", "'disabled'", "'open'", "now()")
         ),
-        &[(after_secs as f64).into()],
+        &[off.into()],
     )
     .map(|n| n.unwrap_or(0))
+}
+
+/// Whether this node is the Citus coordinator (or Citus is not there): the
+/// node whose maintenance worker rolls up and purges the distributed tables.
+pub fn on_coordinator() -> SpiResult<bool> {
+    if Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_local_group') IS NOT NULL")?
+        != Some(true)
+    {
+        return Ok(true);
+    }
+    Spi::get_one::<bool>("SELECT (SELECT g.groupid = 0 FROM pg_catalog.pg_dist_local_group g)")
+        .map(|c| c.unwrap_or(true))
 }
 
 /// Milliseconds until the earliest scheduled retry of this worker's

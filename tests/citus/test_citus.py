@@ -628,6 +628,34 @@ def test_distribute_keeps_what_was_there_and_operators_work_from_the_coordinator
             coordinator.wait_for(lambda: conn.execute(
                 "SELECT count(*) FROM postback.deliveries WHERE state <> 'succeeded'").fetchone()[0] == 0,
                 what="all recorded")
+            # the coordinator's maintenance worker rolls up and purges through Citus: its
+            # roll-up, over deliveries and attempts moved an hour back
+            # (Citus evaluates now() on the coordinator; a STABLE expression over a column it refuses)
+            conn.execute("UPDATE postback.deliveries SET completed_at = now() - interval '1 hour' "
+                         "WHERE completed_at IS NOT NULL")
+            conn.execute("UPDATE postback.attempts SET started_at = now() - interval '1 hour'")
+            conn.execute("UPDATE postback.rollup_state SET rolled_until = now() - interval '3 hours', "
+                         "attempts_until = now() - interval '3 hours'")
+            conn.execute("TRUNCATE postback.delivery_rollup, postback.attempt_rollup")
+            while conn.execute("SELECT postback.roll_up()").fetchone()[0]:
+                pass
+            # (the test request has no conversion: not counted, as on one node)
+            assert conn.execute("SELECT sum(succeeded) FROM postback.delivery_rollup").fetchone()[0] == 31
+            assert conn.execute("SELECT sum(attempts) FROM postback.attempt_rollup").fetchone()[0] == \
+                conn.execute("SELECT count(*) FROM postback.attempts WHERE status_code IS NOT NULL").fetchone()[0]
+            states = "SELECT node, state || coalesce(' / ' || last_error, '') FROM postback.cluster_worker_status() " \
+                     "WHERE role = 'maintenance'"
+            # (each looks again every 5 s)
+            coordinator.wait_for(lambda: all("Citus" in v or "coordinator" in v
+                                             for v in dict(conn.execute(states)).values()),
+                                 what="the maintenance workers seeing the tables distributed")
+            maintenance = dict(conn.execute(states))
+            assert maintenance[f"127.0.0.1:{coordinator.port}"].startswith(
+                "maintaining the Citus cluster: roll-up every minute, purge every hour"), maintenance
+            for w in workers:
+                assert maintenance[f"127.0.0.1:{w.port}"] == (
+                    "maintaining: auto-disable of the endpoints this node's deliveries found failing "
+                    "(the coordinator rolls up and purges)"), maintenance
             assert conn.execute("SELECT postback.purge(interval '0')").fetchone()[0] == 32
             assert conn.execute("SELECT count(*) FROM postback.attempts").fetchone()[0] == 0, \
                 "the purged deliveries' attempts went with them (in the shard beside each)"
@@ -649,6 +677,34 @@ def test_distribute_keeps_what_was_there_and_operators_work_from_the_coordinator
             os.unlink(script)
     finally:
         r.stop()
+
+
+def test_distributed_each_node_deactivates_the_endpoints_its_deliveries_find_failing(citus_fresh):
+    """endpoint_state is each node's own; a node's maintenance worker deactivates the
+    endpoints failing there longer than postback.disable_after, in the endpoints reference
+    table, so every node stops claiming for them."""
+    coordinator, workers = citus_fresh(workers_preload="'citus,pg_postback'",
+                                       every_node={"postback.disable_after": "'2s'",
+                                                   "postback.breaker_failures": "0"})
+    distribute(coordinator)
+    wait_for_shards([coordinator] + workers)
+    with coordinator.connect() as conn:
+        conn.execute("INSERT INTO postback.endpoints (name, url_template, retry_schedule, max_attempts) "
+                     "VALUES ('gone', 'http://127.0.0.1:9/gone?tx={transaction_id}', '{200 ms}', 100)")
+        conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) "
+                     "SELECT 'k' || g, 'f-' || g FROM generate_series(1, 20) g")
+        coordinator.wait_for(lambda: conn.execute(
+            "SELECT NOT active FROM postback.endpoints WHERE name = 'gone'").fetchone()[0],
+            timeout=30, what="the failing endpoint deactivated")
+        assert conn.execute("SELECT count(*) FROM postback.deliveries WHERE state = 'pending'").fetchone()[0] == 20
+    # each node found it failing; the one that got there first deactivated it for all
+    failing = []
+    for w in workers:
+        with w.connect() as conn:
+            failing.append(conn.execute("SELECT count(*) FROM postback.endpoint_state "
+                                        "WHERE failing_since IS NOT NULL").fetchone()[0])
+            assert conn.execute("SELECT active FROM postback.endpoints WHERE name = 'gone'").fetchone()[0] is False
+    assert failing == [1, 1], failing
 
 
 def test_distributed_20000_conversions_each_delivered_once_by_the_node_holding_it(citus_fresh):
