@@ -21,6 +21,7 @@ pub static BREAKER_COOLDOWN_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000)
 pub static DISABLE_AFTER_S: GucSetting<i32> = GucSetting::<i32>::new(5 * 24 * 3600);
 pub static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(30 * 24 * 3600);
 pub static ALLOWED_TARGETS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c""));
+pub static ALLOW_DISTRIBUTED_UPDATE: GucSetting<bool> = GucSetting::<bool>::new(false);
 
 /// One integer setting: its name, its descriptions, its bounds.
 struct IntGuc {
@@ -179,6 +180,17 @@ pub fn init() {
             None,
         );
     }
+    // read by the event trigger postback.refuse_distributed_update (sql/citus.sql)
+    GucRegistry::define_bool_guc(
+        c"postback.allow_distributed_update",
+        c"Lets ALTER EXTENSION pg_postback UPDATE run on an install distributed by Citus.",
+        c"Off: such an update is refused before anything changes (an update script changes the \
+          coordinator's tables, not the shards). Set it in the session of the update only when \
+          the new release's notes say its upgrade handles distributed tables. Only superusers may set it.",
+        &ALLOW_DISTRIBUTED_UPDATE,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
     for g in &INT_GUCS {
         let context = if g.superuser_only { GucContext::Suset } else { GucContext::Sighup };
         GucRegistry::define_int_guc(g.name, g.short, g.long, g.setting, g.min, g.max, context, g.flags);

@@ -44,7 +44,7 @@ def test_gucs_are_registered_with_descriptions(cluster):
                          "postback.concurrency", "postback.max_response_bytes",
                          "postback.allowed_targets", "postback.max_url_bytes", "postback.max_body_bytes",
                          "postback.retention", "postback.breaker_failures", "postback.breaker_cooldown",
-                         "postback.disable_after"}
+                         "postback.disable_after", "postback.allow_distributed_update"}
     assert all(desc for desc in rows.values())
 
 
