@@ -694,8 +694,8 @@ BEGIN
     IF TG_TABLE_NAME <> 'endpoints' THEN
         -- Citus: a placement of the endpoints reference table, on every node.
         -- A statement there may name only this node's shards: its queued
-        -- tests die as below; queued postbacks keep the request they were
-        -- rendered with (resend renders a finished one anew)
+        -- postbacks are rendered again there, its queued tests die as below
+        PERFORM postback.rerender_queued_here(NEW.id);
         FOR shard IN SELECT postback.local_shards('deliveries') LOOP
             EXECUTE pg_catalog.format(
                 'UPDATE %s d SET state = ''dead'', completed_at = now(), rendered = false,

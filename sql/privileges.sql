@@ -20,6 +20,7 @@ REVOKE EXECUTE ON FUNCTION postback.test_request(bigint, jsonb) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.resend(bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender(bigint[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.rerender_queue() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.rerender_queued_here(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.distribute(integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.citus_prepare_node() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.citus_views() FROM PUBLIC;

@@ -2591,8 +2591,8 @@ BEGIN
     IF TG_TABLE_NAME <> 'endpoints' THEN
         -- Citus: a placement of the endpoints reference table, on every node.
         -- A statement there may name only this node's shards: its queued
-        -- tests die as below; queued postbacks keep the request they were
-        -- rendered with (resend renders a finished one anew)
+        -- postbacks are rendered again there, its queued tests die as below
+        PERFORM postback.rerender_queued_here(NEW.id);
         FOR shard IN SELECT postback.local_shards('deliveries') LOOP
             EXECUTE pg_catalog.format(
                 'UPDATE %s d SET state = ''dead'', completed_at = now(), rendered = false,
@@ -2611,6 +2611,11 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+CREATE FUNCTION postback."rerender_queued_here"("endpoint_id" bigint) RETURNS bigint
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'rerender_queued_here_wrapper';
+REVOKE EXECUTE ON FUNCTION postback.rerender_queued_here(bigint) FROM PUBLIC;
+COMMENT ON FUNCTION postback.rerender_queued_here(bigint) IS 'Internal (rerender_queue on a Citus node): renders again an edited endpoint''s queued postbacks in this node''s shards, with the conversions and clicks beside them; returns how many have a request to send.';
 
 CREATE OR REPLACE FUNCTION postback.explain(conversion_id bigint)
 RETURNS TABLE (endpoint text, fired boolean, reason text, delivery_ids bigint[], announced text[],

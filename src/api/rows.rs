@@ -18,6 +18,7 @@ use serde_json::Value;
 /// distributed query from inside a query on a shard.
 #[derive(Debug)]
 pub(super) struct Tables {
+    pub conversions: String,
     pub clicks: String,
     pub deliveries: String,
     pub endpoints: String,
@@ -28,6 +29,7 @@ pub(super) struct Tables {
 impl Tables {
     fn own() -> Self {
         Tables {
+            conversions: "postback.conversions".into(),
             clicks: "postback.clicks".into(),
             deliveries: "postback.deliveries".into(),
             endpoints: "postback.endpoints".into(),
@@ -69,7 +71,7 @@ impl Tables {
             .unwrap_or_else(|e| pgrx::error!("finding the shards co-located with postback.{name}: {e}"));
         match found {
             (Some(clicks), Some(deliveries), Some(endpoints)) => {
-                Tables { clicks, deliveries, endpoints, distributed: true }
+                Tables { conversions: format!("postback.{name}"), clicks, deliveries, endpoints, distributed: true }
             }
             _ => pgrx::error!(
                 "postback.{name} looks like a Citus shard of postback.conversions, but its co-located shards of \
@@ -222,6 +224,22 @@ pub(super) fn own_tables() -> Tables {
     Tables::own()
 }
 
+/// pg_postback's own tables, named from the coordinator: `distributed`, they
+/// are Citus tables, whose deliveries carry their conversion's click_id.
+pub(super) fn own_tables_on_citus(distributed: bool) -> Tables {
+    Tables { distributed, ..Tables::own() }
+}
+
+/// This node's shards of postback.conversions (their relations), when the
+/// tables are distributed: a trigger on this node's placement of the endpoints
+/// reference table renders again what their co-located deliveries shards hold.
+pub(super) const LOCAL_CONVERSIONS_SHARDS: &str = "
+    SELECT pg_catalog.to_regclass(pg_catalog.format('postback.%I', 'conversions_' || s.shardid))
+      FROM pg_catalog.pg_dist_shard s
+      JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
+       AND p.groupid = (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)
+     WHERE s.logicalrelid = 'postback.conversions'::pg_catalog.regclass";
+
 /// rollup_state.conversions_until in unix µs, when the schema has it (0.3.0 on)
 /// and a roll-up has run; read once per INSERT statement by the validation trigger.
 pub(super) fn conversions_rolled_until() -> Option<i64> {
@@ -339,19 +357,34 @@ pub(super) fn delivery_insert(tables: &Tables, lifecycle: bool, legacy: bool) ->
     )
 }
 
+/// Which deliveries to render again.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum ToRender {
+    /// these (`$1`, bigint[])
+    Ids,
+    /// an endpoint's (`$1`) queued and in-flight postbacks
+    QueuedOf,
+}
+
 /// Deliveries with their conversions (and clicks), to render again: the
 /// delivery's id, endpoint, event, status and key, then the conversion columns.
-/// `by_click`: the tables are distributed by Citus, where a conversion is
-/// joined to its deliveries on the distribution column too.
-pub(super) fn deliveries_to_render(by_click: bool) -> String {
-    let co_located = if by_click { " AND c.click_id = d.click_id" } else { "" };
+/// On Citus a conversion is joined to its deliveries on the distribution column too.
+pub(super) fn deliveries_to_render(tables: &Tables, which: ToRender) -> String {
+    let co_located = if tables.distributed { " AND c.click_id = d.click_id" } else { "" };
+    let filter = match which {
+        ToRender::Ids => "d.id = ANY ($1::bigint[])",
+        ToRender::QueuedOf => {
+            "d.endpoint_id = $1 AND d.state IN ('pending', 'in_flight') AND d.conversion_id IS NOT NULL"
+        }
+    };
     format!(
         "SELECT d.id, d.endpoint_id, d.event, d.status, d.idempotency_key, {CONVERSION_COLUMNS}
-           FROM postback.deliveries d
-           JOIN postback.conversions c ON c.id = d.conversion_id{co_located}
-           LEFT JOIN postback.clicks k ON k.click_id = c.click_id
-          WHERE d.id = ANY ($1::bigint[])
-          ORDER BY d.id"
+           FROM {} d
+           JOIN {} c ON c.id = d.conversion_id{co_located}
+           LEFT JOIN {} k ON k.click_id = c.click_id
+          WHERE {filter}
+          ORDER BY d.id",
+        tables.deliveries, tables.conversions, tables.clicks
     )
 }
 
@@ -359,8 +392,9 @@ pub(super) fn deliveries_to_render(by_click: bool) -> String {
 /// place in its lifecycle order. One queued or dead that no longer renders is
 /// dead with the reason and nothing to send (`rendered = false`); one being
 /// sent right now or that succeeded keeps what it sent.
-pub(super) const UPDATE_RENDERED: &str = "
-    UPDATE postback.deliveries d
+pub(super) fn update_rendered(tables: &Tables) -> String {
+    format!(
+        "UPDATE {} d
        SET method = r.m, url = r.u, body = r.b, url_hashes = r.h::jsonb, success_pattern = r.pat,
            rendered = r.err IS NULL, rendered_at = now(),
            state = CASE WHEN r.err IS NULL THEN d.state ELSE 'dead' END,
@@ -369,4 +403,7 @@ pub(super) const UPDATE_RENDERED: &str = "
       FROM (SELECT unnest($1::bigint[]) AS id, unnest($2::text[]) AS m, unnest($3::text[]) AS u,
                    unnest($4::text[]) AS b, unnest($5::text[]) AS h, unnest($6::text[]) AS pat,
                    unnest($7::text[]) AS err) AS r
-     WHERE d.id = r.id AND (r.err IS NULL OR d.state IN ('pending', 'dead'))";
+     WHERE d.id = r.id AND (r.err IS NULL OR d.state IN ('pending', 'dead'))",
+        tables.deliveries
+    )
+}

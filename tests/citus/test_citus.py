@@ -605,9 +605,13 @@ def test_distribute_keeps_what_was_there_and_operators_work_from_the_coordinator
             time.sleep(1)
             assert len(r.seen("/o")) == 32, "paused: nothing sent"
             assert conn.execute("SELECT held_by FROM postback.endpoint_health").fetchone()[0].startswith("paused")
+            # an edit while they are queued: each node renders its shards' queued postbacks again
+            conn.execute("UPDATE postback.endpoints SET url_template = url_template || '&edited=1' WHERE name = 'net'")
             conn.execute("SELECT postback.resume('net')")
             coordinator.wait_for(lambda: len(r.seen("/o")) == 62, what="the replay after resume")
-            conn.execute("UPDATE postback.endpoints SET url_template = url_template || '&edited=1' WHERE name = 'net'")
+            replayed = r.seen("/o")[32:]
+            assert all(g["query"].get("edited") == "1" for g in replayed), \
+                [g["path"] for g in replayed if g["query"].get("edited") != "1"]
             conn.execute("INSERT INTO postback.conversions (click_id, transaction_id) VALUES ('k1', 'after-edit')")
             coordinator.wait_for(lambda: any(g["query"].get("edited") == "1" for g in r.seen("/o")),
                                  what="the edited endpoint's request")
