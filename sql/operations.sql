@@ -327,6 +327,36 @@ BEGIN
 END
 $$;
 
+-- Each endpoint's failure record and breaker, as endpoint_health shows them.
+-- On one node: postback.endpoint_state. On Citus with the tables distributed
+-- every node's worker keeps its own (for the deliveries of its shards): the
+-- nodes' rows merged per endpoint, from any node: the worst breaker (open,
+-- then half-open), the most consecutive failures, the earliest failing_since
+-- and slow_since, the latest success, and the error of the latest failure.
+-- A node that cannot be reached adds nothing.
+CREATE FUNCTION postback.cluster_endpoint_state() RETURNS SETOF postback.endpoint_state
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT postback.is_distributed() THEN
+        RETURN QUERY SELECT * FROM postback.endpoint_state;
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE $q$
+    WITH s AS (
+        SELECT x.*, CASE x.breaker WHEN 'open' THEN 0 WHEN 'half_open' THEN 1 ELSE 2 END AS worst
+          FROM run_command_on_all_nodes(
+                   'SELECT coalesce(pg_catalog.json_agg(s), ''[]'') FROM postback.endpoint_state s') r
+         CROSS JOIN LATERAL pg_catalog.json_populate_recordset(
+                   NULL::postback.endpoint_state, CASE WHEN r.success THEN r.result::json ELSE '[]' END) x)
+    SELECT s.endpoint_id, max(s.consecutive_failures), max(s.last_success_at), max(s.last_failure_at),
+           min(s.failing_since), (array_agg(s.last_error ORDER BY s.last_failure_at DESC NULLS LAST))[1],
+           max(s.updated_at), (array_agg(s.breaker ORDER BY s.worst, s.breaker_since))[1],
+           (array_agg(s.breaker_since ORDER BY s.worst, s.breaker_since))[1],
+           (array_agg(s.breaker_reason ORDER BY s.worst, s.breaker_since))[1], min(s.slow_since)
+      FROM s GROUP BY s.endpoint_id$q$;
+END
+$$;
+
 CREATE VIEW postback.endpoint_health AS
 WITH recent AS (
     SELECT d.endpoint_id,
@@ -362,13 +392,15 @@ SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NUL
        CASE WHEN coalesce(s.consecutive_failures, 0) > 0 THEN s.last_error END AS last_error,
        coalesce(s.breaker, 'closed') AS breaker, s.breaker_since, s.breaker_reason,
        coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age,
-       postback.held_by(e.id) AS held_by,
+       -- (held_by reads this node's breaker; on Citus another node's may be open)
+       coalesce(postback.held_by(e.id), CASE WHEN s.breaker = 'open'
+                THEN 'circuit breaker open: a probe request goes out after the cooldown' END) AS held_by,
        coalesce(b.in_flight, 0) AS in_flight, s.slow_since
   FROM postback.endpoints e
   LEFT JOIN recent r ON r.endpoint_id = e.id
   LEFT JOIN latency l ON l.endpoint_id = e.id
   LEFT JOIN backlog b ON b.endpoint_id = e.id
-  LEFT JOIN postback.endpoint_state s ON s.endpoint_id = e.id;
+  LEFT JOIN postback.cluster_endpoint_state() s ON s.endpoint_id = e.id;
 
 -- Finished deliveries (succeeded or dead) of conversions, counted per hour of
 -- completion (UTC), endpoint, event and partner ('' for none), with their

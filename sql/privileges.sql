@@ -40,6 +40,7 @@ REVOKE EXECUTE ON FUNCTION postback.roll_up_attempts() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.refuse_on_citus_worker() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.count_conversion_changes() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.held_by(bigint) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.cluster_endpoint_state() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.curl(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain(text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.explain_routing(bigint) FROM PUBLIC;
@@ -74,7 +75,8 @@ BEGIN
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
                    'postback.cluster_worker_status(), '
-                   'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);
+                   'postback.explain(bigint), postback.explain(text), postback.held_by(bigint), '
+                   'postback.cluster_endpoint_state() TO %s', role);
 END
 $$;
 

@@ -2612,11 +2612,6 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION postback."rerender_queued_here"("endpoint_id" bigint) RETURNS bigint
-STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'rerender_queued_here_wrapper';
-REVOKE EXECUTE ON FUNCTION postback.rerender_queued_here(bigint) FROM PUBLIC;
-COMMENT ON FUNCTION postback.rerender_queued_here(bigint) IS 'Internal (rerender_queue on a Citus node): renders again an edited endpoint''s queued postbacks in this node''s shards, with the conversions and clicks beside them; returns how many have a request to send.';
-
 CREATE OR REPLACE FUNCTION postback.explain(conversion_id bigint)
 RETURNS TABLE (endpoint text, fired boolean, reason text, delivery_ids bigint[], announced text[],
                states text[], attempts integer, next_attempt_at timestamptz, last_error text, held_by text)
@@ -2662,6 +2657,29 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION postback.cluster_endpoint_state() RETURNS SETOF postback.endpoint_state
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT postback.is_distributed() THEN
+        RETURN QUERY SELECT * FROM postback.endpoint_state;
+        RETURN;
+    END IF;
+    RETURN QUERY EXECUTE $q$
+    WITH s AS (
+        SELECT x.*, CASE x.breaker WHEN 'open' THEN 0 WHEN 'half_open' THEN 1 ELSE 2 END AS worst
+          FROM run_command_on_all_nodes(
+                   'SELECT coalesce(pg_catalog.json_agg(s), ''[]'') FROM postback.endpoint_state s') r
+         CROSS JOIN LATERAL pg_catalog.json_populate_recordset(
+                   NULL::postback.endpoint_state, CASE WHEN r.success THEN r.result::json ELSE '[]' END) x)
+    SELECT s.endpoint_id, max(s.consecutive_failures), max(s.last_success_at), max(s.last_failure_at),
+           min(s.failing_since), (array_agg(s.last_error ORDER BY s.last_failure_at DESC NULLS LAST))[1],
+           max(s.updated_at), (array_agg(s.breaker ORDER BY s.worst, s.breaker_since))[1],
+           (array_agg(s.breaker_since ORDER BY s.worst, s.breaker_since))[1],
+           (array_agg(s.breaker_reason ORDER BY s.worst, s.breaker_since))[1], min(s.slow_since)
+      FROM s GROUP BY s.endpoint_id$q$;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION postback.grant_analyst(role regrole) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -2683,14 +2701,66 @@ BEGIN
     EXECUTE format('GRANT SELECT (%s) ON postback.endpoints TO %s', readable, role);
     EXECUTE format('GRANT EXECUTE ON FUNCTION postback.worker_status(), postback.worker_stats(), '
                    'postback.cluster_worker_status(), '
-                   'postback.explain(bigint), postback.explain(text), postback.held_by(bigint) TO %s', role);
+                   'postback.explain(bigint), postback.explain(text), postback.held_by(bigint), '
+                   'postback.cluster_endpoint_state() TO %s', role);
 END
 $$;
 
+CREATE OR REPLACE VIEW postback.endpoint_health AS
+WITH recent AS (
+    SELECT d.endpoint_id,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour')                              AS deliveries_1h,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour' AND d.state = 'succeeded')    AS succeeded_1h,
+           count(*) FILTER (WHERE d.created_at > now() - interval '1 hour' AND d.state = 'dead')         AS dead_1h,
+           count(*)                                                                                      AS deliveries_24h,
+           count(*) FILTER (WHERE d.state = 'succeeded')                                                 AS succeeded_24h,
+           count(*) FILTER (WHERE d.state = 'dead')                                                      AS dead_24h
+      FROM postback.deliveries d
+     WHERE d.created_at > now() - interval '24 hours' AND d.conversion_id IS NOT NULL
+     GROUP BY d.endpoint_id),
+latency AS (
+    SELECT * FROM postback.attempt_latency()),
+backlog AS (
+    -- each state through its partial index (one `state IN (…)` read the whole table)
+    SELECT b.endpoint_id, count(*) AS pending, min(b.created_at) AS oldest_pending_at,
+           count(*) FILTER (WHERE b.state = 'in_flight') AS in_flight
+      FROM (SELECT d.endpoint_id, d.created_at, d.state FROM postback.deliveries d WHERE d.state = 'pending'
+            UNION ALL
+            SELECT d.endpoint_id, d.created_at, d.state FROM postback.deliveries d WHERE d.state = 'in_flight') b
+     GROUP BY b.endpoint_id)
+SELECT e.id AS endpoint_id, e.name AS endpoint, e.active, e.paused_at IS NOT NULL AS paused, e.paused_at,
+       coalesce(r.deliveries_1h, 0) AS deliveries_1h, coalesce(r.succeeded_1h, 0) AS succeeded_1h,
+       coalesce(r.dead_1h, 0) AS dead_1h,
+       round(r.succeeded_1h::numeric / nullif(r.succeeded_1h + r.dead_1h, 0), 4) AS success_rate_1h,
+       coalesce(r.deliveries_24h, 0) AS deliveries_24h, coalesce(r.succeeded_24h, 0) AS succeeded_24h,
+       coalesce(r.dead_24h, 0) AS dead_24h,
+       round(r.succeeded_24h::numeric / nullif(r.succeeded_24h + r.dead_24h, 0), 4) AS success_rate_24h,
+       round(l.p50_ms_1h::numeric, 1) AS p50_ms_1h, round(l.p95_ms_1h::numeric, 1) AS p95_ms_1h,
+       round(l.p50_ms_24h::numeric, 1) AS p50_ms_24h, round(l.p95_ms_24h::numeric, 1) AS p95_ms_24h,
+       coalesce(s.consecutive_failures, 0) AS consecutive_failures, s.failing_since, s.last_success_at,
+       CASE WHEN coalesce(s.consecutive_failures, 0) > 0 THEN s.last_error END AS last_error,
+       coalesce(s.breaker, 'closed') AS breaker, s.breaker_since, s.breaker_reason,
+       coalesce(b.pending, 0) AS pending, now() - b.oldest_pending_at AS oldest_pending_age,
+       -- (held_by reads this node's breaker; on Citus another node's may be open)
+       coalesce(postback.held_by(e.id), CASE WHEN s.breaker = 'open'
+                THEN 'circuit breaker open: a probe request goes out after the cooldown' END) AS held_by,
+       coalesce(b.in_flight, 0) AS in_flight, s.slow_since
+  FROM postback.endpoints e
+  LEFT JOIN recent r ON r.endpoint_id = e.id
+  LEFT JOIN latency l ON l.endpoint_id = e.id
+  LEFT JOIN backlog b ON b.endpoint_id = e.id
+  LEFT JOIN postback.cluster_endpoint_state() s ON s.endpoint_id = e.id;
+
+CREATE FUNCTION postback."rerender_queued_here"("endpoint_id" bigint) RETURNS bigint
+STRICT VOLATILE LANGUAGE c AS 'MODULE_PATHNAME', 'rerender_queued_here_wrapper';
+
+REVOKE EXECUTE ON FUNCTION postback.rerender_queued_here(bigint) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.distribute(integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.citus_prepare_node() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.citus_views() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION postback.cluster_worker_status() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION postback.cluster_endpoint_state() FROM PUBLIC;
+COMMENT ON FUNCTION postback.rerender_queued_here(bigint) IS 'Internal (rerender_queue on a Citus node): renders again an edited endpoint''s queued postbacks in this node''s shards, with the conversions and clicks beside them; returns how many have a request to send.';
 COMMENT ON FUNCTION postback.is_distributed() IS 'True when pg_postback''s tables are distributed by Citus (postback.distribute() has run).';
 COMMENT ON FUNCTION postback.shard_beside(regclass, text) IS 'Internal: for a trigger''s relation, the table a statement there may name for a pg_postback table: on a Citus shard the co-located shard, elsewhere postback.<table>.';
 COMMENT ON FUNCTION postback.local_shards(text) IS 'Internal: this node''s shards of a distributed pg_postback table (none when the tables are not distributed).';
@@ -2700,3 +2770,22 @@ COMMENT ON FUNCTION postback.citus_views() IS 'Internal to distribute: redefines
 COMMENT ON FUNCTION postback.cluster_worker_status() IS 'Every node''s pg_postback workers seen from the Citus coordinator (each node''s worker_status(), with the node as host:port; an unreachable node is one row saying so). Without Citus, this node''s. Granted with worker_status.';
 COMMENT ON FUNCTION postback.refuse_distributed_update() IS 'Event trigger: refuses ALTER EXTENSION pg_postback UPDATE while the tables are distributed by Citus (the update would miss the shards), unless postback.allow_distributed_update = on says the new release''s upgrade handles them.';
 COMMENT ON EVENT TRIGGER postback_refuse_distributed_update IS 'Refuses ALTER EXTENSION pg_postback UPDATE on a distributed install (see postback.refuse_distributed_update).';
+COMMENT ON FUNCTION postback.cluster_endpoint_state() IS 'Each endpoint''s failure record and breaker as endpoint_health shows them: postback.endpoint_state on one node; on Citus with the tables distributed, every node''s rows merged per endpoint (worst breaker, most consecutive failures, earliest failing_since, latest success, error of the latest failure). Granted with endpoint_health.';
+
+-- Roles that read endpoint_health (analysts and operators from before the
+-- update) may call what it and the cluster view now need (grant_analyst,
+-- redefined above, gives it to new ones)
+DO $regrant$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT DISTINCT a.grantee
+               FROM pg_catalog.pg_class c, pg_catalog.aclexplode(c.relacl) a
+              WHERE c.oid = 'postback.endpoint_health'::pg_catalog.regclass AND a.privilege_type = 'SELECT'
+                AND a.grantee <> 0 AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION postback.cluster_endpoint_state(), '
+                                  'postback.cluster_worker_status() TO %s', r.grantee::pg_catalog.regrole);
+    END LOOP;
+END
+$regrant$;

@@ -701,6 +701,13 @@ def test_distributed_each_node_deactivates_the_endpoints_its_deliveries_find_fai
             "SELECT NOT active FROM postback.endpoints WHERE name = 'gone'").fetchone()[0],
             timeout=30, what="the failing endpoint deactivated")
         assert conn.execute("SELECT count(*) FROM postback.deliveries WHERE state = 'pending'").fetchone()[0] == 20
+        # endpoint_health on the coordinator (whose own endpoint_state is empty) merges the nodes'
+        failures, since, error, held = conn.execute(
+            "SELECT consecutive_failures, failing_since, last_error, held_by FROM postback.endpoint_health "
+            "WHERE endpoint = 'gone'").fetchone()
+        assert failures >= 1 and since is not None and "refused" in error and held.startswith("inactive"), \
+            (failures, since, error, held)
+        assert conn.execute("SELECT count(*) FROM postback.endpoint_state").fetchone()[0] == 0
     # each node found it failing; the one that got there first deactivated it for all
     failing = []
     for w in workers:

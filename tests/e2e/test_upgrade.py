@@ -173,6 +173,9 @@ def test_the_update_revokes_what_0_1_0_needed_and_reapplies_the_roles(make_clust
             analyst.execute("SELECT headers FROM postback.endpoints")
         assert analyst.execute("SELECT name FROM postback.endpoints").fetchone()[0] == "net"
         assert analyst.execute("SELECT count(*) FROM postback.deliveries").fetchone()[0] == 0
+        # and what 0.3.0's views and functions call on its behalf
+        assert analyst.execute("SELECT endpoint, breaker FROM postback.endpoint_health").fetchone() == ("net", "closed")
+        assert analyst.execute("SELECT count(*) FROM postback.cluster_worker_status()").fetchone()[0] >= 1
     with psycopg.connect(dsn, user="app", autocommit=True) as app:
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             app.execute("INSERT INTO postback.deliveries (endpoint_id, event, status, idempotency_key, method, url) "
