@@ -208,22 +208,17 @@ BEGIN
     END IF;
     LOOP
         -- by primary key (= ANY of an array): an IN (subquery) became a hash
-        -- join over every delivery, so a batch cost the table, not the batch
-        IF NOT distributed THEN
+        -- join over every delivery, so a batch cost the table, not the batch.
+        -- Citus locks no rows of a query across shards: there finished
+        -- deliveries, nobody's to hold anyway, are deleted without the lock
+        EXECUTE pg_catalog.format($q$
             DELETE FROM postback.deliveries d
              WHERE d.id = ANY (ARRAY(SELECT x.id FROM postback.deliveries x
-                                      WHERE x.completed_at < now() - older_than
-                                        AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
-                                      LIMIT batch FOR UPDATE SKIP LOCKED));
-        ELSE
-            -- Citus locks no rows of a query across shards: finished
-            -- deliveries are nobody's to hold anyway
-            DELETE FROM postback.deliveries d
-             WHERE d.id = ANY (ARRAY(SELECT x.id FROM postback.deliveries x
-                                      WHERE x.completed_at < now() - older_than
-                                        AND (x.state = 'succeeded' OR (include_dead AND x.state = 'dead'))
-                                      LIMIT batch));
-        END IF;
+                                      WHERE x.completed_at < now() - $1
+                                        AND (x.state = 'succeeded' OR ($2 AND x.state = 'dead'))
+                                      LIMIT $3%s))$q$,
+            CASE WHEN distributed THEN '' ELSE ' FOR UPDATE SKIP LOCKED' END)
+        USING older_than, include_dead, batch;
         GET DIAGNOSTICS n = ROW_COUNT;
         total := total + n;
         rounds := rounds + 1;

@@ -189,13 +189,11 @@ pub fn refresh_tables() -> SpiResult<Option<usize>> {
 const NODE_ATTEMPT_ID: &str = "((SELECT g.groupid::bigint << 48 FROM pg_catalog.pg_dist_local_group g) \
      + (pg_catalog.nextval('postback.attempts_id_seq'::pg_catalog.regclass) & 281474976710655))";
 
-/// Whether Citus distributes postback.deliveries in this database.
+/// Whether Citus distributes postback.deliveries in this database (the one
+/// definition: postback.is_distributed(); the worker runs only once the
+/// schema is at its version, which has it).
 pub fn tables_are_distributed() -> SpiResult<bool> {
-    Ok(Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL")? == Some(true)
-        && Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition p
-                                 WHERE p.logicalrelid = 'postback.deliveries'::pg_catalog.regclass)",
-        )? == Some(true))
+    Ok(Spi::get_one::<bool>("SELECT postback.is_distributed()")? == Some(true))
 }
 
 /// The installed version of the extension in this database, if any.
