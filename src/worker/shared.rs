@@ -277,7 +277,13 @@ unsafe extern "C-unwind" fn on_utility(
         && unsafe { (*(statement as *mut pg_sys::TransactionStmt)).kind }
             == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
     match unsafe { PREVIOUS_UTILITY_HOOK } {
-        Some(previous) => unsafe { previous(pstmt, query, read_only_tree, context, params, query_env, dest, qc) },
+        // another library's hook (Citus'): its ERROR becomes a Rust panic here,
+        // raised again as that ERROR past this frame
+        Some(previous) => unsafe {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                previous(pstmt, query, read_only_tree, context, params, query_env, dest, qc)
+            })
+        },
         None => unsafe {
             pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, query_env, dest, qc)
         },
