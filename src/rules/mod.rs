@@ -7,6 +7,7 @@ pub mod conversion_rules;
 pub mod health;
 pub mod histogram;
 pub mod outgoing;
+pub mod prepared;
 pub mod refusal;
 pub mod request;
 pub mod retry;

@@ -82,9 +82,13 @@ impl Worker {
             ids.sort_unstable();
             ids.dedup();
             let fresh = if ids.is_empty() { HashMap::new() } else { queue::endpoints(ids.clone())? };
-            Ok((claimed, ids, fresh))
+            // nothing due: when the earliest retry is, by the same now() as the
+            // claim (in a transaction of its own, one that came due in between
+            // was neither claimed nor in the future, and waited for the poll)
+            let next = if claimed.is_empty() { queue::ms_until_next_due(share)? } else { None };
+            Ok((claimed, ids, fresh, next))
         });
-        let (claimed, refreshed, fresh) = match claimed_and_endpoints {
+        let (claimed, refreshed, fresh, next) = match claimed_and_endpoints {
             Ok(c) => c,
             Err(e) => {
                 // the leases bring anything claimed back; nothing is lost
@@ -106,7 +110,7 @@ impl Worker {
         self.maybe_due = full || (!blocked.is_empty() && !claimed.is_empty());
         self.fresh_work = full;
         if claimed.is_empty() {
-            self.next_due = next_due(self.share);
+            self.next_due = next.map(|ms| Instant::now() + Duration::from_millis(ms.max(1) as u64));
         }
         let mut got: HashMap<i64, usize> = HashMap::new();
         for c in &claimed {
@@ -171,18 +175,6 @@ impl Worker {
                 note_error(&e);
             }
             self.maybe_due = true;
-        }
-    }
-}
-
-/// When the earliest scheduled retry is due, if any.
-fn next_due(share: Share) -> Option<Instant> {
-    match txn::run("finding the next retry", || queue::ms_until_next_due(share)) {
-        Ok(Some(ms)) => Some(Instant::now() + Duration::from_millis(ms.max(1) as u64)),
-        Ok(None) => None,
-        Err(e) => {
-            note_error(&e);
-            None
         }
     }
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 
+use crate::rules::prepared::PreparedSet;
 use crate::rules::workers::{Assignment, MAX_NAME_BYTES, MAX_WORKERS};
 
 const ERROR_BYTES: usize = 256;
@@ -107,6 +108,11 @@ unsafe impl PGRXSharedMemory for Slots {}
 
 pub static SHARED: PgLwLock<Slots> = unsafe { PgLwLock::new(c"pg_postback_workers") };
 
+unsafe impl PGRXSharedMemory for PreparedSet {}
+
+/// The prepared transactions that enqueued deliveries (see rules::prepared).
+static PREPARED: PgLwLock<PreparedSet> = unsafe { PgLwLock::new(c"pg_postback_prepared") };
+
 /// Set in _PG_init under shared_preload_libraries; inherited by every backend.
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 /// This worker's slot (workers only).
@@ -114,6 +120,7 @@ static MY_SLOT: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 pub fn init() {
     pg_shmem_init!(SHARED);
+    pg_shmem_init!(PREPARED);
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -245,18 +252,33 @@ pub fn wake_at_commit() {
 
 static mut PREVIOUS_UTILITY_HOOK: pg_sys::ProcessUtility_hook_type = None;
 
-/// Makes COMMIT PREPARED wake the delivery workers of its database. A
-/// transaction that enqueued deliveries and was prepared (two-phase commit:
-/// Citus writing to several nodes, or a transaction manager) becomes visible
-/// only then, often in another session than the one that wrote it. Any
-/// COMMIT PREPARED wakes them (the transaction's writes are no longer known
-/// there); a wake that finds nothing costs one claim query. Installed when
-/// pg_postback is preloaded.
+/// Makes COMMIT PREPARED wake the delivery workers of its database when its
+/// transaction enqueued deliveries: a transaction committed in two phases
+/// (Citus writing to several nodes, a transaction manager) becomes visible
+/// only then, often in another session than the one that wrote it. PREPARE
+/// TRANSACTION remembers the ones that enqueued (rules::prepared). Installed
+/// when pg_postback is preloaded.
 pub fn wake_on_commit_prepared() {
     unsafe {
         PREVIOUS_UTILITY_HOOK = pg_sys::ProcessUtility_hook;
         pg_sys::ProcessUtility_hook = Some(on_utility);
     }
+}
+
+/// A two-phase statement's kind and its prepared transaction's key.
+fn two_phase(statement: *mut pg_sys::Node) -> Option<(pg_sys::TransactionStmtKind::Type, u64)> {
+    use pg_sys::TransactionStmtKind::*;
+    if statement.is_null() || unsafe { (*statement).type_ } != pg_sys::NodeTag::T_TransactionStmt {
+        return None;
+    }
+    let t = unsafe { &*(statement as *mut pg_sys::TransactionStmt) };
+    if !matches!(t.kind, TRANS_STMT_PREPARE | TRANS_STMT_COMMIT_PREPARED | TRANS_STMT_ROLLBACK_PREPARED)
+        || t.gid.is_null()
+    {
+        return None;
+    }
+    let gid = unsafe { std::ffi::CStr::from_ptr(t.gid) };
+    Some((t.kind, PreparedSet::key(unsafe { pg_sys::MyDatabaseId }.to_u32(), gid.to_bytes())))
 }
 
 #[pg_guard]
@@ -271,11 +293,14 @@ unsafe extern "C-unwind" fn on_utility(
     dest: *mut pg_sys::DestReceiver,
     qc: *mut pg_sys::QueryCompletion,
 ) {
-    let statement = unsafe { (*pstmt).utilityStmt };
-    let commit_prepared = !statement.is_null()
-        && unsafe { (*statement).type_ } == pg_sys::NodeTag::T_TransactionStmt
-        && unsafe { (*(statement as *mut pg_sys::TransactionStmt)).kind }
-            == pg_sys::TransactionStmtKind::TRANS_STMT_COMMIT_PREPARED;
+    use pg_sys::TransactionStmtKind::*;
+    let two_phase = two_phase(unsafe { (*pstmt).utilityStmt });
+    if let Some((TRANS_STMT_PREPARE, key)) = two_phase {
+        // this transaction enqueued: its COMMIT PREPARED wakes the workers
+        if WAKE_AT_COMMIT.load(Ordering::Relaxed) {
+            PREPARED.exclusive().remember(key);
+        }
+    }
     match unsafe { PREVIOUS_UTILITY_HOOK } {
         // another library's hook (Citus'): its ERROR becomes a Rust panic here,
         // raised again as that ERROR past this frame
@@ -288,7 +313,14 @@ unsafe extern "C-unwind" fn on_utility(
             pg_sys::standard_ProcessUtility(pstmt, query, read_only_tree, context, params, query_env, dest, qc)
         },
     }
-    if commit_prepared {
+    let Some((kind, key)) = two_phase else { return };
+    if kind == TRANS_STMT_PREPARE {
+        return;
+    }
+    // most two-phase commits enqueued nothing: looked up under the shared lock
+    // first (a statement of its own: the exclusive lock is taken after it is let go)
+    let known = PREPARED.share().wakes_for(key);
+    if known && PREPARED.exclusive().take(key) && kind == TRANS_STMT_COMMIT_PREPARED {
         // COMMIT PREPARED runs in a transaction of its own: wake as it ends
         wake_at_commit();
     }

@@ -222,6 +222,34 @@ def test_commit_prepared_in_another_session_wakes_the_worker(make_cluster, recei
     assert len(receiver.seen("/prepared")) == 1
 
 
+def test_only_a_commit_prepared_whose_transaction_enqueued_wakes_the_worker(make_cluster, receiver):
+    """On a Citus node most two-phase commits are other tables' writes: they leave the
+    worker asleep (its last wake stays put), while one that enqueued wakes it."""
+    c = make_cluster(settings={"postback.poll_interval": "'60s'", "max_prepared_transactions": "10"})
+    with c.connect() as conn:
+        conn.execute("CREATE EXTENSION pg_postback")
+        conn.execute("CREATE TABLE public.payments (id int)")
+        name = endpoint(conn, receiver.url("/only?c={click_id}"))
+        time.sleep(1.5)
+        last_wake = "SELECT last_wake FROM postback.worker_status() WHERE role = 'delivery'"
+        wakes = set()
+        for i in range(6):
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO public.payments VALUES (%s)", (i,))
+            conn.execute(f"PREPARE TRANSACTION 'other_{i}'")
+            conn.execute(f"COMMIT PREPARED 'other_{i}'")
+            time.sleep(0.15)
+            wakes.add(conn.execute(last_wake).fetchone()[0])
+        # asleep throughout, but for one housekeeping round (every 5 s) at most
+        assert len(wakes) <= 2, sorted(wakes)
+        conn.execute("BEGIN")
+        convert(conn)
+        conn.execute("PREPARE TRANSACTION 'enqueued'")
+        conn.execute("COMMIT PREPARED 'enqueued'")
+        wait_finished(c, conn, name, 1, timeout=3)
+    assert len(receiver.seen("/only")) == 1
+
+
 def test_a_commit_for_an_endpoint_busy_with_an_earlier_batch_is_not_left_to_the_poll(make_cluster, receiver):
     """The claim a commit wakes skips endpoints without room for a batch; what that commit
     brought for them is claimed as soon as they have room again, not at the next poll (60 s
