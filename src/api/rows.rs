@@ -230,15 +230,12 @@ pub(super) fn own_tables_on_citus(distributed: bool) -> Tables {
     Tables { distributed, ..Tables::own() }
 }
 
-/// This node's shards of postback.conversions (their relations), when the
-/// tables are distributed: a trigger on this node's placement of the endpoints
-/// reference table renders again what their co-located deliveries shards hold.
-pub(super) const LOCAL_CONVERSIONS_SHARDS: &str = "
-    SELECT pg_catalog.to_regclass(pg_catalog.format('postback.%I', 'conversions_' || s.shardid))
-      FROM pg_catalog.pg_dist_shard s
-      JOIN pg_catalog.pg_dist_placement p ON p.shardid = s.shardid
-       AND p.groupid = (SELECT g.groupid FROM pg_catalog.pg_dist_local_group g)
-     WHERE s.logicalrelid = 'postback.conversions'::pg_catalog.regclass";
+/// This node's shards of postback.conversions (their relations; none when the
+/// tables are not distributed): a trigger on this node's placement of the
+/// endpoints reference table renders again what their co-located deliveries
+/// shards hold.
+pub(super) const LOCAL_CONVERSIONS_SHARDS: &str =
+    "SELECT pg_catalog.to_regclass(s) FROM postback.local_shards('conversions') AS s";
 
 /// rollup_state.conversions_until in unix µs, when the schema has it (0.3.0 on)
 /// and a roll-up has run; read once per INSERT statement by the validation trigger.
